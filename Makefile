@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with Python 3.11+ and make:
+#   make demo   # fetch the builtin corpus, train the tokenizer, pretrain the shakespeare preset, print samples
+#   make test   # the whole test suite
+# Both create and fill .venv first. Another interpreter: make test PYTHON=python3.12 (gets its own venv).
+
+PYTHON ?= python3
+VENV ?= .venv$(if $(filter python3,$(PYTHON)),,-$(notdir $(PYTHON)))
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python train.py --config shakespeare $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,107 @@
+"""`llm-jax` command line: train, generate, config. Errors the user can fix print one message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llm_jax.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llm-jax", description="Build a language model from scratch in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (or resume) a run: python train.py is the same command")
+    p.add_argument("--config", required=True, help="a preset name in configs/ (e.g. shakespeare) or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed overrides of config keys")
+
+    p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml, tokenizer.model, checkpoints/)")
+    p.add_argument("--prompt", help="prompt text (default: read standard input)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-k", type=int, help="0 disables")
+    p.add_argument("--top-p", type=float, help="1 disables")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    args = parser.parse_args(argv)
+    try:
+        {"train": _train, "generate": _generate, "config": _config}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _train(args) -> None:
+    from llm_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before JAX is imported or anything compiles
+    from llm_jax.train.loop import train
+
+    train(cfg)
+
+
+def _config(args) -> None:
+    import yaml
+
+    from llm_jax.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+
+
+def _generate(args) -> None:
+    import yaml
+
+    from llm_jax.config import config_from_dict
+
+    run = Path(args.run).expanduser()
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml); train one with `llm-jax train --config ...`")
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+
+    import jax
+
+    from llm_jax import sharding
+    from llm_jax.config import MeshConfig
+    from llm_jax.data.tokenizer import Tokenizer
+    from llm_jax.generate import Generator, fit_prompt, stream_text
+    from llm_jax.train.checkpoint import latest_checkpoint, restore_params
+    from llm_jax.train.step import abstract_params
+
+    step_dir = latest_checkpoint(run)
+    if step_dir is None:
+        raise UserError(f"{run} has no checkpoint yet; train it first (llm-jax train --config {run / 'config.yaml'})")
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    params = restore_params(step_dir, abstract_params(cfg.model, mesh))
+    tokenizer = Tokenizer(run / "tokenizer.model")
+    s = cfg.sample
+    max_new = args.max_new_tokens or s.max_new_tokens
+    temperature = s.temperature if args.temperature is None else args.temperature
+    top_k = s.top_k if args.top_k is None else args.top_k
+    top_p = s.top_p if args.top_p is None else args.top_p
+    if max_new <= 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise UserError("need --max-new-tokens > 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+    ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len, max_new)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"[{step_dir.name} steps] {prompt}", end="", flush=True)
+    tokens = Generator(cfg.model, params).stream(ids, max_new, temperature, top_k, top_p, args.seed,
+                                                 stop_ids=(tokenizer.eos_id,))
+    for piece in stream_text(tokenizer, tokens):
+        print(piece, end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Typed configuration: configs/base.yaml holds every default and its documentation; a preset and
+`section.key=value` overrides are layered on top, typed by the dataclasses below (which hold no
+defaults, so there is one place for them) and validated before anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from llm_jax.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_dim: int
+    seq_len: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    dropout: float
+    dtype: str
+    remat: str
+    attention: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...]
+    text_field: str
+    cache_dir: str
+    val_fraction: float
+    tokenizer: str | None
+    tokenizer_sample_bytes: int
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    grad_accum: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int
+    fsdp: int
+    tensor: int
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    mesh: MeshConfig
+    sample: SampleConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: base.yaml <- preset <- overrides, each key checked against the schema.
+
+
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Resolves base.yaml, then `preset` (a path or a name in configs/), then `key=value` strings."""
+    tree = _read_yaml(CONFIG_DIR / "base.yaml")
+    if preset is not None:
+        path = resolve_preset(preset)
+        _merge(tree, _read_yaml(path), origin=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(tree, key.strip(), raw.strip())
+    return _build(Config, tree, prefix="")
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    path = Path(preset).expanduser()
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{preset}.yaml"
+    if named.is_file():
+        return named
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+    raise UserError(f"config {str(preset)!r} not found: give a YAML path or one of {', '.join(names)}")
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuilds a Config from `to_dict` output (e.g. a run's saved config.yaml)."""
+    base = _read_yaml(CONFIG_DIR / "base.yaml")
+    _merge(base, tree, origin="saved config")
+    return _build(Config, base, prefix="")
+
+
+def to_dict(cfg: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return tree
+
+
+def _known_keys() -> list[str]:
+    keys = []
+    for name, tp in _hints(Config).items():
+        keys += [f"{name}.{sub}" for sub in _hints(tp)] if dataclasses.is_dataclass(tp) else [name]
+    return keys
+
+
+def _unknown(key: str, origin: str) -> UserError:
+    near = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else "; configs/base.yaml lists every key"
+    return UserError(f"unknown config key {key!r} in {origin}{hint}")
+
+
+def _merge(tree: dict, update: dict, origin: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in tree:
+            raise _unknown(dotted, origin)
+        if isinstance(tree[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{dotted} in {origin} is a section; give its keys, e.g. {dotted}.<key>: value")
+            _merge(tree[key], value, origin, prefix=f"{dotted}.")
+        else:
+            tree[key] = value
+
+
+def _set_dotted(tree: dict, key: str, raw: str) -> None:
+    node, parts = tree, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown(key, "the command line")
+        if i == len(parts) - 1:
+            if isinstance(node[part], dict):
+                raise UserError(f"{key} is a section; override its keys, e.g. {key}.<key>=value")
+            node[part] = _RawString(raw)
+        else:
+            node = node[part]
+
+
+class _RawString(str):
+    """A command-line value: parsed by the schema type, not by YAML's guesses."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing: every value is converted by its annotation; errors name the key and the expected type.
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, tree: dict, prefix: str) -> Any:
+    hints = _hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in tree:
+            raise UserError(f"config key {key!r} is missing from configs/base.yaml")
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, tree[f.name], prefix=f"{key}.")
+        else:
+            values[f.name] = _coerce(tree[f.name], tp, key)
+    cfg = cls(**values)
+    if cls is Config:
+        _validate(cfg)
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # `X | None`
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        if isinstance(value, _RawString):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        pass
+    raise UserError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    """Every violated constraint at once, each with the numbers involved."""
+    m, o, t, d, s = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample
+    checks = [
+        (all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
+         "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive"),
+        (m.n_heads > 0 and m.d_model % m.n_heads == 0,
+         f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}"),
+        (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+         f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}"),
+        (m.n_heads <= 0 or m.head_dim % 2 == 0,
+         f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE"),
+        (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
+        (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
+        (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),
+        (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),
+        (m.dtype in ("bfloat16", "float32"), f"model.dtype={m.dtype!r} must be bfloat16 or float32"),
+        (m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} must be none, full or dots"),
+        (m.attention in ("xla", "cudnn"), f"model.attention={m.attention!r} must be xla or cudnn"),
+        (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
+        (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
+        (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
+        (o.lr > 0, f"optim.lr={o.lr} must be positive"),
+        (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),
+        (0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
+        (0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)"),
+        (o.eps > 0, f"optim.eps={o.eps} must be positive"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
+        (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)"),
+        (t.steps > 0, f"train.steps={t.steps} must be positive"),
+        (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
+        (t.grad_accum <= 0 or t.batch_size % t.grad_accum == 0,
+         f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}"),
+        (min(t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every, t.keep_checkpoints) > 0,
+         "train.log_every, eval_every, eval_batches, checkpoint_every and keep_checkpoints must be positive"),
+        (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1
+         and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
+         "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)"),
+        (s.max_new_tokens > 0, f"sample.max_new_tokens={s.max_new_tokens} must be positive"),
+        (s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0 is greedy)"),
+        (s.top_k >= 0, f"sample.top_k={s.top_k} must be >= 0 (0 disables)"),
+        (0 < s.top_p <= 1, f"sample.top_p={s.top_p} must be in (0, 1]"),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    if problems:
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,96 @@
+"""SentencePiece BPE: trained on the corpus (byte fallback, so any text round-trips) or loaded.
+
+Normalisation is off and whitespace is kept as is, so newlines and indentation survive (a play's
+layout is its speaker lines); a newline is the byte piece <0x0A>. Special tokens are control
+symbols: `encode` never produces them from text, so user text cannot forge a chat turn.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from llm_jax.errors import UserError
+
+EOS = "<|endoftext|>"  # separates documents; also ends a generation
+PAD = "<|pad|>"
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end_of_turn|>")
+_N_RESERVED = 3 + len(CHAT_TOKENS) + 256  # unk, eos, pad, chat tokens, byte pieces
+
+
+class Tokenizer:
+    """A loaded sentencepiece model with the ids the rest of llm_jax needs."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"tokenizer {path} does not exist; set data.tokenizer to a sentencepiece .model "
+                            "or to null to train one")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{path} is not a sentencepiece model: {e}") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.piece_to_id(EOS)
+        if self.sp.id_to_piece(self.eos_id) != EOS:
+            self.eos_id = self.sp.eos_id()
+        if self.eos_id < 0:
+            raise UserError(f"tokenizer {path} has neither {EOS} nor an eos piece to separate documents")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=0)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        """[vocab] int32: UTF-8 bytes each token stands for (0 for control tokens), for bits per byte."""
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            piece = self.sp.id_to_piece(i)
+            out[i] = 1 if self.sp.is_byte(i) else len(piece.replace("\u2581", " ").encode())
+        return out
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: Path, sample_bytes: int, seed: int) -> Tokenizer:
+    """Trains a BPE model on a seeded sample of whole lines (at most `sample_bytes`) of `texts`."""
+    if vocab_size < _N_RESERVED + 64:
+        raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
+                        f"{_N_RESERVED} ids are reserved; use at least {_N_RESERVED + 64}")
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    random.Random(seed).shuffle(lines)
+    sample, total = [], 0
+    for line in lines:
+        if total >= sample_bytes:
+            break
+        sample.append(line)
+        total += len(line.encode())
+    tmp = out_prefix.with_name(out_prefix.name + ".tmp")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_prefix=str(tmp), model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+            character_coverage=0.9995, max_sentence_length=1 << 16, seed_sentencepiece_size=1_000_000,
+            unk_id=0, bos_id=-1, eos_id=1, pad_id=2, eos_piece=EOS, pad_piece=PAD,
+            control_symbols=list(CHAT_TOKENS), num_threads=2, minloglevel=2)
+    except RuntimeError as e:
+        if "Vocabulary size is too high" in str(e) or "vocab_size" in str(e):
+            raise UserError(f"the corpus is too small for model.vocab_size={vocab_size} ({e}); "
+                            "lower model.vocab_size or add text") from None
+        raise
+    for ext in (".model", ".vocab"):
+        shutil.move(f"{tmp}{ext}", f"{out_prefix}{ext}")
+    return Tokenizer(f"{out_prefix}.model")

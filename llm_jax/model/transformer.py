@@ -1,0 +1,173 @@
+"""A decoder-only transformer (the Llama recipe) in Flax linen.
+
+tokens -> embedding -> n_layers x [RMSNorm -> causal attention (RoPE, GQA) -> +residual,
+RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> LM head (tied to the embedding or not).
+
+Parameters are float32; matmuls take `cfg.dtype` inputs and accumulate in float32
+(`preferred_element_type`), the fast path on bf16 hardware and exact on f32. Every parameter and
+key activation names its axes (embed, heads, kv_heads, head_dim, mlp, vocab, batch, length,
+layers); llm_jax/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
+compile time does not grow with depth. A KV cache is an explicit pytree in and out of `__call__`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import ModelConfig
+
+Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None):
+    init = nn.initializers.ones if std is None else nn.initializers.normal(std)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _matmul(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x @ w with `dtype` inputs and float32 accumulation, returned in `dtype`."""
+    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * scale).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, 1, head_dim / 2] (float32)."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [B, T, N, H] by position; the two halves of H are the pair (the HF Llama layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; scanned, so its signature is (carry, *per-layer inputs)."""
+
+    cfg: ModelConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x, cache, rope, positions, cache_index):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+        # Attention: [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H] -> [B, T, D]
+        y = rms_norm(x, _param(self, "attn_norm", (d,), ("embed",), None), cfg.norm_eps)
+        q = _matmul("btd,dnh->btnh", y, _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std), dt)
+        kk = _matmul("btd,dkh->btkh", y, _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), dt)
+        v = _matmul("btd,dkh->btkh", y, _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), dt)
+        q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
+        kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if cache is None:
+            attn = jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation=_attention_impl(cfg))
+        else:  # decode: write this chunk at cache_index, attend to every cached position <= own
+            start = (0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+            kv_pos = jnp.arange(cache["k"].shape[1])
+            mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+            attn = jax.nn.dot_product_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask=mask)
+        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), out_std)
+        x = x + self._dropout(_matmul("btnh,nhd->btd", attn, wo, dt))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        # SwiGLU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]
+        y = rms_norm(x, _param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
+        gate = _matmul("btd,df->btf", y, _param(self, "w_gate", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), dt)
+        up = _matmul("btd,df->btf", y, _param(self, "w_up", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), dt)
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        w_down = _param(self, "w_down", (cfg.mlp_dim, d), ("mlp", "embed"), out_std)
+        x = x + self._dropout(_matmul("btf,fd->btd", hidden, w_down, dt))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+    def _dropout(self, x):
+        return nn.Dropout(self.cfg.dropout, deterministic=not self.train)(x) if self.cfg.dropout else x
+
+
+def _attention_impl(cfg: ModelConfig) -> str | None:
+    return "cudnn" if cfg.attention == "cudnn" else "xla"
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    train: bool = False  # enables dropout (needs a "dropout" rng)
+
+    def setup(self):
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block, length=cfg.n_layers, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.train, name="layers")
+        self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.final_norm = _param(self, "final_norm", (cfg.d_model,), ("embed",), None)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None,
+                 cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        """tokens [B, T] -> final hidden states [B, T, D] (normed), and the updated cache.
+
+        Without a cache, positions default to 0..T-1. With one, the T tokens are written at
+        cache_index and positions default to cache_index + 0..T-1.
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]) + cache_index, tokens.shape)
+        # The lookup gathers rows from a table replicated for the occasion: a gather from a table
+        # split over vocab and embed makes XLA's partitioner replicate anyway, with a warning.
+        table = nn.with_logical_constraint(self.embedding, (None, None))
+        x = jnp.take(table, tokens, axis=0).astype(dt)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if cfg.dropout:
+            x = nn.Dropout(cfg.dropout, deterministic=not self.train)(x)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x, cache = self.layers(x, cache, rope, positions, cache_index)
+        return rms_norm(x, self.final_norm, cfg.norm_eps), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, vocab] float32."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            out = jnp.einsum("btd,vd->btv", hidden.astype(dt), self.embedding.astype(dt),
+                             preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("btd,dv->btv", hidden.astype(dt), self.lm_head.astype(dt),
+                             preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> Cache:
+    shape = (cfg.n_layers, batch, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (LM head included) + 12 x layers x d x seq_len for
+    the attention scores and values (the PaLM appendix formula; XLA computes the full T x T square)."""
+    d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.n_layers
+    per_layer = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f
+    matmul_params = layers * per_layer + d * cfg.vocab_size
+    return 6 * matmul_params + 12 * layers * cfg.n_heads * cfg.head_dim * cfg.seq_len

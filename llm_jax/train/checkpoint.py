@@ -1,0 +1,73 @@
+"""orbax checkpoints under <run_dir>/checkpoints: train state, data-iterator state and run metadata.
+
+orbax writes each step into a temporary directory and renames it when complete, so a crash never
+leaves a half-written checkpoint behind; the newest complete step is the one restored. Saves are
+asynchronous: arrays are copied to host memory, then written while training goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from llm_jax.errors import UserError
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> tuple[Any, dict]:
+        """Restores state (with the shardings in `abstract_state`) and the iterator's position."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise _mismatch(self.directory / str(step), e) from None
+        return out.state, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    directory = Path(run_dir).absolute() / "checkpoints"
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()]
+    return directory / str(max(steps)) if steps else None
+
+
+def restore_params(step_dir: Path, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint (no optimizer state), placed per `abstract_params` shardings."""
+    restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    except (ValueError, KeyError, TypeError) as e:
+        raise _mismatch(step_dir, e) from None
+    return out["params"]
+
+
+def _mismatch(where: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint {where} does not match the model config ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:300]}); use the config the run was trained with, "
+                     "or a new run_dir")

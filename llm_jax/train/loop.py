@@ -1,0 +1,190 @@
+"""Pretraining end to end: run directory -> data -> mesh -> (resumed) state -> steps, evals,
+checkpoints -> loss curve and samples. Rerunning the same command resumes; SIGTERM/SIGINT save."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from llm_jax import sharding
+from llm_jax.config import Config, save_config, to_dict
+from llm_jax.data.loader import eval_batches, train_iterator
+from llm_jax.data.prepare import PreparedData, prepare_data
+from llm_jax.errors import UserError
+from llm_jax.generate import Generator, fit_prompt, stream_text
+from llm_jax.model.transformer import count_params, flops_per_token
+from llm_jax.train.checkpoint import Checkpointer
+from llm_jax.train.metrics import MetricsWriter, Progress, peak_flops, plot_losses
+from llm_jax.train.optimizer import lr_schedule, make_optimizer
+from llm_jax.train.step import Steps, eval_metrics, make_steps
+
+# Keys a run directory pins: its packed data was built from the first group, its checkpoints
+# (model shapes, data order) from both.
+_DATA_KEYS = ("seed", "model.vocab_size", "data.sources", "data.text_field", "data.val_fraction", "data.tokenizer",
+              "data.tokenizer_sample_bytes")
+_CHECKPOINT_KEYS = _DATA_KEYS + ("model.", "train.batch_size")
+
+
+def train(cfg: Config, devices: list | None = None, log=print) -> dict:
+    """Trains cfg.train.steps steps (resuming from the newest checkpoint); returns the final val metrics."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(cfg, run_dir)
+    data = prepare_data(cfg, run_dir, log)
+    save_config(cfg, run_dir / "config.yaml")  # after the data exists: it records what the data was built from
+
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % sharding.batch_divisor(mesh):
+        raise UserError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by the "
+                        f"{sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}")
+    token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
+    token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
+    steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps), token_bytes)
+    it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+
+    start = ckpt.latest_step()
+    if start is None:
+        start, state = 0, steps.init(jax.random.PRNGKey(cfg.seed))
+    else:
+        state, _ = ckpt.restore(start, steps.abstract_state, it)
+        log(f"resumed from {ckpt.directory / str(start)} (step {start})")
+    log(f"model: {count_params(state.params):,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices | {cfg.train.batch_size} x {cfg.model.seq_len} tokens per step")
+
+    writer = MetricsWriter(run_dir, start)
+    meta = {"config": to_dict(cfg)}
+    final = {}
+    try:
+        if start < cfg.train.steps:
+            state, final = _loop(cfg, steps, state, it, data, ckpt, writer, meta, start, log)
+        else:
+            log(f"run already complete at step {start} (train.steps={cfg.train.steps}); raise train.steps to continue")
+    finally:
+        ckpt.close()
+        writer.close()
+    if jax.process_index() == 0 and (run_dir / "metrics.jsonl").stat().st_size:
+        log(f"loss curve -> {plot_losses(run_dir)}")
+    print_samples(cfg, state.params, data.tokenizer, run_dir, log)
+    return final
+
+
+def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkpointer, writer: MetricsWriter,
+          meta: dict, start: int, log) -> tuple:
+    t = cfg.train
+    schedule = lr_schedule(cfg.optim, t.steps)
+    progress = Progress(t.steps, start, t.batch_size * cfg.model.seq_len, flops_per_token(cfg.model),
+                        peak_flops(cfg.model.dtype))
+    final = {}
+    with _StopSignals() as stop:
+        for step in range(start + 1, t.steps + 1):
+            batch = sharding.put_batch(steps.mesh, {"tokens": next(it)})
+            state, metrics = steps.train(state, batch)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                progress.mark(step)  # rates exclude compilation
+            if step % t.log_every == 0 or step == t.steps:
+                row = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(step - 1))}
+                row |= progress.rates(step)
+                writer.write(step, "train", row)
+                log(progress.line(step, row))
+                progress.mark(step)
+            if step % t.eval_every == 0 or step == t.steps:
+                final = evaluate(cfg, steps, state.params, data)
+                writer.write(step, "val", final)
+                log(f"  val | loss {final['loss']:.4f} | ppl {final['perplexity']:.2f} | bpb {final['bpb']:.4f}")
+                progress.mark(step)
+            if step % t.checkpoint_every == 0 or step == t.steps or stop.signum:
+                ckpt.save(step, state, it, meta)
+                progress.mark(step)
+            if stop.signum:
+                ckpt.close()
+                log(f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
+                    f"{ckpt.directory / str(step)}; run the same command to resume")
+                raise SystemExit(128 + stop.signum)
+    return state, final
+
+
+def evaluate(cfg: Config, steps: Steps, params, data: PreparedData) -> dict:
+    """Loss, perplexity and bits per byte over the first train.eval_batches validation batches."""
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in eval_batches(data.val, micro, cfg.train.eval_batches, jax.process_index(), jax.process_count()):
+        out = steps.eval(params, sharding.put_batch(steps.mesh, batch))
+        sums = {k: sums[k] + float(v) for k, v in out.items()}
+    return eval_metrics(sums)
+
+
+def print_samples(cfg: Config, params, tokenizer, run_dir: Path, log) -> None:
+    """Samples one continuation per sample.prompts entry; printed and saved to samples.txt."""
+    s = cfg.sample
+    generator = Generator(cfg.model, params)
+    texts = []
+    for i, prompt in enumerate(s.prompts):
+        ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len,
+                                        s.max_new_tokens)
+        if note:
+            log(f"note: {note}")
+        tokens = generator.stream(ids, max_new, s.temperature, s.top_k, s.top_p, seed=cfg.seed + i,
+                                  stop_ids=(tokenizer.eos_id,))
+        texts.append(prompt + "".join(stream_text(tokenizer, tokens)))
+    if jax.process_index() == 0:
+        out = "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
+        (run_dir / "samples.txt").write_text(out)
+        log(out.rstrip())
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    frozen = _CHECKPOINT_KEYS if any((run_dir / "checkpoints").glob("[0-9]*")) else _DATA_KEYS
+    saved, current = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(to_dict(cfg))
+    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
+               if k.startswith(frozen) and k in saved and saved[k] != current[k]]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with a different config:\n  " + "\n  ".join(changed)
+                        + f"\nresume with the original values, or start a new run with run_dir=<new dir> "
+                          f"(or delete {run_dir})")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT ask the loop to checkpoint after the current step and exit; a second one
+    interrupts at once (the previous checkpoint stays intact: saves are atomic)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+              "(send it again to stop at once)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

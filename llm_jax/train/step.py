@@ -83,7 +83,7 @@ def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransform
         grads = jax.tree_util.tree_map(lambda g: g / n_tokens, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": jnp.sum(losses) / n_tokens, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": jnp.sum(losses) / n_tokens, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     bytes_table = jnp.asarray(token_bytes if token_bytes is not None else np.ones(cfg.model.vocab_size), jnp.float32)

@@ -1,0 +1,89 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.config import load_config
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.generate import Generator, fit_prompt, sample_token, stream_text
+from llm_jax.model.transformer import Transformer
+
+LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def _draw(n, temperature, top_k, top_p):
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    draw = jax.jit(jax.vmap(lambda k: sample_token(LOGITS, k, temperature, top_k, top_p)[0]))
+    return np.bincount(np.asarray(draw(keys)), minlength=4) / n
+
+
+def test_greedy_and_degenerate_filters_pick_the_argmax():
+    assert _draw(100, 0.0, 0, 1.0).tolist() == [1, 0, 0, 0]
+    assert _draw(100, 1.0, 1, 1.0).tolist() == [1, 0, 0, 0]
+    assert _draw(100, 1.0, 0, 0.01).tolist() == [1, 0, 0, 0]
+
+
+def test_sampling_follows_the_filtered_distribution():
+    np.testing.assert_allclose(_draw(20000, 1.0, 0, 1.0), [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    np.testing.assert_allclose(_draw(20000, 1.0, 2, 1.0), [0.625, 0.375, 0, 0], atol=0.015)
+    # top_p 0.75: keep 0.5 and 0.3 (the token that crosses the mass is kept), renormalised.
+    np.testing.assert_allclose(_draw(20000, 1.0, 0, 0.75), [0.625, 0.375, 0, 0], atol=0.015)
+    # Low temperature sharpens: p ~ p^(1/T).
+    sharp = np.array([0.5, 0.3, 0.15, 0.05]) ** 4
+    np.testing.assert_allclose(_draw(20000, 0.25, 0, 1.0), sharp / sharp.sum(), atol=0.015)
+
+
+def test_prompts_longer_than_the_context_keep_their_end():
+    assert fit_prompt([1, 2, 3], seq_len=16, max_new_tokens=8) == ([1, 2, 3], 8, None)
+    ids, new, note = fit_prompt(list(range(20)), seq_len=16, max_new_tokens=4)
+    assert ids == list(range(8, 20)) and new == 4 and "kept its last 12" in note
+    ids, new, note = fit_prompt([1, 2], seq_len=16, max_new_tokens=100)
+    assert new == 15 and ids == [2] and "capped at 15" in note
+
+
+def test_streamed_text_never_splits_a_character(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnop"), size=rng.integers(2, 7))) for _ in range(3000)]
+    tok = train_tokenizer([" ".join(words)], 400, tmp_path / "t", 10**6, seed=0)
+    text = "snow ☃ and 😀!"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # the emoji and snowman are byte pieces
+    pieces = list(stream_text(tok, iter(ids)))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_cached_generation_equals_greedy_decoding_without_a_cache():
+    cfg = load_config("tiny", ["model.seq_len=48"]).model
+    model = Transformer(cfg)
+    init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, init(),
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    # Larger weights make the greedy path depend on the prompt instead of collapsing to one token.
+    params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim > 1 else x, params)
+    prompt = [3, 17, 99, 5, 250, 42, 7]
+    got = list(Generator(cfg, params).stream(prompt, max_new_tokens=20, temperature=0.0))
+
+    @jax.jit
+    def next_token(tokens, length):  # tokens [1, 48] right-padded; causal, so padding is never seen
+        hidden, _ = model.apply({"params": params}, tokens)
+        logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+        return jnp.argmax(logits[0, length - 1])
+
+    ids = list(prompt)
+    for _ in range(20):
+        ids.append(int(next_token(jnp.asarray([ids + [0] * (48 - len(ids))]), len(ids))))
+    assert got == ids[len(prompt):] and len(set(got)) > 3
+
+
+def test_generation_stops_at_a_stop_id():
+    cfg = load_config("tiny", ["model.seq_len=32"]).model
+    model = Transformer(cfg)
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])()
+    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    gen = Generator(cfg, params)
+    free = list(gen.stream([1, 2, 3], 10, temperature=1.0, seed=3))
+    stopped = list(gen.stream([1, 2, 3], 10, temperature=1.0, seed=3, stop_ids=(free[4],)))
+    assert stopped == free[:free.index(free[4])]
+    with pytest.raises(ValueError, match="use fit_prompt"):
+        list(gen.stream(list(range(30)), 10))

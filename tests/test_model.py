@@ -1,0 +1,114 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.config import load_config
+from llm_jax.model.transformer import Transformer, apply_rope, init_cache, rope_tables
+
+
+def _init(model):
+    init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, init(),
+                                  is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+def _model(*overrides):
+    cfg = load_config("tiny", ["model.seq_len=32", *overrides]).model
+    model = Transformer(cfg)
+    params = _init(model)
+    # Random norm scales too, so tests do not rely on the all-ones init.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = tree.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return cfg, model, params
+
+
+def _logits(model, params, tokens, **kw):
+    return _jitted_logits(model)(params, tokens, **kw)
+
+
+_CACHE = {}
+
+
+def _jitted_logits(model):
+    """One compiled forward per (model, shapes): eager op-by-op dispatch would dominate test time."""
+    if model not in _CACHE:
+        def forward(params, tokens, cache=None, cache_index=0):
+            hidden, cache = model.apply({"params": params}, tokens, cache=cache, cache_index=cache_index)
+            return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+        _CACHE[model] = jax.jit(forward)
+    return _CACHE[model]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(kv_heads):
+    cfg, model, params = _model(f"model.n_kv_heads={kv_heads}")
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, cfg.vocab_size)
+    changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size)
+    a, _ = _logits(model, params, tokens)
+    b, _ = _logits(model, params, changed)
+    np.testing.assert_array_equal(a[:, :10], b[:, :10])
+    assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-3
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 16))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 16))
+
+    def score(pq, pk):
+        cq, sq = rope_tables(jnp.array([[pq]]), 16, 10000.0)
+        ck, sk = rope_tables(jnp.array([[pk]]), 16, 10000.0)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(5, 5) == pytest.approx(float(jnp.sum(q * k)), abs=1e-5)  # offset 0: no rotation
+    assert abs(score(7, 3) - score(7, 4)) > 1e-3
+    # Rotation preserves norms.
+    c, s = rope_tables(jnp.array([[42]]), 16, 10000.0)
+    assert float(jnp.linalg.norm(apply_rope(q, c, s))) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_kv_cache_decode_matches_the_full_forward(kv_heads):
+    cfg, model, params = _model(f"model.n_kv_heads={kv_heads}")
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 20), 0, cfg.vocab_size)
+    full, _ = _logits(model, params, tokens)
+    # Prefill 12 tokens, then decode the remaining 8 one at a time.
+    logits, cache = _logits(model, params, tokens[:, :12], cache=init_cache(cfg, 2))
+    steps = [logits]
+    for i in range(12, 20):
+        logits, cache = _logits(model, params, tokens[:, i:i + 1], cache=cache, cache_index=i)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+    assert cache["k"].shape == (cfg.n_layers, 2, cfg.seq_len, kv_heads, cfg.head_dim)
+
+
+def test_untied_head_and_bf16_compute():
+    cfg, model, params = _model("model.tie_embeddings=false", "model.dtype=bfloat16")
+    assert params["lm_head"].shape == (cfg.d_model, cfg.vocab_size) and params["lm_head"].dtype == jnp.float32
+    tokens = jnp.arange(16)[None] % cfg.vocab_size
+    logits, _ = _logits(model, params, tokens)
+    assert logits.dtype == jnp.float32
+    ref, _ = _logits(Transformer(cfg.__class__(**{**cfg.__dict__, "dtype": "float32"})), params, tokens)
+    assert float(jnp.abs(logits - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def test_parameters_carry_logical_axis_names():
+    cfg = load_config("tiny").model
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    names = {"/".join(k.key for k in path): leaf.names for path, leaf in
+             jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]}
+    assert names["embedding"] == ("vocab", "embed")
+    assert names["layers/wq"] == ("layers", "embed", "heads", "head_dim")
+    assert names["layers/wk"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert names["layers/w_down"] == ("layers", "mlp", "embed")
+
+
+def test_init_scales_residual_projections():
+    cfg, model, _ = _model()
+    params = _init(model)
+    assert float(jnp.std(params["layers"]["wq"])) == pytest.approx(0.02, rel=0.1)
+    assert float(jnp.std(params["layers"]["wo"])) == pytest.approx(0.02 / np.sqrt(2 * cfg.n_layers), rel=0.1)
+    assert float(jnp.std(params["layers"]["w_down"])) == pytest.approx(0.02 / np.sqrt(2 * cfg.n_layers), rel=0.1)
+    assert (params["final_norm"] == 1).all()

@@ -1,0 +1,146 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from llm_jax import sharding
+from llm_jax.config import MeshConfig
+from llm_jax.errors import UserError
+from llm_jax.train.loop import train
+from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
+from llm_jax.train.step import make_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _batch(cfg, seed=0, rows=None):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.model.vocab_size, (rows or cfg.train.batch_size, cfg.model.seq_len + 1), dtype=np.int32)
+
+
+def test_a_tiny_model_overfits_one_batch(tmp_path):
+    cfg = tiny_config(tmp_path, "optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=60", "optim.weight_decay=0",
+                      "train.batch_size=2")
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+    state = steps.init(jax.random.PRNGKey(0))
+    batch = sharding.put_batch(mesh, {"tokens": _batch(cfg)})
+    losses = []
+    for _ in range(60):
+        state, metrics = steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(np.log(cfg.model.vocab_size), abs=0.1)  # uniform at init
+    assert losses[-1] < 0.05, losses[::10]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    results = []
+    for accum in (1, 4):
+        cfg = tiny_config(tmp_path, f"train.grad_accum={accum}", "train.batch_size=32", "optim.warmup_steps=0")
+        mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+        steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+        state = steps.init(jax.random.PRNGKey(0))
+        losses = []
+        for i in range(3):
+            state, metrics = steps.train(state, sharding.put_batch(mesh, {"tokens": _batch(cfg, seed=i)}))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(state.params)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *[r[1] for r in results])
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = tiny_config("x", "optim.lr=1e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1", "train.steps=110")
+    sched = lr_schedule(cfg.optim, cfg.train.steps)
+    assert float(sched(0)) == 0 and float(sched(5)) == pytest.approx(5e-4)
+    assert float(sched(10)) == pytest.approx(1e-3) and float(sched(60)) == pytest.approx(5.5e-4, rel=1e-3)
+    assert float(sched(110)) == pytest.approx(1e-4)
+
+
+def test_weight_decay_skips_norm_scales():
+    params = {"embedding": 0, "final_norm": 0, "layers": {"attn_norm": 0, "mlp_norm": 0, "wq": 0, "w_down": 0}}
+    assert decay_mask(params) == {"embedding": True, "final_norm": False,
+                                  "layers": {"attn_norm": False, "mlp_norm": False, "wq": True, "w_down": True}}
+
+
+def _metrics(run: Path, split="train") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["split"] == split}
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpus_slice, tmp_path):
+    overrides = ("train.steps=16", "train.log_every=1", "train.eval_every=8", "train.checkpoint_every=8",
+                 "train.keep_checkpoints=5")
+    cfg = tiny_config(prepared_run, *overrides, sources=corpus_slice)
+    final = train(cfg, log=lambda *_: None)
+    full = _metrics(prepared_run)
+    full_params = jax.device_get(
+        _restore_params(prepared_run / "checkpoints" / "16", cfg))
+    # Lose everything after step 8, as a crash right after that checkpoint would, then rerun.
+    shutil.rmtree(prepared_run / "checkpoints" / "16")
+    resumed_final = train(cfg, log=lambda *_: None)
+    resumed = _metrics(prepared_run)
+    assert sorted(resumed) == list(range(1, 17))
+    for step in range(9, 17):
+        assert resumed[step]["loss"] == full[step]["loss"], step
+    assert resumed_final == final
+    jax.tree_util.tree_map(np.testing.assert_array_equal, full_params,
+                           jax.device_get(_restore_params(prepared_run / "checkpoints" / "16", cfg)))
+
+
+def _restore_params(step_dir, cfg):
+    from llm_jax.train.checkpoint import restore_params
+    from llm_jax.train.step import abstract_params
+
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    return restore_params(step_dir, abstract_params(cfg.model, mesh))
+
+
+def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
+    train(tiny_config(prepared_run, "train.steps=2", sources=corpus_slice), log=lambda *_: None)
+    with pytest.raises(UserError, match=r"(?s)different config:\n  model.d_model: 64 -> 96\n.*run_dir=<new dir>"):
+        train(tiny_config(prepared_run, "train.steps=4", "model.d_model=96", sources=corpus_slice))
+    with pytest.raises(UserError, match=r"does not match the model config:\n  layers/w_down: checkpoint \(2, 128, 64\) vs config \(2, 96, 64\)"):
+        _restore_params(prepared_run / "checkpoints" / "2", tiny_config(prepared_run, "model.mlp_dim=96"))
+
+
+def test_mesh_must_match_the_devices(prepared_run, corpus_slice):
+    with pytest.raises(UserError, match=r"needs 3 devices but 8 are present"):
+        train(tiny_config(prepared_run, "mesh.data=3", sources=corpus_slice))
+    with pytest.raises(UserError, match=r"micro-batch .* must be divisible by the 8 batch shards"):
+        train(tiny_config(prepared_run, "train.batch_size=4", sources=corpus_slice))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(prepared_run, corpus_slice):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", f"run_dir={prepared_run}",
+           f"data.sources=[{','.join(corpus_slice)}]", "train.steps=100000", "train.log_every=1",
+           "train.checkpoint_every=100000", "mesh.data=1"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step") and "/100000" in line and len([x for x in lines if x.startswith("step")]) >= 3:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+    assert "SIGTERM received: saving a checkpoint" in out and "checkpoint saved in" in out
+    saved = [int(p.name) for p in (prepared_run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    assert "Traceback" not in out
+
+    rerun = subprocess.run(cmd[:-4] + [f"train.steps={saved[0] + 2}", "mesh.data=1"], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from {prepared_run / 'checkpoints' / str(saved[0])} (step {saved[0]})" in rerun.stdout
+    assert f"step {saved[0] + 2}/{saved[0] + 2}" in rerun.stdout

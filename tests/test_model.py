@@ -86,7 +86,7 @@ def test_kv_cache_decode_matches_the_full_forward(kv_heads):
 
 def test_untied_head_and_bf16_compute():
     cfg, model, params = _model("model.tie_embeddings=false", "model.dtype=bfloat16")
-    assert params["lm_head"].shape == (cfg.d_model, cfg.vocab_size) and params["lm_head"].dtype == jnp.float32
+    assert params["lm_head"].shape == (cfg.vocab_size, cfg.d_model) and params["lm_head"].dtype == jnp.float32
     tokens = jnp.arange(16)[None] % cfg.vocab_size
     logits, _ = _logits(model, params, tokens)
     assert logits.dtype == jnp.float32
@@ -112,3 +112,40 @@ def test_init_scales_residual_projections():
     assert float(jnp.std(params["layers"]["wo"])) == pytest.approx(0.02 / np.sqrt(2 * cfg.n_layers), rel=0.1)
     assert float(jnp.std(params["layers"]["w_down"])) == pytest.approx(0.02 / np.sqrt(2 * cfg.n_layers), rel=0.1)
     assert (params["final_norm"] == 1).all()
+
+
+@pytest.mark.parametrize("t, kv_heads", [(128, 4), (256, 2), (100, 1)])  # 2 / 4 / 1 query blocks; MHA/GQA/MQA
+def test_attention_kernels_compute_the_same_function(t, kv_heads):
+    from llm_jax.model.attention import causal_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(t), 3)
+    q = jax.random.normal(keys[0], (2, t, 4, 16))
+    k, v = (jax.random.normal(key, (2, t, kv_heads, 16)) for key in keys[1:])
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, impl)))  # noqa: E731
+    ref, blocked = (jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2))) for impl in ("xla", "blocked"))
+    (a, grads_a), (b, grads_b) = ref(q, k, v), blocked(q, k, v)
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        np.testing.assert_allclose(ga, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    import optax
+
+    from llm_jax.model.loss import cross_entropy_sum
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    h, table = jax.random.normal(keys[0], (512, 32)), 0.3 * jax.random.normal(keys[1], (1000, 32))
+    targets = jax.random.randint(keys[2], (512,), 0, 1000)
+    weights = (jax.random.uniform(keys[3], (512,)) > 0.3).astype(jnp.float32)
+
+    def ref(h, table):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(h @ table.T, targets) * weights)
+
+    def ours(h, table):
+        return cross_entropy_sum(h, table, targets, weights, jnp.float32, chunk)
+
+    assert float(jax.jit(ours)(h, table)) == pytest.approx(float(ref(h, table)), rel=1e-6)
+    for a, b in zip(jax.grad(ref, argnums=(0, 1))(h, table), jax.jit(jax.grad(ours, argnums=(0, 1)))(h, table)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

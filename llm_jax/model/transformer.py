@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
+from llm_jax.model.attention import cached_attention, causal_attention
+from llm_jax.model.loss import cross_entropy_sum
 
 Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
 
@@ -30,9 +32,18 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-def _matmul(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x @ w with `dtype` inputs and float32 accumulation, returned in `dtype`."""
-    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+def _matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
+    """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w: `dtype` inputs,
+    float32 accumulation, result in `dtype`.
+
+    Both sides are flattened to one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot about
+    1.6x faster than that of the equivalent 3-D einsum (measured: SwiGLU MLP fwd+bwd, 8 x 256 x 384,
+    128 ms vs 208 ms); on accelerators the reshapes are free.
+    """
+    lead, k = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:])
+    out = w.shape[in_dims:]
+    y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype).reshape(*lead, *out)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -68,40 +79,34 @@ class Block(nn.Module):
 
         # Attention: [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H] -> [B, T, D]
         y = rms_norm(x, _param(self, "attn_norm", (d,), ("embed",), None), cfg.norm_eps)
-        q = _matmul("btd,dnh->btnh", y, _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std), dt)
-        kk = _matmul("btd,dkh->btkh", y, _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), dt)
-        v = _matmul("btd,dkh->btkh", y, _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), dt)
+        q = _matmul(y, _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std), 1, dt)
+        kk = _matmul(y, _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), 1, dt)
+        v = _matmul(y, _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), 1, dt)
         q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
-            attn = jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation=_attention_impl(cfg))
+            attn = causal_attention(q, kk, v, cfg.attention)
         else:  # decode: write this chunk at cache_index, attend to every cached position <= own
             start = (0, cache_index, 0, 0)
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-            kv_pos = jnp.arange(cache["k"].shape[1])
-            mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-            attn = jax.nn.dot_product_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask=mask)
+            attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), out_std)
-        x = x + self._dropout(_matmul("btnh,nhd->btd", attn, wo, dt))
+        x = x + self._dropout(_matmul(attn, wo, 2, dt))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         # SwiGLU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]
         y = rms_norm(x, _param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
-        gate = _matmul("btd,df->btf", y, _param(self, "w_gate", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), dt)
-        up = _matmul("btd,df->btf", y, _param(self, "w_up", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), dt)
+        gate = _matmul(y, _param(self, "w_gate", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), 1, dt)
+        up = _matmul(y, _param(self, "w_up", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), 1, dt)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         w_down = _param(self, "w_down", (cfg.mlp_dim, d), ("mlp", "embed"), out_std)
-        x = x + self._dropout(_matmul("btf,fd->btd", hidden, w_down, dt))
+        x = x + self._dropout(_matmul(hidden, w_down, 1, dt))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
     def _dropout(self, x):
         return nn.Dropout(self.cfg.dropout, deterministic=not self.train)(x) if self.cfg.dropout else x
-
-
-def _attention_impl(cfg: ModelConfig) -> str | None:
-    return "cudnn" if cfg.attention == "cudnn" else "xla"
 
 
 class Transformer(nn.Module):
@@ -120,7 +125,8 @@ class Transformer(nn.Module):
         self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.final_norm = _param(self, "final_norm", (cfg.d_model,), ("embed",), None)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+            # [vocab, embed] like the embedding (and like Hugging Face's lm_head.weight)
+            self.lm_head = _param(self, "lm_head", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None,
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
@@ -144,15 +150,17 @@ class Transformer(nn.Module):
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[B, T, D] -> [B, T, vocab] float32."""
+        """[B, T, D] -> [B, T, vocab] float32 (generation; training uses `nll_sum`)."""
         dt = jnp.dtype(self.cfg.dtype)
-        if self.cfg.tie_embeddings:
-            out = jnp.einsum("btd,vd->btv", hidden.astype(dt), self.embedding.astype(dt),
-                             preferred_element_type=jnp.float32)
-        else:
-            out = jnp.einsum("btd,dv->btv", hidden.astype(dt), self.lm_head.astype(dt),
-                             preferred_element_type=jnp.float32)
+        table = self.embedding if self.cfg.tie_embeddings else self.lm_head
+        out = jnp.einsum("btd,vd->btv", hidden.astype(dt), table.astype(dt), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+
+    def nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+        """sum of weights * -log p(targets): hidden [B, T, D], targets [B, T], weights [B, T] -> [] float32."""
+        table = self.embedding if self.cfg.tie_embeddings else self.lm_head
+        return cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1),
+                                 weights.reshape(-1), jnp.dtype(self.cfg.dtype))
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> Cache:

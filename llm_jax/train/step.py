@@ -25,12 +25,14 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array        # [] key: dropout noise is fold_in(rng, step, micro-batch)
 
 
-def token_nll(model: Transformer, params, tokens: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """tokens [B, L+1] -> negative log-likelihood [B, L] (float32) of tokens[:, 1:] given the prefix."""
+def nll_sum(model: Transformer, params, tokens: jax.Array, weights: jax.Array | None = None,
+            rng: jax.Array | None = None) -> jax.Array:
+    """tokens [B, L+1] -> sum over the L targets tokens[:, 1:] of weights * -log p(target | prefix)."""
     rngs = {"dropout": rng} if rng is not None else None
     hidden, _ = model.apply({"params": params}, tokens[:, :-1], rngs=rngs)
-    logits = model.apply({"params": params}, hidden, method=Transformer.logits)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    if weights is None:
+        weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+    return model.apply({"params": params}, hidden, tokens[:, 1:], weights, method=Transformer.nll_sum)
 
 
 @dataclass
@@ -68,13 +70,13 @@ def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransform
         micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
         step_rng = jax.random.fold_in(state.rng, state.step)
 
-        def nll_sum(params, mb, i):
+        def micro_loss(params, mb, i):
             rng = jax.random.fold_in(step_rng, i) if cfg.model.dropout else None
-            return jnp.sum(token_nll(train_model, params, mb, rng))
+            return nll_sum(train_model, params, mb, rng=rng)
 
         def accumulate(grads, xs):
             mb, i = xs
-            loss, g = jax.value_and_grad(nll_sum)(state.params, mb, i)
+            loss, g = jax.value_and_grad(micro_loss)(state.params, mb, i)
             return jax.tree_util.tree_map(jnp.add, grads, g), loss
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -91,8 +93,7 @@ def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransform
     def eval_step(params, batch: dict) -> dict:
         """Sums over the batch: weighted nll (nats), target tokens and the UTF-8 bytes they stand for."""
         w = batch["weights"]
-        nll = token_nll(eval_model, params, batch["tokens"])
-        return {"nll": jnp.sum(nll * w), "tokens": jnp.sum(w),
+        return {"nll": nll_sum(eval_model, params, batch["tokens"], w), "tokens": jnp.sum(w),
                 "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
 
     data_sharding = sharding.sharding_for(mesh, ("batch", None))

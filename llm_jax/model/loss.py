@@ -1,0 +1,86 @@
+"""Cross-entropy of the LM head without materialising [tokens, vocab] logits.
+
+The rows are processed in chunks: each chunk's logits are computed, reduced to its loss and, in the
+same pass, to its gradients (softmax - onehot) @ table and its contribution to d(table). A custom
+VJP hands those back, so the backward pass does no second logits matmul (the usual trade of
+chunked losses) and the logits chunk never leaves the cache. FLOPs are those of the plain head,
+3 x 2 x N x V x D; memory is one [chunk, vocab] float32 block instead of [N, vocab].
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+# Bytes of one float32 logits chunk: on CPU about the L3 cache; on accelerators large enough to
+# keep the matrix units busy while [N, vocab] (e.g. 1M x 128k for a pod step) would not fit.
+_CHUNK_BYTES = {"cpu": 32 << 20}
+_DEFAULT_CHUNK_BYTES = 512 << 20
+
+
+def chunk_rows(n: int, vocab: int) -> int:
+    """The largest power-of-two divisor of n whose logits chunk fits the budget (at least 8 rows)."""
+    budget = _CHUNK_BYTES.get(jax.devices()[0].platform, _DEFAULT_CHUNK_BYTES)
+    rows = 1
+    while n % (rows * 2) == 0 and rows * 2 * vocab * 4 <= budget:
+        rows *= 2
+    return rows if rows >= 8 else n
+
+
+def cross_entropy_sum(hidden: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array,
+                      dtype, chunk: int | None = None) -> jax.Array:
+    """sum_i weights[i] * -log softmax(hidden[i] @ table.T)[targets[i]].
+
+    hidden [N, D], table [V, D] (the embedding, or an untied head in the same layout), targets [N]
+    int, weights [N] float32. Matmuls take `dtype` inputs and accumulate in float32. `chunk` (rows
+    per chunk, dividing N) defaults to `chunk_rows`.
+    """
+    return _ce(dtype, chunk or chunk_rows(hidden.shape[0], table.shape[0]), hidden, table, targets, weights)
+
+
+def _chunks(chunk, *arrays):
+    return [a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:]) for a in arrays]
+
+
+def _chunk_logits(h, table, dtype):
+    return jnp.dot(h.astype(dtype), table.astype(dtype).T, preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ce(dtype, chunk, hidden, table, targets, weights):
+    def body(total, xs):
+        h, t, w = xs
+        logits = _chunk_logits(h, table, dtype)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return total + jnp.sum(nll * w), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks(chunk, hidden, targets, weights))
+    return total
+
+
+def _ce_fwd(dtype, chunk, hidden, table, targets, weights):
+    def body(carry, xs):
+        total, d_table = carry
+        h, t, w = xs
+        logits = _chunk_logits(h, table, dtype)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        nll = lse[:, 0] - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        d_logits = (jnp.exp(logits - lse) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
+        d_logits = d_logits.astype(dtype)
+        d_h = jnp.dot(d_logits, table.astype(dtype), preferred_element_type=jnp.float32)
+        d_table = d_table + jnp.dot(d_logits.T, h.astype(dtype), preferred_element_type=jnp.float32)
+        return (total + jnp.sum(nll * w), d_table), d_h
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
+    (total, d_table), d_h = jax.lax.scan(body, init, _chunks(chunk, hidden, targets, weights))
+    return total, (d_h.reshape(hidden.shape).astype(hidden.dtype), d_table.astype(table.dtype))
+
+
+def _ce_bwd(dtype, chunk, res, g):
+    d_h, d_table = res
+    return g * d_h, g * d_table, None, None  # targets and weights are data, not differentiated
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)

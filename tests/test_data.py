@@ -114,7 +114,7 @@ def test_hosts_read_disjoint_rows_that_make_up_the_global_batch(tmp_path):
         assert (h0 == full[0::2]).all() and (h1 == full[1::2]).all()
 
 
-def test_eval_batches_cover_each_window_once_with_padding_weighted_out(tmp_path):
+def test_eval_batches_spread_over_the_split_with_padding_weighted_out(tmp_path):
     src = _stream(tmp_path, n=60, seq_len=8)  # 7 windows
     batches = list(eval_batches(src, batch=4, max_batches=5))
     assert len(batches) == 2
@@ -122,7 +122,10 @@ def test_eval_batches_cover_each_window_once_with_padding_weighted_out(tmp_path)
     assert weights.tolist() == [1] * 7 + [0]
     firsts = [int(t[0]) for b in batches for t, w in zip(b["tokens"], b["weights"][:, 0]) if w]
     assert firsts == [int(src[i][0]) for i in range(7)]
-    assert len(list(eval_batches(src, batch=2, max_batches=2))) == 2
+    subset = list(eval_batches(src, batch=2, max_batches=2))  # 4 of 7 windows: every 7 // 4 = 1st
+    assert [int(t[0]) for b in subset for t in b["tokens"]] == [int(src[i][0]) for i in range(4)]
+    spread = [int(t[0]) for b in eval_batches(_stream(tmp_path, n=1001, seq_len=8), 4, 2) for t in b["tokens"]]
+    assert spread == [int(src_i) for src_i in (_stream(tmp_path, n=1001, seq_len=8)[i * 15][0] for i in range(8))]
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):

@@ -1,5 +1,5 @@
 """grain pipelines over packed token windows: a seeded, endlessly repeated, per-host shard of the
-training windows (reshuffled every epoch), and a fixed in-order prefix of the validation windows."""
+training windows (reshuffled every epoch), and a fixed, evenly spread subset of the validation windows."""
 
 from __future__ import annotations
 
@@ -35,17 +35,18 @@ def train_iterator(source: TokenWindows, global_batch: int, seed: int,
 
 def eval_batches(source: TokenWindows, batch: int, max_batches: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """The first min(len, batch * max_batches) validation windows, in order, as this host's rows.
-
-    The last batch is padded with weight-0 rows, so every window counts exactly once.
+    """min(len, batch * max_batches) validation windows spread evenly over the split (every
+    len // n-th window, so a subset still samples every held-out document), in order, as this
+    host's rows. The last batch is padded with weight-0 rows, so every chosen window counts once.
     """
     if len(source) == 0:
         raise UserError(f"the validation split has fewer than model.seq_len + 1 = {source.seq_len + 1} tokens: "
                         "raise data.val_fraction or add documents")
     n = min(len(source), batch * max_batches)
+    stride = len(source) // n
     per_host = batch // process_count
     for start in range(0, n, batch):
         rows = range(start + process_index, start + batch, process_count)
-        tokens = np.stack([source[i] if i < n else np.zeros(source.seq_len + 1, np.int32) for i in rows])
+        tokens = np.stack([source[i * stride] if i < n else np.zeros(source.seq_len + 1, np.int32) for i in rows])
         weights = np.asarray([[1.0 if i < n else 0.0] for i in rows], np.float32)
         yield {"tokens": tokens, "weights": np.broadcast_to(weights, (per_host, source.seq_len)).copy()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -82,6 +83,7 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
     progress = Progress(t.steps, start, t.batch_size * cfg.model.seq_len, flops_per_token(cfg.model),
                         peak_flops(cfg.model.dtype))
     final = {}
+    began = time.perf_counter()
     with _StopSignals() as stop:
         for step in range(start + 1, t.steps + 1):
             batch = sharding.put_batch(steps.mesh, {"tokens": next(it)})
@@ -108,6 +110,8 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
                 log(f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
                     f"{ckpt.directory / str(step)}; run the same command to resume")
                 raise SystemExit(128 + stop.signum)
+    log(f"trained steps {start + 1}-{t.steps} in {(time.perf_counter() - began) / 60:.1f} min "
+        f"(compilation, evaluation and checkpoints included)")
     return state, final
 
 

@@ -43,12 +43,12 @@ def main() -> None:
     cfg = load_config(None, SHAPE + [f"model.dtype={args.dtype}", f"train.steps={args.steps + 2}"] + args.overrides)
     peaks = {dt: measured_matmul_flops(dt) for dt in ("float32", "bfloat16")}
     peak = max(peaks.values())
-    mesh = sharding.make_mesh(cfg.mesh)
+    layout = sharding.make_layout(cfg.mesh)
     t0 = time.perf_counter()
-    steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state = steps.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batches = [sharding.put_batch(mesh, {"tokens": rng.integers(0, cfg.model.vocab_size,
+    batches = [layout.put_batch({"tokens": rng.integers(0, cfg.model.vocab_size,
                                                                 (cfg.train.batch_size, cfg.model.seq_len + 1),
                                                                 dtype=np.int32)}) for _ in range(2)]
     for i in range(2):

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from llm_jax.errors import UserError
+from llm_jax.rules import rules_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -81,6 +82,15 @@ class MeshConfig:
     data: int
     fsdp: int
     tensor: int
+    dcn_data: int
+    rules: str
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class Config:
     optim: OptimConfig
     train: TrainConfig
     mesh: MeshConfig
+    distributed: DistributedConfig
     sample: SampleConfig
 
 
@@ -315,11 +326,13 @@ def _validate(cfg: Config) -> None:
         (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1
          and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
          "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)"),
+        (cfg.mesh.dcn_data > 0, f"mesh.dcn_data={cfg.mesh.dcn_data} must be positive"),
         (s.max_new_tokens > 0, f"sample.max_new_tokens={s.max_new_tokens} must be positive"),
         (s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0 is greedy)"),
         (s.top_k >= 0, f"sample.top_k={s.top_k} must be >= 0 (0 disables)"),
         (0 < s.top_p <= 1, f"sample.top_p={s.top_p} must be in (0, 1]"),
     ]
     problems = [msg for ok, msg in checks if not ok]
+    rules_table(cfg.mesh.rules)  # an unknown preset, file, logical or mesh axis: its own message
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))

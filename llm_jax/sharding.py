@@ -1,15 +1,17 @@
 """The device mesh and the one table that maps the model's logical axis names onto it.
 
-Layers name their axes (embed, heads, mlp, vocab, batch, ...); RULES says which mesh axis each
-name is split over. A name whose mesh axis is already taken by an earlier dimension of the same
-array stays unsplit (flax resolves rules in order), so activations [batch, length, embed] shard
-batch over data x fsdp while the parameter [vocab, embed] shards embed over fsdp: ZeRO-3/FSDP.
+Layers name their axes (embed, heads, mlp, vocab, batch, ...); a rules table says which mesh axes
+each name is split over. A name whose mesh axis is already taken by an earlier dimension of the
+same array stays unsplit (flax resolves rules in order), so under `fsdp` the activation
+[batch, length, embed] splits batch over data x fsdp while the parameter [vocab, embed] splits
+embed over fsdp: ZeRO-3. Swapping the table (config key mesh.rules) swaps the parallelism.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
@@ -17,41 +19,42 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_jax.config import MeshConfig
+from llm_jax.config import MeshConfig, ModelConfig
 from llm_jax.errors import UserError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
-
+from llm_jax.rules import MESH_AXES, Rules, as_tuple, rules_table
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise UserError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}: the fixed sizes multiply to "
-                            f"{known}, which does not divide the {n_devices} devices")
+            raise UserError(f"mesh {named}: the fixed sizes multiply to {known}, which does not divide the "
+                            f"{n_devices} devices")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise UserError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} needs {math.prod(sizes)} devices "
-                        f"but {n_devices} are present; make the sizes multiply to {n_devices} or set one to -1")
+        raise UserError(f"mesh {named} needs {math.prod(sizes)} devices but {n_devices} are present; make the "
+                        f"sizes multiply to {n_devices} or set one to -1")
+    if sizes[0] % cfg.dcn_data:
+        raise UserError(f"mesh.dcn_data={cfg.dcn_data} slices must divide the data axis ({sizes[0]})")
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
+    if cfg.dcn_data > 1:
+        # Multi-slice: the data axis spans slices over the data-center network, the rest stays inside
+        # a slice (ICI). Without several TPU slices (GPU and CPU hosts), each process counts as one.
+        ici = (shape[0] // cfg.dcn_data, *shape[1:])
+        granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices,
+                                                        process_is_granule=granule)
+        except (ValueError, AssertionError) as e:
+            raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the slices present: {e}") from None
+        return Mesh(grid, MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):  # topologies mesh_utils cannot lay out
@@ -59,36 +62,64 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules=RULES):
-    """The mesh and rules that the model's logical constraints resolve against while tracing."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
+@dataclass(frozen=True)
+class Layout:
+    """A mesh and the rules that place logical axes on it: everything that decides a sharding."""
+    mesh: Mesh
+    rules: Rules
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Where the model's logical constraints resolve against this mesh and these rules."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def sharding(self, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(logical_axes, self.rules))
+
+    def tree_shardings(self, boxed_tree):
+        """Shardings for a tree whose leaves may be flax LogicallyPartitioned boxes (others: replicated)."""
+        return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), self.mesh, self.rules)
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def axis_size(self, logical: str) -> int:
+        """How many shards a dimension with this logical name is split into (alone in its array)."""
+        spec = nn.logical_to_mesh_axes((logical,), self.rules)[0]
+        return math.prod(self.mesh.shape[a] for a in as_tuple(spec))
+
+    def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host-local rows -> global arrays split over the batch axis (every host passes its own rows)."""
+        return {k: jax.make_array_from_process_local_data(self.sharding(("batch",) + (None,) * (v.ndim - 1)), v)
+                for k, v in local.items()}
+
+    def check(self, model: ModelConfig, micro_batch: int) -> None:
+        """Every dimension a rule splits must divide by its shards: one error listing each that does not."""
+        dims = {"batch": micro_batch, "length": model.seq_len, "embed": model.d_model, "heads": model.n_heads,
+                "kv_heads": model.n_kv_heads, "head_dim": model.head_dim, "mlp": model.mlp_dim,
+                "vocab": model.vocab_size, "layers": model.n_layers}
+        problems = []
+        for name, size in dims.items():
+            shards = self.axis_size(name)
+            if size % shards:
+                axes = " x ".join(f"{a}={self.mesh.shape[a]}" for a in as_tuple(dict(self.rules)[name]))
+                fix = ("train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size")
+                problems.append(f"{name}={size} is split over mesh {axes} = {shards} shards, which does not divide "
+                                f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules")
+        unused = [a for a in MESH_AXES if self.mesh.shape[a] > 1
+                  and not any(a in as_tuple(axes) for _, axes in self.rules)]
+        if unused:
+            problems += [f"mesh.{a}={self.mesh.shape[a]} but the rules split nothing over {a!r}: its devices would "
+                         f"repeat the same work; set mesh.{a}=1 or choose rules that use it" for a in unused]
+        if problems:
+            raise UserError("the mesh does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules=RULES):
-    """Shardings for a tree whose leaves may be flax LogicallyPartitioned boxes (others: replicated)."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:
+    return Layout(make_mesh(cfg, devices), rules_table(cfg.rules))
 
 
-def sharding_for(mesh: Mesh, logical_axes: tuple[str | None, ...], rules=RULES) -> NamedSharding:
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
-
-
-def batch_divisor(mesh: Mesh) -> int:
-    """The number of shards a batch dimension is split into."""
-    spec = nn.logical_to_mesh_axes(("batch",), RULES)[0]
-    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def put_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local rows -> global arrays sharded over the batch axis (every host passes its own rows)."""
-    def put(x):
-        sharding = sharding_for(mesh, ("batch",) + (None,) * (x.ndim - 1))
-        return jax.make_array_from_process_local_data(sharding, x)
-    return {k: put(v) for k, v in local.items()}
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+def single_device_layout(rules: str = "fsdp_tp") -> Layout:
+    """One device: generation, checkpoint inspection, tests' reference runs."""
+    return make_layout(MeshConfig(data=1, fsdp=1, tensor=1, dcn_data=1, rules=rules), jax.devices()[:1])

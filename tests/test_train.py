@@ -13,7 +13,6 @@ import pytest
 
 from conftest import tiny_config
 from llm_jax import sharding
-from llm_jax.config import MeshConfig
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
@@ -30,10 +29,10 @@ def _batch(cfg, seed=0, rows=None):
 def test_a_tiny_model_overfits_one_batch(tmp_path):
     cfg = tiny_config(tmp_path, "optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=60", "optim.weight_decay=0",
                       "train.batch_size=2")
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+    layout = sharding.single_device_layout()
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state = steps.init(jax.random.PRNGKey(0))
-    batch = sharding.put_batch(mesh, {"tokens": _batch(cfg)})
+    batch = layout.put_batch({"tokens": _batch(cfg)})
     losses = []
     for _ in range(60):
         state, metrics = steps.train(state, batch)
@@ -46,12 +45,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     results = []
     for accum in (1, 4):
         cfg = tiny_config(tmp_path, f"train.grad_accum={accum}", "train.batch_size=32", "optim.warmup_steps=0")
-        mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-        steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+        layout = sharding.single_device_layout()
+        steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
         state = steps.init(jax.random.PRNGKey(0))
         losses = []
         for i in range(3):
-            state, metrics = steps.train(state, sharding.put_batch(mesh, {"tokens": _batch(cfg, seed=i)}))
+            state, metrics = steps.train(state, layout.put_batch({"tokens": _batch(cfg, seed=i)}))
             losses.append(float(metrics["loss"]))
         results.append((losses, jax.device_get(state.params)))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
@@ -101,8 +100,8 @@ def _restore_params(step_dir, cfg):
     from llm_jax.train.checkpoint import restore_params
     from llm_jax.train.step import abstract_params
 
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    return restore_params(step_dir, abstract_params(cfg.model, mesh))
+    layout = sharding.single_device_layout()
+    return restore_params(step_dir, abstract_params(cfg.model, layout))
 
 
 def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
@@ -116,7 +115,7 @@ def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
 def test_mesh_must_match_the_devices(prepared_run, corpus_slice):
     with pytest.raises(UserError, match=r"needs 3 devices but 8 are present"):
         train(tiny_config(prepared_run, "mesh.data=3", sources=corpus_slice))
-    with pytest.raises(UserError, match=r"micro-batch .* must be divisible by the 8 batch shards"):
+    with pytest.raises(UserError, match=r"batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"):
         train(tiny_config(prepared_run, "train.batch_size=4", sources=corpus_slice))
 
 

@@ -5,12 +5,17 @@ same pass, to its gradients (softmax - onehot) @ table and its contribution to d
 VJP hands those back, so the backward pass does no second logits matmul (the usual trade of
 chunked losses) and the logits chunk never leaves the cache. FLOPs are those of the plain head,
 3 x 2 x N x V x D; memory is one [chunk, vocab] float32 block instead of [N, vocab].
+
+On a mesh, a chunk takes rows from every batch shard and its logits are split over vocab as the
+rules say (tensor parallelism: no device holds a full-vocab row), with the table's gradient
+accumulated in the table's own sharding.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -41,11 +46,21 @@ def cross_entropy_sum(hidden: jax.Array, table: jax.Array, targets: jax.Array, w
 
 
 def _chunks(chunk, *arrays):
-    return [a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:]) for a in arrays]
+    """[N, ...] -> [N / chunk, chunk, ...], chunk c holding rows c, c + N / chunk, ...: the rows are
+    split over batch shards in contiguous blocks, so every chunk keeps all shards busy."""
+    out = [a.reshape(chunk, a.shape[0] // chunk, *a.shape[1:]).swapaxes(0, 1) for a in arrays]
+    return [nn.with_logical_constraint(a, (None, "batch") + (None,) * (a.ndim - 2)) for a in out]
 
 
 def _chunk_logits(h, table, dtype):
-    return jnp.dot(h.astype(dtype), table.astype(dtype).T, preferred_element_type=jnp.float32)
+    logits = jnp.dot(h.astype(dtype), table.astype(dtype).T, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "vocab"))
+
+
+def _target_logit(logits, t):
+    """logits[i, t[i]] as a masked sum: partitions over a vocab-split axis, where a gather would not."""
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
+    return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -53,7 +68,7 @@ def _ce(dtype, chunk, hidden, table, targets, weights):
     def body(total, xs):
         h, t, w = xs
         logits = _chunk_logits(h, table, dtype)
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, t)
         return total + jnp.sum(nll * w), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks(chunk, hidden, targets, weights))
@@ -66,16 +81,17 @@ def _ce_fwd(dtype, chunk, hidden, table, targets, weights):
         h, t, w = xs
         logits = _chunk_logits(h, table, dtype)
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        nll = lse[:, 0] - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        nll = lse[:, 0] - _target_logit(logits, t)
         d_logits = (jnp.exp(logits - lse) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
-        d_logits = d_logits.astype(dtype)
+        d_logits = nn.with_logical_constraint(d_logits.astype(dtype), ("batch", "vocab"))
         d_h = jnp.dot(d_logits, table.astype(dtype), preferred_element_type=jnp.float32)
         d_table = d_table + jnp.dot(d_logits.T, h.astype(dtype), preferred_element_type=jnp.float32)
-        return (total + jnp.sum(nll * w), d_table), d_h
+        return (total + jnp.sum(nll * w), nn.with_logical_constraint(d_table, ("vocab", "embed"))), d_h
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
     (total, d_table), d_h = jax.lax.scan(body, init, _chunks(chunk, hidden, targets, weights))
-    return total, (d_h.reshape(hidden.shape).astype(hidden.dtype), d_table.astype(table.dtype))
+    d_h = d_h.swapaxes(0, 1).reshape(hidden.shape)  # back to row order (see _chunks)
+    return total, (d_h.astype(hidden.dtype), d_table.astype(table.dtype))
 
 
 def _ce_bwd(dtype, chunk, res, g):

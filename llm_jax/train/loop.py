@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import yaml
 
 from llm_jax import sharding
@@ -36,17 +37,13 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resumable(cfg, run_dir)
-    data = prepare_data(cfg, run_dir, log)
-    save_config(cfg, run_dir / "config.yaml")  # after the data exists: it records what the data was built from
+    data = _prepare_data_once(cfg, run_dir, log)
 
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % sharding.batch_divisor(mesh):
-        raise UserError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by the "
-                        f"{sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}")
+    layout = sharding.make_layout(cfg.mesh, devices)
+    layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
     token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
     token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
-    steps = make_steps(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps), token_bytes)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), token_bytes)
     it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count())
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
 
@@ -56,8 +53,9 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     else:
         state, _ = ckpt.restore(start, steps.abstract_state, it)
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
-    log(f"model: {count_params(state.params):,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
-        f"{jax.devices()[0].platform} devices | {cfg.train.batch_size} x {cfg.model.seq_len} tokens per step")
+    log(f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
+        f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
+        f"{cfg.train.batch_size} x {cfg.model.seq_len} tokens per step")
 
     writer = MetricsWriter(run_dir, start)
     meta = {"config": to_dict(cfg)}
@@ -76,6 +74,19 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     return final
 
 
+def _prepare_data_once(cfg: Config, run_dir: Path, log) -> PreparedData:
+    """Process 0 builds the data; the others then read it (shared file system) or, finding none,
+    build the identical, seeded copy on their own disk."""
+    if jax.process_index() == 0:
+        data = prepare_data(cfg, run_dir, log)
+        save_config(cfg, run_dir / "config.yaml")  # after the data exists: it records what the data was built from
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llm_jax: data prepared")
+    if jax.process_index() != 0:
+        data = prepare_data(cfg, run_dir, log=lambda *_: None)
+    return data
+
+
 def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkpointer, writer: MetricsWriter,
           meta: dict, start: int, log) -> tuple:
     t = cfg.train
@@ -86,7 +97,7 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
     began = time.perf_counter()
     with _StopSignals() as stop:
         for step in range(start + 1, t.steps + 1):
-            batch = sharding.put_batch(steps.mesh, {"tokens": next(it)})
+            batch = steps.layout.put_batch({"tokens": next(it)})
             state, metrics = steps.train(state, batch)
             if step == start + 1:
                 jax.block_until_ready(metrics)
@@ -120,7 +131,7 @@ def evaluate(cfg: Config, steps: Steps, params, data: PreparedData) -> dict:
     micro = cfg.train.batch_size // cfg.train.grad_accum
     sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for batch in eval_batches(data.val, micro, cfg.train.eval_batches, jax.process_index(), jax.process_count()):
-        out = steps.eval(params, sharding.put_batch(steps.mesh, batch))
+        out = steps.eval(params, steps.layout.put_batch(batch))
         sums = {k: sums[k] + float(v) for k, v in out.items()}
     return eval_metrics(sums)
 

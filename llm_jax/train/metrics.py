@@ -79,11 +79,15 @@ def _duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard events under <run_dir>/tb."""
+    """metrics.jsonl (one JSON object per line) and TensorBoard events under <run_dir>/tb, written by
+    process 0 only (the metrics are global: every process holds the same values)."""
 
     def __init__(self, run_dir: Path, start_step: int):
         from tensorboardX import SummaryWriter  # heavy import; only runs that train need it
 
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
@@ -91,6 +95,8 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -98,7 +104,8 @@ class MetricsWriter:
             self.tb.add_scalar(f"{split}/{key}", float(value), step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.enabled:
+            self.tb.close()
 
 
 def plot_losses(run_dir: Path) -> Path:

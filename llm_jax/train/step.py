@@ -37,20 +37,41 @@ def nll_sum(model: Transformer, params, tokens: jax.Array, weights: jax.Array | 
 
 @dataclass
 class Steps:
-    """Everything compiled for one (config, mesh): init, one optimizer step, one eval batch."""
-    mesh: jax.sharding.Mesh
+    """Everything compiled for one (config, layout): init, one optimizer step, one eval batch.
+
+    Calls run under the layout's mesh and rules; `compile_train()` gives the compiled step itself
+    (memory_analysis(), cost_analysis(), as_text()) without running it.
+    """
+    layout: sharding.Layout
     state_sharding: Any
-    init: Callable[[jax.Array], TrainState]
-    train: Callable[[TrainState, dict], tuple[TrainState, dict]]
-    eval: Callable[[Any, dict], dict]
     abstract_state: TrainState
+    abstract_batch: dict
+    jit_init: Callable
+    jit_train: Callable
+    jit_eval: Callable
+
+    def init(self, rng: jax.Array) -> TrainState:
+        with self.layout.activate():
+            return self.jit_init(rng)
+
+    def train(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with self.layout.activate():
+            return self.jit_train(state, batch)
+
+    def eval(self, params, batch: dict) -> dict:
+        with self.layout.activate():
+            return self.jit_eval(params, batch)
+
+    def compile_train(self):
+        with self.layout.activate():
+            return self.jit_train.lower(self.abstract_state, self.abstract_batch).compile()
 
 
-def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
+def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransformation,
                token_bytes: np.ndarray | None = None) -> Steps:
     train_model, eval_model = Transformer(cfg.model, train=True), Transformer(cfg.model)
     accum = cfg.train.grad_accum
-    micro_sharding = sharding.sharding_for(mesh, (None, "batch", None))
+    micro_sharding = layout.sharding((None, "batch", None))
 
     def init(rng):
         dummy = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
@@ -58,9 +79,9 @@ def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransform
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.fold_in(rng, 1))
 
-    with sharding.activate(mesh):
+    with layout.activate():
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = sharding.logical_shardings(boxed, mesh)
+    state_sharding = layout.tree_shardings(boxed)
     abstract_state = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), state_sharding)
 
@@ -96,31 +117,27 @@ def make_steps(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransform
         return {"nll": nll_sum(eval_model, params, batch["tokens"], w), "tokens": jnp.sum(w),
                 "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
 
-    data_sharding = sharding.sharding_for(mesh, ("batch", None))
+    data_sharding = layout.sharding(("batch", None))
     batch_sharding = {"tokens": data_sharding}
-    replicated = sharding.replicated(mesh)
+    replicated = layout.replicated()
     jit_init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=state_sharding)
     jit_train = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                         out_shardings=(state_sharding, replicated), donate_argnums=0)
-    jit_eval = jax.jit(eval_step, in_shardings=(state_sharding.params, {"tokens": data_sharding, "weights": data_sharding}),
+    eval_batch_sharding = {"tokens": data_sharding, "weights": data_sharding}
+    jit_eval = jax.jit(eval_step, in_shardings=(state_sharding.params, eval_batch_sharding),
                        out_shardings=replicated)
 
-    def in_mesh(fn):
-        def call(*args):
-            with sharding.activate(mesh):
-                return fn(*args)
-        return call
-
-    return Steps(mesh, state_sharding, in_mesh(jit_init), in_mesh(jit_train),
-                 in_mesh(jit_eval), abstract_state)
+    abstract_batch = {"tokens": jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len + 1), jnp.int32,
+                                                     sharding=data_sharding)}
+    return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval)
 
 
-def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh):
+def abstract_params(cfg: ModelConfig, layout: sharding.Layout):
     """Shapes, dtypes and mesh shardings of the parameters, without allocating them."""
     model = Transformer(cfg)
-    with sharding.activate(mesh):
+    with layout.activate():
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32)))
-    shardings = sharding.logical_shardings(boxed["params"], mesh)
+    shardings = layout.tree_shardings(boxed["params"])
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.meta.unbox(boxed["params"]), shardings)
 

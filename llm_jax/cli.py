@@ -1,4 +1,4 @@
-"""`llm-jax` command line: train, generate, config. Errors the user can fix print one message."""
+"""`llm-jax` command line: train, generate, config, sweep, plan. Errors the user can fix print one message."""
 
 from __future__ import annotations
 
@@ -30,9 +30,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+    p = sub.add_parser("sweep", help="time a few train steps per mesh layout: table, CSV and PNG")
+    p.add_argument("--config", required=True)
+    p.add_argument("--meshes", required=True, help='data,fsdp,tensor layouts separated by ";", e.g. "8,1,1;2,4,1"')
+    p.add_argument("--batch-sizes", help="comma-separated global batch sizes (default: train.batch_size)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one untimed)")
+    p.add_argument("--out", help="directory for sweep.csv and sweep.png (default: <run_dir>/sweep)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    p = sub.add_parser("plan", help="per-device memory of a config on a topology, without the hardware")
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", required=True, help="e.g. v5e-256, v5p-256, h100-8 (plan --help lists them)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
+
     args = parser.parse_args(argv)
     try:
-        {"train": _train, "generate": _generate, "config": _config}[args.command](args)
+        {"train": _train, "generate": _generate, "config": _config, "sweep": _sweep, "plan": _plan}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -45,9 +58,26 @@ def _train(args) -> None:
     from llm_jax.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before JAX is imported or anything compiles
+    from llm_jax.distributed import initialize
+
+    joined = initialize(cfg.distributed)  # before any other JAX call
+    if joined:
+        print(joined, flush=True)
     from llm_jax.train.loop import train
 
     train(cfg)
+
+
+def _sweep(args) -> None:
+    from llm_jax.sweep import main as sweep
+
+    sweep(args)
+
+
+def _plan(args) -> None:
+    from llm_jax.plan import main as plan
+
+    plan(args)
 
 
 def _config(args) -> None:
@@ -72,7 +102,6 @@ def _generate(args) -> None:
     import jax
 
     from llm_jax import sharding
-    from llm_jax.config import MeshConfig
     from llm_jax.data.tokenizer import Tokenizer
     from llm_jax.generate import Generator, fit_prompt, stream_text
     from llm_jax.train.checkpoint import latest_checkpoint, restore_params
@@ -81,8 +110,7 @@ def _generate(args) -> None:
     step_dir = latest_checkpoint(run)
     if step_dir is None:
         raise UserError(f"{run} has no checkpoint yet; train it first (llm-jax train --config {run / 'config.yaml'})")
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    params = restore_params(step_dir, abstract_params(cfg.model, mesh))
+    params = restore_params(step_dir, abstract_params(cfg.model, sharding.single_device_layout()))
     tokenizer = Tokenizer(run / "tokenizer.model")
     s = cfg.sample
     max_new = args.max_new_tokens or s.max_new_tokens

@@ -1,0 +1,152 @@
+"""`llm-jax sweep`: the same config on several mesh layouts and batch sizes, a few timed steps each.
+
+Per layout: compile time, the compiled step's per-device memory (XLA's memory analysis: the
+arguments — train state and batch — plus outputs and temporaries, less what donation aliases),
+median step time, tokens/s and MFU. Written as a table, sweep.csv and sweep.png. Layouts that do
+not fit the model or the devices get a row with the reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llm_jax import sharding
+from llm_jax.config import Config, load_config
+from llm_jax.errors import UserError
+from llm_jax.model.transformer import flops_per_token
+from llm_jax.train.metrics import peak_flops
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.step import make_steps
+
+COLUMNS = ("mesh", "batch_size", "compile_s", "step_ms", "tokens_per_s", "mfu", "arg_bytes", "temp_bytes",
+           "peak_bytes", "error")
+
+
+def parse_meshes(text: str) -> list[tuple[int, int, int]]:
+    """'8,1,1;2,4,1' -> [(8, 1, 1), (2, 4, 1)]: (data, fsdp, tensor) per layout."""
+    meshes = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        sizes = item.split(",")
+        if len(sizes) != 3 or not all(s.strip().lstrip("-").isdigit() for s in sizes):
+            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor (three integers, one may be -1)")
+        meshes.append(tuple(int(s) for s in sizes))
+    if not meshes:
+        raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1"')
+    return meshes
+
+
+def measure(cfg: Config, steps_timed: int) -> dict:
+    """Compiles cfg's train step on its mesh and times `steps_timed` steps after one warm-up step."""
+    layout = sharding.make_layout(cfg.mesh)
+    layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
+    t0 = time.perf_counter()
+    compiled = steps.compile_train()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    state = steps.init(jax.random.PRNGKey(cfg.seed))
+    tokens = np.random.default_rng(cfg.seed).integers(
+        0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1), dtype=np.int32)
+    batch = layout.put_batch({"tokens": tokens})
+    times = []
+    for i in range(steps_timed + 1):
+        t = time.perf_counter()
+        with layout.activate():
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i:
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tokens_per_s = cfg.train.batch_size * cfg.model.seq_len / step_s
+    return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token(cfg.model) / peak_flops(cfg.model.dtype),
+            "arg_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes}
+
+
+def run_sweep(cfg: Config, meshes: list[tuple[int, int, int]], batch_sizes: list[int], steps_timed: int,
+              log=print) -> list[dict]:
+    rows = []
+    for data, fsdp, tensor in meshes:
+        for batch_size in batch_sizes:
+            run = dataclasses.replace(
+                cfg, mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor),
+                train=dataclasses.replace(cfg.train, batch_size=batch_size))
+            row = {"mesh": f"{data}x{fsdp}x{tensor}", "batch_size": batch_size, "error": ""}
+            try:
+                row |= measure(run, steps_timed)
+            except UserError as e:
+                row["error"] = str(e).replace("the mesh does not fit the model:\n  - ", "").replace("\n  - ", "; ")
+            rows.append(row)
+            log(_format_row(row))
+    if all(r["error"] for r in rows):
+        raise UserError("no layout fits: " + " | ".join(f"{r['mesh']}: {r['error']}" for r in rows))
+    return rows
+
+
+def _format_row(r: dict) -> str:
+    head = f"| {r['mesh']:>9} | {r['batch_size']:>5} |"
+    if r["error"]:
+        return f"{head} skipped: {r['error']}"
+    return (f"{head} {r['compile_s']:>9.1f} | {r['step_ms']:>9.1f} | {r['tokens_per_s']:>10,.0f} | {r['mfu']:>6.1%} | "
+            f"{r['arg_bytes'] / 2**20:>9.2f} | {r['temp_bytes'] / 2**20:>9.2f} | {r['peak_bytes'] / 2**20:>9.2f} |")
+
+
+HEADER = ("|      mesh | batch | compile s |   ms/step |   tokens/s |    MFU |  args MiB |  temp MiB |  peak MiB |\n"
+          "|-----------|-------|-----------|-----------|------------|--------|-----------|-----------|-----------|")
+
+
+def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+    return out / "sweep.csv", _plot(rows, out / "sweep.png")
+
+
+def _plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r["error"]]
+    labels = [f"{r['mesh']}\nb{r['batch_size']}" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7, 1.4 * len(ok) + 3), 4))
+    ax1.bar(labels, [r["tokens_per_s"] for r in ok], color="tab:blue")
+    ax1.set_ylabel("tokens/s")
+    ax1.set_title("throughput")
+    ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak")
+    ax2.bar(labels, [r["arg_bytes"] / 2**20 for r in ok], color="tab:green", label="arguments (state + batch)")
+    ax2.set_ylabel("MiB per device")
+    ax2.set_title("memory (compiled)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    meshes = parse_meshes(args.meshes)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
+    except ValueError:
+        raise UserError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers") from None
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    print(f"{jax.device_count()} {jax.devices()[0].platform} devices, rules {cfg.mesh.rules}, "
+          f"{args.steps} timed steps per layout\n{HEADER}", flush=True)
+    rows = run_sweep(cfg, meshes, batch_sizes, args.steps)
+    csv_path, png_path = write_outputs(rows, Path(args.out or Path(cfg.run_dir) / "sweep").expanduser())
+    print(f"-> {csv_path}, {png_path}")

@@ -1,0 +1,44 @@
+"""`llm-jax sweep`: compiled memory and timed steps per layout, CSV and PNG, clear errors."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from llm_jax.cli import main
+from llm_jax.config import load_config
+from llm_jax.errors import UserError
+from llm_jax.sweep import parse_meshes, run_sweep
+
+
+def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path, capsys):
+    main(["sweep", "--config", "tiny", "--meshes", "8,1,1; 1,8,1; 1,1,8", "--batch-sizes", "8", "--steps", "2",
+          "--out", str(tmp_path), "model.n_kv_heads=4", "model.dtype=float32", "mesh.rules=fsdp_tp"])
+    rows = {r["mesh"]: r for r in csv.DictReader((tmp_path / "sweep.csv").open())}
+    assert list(rows) == ["8x1x1", "1x8x1", "1x1x8"]
+    dp, fsdp, bad = rows["8x1x1"], rows["1x8x1"], rows["1x1x8"]
+    for r in (dp, fsdp):
+        assert r["error"] == "" and float(r["tokens_per_s"]) > 0 and float(r["compile_s"]) > 0
+        assert int(r["peak_bytes"]) >= int(r["arg_bytes"]) > 0
+    # fsdp splits parameters and AdamW state 8 ways; data parallelism replicates them.
+    assert int(fsdp["arg_bytes"]) * 4 < int(dp["arg_bytes"])
+    assert "heads=4 is split over mesh tensor=8 = 8 shards" in bad["error"]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "|     8x1x1 |     8 |" in out and "skipped: heads=4" in out
+
+
+@pytest.mark.parametrize("text,message", [
+    ("2,4", "mesh '2,4' in --meshes must be data,fsdp,tensor"),
+    ("8,1,x", "mesh '8,1,x' in --meshes must be data,fsdp,tensor"),
+    (" ; ", "--meshes is empty"),
+])
+def test_malformed_meshes_name_the_layout(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_meshes(text)
+
+
+def test_a_sweep_where_nothing_fits_is_an_error():
+    with pytest.raises(UserError, match="no layout fits: 1x1x8: heads=4 is split"):
+        run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8)], [8], 1, log=lambda *_: None)

@@ -86,8 +86,7 @@ class Layout:
 
     def axis_size(self, logical: str) -> int:
         """How many shards a dimension with this logical name is split into (alone in its array)."""
-        spec = nn.logical_to_mesh_axes((logical,), self.rules)[0]
-        return math.prod(self.mesh.shape[a] for a in as_tuple(spec))
+        return shards(dict(self.mesh.shape), self.rules, logical)
 
     def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local rows -> global arrays split over the batch axis (every host passes its own rows)."""
@@ -95,25 +94,34 @@ class Layout:
                 for k, v in local.items()}
 
     def check(self, model: ModelConfig, micro_batch: int) -> None:
-        """Every dimension a rule splits must divide by its shards: one error listing each that does not."""
-        dims = {"batch": micro_batch, "length": model.seq_len, "embed": model.d_model, "heads": model.n_heads,
-                "kv_heads": model.n_kv_heads, "head_dim": model.head_dim, "mlp": model.mlp_dim,
-                "vocab": model.vocab_size, "layers": model.n_layers}
-        problems = []
-        for name, size in dims.items():
-            shards = self.axis_size(name)
-            if size % shards:
-                axes = " x ".join(f"{a}={self.mesh.shape[a]}" for a in as_tuple(dict(self.rules)[name]))
-                fix = ("train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size")
-                problems.append(f"{name}={size} is split over mesh {axes} = {shards} shards, which does not divide "
-                                f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules")
-        unused = [a for a in MESH_AXES if self.mesh.shape[a] > 1
-                  and not any(a in as_tuple(axes) for _, axes in self.rules)]
-        if unused:
-            problems += [f"mesh.{a}={self.mesh.shape[a]} but the rules split nothing over {a!r}: its devices would "
-                         f"repeat the same work; set mesh.{a}=1 or choose rules that use it" for a in unused]
-        if problems:
-            raise UserError("the mesh does not fit the model:\n  - " + "\n  - ".join(problems))
+        check_fit(dict(self.mesh.shape), self.rules, model, micro_batch)
+
+
+def shards(mesh_shape: dict[str, int], rules: Rules, logical: str) -> int:
+    """How many shards a dimension with this logical name is split into (alone in its array)."""
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+    return math.prod(mesh_shape[a] for a in as_tuple(spec))
+
+
+def check_fit(mesh_shape: dict[str, int], rules: Rules, model: ModelConfig, micro_batch: int) -> None:
+    """Every dimension a rule splits must divide by its shards, and every mesh axis > 1 must be used:
+    one error listing each violation, before anything compiles."""
+    dims = {"batch": micro_batch, "length": model.seq_len, "embed": model.d_model, "heads": model.n_heads,
+            "kv_heads": model.n_kv_heads, "head_dim": model.head_dim, "mlp": model.mlp_dim,
+            "vocab": model.vocab_size, "layers": model.n_layers}
+    problems = []
+    for name, size in dims.items():
+        n = shards(mesh_shape, rules, name)
+        if size % n:
+            axes = " x ".join(f"{a}={mesh_shape[a]}" for a in as_tuple(dict(rules)[name]))
+            fix = "train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size"
+            problems.append(f"{name}={size} is split over mesh {axes} = {n} shards, which does not divide "
+                            f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules")
+    unused = [a for a in MESH_AXES if mesh_shape[a] > 1 and not any(a in as_tuple(axes) for _, axes in rules)]
+    problems += [f"mesh.{a}={mesh_shape[a]} but the rules split nothing over {a!r}: its devices would "
+                 f"repeat the same work; set mesh.{a}=1 or choose rules that use it" for a in unused]
+    if problems:
+        raise UserError("the mesh does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
 def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:

@@ -1,4 +1,4 @@
-"""`llm-jax` command line: train, generate, config, sweep, plan. Errors the user can fix print one message."""
+"""`llm-jax` command line: train, generate, config, sweep, plan, data. Errors the user can fix print one message."""
 
 from __future__ import annotations
 
@@ -43,9 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--topology", required=True, help="e.g. v5e-256, v5p-256, h100-8 (plan --help lists them)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
 
+    p = sub.add_parser("data", help="data tools: synth-sft / synth-dpo write seeded synthetic chat datasets")
+    p.add_argument("action", choices=("synth-sft", "synth-dpo"))
+    p.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
+    p.add_argument("--n", type=int, default=20000, help="examples in all (about 10%% held out as test)")
+    p.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     try:
-        {"train": _train, "generate": _generate, "config": _config, "sweep": _sweep, "plan": _plan}[args.command](args)
+        {"train": _train, "generate": _generate, "config": _config, "sweep": _sweep, "plan": _plan,
+         "data": _data}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -78,6 +85,20 @@ def _plan(args) -> None:
     from llm_jax.plan import main as plan
 
     plan(args)
+
+
+def _data(args) -> None:
+    from llm_jax.data import synth
+
+    if args.n < 10:
+        raise UserError(f"--n {args.n}: ask for at least 10 examples")
+    write = synth.write_sft if args.action == "synth-sft" else synth.write_dpo
+    try:
+        paths = write(Path(args.out).expanduser(), args.n, args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for split, path in paths.items():
+        print(f"{split}: {sum(1 for _ in path.open()):,} examples -> {path}")
 
 
 def _config(args) -> None:

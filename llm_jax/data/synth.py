@@ -1,0 +1,104 @@
+"""Seeded synthetic chat data with verifiable answers: SFT conversations and DPO preference pairs.
+
+Tasks a ~10M-parameter model can learn on a CPU in minutes, each with one correct answer:
+addition and subtraction of numbers below 100, the larger of two numbers, repeating a word a few
+times, the first letter of a word. Held-out examples never share a (task, operands) pair with
+training ones. A preference pair's `chosen` is the correct, well-formed answer; `rejected` is
+plausible but wrong (an off-by-one number, another word, a wrong count) or badly formed (correct
+but wrapped in chatter).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from pathlib import Path
+
+WORDS = (
+    "apple bread chair dance eagle flame grape house island jewel knife lemon money night ocean paper queen "
+    "river stone table uncle voice water youth zebra bird cloud dream earth field glass heart light music "
+    "north plant quiet round sheep tiger under value wheel yellow storm crown sword honey salt tower"
+).split()
+
+
+def _add(rng):
+    a, b = rng.randrange(100), rng.randrange(100)
+    return (a, b), f"What is {a} + {b}?", str(a + b)
+
+
+def _sub(rng):
+    a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)
+    return (a, b), f"What is {a} - {b}?", str(a - b)
+
+
+def _larger(rng):
+    a, b = rng.sample(range(100), 2)
+    return (a, b), f"Which is larger, {a} or {b}?", str(max(a, b))
+
+
+def _repeat(rng):
+    word, n = rng.choice(WORDS), rng.randrange(2, 5)
+    return (word, n), f"Repeat the word {word} {n} times.", " ".join([word] * n)
+
+
+def _first_letter(rng):
+    word = rng.choice(WORDS)
+    return (word,), f"What is the first letter of {word}?", word[0]
+
+
+TASKS = {"add": _add, "sub": _sub, "larger": _larger, "repeat": _repeat, "first_letter": _first_letter}
+SYSTEM = "You are a helpful assistant. Answer with the result only."
+
+
+def _wrong(task: str, answer: str, rng: random.Random) -> str:
+    """A plausible but wrong answer, or the right one badly formed."""
+    if rng.random() < 0.25:
+        return f"Sure! Let me think about that. The answer might be {answer}, I hope this helps you today."
+    if task in ("add", "sub", "larger"):
+        return str(int(answer) + rng.choice((-10, -2, -1, 1, 2, 10)))
+    if task == "repeat":
+        words = answer.split()
+        return " ".join(words[:-1]) if len(words) > 2 else " ".join(words + words[:1])
+    return rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != answer])
+
+
+def examples(n: int, seed: int, held_out: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """n examples split into (train, test) by a hash of (task, operands): no overlap between them."""
+    rng, seen, train, test = random.Random(seed), set(), [], []
+    attempts = 0
+    while len(train) + len(test) < n:
+        attempts += 1
+        if attempts > 50 * n:
+            raise ValueError(f"cannot draw {n} distinct examples from the synthetic tasks; ask for fewer")
+        task = rng.choice(sorted(TASKS))
+        key, question, answer = TASKS[task](rng)
+        if (task, key) in seen:
+            continue
+        seen.add((task, key))
+        row = {"task": task, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}], "answer": answer,
+               "rejected": _wrong(task, answer, rng)}
+        held = zlib.crc32(repr((seed, task, key)).encode()) / 2**32 < held_out  # stable across processes
+        (test if held else train).append(row)
+    return train, test
+
+
+def write_sft(out: Path, n: int, seed: int) -> dict[str, Path]:
+    """train.jsonl / test.jsonl of {"task", "messages", "answer"}."""
+    return _write(out, n, seed, lambda r: {k: r[k] for k in ("task", "messages", "answer")})
+
+
+def write_dpo(out: Path, n: int, seed: int) -> dict[str, Path]:
+    """train.jsonl / test.jsonl of {"task", "messages" (without the answer), "chosen", "rejected", "answer"}."""
+    return _write(out, n, seed, lambda r: {"task": r["task"], "messages": r["messages"][:-1], "chosen": r["answer"],
+                                           "rejected": r["rejected"], "answer": r["answer"]})
+
+
+def _write(out: Path, n: int, seed: int, shape) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, rows in zip(("train", "test"), examples(n, seed)):
+        paths[split] = out / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(shape(r)) + "\n" for r in rows))
+    return paths

@@ -33,10 +33,14 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
     """'8,1,1;2,4,1' -> [(8, 1, 1), (2, 4, 1)]: (data, fsdp, tensor) per layout."""
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
-        sizes = item.split(",")
-        if len(sizes) != 3 or not all(s.strip().lstrip("-").isdigit() for s in sizes):
-            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor (three integers, one may be -1)")
-        meshes.append(tuple(int(s) for s in sizes))
+        try:
+            sizes = tuple(int(s) for s in item.split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor (three positive integers, "
+                            f"one may be -1)")
+        meshes.append(sizes)
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1"')
     return meshes
@@ -44,6 +48,8 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
 
 def measure(cfg: Config, steps_timed: int) -> dict:
     """Compiles cfg's train step on its mesh and times `steps_timed` steps after one warm-up step."""
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise UserError(f"train.grad_accum={cfg.train.grad_accum} must divide the batch size {cfg.train.batch_size}")
     layout = sharding.make_layout(cfg.mesh)
     layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
@@ -85,6 +91,10 @@ def run_sweep(cfg: Config, meshes: list[tuple[int, int, int]], batch_sizes: list
                 row |= measure(run, steps_timed)
             except UserError as e:
                 row["error"] = str(e).replace("the mesh does not fit the model:\n  - ", "").replace("\n  - ", "; ")
+            except jax.errors.JaxRuntimeError as e:  # a layout whose step does not fit device memory
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                row["error"] = "out of memory: " + str(e).splitlines()[0][:300]
             rows.append(row)
             log(_format_row(row))
     if all(r["error"] for r in rows):
@@ -122,10 +132,11 @@ def _plot(rows: list[dict], path: Path) -> Path:
     ok = [r for r in rows if not r["error"]]
     labels = [f"{r['mesh']}\nb{r['batch_size']}" for r in ok]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7, 1.4 * len(ok) + 3), 4))
-    ax1.bar(labels, [r["tokens_per_s"] for r in ok], color="tab:blue")
+    ax1.bar_label(ax1.bar(labels, [r["tokens_per_s"] for r in ok], color="tab:blue"), fmt="{:,.0f}", fontsize=8)
     ax1.set_ylabel("tokens/s")
     ax1.set_title("throughput")
-    ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak")
+    ax2.bar_label(ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak"),
+                  fmt="{:.2f}", fontsize=8)
     ax2.bar(labels, [r["arg_bytes"] / 2**20 for r in ok], color="tab:green", label="arguments (state + batch)")
     ax2.set_ylabel("MiB per device")
     ax2.set_title("memory (compiled)")
@@ -142,7 +153,9 @@ def main(args) -> None:
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [cfg.train.batch_size]
     except ValueError:
-        raise UserError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers") from None
+        batch_sizes = [0]
+    if min(batch_sizes) < 1:
+        raise UserError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated positive integers")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     print(f"{jax.device_count()} {jax.devices()[0].platform} devices, rules {cfg.mesh.rules}, "

@@ -32,6 +32,8 @@ def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path,
 @pytest.mark.parametrize("text,message", [
     ("2,4", "mesh '2,4' in --meshes must be data,fsdp,tensor"),
     ("8,1,x", "mesh '8,1,x' in --meshes must be data,fsdp,tensor"),
+    ("0,8,1", "mesh '0,8,1' in --meshes must be data,fsdp,tensor"),
+    ("-1,-1,8", "mesh '-1,-1,8' in --meshes must be data,fsdp,tensor"),
     (" ; ", "--meshes is empty"),
 ])
 def test_malformed_meshes_name_the_layout(text, message):
@@ -42,3 +44,20 @@ def test_malformed_meshes_name_the_layout(text, message):
 def test_a_sweep_where_nothing_fits_is_an_error():
     with pytest.raises(UserError, match="no layout fits: 1x1x8: heads=4 is split"):
         run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8)], [8], 1, log=lambda *_: None)
+
+
+def test_batch_sizes_are_swept_and_one_that_does_not_split_is_listed(capsys):
+    cfg = load_config("tiny", ["model.n_kv_heads=4"])
+    rows = run_sweep(cfg, [(2, 2, 2)], [2, 8], 1, log=lambda *_: None)
+    assert [(r["mesh"], r["batch_size"]) for r in rows] == [("2x2x2", 2), ("2x2x2", 8)]
+    assert "batch=2 is split over mesh data=2 x fsdp=2 = 4 shards" in rows[0]["error"]
+    assert rows[1]["error"] == "" and rows[1]["tokens_per_s"] > 0 and rows[1]["peak_bytes"] > 0
+
+
+def test_bad_batch_sizes_and_grad_accum_are_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--config", "tiny", "--meshes", "8,1,1", "--batch-sizes", "8,x", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--batch-sizes '8,x' must be comma-separated" in capsys.readouterr().err
+    with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide the batch size 8"):
+        run_sweep(load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]), [(8, 1, 1)], [8], 1,
+                  log=lambda *_: None)

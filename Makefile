@@ -8,7 +8,7 @@ VENV ?= .venv$(if $(filter python3,$(PYTHON)),,-$(notdir $(PYTHON)))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo demo-chat test bench venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python train.py --config shakespeare $(ARGS)
+
+# pretrained demo model (trained first if missing) -> SFT -> DPO on synthetic chat tasks -> eval table
+demo-chat: $(STAMP)
+	$(BIN)/python -m llm_jax.demo_chat
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

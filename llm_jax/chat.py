@@ -62,3 +62,13 @@ def fit_example(ids: list[int], weights: list[float], length: int) -> tuple[list
     trained token, since such an example teaches nothing."""
     ids, weights = ids[:length], weights[:length]
     return (ids, weights) if any(weights) else None
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], system: str | None = None
+               ) -> tuple[list[int], tuple[int, ...]]:
+    """A generation prompt (with `system` first if given and the messages have none) and the ids
+    that end the reply: <|end_of_turn|>, and EOS should a model produce it."""
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    ids, _ = render(tokenizer, messages, generation_prompt=True)
+    return ids, (special_ids(tokenizer)["end_of_turn"], tokenizer.eos_id)

@@ -1,4 +1,4 @@
-"""`llm-jax` command line: train, generate, config, sweep, plan, data. Errors the user can fix print one message."""
+"""`llm-jax` command line: train, generate, chat, eval-chat, config, sweep, plan, data. Errors the user can fix print one message."""
 
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed overrides of config keys")
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
-    p.add_argument("--run", required=True, help="run directory (holds config.yaml, tokenizer.model, checkpoints/)")
+    _sampling_args(p)
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float, help="0 is greedy")
-    p.add_argument("--top-k", type=int, help="0 disables")
-    p.add_argument("--top-p", type=float, help="1 disables")
-    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("chat", help="talk to a fine-tuned (sft/dpo) run in the terminal, with the chat template")
+    _sampling_args(p)
+    p.add_argument("--system", help="system prompt (default: the run's sample.system)")
+
+    p = sub.add_parser("eval-chat", help="held-out exact-match accuracy of a chat run, per task")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="JSONL with messages and answer (e.g. synth-sft's test.jsonl)")
+    p.add_argument("--limit", type=int, default=500, help="questions to ask (0: all)")
+    p.add_argument("--system", help="system prompt added when a conversation has none")
 
     p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
     p.add_argument("--config", required=True)
@@ -51,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     try:
-        {"train": _train, "generate": _generate, "config": _config, "sweep": _sweep, "plan": _plan,
-         "data": _data}[args.command](args)
+        {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
+         "sweep": _sweep, "plan": _plan, "data": _data}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -109,30 +114,37 @@ def _config(args) -> None:
     print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
 
 
-def _generate(args) -> None:
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml, tokenizer.model, checkpoints/)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-k", type=int, help="0 disables")
+    p.add_argument("--top-p", type=float, help="1 disables")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_run(run_dir: str):
+    """(config, parameters on one device, tokenizer, checkpoint directory) of a run's newest checkpoint."""
     import yaml
 
-    from llm_jax.config import config_from_dict
-
-    run = Path(args.run).expanduser()
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run directory (no config.yaml); train one with `llm-jax train --config ...`")
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-
-    import jax
-
     from llm_jax import sharding
+    from llm_jax.config import config_from_dict
     from llm_jax.data.tokenizer import Tokenizer
-    from llm_jax.generate import Generator, fit_prompt, stream_text
     from llm_jax.train.checkpoint import latest_checkpoint, restore_params
     from llm_jax.train.step import abstract_params
 
+    run = Path(run_dir).expanduser()
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml); train one with `llm-jax train --config ...`")
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     step_dir = latest_checkpoint(run)
     if step_dir is None:
         raise UserError(f"{run} has no checkpoint yet; train it first (llm-jax train --config {run / 'config.yaml'})")
     params = restore_params(step_dir, abstract_params(cfg.model, sharding.single_device_layout()))
-    tokenizer = Tokenizer(run / "tokenizer.model")
+    return cfg, params, Tokenizer(run / "tokenizer.model"), step_dir
+
+
+def _sampling(args, cfg) -> tuple[int, float, int, float]:
     s = cfg.sample
     max_new = args.max_new_tokens or s.max_new_tokens
     temperature = s.temperature if args.temperature is None else args.temperature
@@ -140,16 +152,79 @@ def _generate(args) -> None:
     top_p = s.top_p if args.top_p is None else args.top_p
     if max_new <= 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError("need --max-new-tokens > 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    return max_new, temperature, top_k, top_p
 
+
+def _generate(args) -> None:
+    from llm_jax.generate import Generator, fit_prompt, stream_text
+
+    cfg, params, tokenizer, step_dir = load_run(args.run)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    max_new, *settings = _sampling(args, cfg)
     ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len, max_new)
     if note:
         print(f"note: {note}", file=sys.stderr)
     print(f"[{step_dir.name} steps] {prompt}", end="", flush=True)
-    tokens = Generator(cfg.model, params).stream(ids, max_new, temperature, top_k, top_p, args.seed,
-                                                 stop_ids=(tokenizer.eos_id,))
+    tokens = Generator(cfg.model, params).stream(ids, max_new, *settings, args.seed, stop_ids=(tokenizer.eos_id,))
     for piece in stream_text(tokenizer, tokens):
         print(piece, end="", flush=True)
     print()
+
+
+def _chat(args) -> None:
+    from llm_jax.chat import prompt_ids
+    from llm_jax.generate import Generator, stream_text
+
+    cfg, params, tokenizer, step_dir = load_run(args.run)
+    max_new, *settings = _sampling(args, cfg)
+    max_new = min(max_new, cfg.model.seq_len // 2)
+    system = cfg.sample.system if args.system is None else args.system
+    generator = Generator(cfg.model, params)
+    print(f"chat with {args.run} ({step_dir.name} steps, context {cfg.model.seq_len} tokens); "
+          "/reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    messages, turn = [], 0
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": text})
+        ids, stop = prompt_ids(tokenizer, messages, system)
+        while len(ids) + max_new > cfg.model.seq_len and len(messages) > 1:  # forget the oldest exchange
+            messages = messages[2:]
+            print("(the conversation outgrew the context: dropped the oldest exchange)", file=sys.stderr)
+            ids, stop = prompt_ids(tokenizer, messages, system)
+        if len(ids) + max_new > cfg.model.seq_len:
+            print(f"(that message is {len(ids)} tokens with the template; at most {cfg.model.seq_len - max_new} "
+                  "fit the context with room for a reply: say less, or pass a lower --max-new-tokens)",
+                  file=sys.stderr)
+            messages.pop()
+            continue
+        print("bot> ", end="", flush=True)
+        reply = []
+        for piece in stream_text(tokenizer, generator.stream(ids, max_new, *settings, args.seed + turn, stop)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
+
+
+def _eval_chat(args) -> None:
+    from llm_jax.chat_eval import exact_match, load_questions
+
+    cfg, params, tokenizer, step_dir = load_run(args.run)
+    rows = load_questions(args.data, args.limit or None)
+    scores = exact_match(cfg.model, params, tokenizer, rows, system=args.system)
+    print(f"exact match of {args.run} ({step_dir.name} steps) on {len(rows)} questions of {args.data}:")
+    for task, acc in scores.items():
+        print(f"  {task:<14} {acc:6.1%}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class DataConfig:
     val_fraction: float
     tokenizer: str | None
     tokenizer_sample_bytes: int
+    val_sources: tuple[str, ...]
+    bad_rows: str
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    objective: str
+    init_from: str | None
     steps: int
     batch_size: int
     grad_accum: int
@@ -75,6 +79,14 @@ class TrainConfig:
     eval_batches: int
     checkpoint_every: int
     keep_checkpoints: int
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float
+    loss: str
+    label_smoothing: float
+    reference: str
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class SampleConfig:
     temperature: float
     top_k: int
     top_p: float
+    system: str | None
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class Config:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    dpo: DPOConfig
     mesh: MeshConfig
     distributed: DistributedConfig
     sample: SampleConfig
@@ -122,15 +136,33 @@ class Config:
 def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Resolves base.yaml, then `preset` (a path or a name in configs/), then `key=value` strings."""
     tree = _read_yaml(CONFIG_DIR / "base.yaml")
+    explicit = set()
     if preset is not None:
         path = resolve_preset(preset)
-        _merge(tree, _read_yaml(path), origin=str(path))
+        update = _read_yaml(path)
+        _merge(tree, update, origin=str(path))
+        explicit |= set(update.get("model") or {})  # _merge checked that it is a section
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(tree, key.strip(), raw.strip())
+        explicit.add(key.strip().removeprefix("model."))
+    if tree["train"]["init_from"] not in (None, "", "null", "none"):
+        _inherit_model(tree, Path(str(tree["train"]["init_from"])).expanduser(), explicit)
     return _build(Config, tree, prefix="")
+
+
+def _inherit_model(tree: dict, init_run: Path, explicit: set[str]) -> None:
+    """train.init_from: model keys the preset and overrides leave unset come from the starting run."""
+    saved = init_run / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"train.init_from={str(init_run)!r} is not a run directory (no config.yaml); "
+                        "train the starting model first, or point init_from at its run_dir")
+    model = _read_yaml(saved).get("model", {})
+    for key, value in model.items():
+        if key in tree["model"] and key not in explicit:
+            tree["model"][key] = value
 
 
 def resolve_preset(preset: str | Path) -> Path:
@@ -254,7 +286,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is tuple:
         if isinstance(value, _RawString):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            try:
+                value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            except yaml.YAMLError:
+                raise UserError(f"{key}={value}: not a valid list; quote items that hold YAML syntax, e.g. "
+                                f"{key}='[\"first item?\", \"second\"]', or give a, b, c") from None
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -289,7 +325,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
-    m, o, t, d, s = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample
+    m, o, t, d, s, p = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo
     checks = [
         (all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
          "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive"),
@@ -310,6 +346,14 @@ def _validate(cfg: Config) -> None:
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
+        (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
+        (t.objective in ("pretrain", "sft", "dpo"), f"train.objective={t.objective!r} must be pretrain, sft or dpo"),
+        (t.objective != "dpo" or bool(t.init_from),
+         "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"),
+        (p.beta > 0, f"dpo.beta={p.beta} must be positive"),
+        (p.loss in ("sigmoid", "ipo"), f"dpo.loss={p.loss!r} must be sigmoid or ipo"),
+        (0 <= p.label_smoothing < 0.5, f"dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)"),
+        (p.reference in ("precomputed", "in_step"), f"dpo.reference={p.reference!r} must be precomputed or in_step"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),
         (0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),

@@ -62,7 +62,7 @@ def load_documents(sources: Sequence[str], text_field: str, cache_dir: str) -> t
     stats = CorpusStats()
     docs: list[Document] = []
     for source in sources:
-        files = _resolve_source(source, cache_dir)
+        files = resolve_source(source, cache_dir)
         for path in files:
             stats.files.append(str(path))
             docs.extend(_read_file(path, source, text_field, stats))
@@ -96,7 +96,7 @@ def _group(source: str, where: str) -> str:
     return where
 
 
-def _resolve_source(source: str, cache_dir: str) -> list[Path]:
+def resolve_source(source: str, cache_dir: str) -> list[Path]:
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name != "shakespeare":

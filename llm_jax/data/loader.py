@@ -8,7 +8,6 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from llm_jax.data.packing import TokenWindows
 from llm_jax.errors import UserError
 
 # Windows are memory-mapped and a batch is a few KB: reading them in the training thread is cheaper
@@ -16,9 +15,10 @@ from llm_jax.errors import UserError
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-def train_iterator(source: TokenWindows, global_batch: int, seed: int,
+def train_iterator(source, global_batch: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Batches [global_batch / process_count, seq_len + 1] of this host's rows of each global batch.
+    """Batches of global_batch / process_count rows (TokenWindows: [rows, seq_len + 1] tokens; an
+    example source: {name: [rows, ...]}), this host's rows of each global batch.
 
     Host p reads global rows p, p + P, p + 2P, ... of the shuffled stream, so the hosts together see
     exactly the stream one host would see. `get_state()` / `set_state()` resume it exactly.
@@ -26,27 +26,38 @@ def train_iterator(source: TokenWindows, global_batch: int, seed: int,
     if global_batch % process_count:
         raise UserError(f"train.batch_size={global_batch} must be divisible by the {process_count} hosts")
     if len(source) < global_batch:
-        raise UserError(f"the training split has {len(source)} windows of {source.seq_len + 1} tokens, fewer than "
-                        f"train.batch_size={global_batch}: add text, or lower train.batch_size or model.seq_len")
+        raise UserError(f"the training split has {len(source)} rows ({source!r}), fewer than "
+                        f"train.batch_size={global_batch}: add data, or lower train.batch_size or model.seq_len")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     return iter(ds.to_iter_dataset(_READ))
 
 
-def eval_batches(source: TokenWindows, batch: int, max_batches: int,
+def as_row(item) -> dict[str, np.ndarray]:
+    """A source item as {name: array}: a pretraining window is {"tokens": window}."""
+    return item if isinstance(item, dict) else {"tokens": item}
+
+
+def eval_batches(source, batch: int, max_batches: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """min(len, batch * max_batches) validation windows spread evenly over the split (every
-    len // n-th window, so a subset still samples every held-out document), in order, as this
-    host's rows. The last batch is padded with weight-0 rows, so every chosen window counts once.
+    """min(len, batch * max_batches) validation rows spread evenly over the split (every len // n-th
+    row, so a subset still samples every held-out document), in order, as this host's rows, with
+    per-target `weights` (1 for every target of a pretraining window). The last batch is padded with
+    all-zero rows (weight 0), so every chosen row counts once.
     """
     if len(source) == 0:
         raise UserError(f"the validation split has fewer than model.seq_len + 1 = {source.seq_len + 1} tokens: "
                         "raise data.val_fraction or add documents")
     n = min(len(source), batch * max_batches)
     stride = len(source) // n
-    per_host = batch // process_count
+
+    def row(i: int) -> dict[str, np.ndarray]:
+        out = as_row(source[i])
+        if "weights" not in out:
+            out["weights"] = np.ones(out["tokens"].shape[-1] - 1, np.float32)
+        return out
+
+    blank = {k: np.zeros_like(v) for k, v in row(0).items()}
     for start in range(0, n, batch):
-        rows = range(start + process_index, start + batch, process_count)
-        tokens = np.stack([source[i * stride] if i < n else np.zeros(source.seq_len + 1, np.int32) for i in rows])
-        weights = np.asarray([[1.0 if i < n else 0.0] for i in rows], np.float32)
-        yield {"tokens": tokens, "weights": np.broadcast_to(weights, (per_host, source.seq_len)).copy()}
+        rows = [row(i * stride) if i < n else blank for i in range(start + process_index, start + batch, process_count)]
+        yield {k: np.stack([r[k] for r in rows]) for k in blank}

@@ -22,6 +22,11 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, run_dir: Path, log=print) -> PreparedData:
+    """Text for pretraining; chat / preference examples for sft / dpo (llm_jax/data/chat_data.py)."""
+    if cfg.train.objective != "pretrain":
+        from llm_jax.data.chat_data import prepare_chat
+
+        return prepare_chat(cfg, run_dir, log)
     data_dir = run_dir / "data"
     meta = read_meta(data_dir / "meta.json")
     if meta is None:

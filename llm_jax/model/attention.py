@@ -25,12 +25,20 @@ def resolve(impl: str) -> str:
     return "blocked" if device.platform == "cpu" else "xla"
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
-    """q [B, T, N, H], k/v [B, T, K, H] (K divides N) -> [B, T, N, H]; token t sees tokens <= t."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
+                     segments: jax.Array | None = None) -> jax.Array:
+    """q [B, T, N, H], k/v [B, T, K, H] (K divides N) -> [B, T, N, H]; token t sees tokens <= t.
+
+    segments [B, T] int (packed examples): token t then sees only earlier tokens of its own segment.
+    cudnn takes no arbitrary mask here, so packed batches use the xla kernel on GPUs.
+    """
     impl = resolve(impl)
     if impl == "blocked":
-        return _blocked(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return _blocked(q, k, v, segments)
+    if segments is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation="xla")
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
@@ -39,7 +47,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array)
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def _blocked(q, k, v):
+def _blocked(q, k, v, segments):
     b, t, n, h = q.shape
     kv = k.shape[2]
     block = t if t % 64 else max(64, t // 8)  # at most 8 query blocks: compile time grows with their number
@@ -51,6 +59,8 @@ def _blocked(q, k, v):
         scores = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end],
                             preferred_element_type=jnp.float32)
         visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [block, end]
+        if segments is not None:  # [B, 1, 1, block, end]
+            visible = visible & (segments[:, start:end, None] == segments[:, None, :end])[:, None, None]
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :end], preferred_element_type=jnp.float32))
     out = jnp.concatenate(outs, axis=3).astype(q.dtype)  # [B, K, G, T, H]

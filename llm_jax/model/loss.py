@@ -46,6 +46,26 @@ def cross_entropy_sum(hidden: jax.Array, table: jax.Array, targets: jax.Array, w
     return _ce(dtype, chunk or chunk_rows(hidden.shape[0], table.shape[0]), hidden, table, targets, weights)
 
 
+def token_log_probs(hidden: jax.Array, table: jax.Array, targets: jax.Array, dtype,
+                    chunk: int | None = None) -> jax.Array:
+    """log softmax(hidden[i] @ table.T)[targets[i]] for every row: [N] float32.
+
+    Per-row outputs (DPO sums them per sequence) rule out the fused gradient of `_ce`, so this is
+    plain autodiff through a scan whose chunks are rematerialised: the backward pass recomputes
+    each chunk's logits (one more head matmul) and memory stays at one [chunk, vocab] block.
+    """
+    chunk = chunk or chunk_rows(hidden.shape[0], table.shape[0])
+
+    @jax.checkpoint
+    def body(_, xs):
+        h, t = xs
+        logits = _chunk_logits(h, table, dtype)
+        return None, _target_logit(logits, t) - jax.nn.logsumexp(logits, axis=-1)
+
+    _, out = jax.lax.scan(body, None, _chunks(chunk, hidden, targets))
+    return out.swapaxes(0, 1).reshape(-1)  # back to row order (see _chunks)
+
+
 def _chunks(chunk, *arrays):
     """[N, ...] -> [N / chunk, chunk, ...], chunk c holding rows c, c + N / chunk, ...: the rows are
     split over batch shards in contiguous blocks, so every chunk keeps all shards busy."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.attention import cached_attention, causal_attention
-from llm_jax.model.loss import cross_entropy_sum
+from llm_jax.model.loss import cross_entropy_sum, token_log_probs
 
 Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
 
@@ -72,7 +72,7 @@ class Block(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x, cache, rope, positions, cache_index):
+    def __call__(self, x, cache, rope, positions, cache_index, segments):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -86,7 +86,7 @@ class Block(nn.Module):
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
-            attn = causal_attention(q, kk, v, cfg.attention)
+            attn = causal_attention(q, kk, v, cfg.attention, segments)
         else:  # decode: write this chunk at cache_index, attend to every cached position <= own
             start = (0, cache_index, 0, 0)
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start),
@@ -120,7 +120,7 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.layers = nn.scan(
             block, length=cfg.n_layers, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), metadata_params={nn.PARTITION_NAME: "layers"},
+            in_axes=(0,) + (nn.broadcast,) * 4, metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.train, name="layers")
         self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.final_norm = _param(self, "final_norm", (cfg.d_model,), ("embed",), None)
@@ -129,13 +129,16 @@ class Transformer(nn.Module):
             self.lm_head = _param(self, "lm_head", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None,
-                 cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+                 cache_index: jax.Array | int = 0, segments: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """tokens [B, T] -> final hidden states [B, T, D] (normed), and the updated cache.
 
         Without a cache, positions default to 0..T-1. With one, the T tokens are written at
-        cache_index and positions default to cache_index + 0..T-1.
+        cache_index and positions default to cache_index + 0..T-1. segments [B, T] (packed
+        examples, training only): attention stays within a segment and positions restart at each.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        if positions is None and segments is not None:
+            positions = segment_positions(segments)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]) + cache_index, tokens.shape)
         # The lookup gathers rows from a table replicated for the occasion: a gather from a table
@@ -146,7 +149,7 @@ class Transformer(nn.Module):
         if cfg.dropout:
             x = nn.Dropout(cfg.dropout, deterministic=not self.train)(x)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x, cache = self.layers(x, cache, rope, positions, cache_index)
+        x, cache = self.layers(x, cache, rope, positions, cache_index, segments)
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -161,6 +164,20 @@ class Transformer(nn.Module):
         table = self.embedding if self.cfg.tie_embeddings else self.lm_head
         return cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1),
                                  weights.reshape(-1), jnp.dtype(self.cfg.dtype))
+
+    def token_logps(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        """log p(targets) per token: hidden [B, T, D], targets [B, T] -> [B, T] float32 (DPO)."""
+        table = self.embedding if self.cfg.tie_embeddings else self.lm_head
+        logps = token_log_probs(hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1),
+                                jnp.dtype(self.cfg.dtype))
+        return logps.reshape(targets.shape)
+
+
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """segments [B, T] -> each token's offset from the start of its segment [B, T]."""
+    index = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> Cache:

@@ -3,6 +3,7 @@ checkpoints -> loss curve and samples. Rerunning the same command resumes; SIGTE
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -15,15 +16,18 @@ import yaml
 
 from llm_jax import sharding
 from llm_jax.config import Config, save_config, to_dict
-from llm_jax.data.loader import eval_batches, train_iterator
+from llm_jax.chat import prompt_ids
+from llm_jax.data.chat_data import ExampleRows, save_array
+from llm_jax.data.loader import as_row, eval_batches, train_iterator
 from llm_jax.data.prepare import PreparedData, prepare_data
 from llm_jax.errors import UserError
 from llm_jax.generate import Generator, fit_prompt, stream_text
-from llm_jax.model.transformer import count_params, flops_per_token
-from llm_jax.train.checkpoint import Checkpointer
+from llm_jax.model.transformer import Transformer, count_params, flops_per_token
+from llm_jax.train.checkpoint import Checkpointer, latest_checkpoint, restore_params
 from llm_jax.train.metrics import MetricsWriter, Progress, peak_flops, plot_losses
 from llm_jax.train.optimizer import lr_schedule, make_optimizer
-from llm_jax.train.step import Steps, eval_metrics, make_steps
+from llm_jax.train.objectives import sequence_logps
+from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps
 
 # Keys a run directory pins: its packed data was built from the first group, its checkpoints
 # (model shapes, data order) from both.
@@ -41,28 +45,36 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
 
     layout = sharding.make_layout(cfg.mesh, devices)
     layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+    if cfg.train.objective == "dpo":
+        data = reference_logps(cfg, layout, data, run_dir, log)
     token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
     token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
-    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), token_bytes)
+    example = as_row(data.train[0])
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), token_bytes, example)
     it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count())
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
 
     start = ckpt.latest_step()
     if start is None:
         start, state = 0, steps.init(jax.random.PRNGKey(cfg.seed))
+        if cfg.train.init_from:
+            params = initial_params(cfg, steps.abstract_state.params)
+            ref = jax.tree_util.tree_map(lambda x: x.copy(), params) if state.ref_params is not None else None
+            state = state.replace(params=params, ref_params=ref)
+            log(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
     else:
         state, _ = ckpt.restore(start, steps.abstract_state, it)
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
     log(f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
         f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
-        f"{cfg.train.batch_size} x {cfg.model.seq_len} tokens per step")
+        f"objective {cfg.train.objective}, {cfg.train.batch_size} x {example['tokens'].shape} tokens per step")
 
     writer = MetricsWriter(run_dir, start)
     meta = {"config": to_dict(cfg)}
     final = {}
     try:
         if start < cfg.train.steps:
-            state, final = _loop(cfg, steps, state, it, data, ckpt, writer, meta, start, log)
+            state, final = _loop(cfg, steps, state, it, data, ckpt, writer, meta, start, example, log)
         else:
             log(f"run already complete at step {start} (train.steps={cfg.train.steps}); raise train.steps to continue")
     finally:
@@ -88,16 +100,17 @@ def _prepare_data_once(cfg: Config, run_dir: Path, log) -> PreparedData:
 
 
 def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkpointer, writer: MetricsWriter,
-          meta: dict, start: int, log) -> tuple:
+          meta: dict, start: int, example: dict, log) -> tuple:
     t = cfg.train
     schedule = lr_schedule(cfg.optim, t.steps)
-    progress = Progress(t.steps, start, t.batch_size * cfg.model.seq_len, flops_per_token(cfg.model),
-                        peak_flops(cfg.model.dtype))
+    rows = example["tokens"].reshape(-1, example["tokens"].shape[-1])  # (a DPO example is 2 sequences)
+    progress = Progress(t.steps, start, t.batch_size * rows.shape[0] * (rows.shape[1] - 1),
+                        flops_per_token(cfg.model), peak_flops(cfg.model.dtype))
     final = {}
     began = time.perf_counter()
     with _StopSignals() as stop:
         for step in range(start + 1, t.steps + 1):
-            batch = steps.layout.put_batch({"tokens": next(it)})
+            batch = steps.layout.put_batch(as_row(next(it)))
             state, metrics = steps.train(state, batch)
             if step == start + 1:
                 jax.block_until_ready(metrics)
@@ -111,7 +124,7 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
             if step % t.eval_every == 0 or step == t.steps:
                 final = evaluate(cfg, steps, state.params, data)
                 writer.write(step, "val", final)
-                log(f"  val | loss {final['loss']:.4f} | ppl {final['perplexity']:.2f} | bpb {final['bpb']:.4f}")
+                log(val_line(final))
                 progress.mark(step)
             if step % t.checkpoint_every == 0 or step == t.steps or stop.signum:
                 ckpt.save(step, state, it, meta)
@@ -127,28 +140,81 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
 
 
 def evaluate(cfg: Config, steps: Steps, params, data: PreparedData) -> dict:
-    """Loss, perplexity and bits per byte over the first train.eval_batches validation batches."""
+    """Over the first train.eval_batches validation batches: loss, perplexity and bits per byte;
+    dpo: loss, reward accuracy and margin, rewards and log-probs (means over held-out pairs)."""
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    sums = {}
     for batch in eval_batches(data.val, micro, cfg.train.eval_batches, jax.process_index(), jax.process_count()):
         out = steps.eval(params, steps.layout.put_batch(batch))
-        sums = {k: sums[k] + float(v) for k, v in out.items()}
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
     return eval_metrics(sums)
 
 
+def val_line(m: dict) -> str:
+    if "reward_accuracy" in m:
+        return (f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | margin {m['reward_margin']:.3f}"
+                f" | rewards chosen {m['chosen_reward']:.3f} rejected {m['rejected_reward']:.3f}")
+    return f"  val | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | bpb {m['bpb']:.4f}"
+
+
+def initial_params(cfg: Config, abstract):
+    """The parameters of train.init_from's newest checkpoint, placed as `abstract` says."""
+    init_run = Path(cfg.train.init_from).expanduser()
+    step_dir = latest_checkpoint(init_run)
+    if step_dir is None:
+        raise UserError(f"train.init_from={cfg.train.init_from}: no checkpoint in {init_run / 'checkpoints'}; "
+                        "train that run first")
+    return restore_params(step_dir, abstract)
+
+
+def reference_logps(cfg: Config, layout: sharding.Layout, data: PreparedData, run_dir: Path, log) -> PreparedData:
+    """dpo: the starting model's sequence log-probs [N, 2] of every pair, saved beside the data as
+    <split>.ref_logps.npy (computed once; the val split always, the train split unless
+    dpo.reference=in_step) and from then on part of each example."""
+    data_dir = run_dir / "data"
+    splits = ("train", "val") if cfg.dpo.reference == "precomputed" else ("val",)
+    missing = [s for s in splits if not (data_dir / f"{s}.ref_logps.npy").is_file()]
+    if missing:
+        params = initial_params(cfg, abstract_params(cfg.model, layout))
+        model = Transformer(cfg.model)
+        score = jax.jit(lambda p, b: sequence_logps(model, p, b["tokens"], b["weights"]),
+                        out_shardings=layout.replicated())
+        micro, pi, pc = cfg.train.batch_size // cfg.train.grad_accum, jax.process_index(), jax.process_count()
+        began = time.perf_counter()
+        for split in missing:
+            source = getattr(data, split)
+            out = np.zeros((len(source), 2), np.float32)
+            for start, batch in zip(range(0, len(source), micro), eval_batches(source, micro, len(source), pi, pc)):
+                with layout.activate():
+                    logps = np.asarray(score(params, layout.put_batch(batch)))
+                # global row j is host j // per_host's (j % per_host)-th row: source row start + host + k * hosts
+                index = [start + j // (micro // pc) + (j % (micro // pc)) * pc for j in range(micro)]
+                keep = [j for j, i in enumerate(index) if i < len(source)]
+                out[[index[j] for j in keep]] = logps[keep]
+            save_array(data_dir / f"{split}.ref_logps.npy", out)
+        log(f"reference log-probs of {', '.join(missing)} pairs from {cfg.train.init_from} "
+            f"in {time.perf_counter() - began:.0f} s -> {data_dir}/<split>.ref_logps.npy")
+    return dataclasses.replace(data, train=ExampleRows(data_dir, "train"), val=ExampleRows(data_dir, "val"))
+
+
 def print_samples(cfg: Config, params, tokenizer, run_dir: Path, log) -> None:
-    """Samples one continuation per sample.prompts entry; printed and saved to samples.txt."""
+    """Samples one continuation per sample.prompts entry (sft/dpo: one reply to it as a user turn);
+    printed and saved to samples.txt."""
     s = cfg.sample
     generator = Generator(cfg.model, params)
+    chat = cfg.train.objective != "pretrain"
     texts = []
     for i, prompt in enumerate(s.prompts):
-        ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len,
-                                        s.max_new_tokens)
+        if chat:
+            ids, stop = prompt_ids(tokenizer, [{"role": "user", "content": prompt}], s.system)
+        else:
+            ids, stop = [tokenizer.eos_id] + tokenizer.encode(prompt), (tokenizer.eos_id,)
+        ids, max_new, note = fit_prompt(ids, cfg.model.seq_len, s.max_new_tokens)
         if note:
             log(f"note: {note}")
-        tokens = generator.stream(ids, max_new, s.temperature, s.top_k, s.top_p, seed=cfg.seed + i,
-                                  stop_ids=(tokenizer.eos_id,))
-        texts.append(prompt + "".join(stream_text(tokenizer, tokens)))
+        tokens = generator.stream(ids, max_new, s.temperature, s.top_k, s.top_p, seed=cfg.seed + i, stop_ids=stop)
+        reply = "".join(stream_text(tokenizer, tokens))
+        texts.append(f"user: {prompt}\nassistant: {reply}" if chat else prompt + reply)
     if jax.process_index() == 0:
         out = "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
         (run_dir / "samples.txt").write_text(out)

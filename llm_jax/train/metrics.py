@@ -69,7 +69,8 @@ class Progress:
         eta = (self.total - step) * metrics["step_s"]
         return (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {frac:4.0%} | loss {metrics['loss']:.4f} | "
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
-                f"ETA {_duration(eta)}")
+                f"ETA {_duration(eta)}" + (f" | reward acc {metrics['reward_accuracy']:.2f}, margin "
+                                           f"{metrics['reward_margin']:.3f}" if "reward_accuracy" in metrics else ""))
 
 
 def _duration(seconds: float) -> str:

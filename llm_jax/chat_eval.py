@@ -20,7 +20,8 @@ from llm_jax.generate import Generator, fit_prompt
 
 
 def load_questions(path: Path, limit: int | None = None) -> list[dict]:
-    """The first `limit` rows of a JSONL file as {"messages", "answer", "task"}."""
+    """The rows of a JSONL file as {"messages", "answer", "task"}; with `limit`, that many spread
+    evenly over the file (every len // limit-th), so a subset keeps the file's mix of tasks."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path} does not exist; write one with `llm-jax data synth-sft --out DIR`")
@@ -40,11 +41,9 @@ def load_questions(path: Path, limit: int | None = None) -> list[dict]:
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         rows.append({"messages": messages, "answer": row["answer"], "task": row.get("task", "all")})
-        if limit and len(rows) == limit:
-            break
     if not rows:
         raise UserError(f"{path} holds no questions")
-    return rows
+    return rows[::len(rows) // limit][:limit] if limit and limit < len(rows) else rows
 
 
 def exact_match(model_cfg: ModelConfig, params, tokenizer: Tokenizer, rows: list[dict],

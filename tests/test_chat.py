@@ -67,10 +67,10 @@ def _check_answer(row):
         return str(a + b if op == "+" else a - b)
     if m := re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", q):
         return str(max(int(m[1]), int(m[2])))
-    if m := re.fullmatch(r"Repeat the word (\w+) (\d) times\.", q):
-        return " ".join([m[1]] * int(m[2]))
-    m = re.fullmatch(r"What is the first letter of (\w+)\?", q)
-    return m[1][0]
+    if m := re.fullmatch(r"How many words are in: ([\w ]+)\?", q):
+        return str(len(m[1].split()))
+    m = re.fullmatch(r"What is the last word of: (\w+) (\w+) (\w+)\?", q)
+    return m[3]
 
 
 def test_synthetic_data_is_seeded_correct_and_held_out_by_question():
@@ -81,7 +81,7 @@ def test_synthetic_data_is_seeded_correct_and_held_out_by_question():
     for row in train + test:
         assert row["answer"] == row["messages"][2]["content"] == _check_answer(row)
         assert row["rejected"] != row["answer"]
-    assert {r["task"] for r in test} == {"add", "sub", "larger", "repeat", "first_letter"}
+    assert {r["task"] for r in test} == {"add", "sub", "larger", "count_words", "last_word"}
 
 
 def test_synth_commands_write_sft_and_dpo_files(tmp_path, capsys):

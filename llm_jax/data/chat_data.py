@@ -101,7 +101,7 @@ def load_examples(sources, kind: str, tokenizer: Tokenizer, length: int, bad_row
             for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
                 if not line.strip():
                     continue
-                counts["rows"] += 1
+                counts["lines"] += 1
                 where = f"{path}:{lineno}"
                 try:
                     try:

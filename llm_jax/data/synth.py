@@ -1,9 +1,10 @@
 """Seeded synthetic chat data with verifiable answers: SFT conversations and DPO preference pairs.
 
-Tasks a ~10M-parameter model can learn on a CPU in minutes, each with one correct answer:
-addition and subtraction of numbers below 100, the larger of two numbers, repeating a word a few
-times, the first letter of a word. Held-out examples never share a (task, operands) pair with
-training ones. A preference pair's `chosen` is the correct, well-formed answer; `rejected` is
+Tasks a ~10M-parameter model can learn on a CPU in minutes, each with one correct answer: adding a
+digit to or subtracting one from a number below 100 (a held-out question is a new pair of numbers,
+answered by composing the digit facts and carries seen with other numbers), the larger of two
+numbers below 100, counting the words of a list, the last of three words. Held-out examples never
+share a (task, operands) pair with training ones. A preference pair's `chosen` is the correct, well-formed answer; `rejected` is
 plausible but wrong (an off-by-one number, another word, a wrong count) or badly formed (correct
 but wrapped in chatter).
 """
@@ -23,12 +24,12 @@ WORDS = (
 
 
 def _add(rng):
-    a, b = rng.randrange(100), rng.randrange(100)
+    a, b = rng.randrange(100), rng.randrange(1, 10)
     return (a, b), f"What is {a} + {b}?", str(a + b)
 
 
 def _sub(rng):
-    a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)
+    a, b = rng.randrange(10, 100), rng.randrange(1, 10)
     return (a, b), f"What is {a} - {b}?", str(a - b)
 
 
@@ -37,30 +38,30 @@ def _larger(rng):
     return (a, b), f"Which is larger, {a} or {b}?", str(max(a, b))
 
 
-def _repeat(rng):
-    word, n = rng.choice(WORDS), rng.randrange(2, 5)
-    return (word, n), f"Repeat the word {word} {n} times.", " ".join([word] * n)
+def _count_words(rng):
+    words = tuple(rng.sample(WORDS, rng.randrange(2, 7)))
+    return words, f"How many words are in: {' '.join(words)}?", str(len(words))
 
 
-def _first_letter(rng):
-    word = rng.choice(WORDS)
-    return (word,), f"What is the first letter of {word}?", word[0]
+def _last_word(rng):
+    words = tuple(rng.sample(WORDS, 3))
+    return words, f"What is the last word of: {' '.join(words)}?", words[-1]
 
 
-TASKS = {"add": _add, "sub": _sub, "larger": _larger, "repeat": _repeat, "first_letter": _first_letter}
-SYSTEM = "You are a helpful assistant. Answer with the result only."
+# Each task's key space is large (thousands of questions or more), so none runs out of new questions.
+TASKS = {"add": _add, "sub": _sub, "larger": _larger, "count_words": _count_words, "last_word": _last_word}
+SYSTEM = "Answer only."  # short: every token of it is compute spent on each example
 
 
 def _wrong(task: str, answer: str, rng: random.Random) -> str:
     """A plausible but wrong answer, or the right one badly formed."""
     if rng.random() < 0.25:
         return f"Sure! Let me think about that. The answer might be {answer}, I hope this helps you today."
+    if task == "count_words":
+        return str(int(answer) + rng.choice((-1, 1)))
     if task in ("add", "sub", "larger"):
-        return str(int(answer) + rng.choice((-10, -2, -1, 1, 2, 10)))
-    if task == "repeat":
-        words = answer.split()
-        return " ".join(words[:-1]) if len(words) > 2 else " ".join(words + words[:1])
-    return rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != answer])
+        return str(int(answer) + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if int(answer) + d >= 0]))
+    return rng.choice([w for w in WORDS if w != answer])
 
 
 def examples(n: int, seed: int, held_out: float = 0.1) -> tuple[list[dict], list[dict]]:

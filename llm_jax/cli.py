@@ -1,4 +1,5 @@
-"""`llm-jax` command line: train, generate, chat, eval-chat, config, sweep, plan, data. Errors the user can fix print one message."""
+"""`llm-jax` command line: train, generate, chat, eval-chat, config, sweep, plan, data.
+Errors the user can fix print one message."""
 
 from __future__ import annotations
 

@@ -86,6 +86,7 @@ class DPOConfig:
     beta: float
     loss: str
     label_smoothing: float
+    chosen_nll: float
     reference: str
 
 
@@ -353,6 +354,7 @@ def _validate(cfg: Config) -> None:
         (p.beta > 0, f"dpo.beta={p.beta} must be positive"),
         (p.loss in ("sigmoid", "ipo"), f"dpo.loss={p.loss!r} must be sigmoid or ipo"),
         (0 <= p.label_smoothing < 0.5, f"dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)"),
+        (p.chosen_nll >= 0, f"dpo.chosen_nll={p.chosen_nll} must be >= 0"),
         (p.reference in ("precomputed", "in_step"), f"dpo.reference={p.reference!r} must be precomputed or in_step"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),

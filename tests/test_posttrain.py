@@ -75,14 +75,18 @@ def test_packed_examples_do_not_attend_across(model_and_params):
 def test_dpo_loss_by_hand():
     logps, ref = jnp.asarray([[-1.0, -3.0], [-4.0, -2.0]]), jnp.asarray([[-2.0, -2.0], [-4.0, -3.0]])
     # margins: (1 - -1) = 2 and (0 - 1) = -1; beta 0.1
-    losses, rewards = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.0, "precomputed"))
+    losses, rewards = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.0, 0.0, "precomputed"))
     np.testing.assert_allclose(losses, [math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.1))], rtol=1e-6)
     np.testing.assert_allclose(rewards, [[0.1, -0.1], [0.0, 0.1]], atol=1e-7)
-    smooth, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.2, "precomputed"))
+    smooth, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.2, 0.0, "precomputed"))
     np.testing.assert_allclose(smooth[0], 0.8 * math.log1p(math.exp(-0.2)) + 0.2 * math.log1p(math.exp(0.2)),
                                rtol=1e-6)
-    ipo, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "ipo", 0.0, "precomputed"))
+    ipo, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "ipo", 0.0, 0.0, "precomputed"))
     np.testing.assert_allclose(ipo, [(2 - 5) ** 2, (-1 - 5) ** 2], rtol=1e-6)
+    # RPO: + 0.5 x the chosen mean token NLL (chosen responses of 2 and 4 tokens)
+    rpo_cfg = DPOConfig(0.1, "sigmoid", 0.0, 0.5, "precomputed")
+    rpo, _ = objectives.dpo_loss(logps, ref, rpo_cfg, jnp.asarray([2.0, 4.0]))
+    np.testing.assert_allclose(rpo - losses, [0.5 * 1 / 2, 0.5 * 4 / 4], rtol=1e-6)
 
 
 def _dpo_config(tmp_path, *overrides):
@@ -169,7 +173,8 @@ def test_pretrain_then_sft_then_dpo_runs_and_chat(tmp_path, prepared_run, capsys
     sft_val = train(stage("sft", prepared_run, sft_data, "sample.prompts=What is 2 + 3?"), log=logs.append)
     assert any(line.startswith("initialised from") for line in logs)
     assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (prepared_run / "tokenizer.model").read_bytes()
-    assert 0 < sft_val["loss"] < 10 and "user: What is 2 + 3?\nassistant:" in (tmp_path / "sft" / "samples.txt").read_text()
+    assert 0 < sft_val["loss"] < 10
+    assert "user: What is 2 + 3?\nassistant:" in (tmp_path / "sft" / "samples.txt").read_text()
 
     dpo_val = train(stage("dpo", tmp_path / "sft", dpo_data), log=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

@@ -1,12 +1,14 @@
 """Seeded synthetic chat data with verifiable answers: SFT conversations and DPO preference pairs.
 
-Tasks a ~10M-parameter model can learn on a CPU in minutes, each with one correct answer: adding a
-digit to or subtracting one from a number below 100 (a held-out question is a new pair of numbers,
-answered by composing the digit facts and carries seen with other numbers), the larger of two
-numbers below 100, counting the words of a list, the last of three words. Held-out examples never
-share a (task, operands) pair with training ones. A preference pair's `chosen` is the correct, well-formed answer; `rejected` is
-plausible but wrong (an off-by-one number, another word, a wrong count) or badly formed (correct
-but wrapped in chatter).
+Five tasks, each question with one correct answer and a key space of hundreds to thousands of
+questions: adding a digit to or subtracting one from a number below 100, the larger of two numbers
+below 100, counting the words of a list, the last of three words. Held-out examples never share a
+(task, operands) pair with training ones, so a held-out question is new: the word tasks and the
+comparison test generalisation of a pattern; add / sub need the digit facts and carries composed
+with new numbers (the hardest: the 6.6M demo model does not learn them within `make demo-chat`).
+A preference pair's `chosen` is the correct, well-formed answer; `rejected` is plausible but wrong
+(an off-by-one or off-by-ten number, another word, a wrong count) or badly formed (correct but
+wrapped in chatter, 25% of pairs).
 """
 
 from __future__ import annotations

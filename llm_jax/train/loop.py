@@ -152,8 +152,9 @@ def evaluate(cfg: Config, steps: Steps, params, data: PreparedData) -> dict:
 
 def val_line(m: dict) -> str:
     if "reward_accuracy" in m:
-        return (f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | margin {m['reward_margin']:.3f}"
-                f" | rewards chosen {m['chosen_reward']:.3f} rejected {m['rejected_reward']:.3f}")
+        return (f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | "
+                f"margin {m['reward_margin']:.3f} | rewards chosen {m['chosen_reward']:.3f} "
+                f"rejected {m['rejected_reward']:.3f}")
     return f"  val | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | bpb {m['bpb']:.4f}"
 
 

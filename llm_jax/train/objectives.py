@@ -8,6 +8,8 @@ of both (target tokens for the language-model loss, preference pairs for DPO).
   rejected (r) response, margin m = (pi_c - ref_c) - (pi_r - ref_r):
       sigmoid: -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (eps: label smoothing)
       ipo:     (m - 1 / (2 beta))^2
+  plus, with dpo.chosen_nll = a > 0, a x the chosen response's mean token NLL (RPO), which keeps DPO
+  from lowering the likelihood of the chosen answers while it widens the margin.
   Rewards are beta (pi - ref); reward accuracy is the share of pairs with chosen reward > rejected.
 """
 
@@ -57,15 +59,20 @@ def sequence_logps(model: Transformer, params, tokens: jax.Array, weights: jax.A
     return jnp.sum(logps * weights.reshape(logps.shape), axis=-1).reshape(lead)
 
 
-def dpo_loss(logps: jax.Array, ref_logps: jax.Array, cfg: DPOConfig) -> tuple[jax.Array, jax.Array]:
-    """logps, ref_logps [B, 2] (chosen, rejected) -> per-pair loss [B], rewards [B, 2]."""
+def dpo_loss(logps: jax.Array, ref_logps: jax.Array, cfg: DPOConfig,
+             chosen_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """logps, ref_logps [B, 2] (chosen, rejected) -> per-pair loss [B], rewards [B, 2].
+    With cfg.chosen_nll > 0, adds that weight x the chosen response's mean token NLL (chosen_tokens [B])."""
     rewards = cfg.beta * (logps - ref_logps)
     margin = (logps[:, 0] - ref_logps[:, 0]) - (logps[:, 1] - ref_logps[:, 1])
     if cfg.loss == "ipo":
-        return (margin - 1 / (2 * cfg.beta)) ** 2, rewards
-    eps = cfg.label_smoothing
-    z = cfg.beta * margin
-    return -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z), rewards
+        loss = (margin - 1 / (2 * cfg.beta)) ** 2
+    else:
+        eps, z = cfg.label_smoothing, cfg.beta * margin
+        loss = -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+    if cfg.chosen_nll:
+        loss = loss - cfg.chosen_nll * logps[:, 0] / jnp.maximum(chosen_tokens, 1.0)
+    return loss, rewards
 
 
 def pair_mask(batch: dict) -> jax.Array:
@@ -81,7 +88,7 @@ def dpo_sums(model: Transformer, ref_model: Transformer, cfg: DPOConfig, params,
         ref = batch["ref_logps"]
     else:
         ref = jax.lax.stop_gradient(sequence_logps(ref_model, ref_params, batch["tokens"], batch["weights"]))
-    losses, rewards = dpo_loss(logps, ref, cfg)
+    losses, rewards = dpo_loss(logps, ref, cfg, jnp.sum(batch["weights"][:, 0], axis=-1))
     mask = pair_mask(batch)
     per_pair = {"reward_accuracy": rewards[:, 0] > rewards[:, 1], "reward_margin": rewards[:, 0] - rewards[:, 1],
                 "chosen_reward": rewards[:, 0], "rejected_reward": rewards[:, 1], "logps_chosen": logps[:, 0],

@@ -32,8 +32,8 @@ from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps
 # Keys a run directory pins: its packed data was built from the first group, its checkpoints
 # (model shapes, data order) from both.
 _DATA_KEYS = ("seed", "model.vocab_size", "data.sources", "data.text_field", "data.val_fraction", "data.tokenizer",
-              "data.tokenizer_sample_bytes")
-_CHECKPOINT_KEYS = _DATA_KEYS + ("model.", "train.batch_size")
+              "data.tokenizer_sample_bytes", "data.val_sources", "data.bad_rows", "train.objective", "train.init_from")
+_CHECKPOINT_KEYS = _DATA_KEYS + ("model.", "train.batch_size", "dpo.reference")
 
 
 def train(cfg: Config, devices: list | None = None, log=print) -> dict:

@@ -14,7 +14,7 @@ from llm_jax.config import DPOConfig, load_config, save_config
 from llm_jax.model.transformer import Transformer
 from llm_jax.train import objectives
 from llm_jax.train.optimizer import make_optimizer
-from llm_jax.train.step import make_steps
+from llm_jax.train.step import make_steps, pair_scorer
 
 BASE = ["model.n_kv_heads=4", "model.dtype=float32", "train.batch_size=8", "optim.warmup_steps=1", "optim.lr=1e-4"]
 
@@ -124,7 +124,8 @@ def test_dpo_starts_at_log2_with_the_policy_as_reference(tmp_path, reference):
         layout = sharding.single_device_layout()
         steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example={k: v[0] for k, v in batch.items()})
         params = steps.init(jax.random.PRNGKey(0)).params
-        batch["ref_logps"] = np.asarray(steps.logps(params, layout.put_batch(batch)))
+        with layout.activate():
+            batch["ref_logps"] = np.asarray(pair_scorer(cfg.model, layout)(params, layout.put_batch(batch)))
     metrics, state, _ = _dpo_run(cfg, jax.devices()[:1], [batch] * 3)
     np.testing.assert_allclose(metrics[0]["loss"], math.log(2), atol=1e-6)
     assert abs(metrics[0]["reward_margin"]) < 1e-6 and metrics[0]["reward_accuracy"] == 0.0

@@ -22,12 +22,11 @@ from llm_jax.data.loader import as_row, eval_batches, train_iterator
 from llm_jax.data.prepare import PreparedData, prepare_data
 from llm_jax.errors import UserError
 from llm_jax.generate import Generator, fit_prompt, stream_text
-from llm_jax.model.transformer import Transformer, count_params, flops_per_token
+from llm_jax.model.transformer import count_params, flops_per_token
 from llm_jax.train.checkpoint import Checkpointer, latest_checkpoint, restore_params
 from llm_jax.train.metrics import MetricsWriter, Progress, peak_flops, plot_losses
 from llm_jax.train.optimizer import lr_schedule, make_optimizer
-from llm_jax.train.objectives import sequence_logps
-from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps
+from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps, pair_scorer
 
 # Keys a run directory pins: its packed data was built from the first group, its checkpoints
 # (model shapes, data order) from both.
@@ -177,9 +176,7 @@ def reference_logps(cfg: Config, layout: sharding.Layout, data: PreparedData, ru
     missing = [s for s in splits if not (data_dir / f"{s}.ref_logps.npy").is_file()]
     if missing:
         params = initial_params(cfg, abstract_params(cfg.model, layout))
-        model = Transformer(cfg.model)
-        score = jax.jit(lambda p, b: sequence_logps(model, p, b["tokens"], b["weights"]),
-                        out_shardings=layout.replicated())
+        score = pair_scorer(cfg.model, layout)
         micro, pi, pc = cfg.train.batch_size // cfg.train.grad_accum, jax.process_index(), jax.process_count()
         began = time.perf_counter()
         for split in missing:

@@ -29,8 +29,7 @@ class TrainState(struct.PyTreeNode):
 
 @dataclass
 class Steps:
-    """Everything compiled for one (config, layout): init, one optimizer step, one eval batch, and
-    (dpo) the sequence log-probs of a batch of pairs.
+    """Everything compiled for one (config, layout): init, one optimizer step, one eval batch.
 
     Calls run under the layout's mesh and rules; `compile_train()` gives the compiled step itself
     (memory_analysis(), cost_analysis(), as_text()) without running it.
@@ -42,7 +41,6 @@ class Steps:
     jit_init: Callable
     jit_train: Callable
     jit_eval: Callable
-    jit_logps: Callable
 
     def init(self, rng: jax.Array) -> TrainState:
         with self.layout.activate():
@@ -55,10 +53,6 @@ class Steps:
     def eval(self, params, batch: dict) -> dict:
         with self.layout.activate():
             return self.jit_eval(params, batch)
-
-    def logps(self, params, batch: dict) -> jax.Array:
-        with self.layout.activate():
-            return self.jit_logps(params, batch)
 
     def compile_train(self):
         with self.layout.activate():
@@ -125,9 +119,6 @@ def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransform
         return {"nll": objectives.lm_sums(eval_model, params, batch)[0], "tokens": jnp.sum(w),
                 "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
 
-    def logps_step(params, batch: dict) -> jax.Array:
-        return objectives.sequence_logps(eval_model, params, batch["tokens"], batch["weights"])
-
     batch_sharding = {k: layout.sharding(("batch",) + (None,) * v.ndim) for k, v in example.items()}
     replicated = layout.replicated()
     jit_init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=state_sharding)
@@ -135,11 +126,18 @@ def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransform
                         out_shardings=(state_sharding, replicated), donate_argnums=0)
     # eval batches arrive placed by Layout.put_batch (batch-split), which jit takes as they are
     jit_eval = jax.jit(eval_step, in_shardings=(state_sharding.params, None), out_shardings=replicated)
-    jit_logps = jax.jit(logps_step, in_shardings=(state_sharding.params, None), out_shardings=replicated)
 
     abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=batch_sharding[k])
                       for k, v in example.items()}
-    return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval, jit_logps)
+    return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval)
+
+
+def pair_scorer(cfg: ModelConfig, layout: sharding.Layout) -> Callable:
+    """(params, {tokens [B, 2, L+1], weights [B, 2, L]}) -> summed response log-probs [B, 2], on
+    every device: the reference scores of DPO pairs. Call under layout.activate()."""
+    model = Transformer(cfg)
+    return jax.jit(lambda p, b: objectives.sequence_logps(model, p, b["tokens"], b["weights"]),
+                   out_shardings=layout.replicated())
 
 
 def abstract_params(cfg: ModelConfig, layout: sharding.Layout):

@@ -128,7 +128,8 @@ def test_dpo_starts_at_log2_with_the_policy_as_reference(tmp_path, reference):
             batch["ref_logps"] = np.asarray(pair_scorer(cfg.model, layout)(params, layout.put_batch(batch)))
     metrics, state, _ = _dpo_run(cfg, jax.devices()[:1], [batch] * 3)
     np.testing.assert_allclose(metrics[0]["loss"], math.log(2), atol=1e-6)
-    assert abs(metrics[0]["reward_margin"]) < 1e-6 and metrics[0]["reward_accuracy"] == 0.0
+    # (reward accuracy counts margins > 0: at step 1 those are float noise around 0, whichever way it falls)
+    assert abs(metrics[0]["reward_margin"]) < 1e-6
     assert metrics[2]["loss"] < metrics[0]["loss"] and metrics[2]["reward_margin"] > 0  # it learns the preference
     assert (state.ref_params is not None) == (reference == "in_step")
 
@@ -140,9 +141,10 @@ def test_sharded_dpo_step_equals_one_device(tmp_path, rules, data, fsdp, tensor,
     cfg = _dpo_config(tmp_path, "dpo.reference=in_step", f"mesh.rules={rules}", f"mesh.data={data}",
                       f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"train.grad_accum={accum}")
     many, many_state, steps = _dpo_run(cfg, jax.devices(), batches)
-    for a, b in zip(one, many):
+    for step, (a, b) in enumerate(zip(one, many)):
         for k in a:
-            np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+            if not (k == "reward_accuracy" and step == 0):  # step 1: the sign of float noise (see above)
+                np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
     for a, b in zip(jax.tree_util.tree_leaves(one_state.params), jax.tree_util.tree_leaves(many_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     # the reference copy is sharded like the parameters

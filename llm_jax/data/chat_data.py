@@ -110,7 +110,10 @@ def load_examples(sources, kind: str, tokenizer: Tokenizer, length: int, bad_row
                         raise _BadRow("malformed JSON", f"{where}: malformed JSON ({e.msg})") from None
                     if not isinstance(row, dict):
                         raise _BadRow("invalid row", f"{where}: expected a JSON object")
-                    example = make(tokenizer, row, where)
+                    try:
+                        example = make(tokenizer, row, where)
+                    except (RuntimeError, UnicodeError):  # e.g. a lone surrogate escape, "\ud800"
+                        raise _BadRow("invalid row", f"{where}: text that is not valid Unicode") from None
                 except _BadRow as e:
                     if bad_rows == "strict":
                         raise UserError(f"{e}; fix that line, or set data.bad_rows=skip to drop and count such rows")

@@ -18,6 +18,9 @@ from llm_jax.errors import UserError
 from llm_jax.rules import rules_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Quality rules of `curate.rules` (llm_jax/data/filters.py implements each).
+CURATE_RULES = ("markup", "words", "mean_word_length", "alpha_words", "symbols", "bullet_lines", "ellipsis_lines",
+                "dup_lines", "dup_ngrams", "code")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,35 @@ class DataConfig:
     tokenizer_sample_bytes: int
     val_sources: tuple[str, ...]
     bad_rows: str
+    tfds_data_dir: str | None
+    shard_mb: float
+    workers: int
+    loader_workers: int
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    rules: tuple[str, ...]
+    normalize: str
+    strip_markup: bool
+    max_markup: float
+    min_words: int
+    max_words: int
+    min_mean_word_length: float
+    max_mean_word_length: float
+    min_alpha_words: float
+    max_symbol_ratio: float
+    max_bullet_lines: float
+    max_ellipsis_lines: float
+    max_dup_lines: float
+    max_dup_line_chars: float
+    max_top_ngram: tuple[float, ...]
+    max_dup_ngram: tuple[float, ...]
+    max_code_lines: float
+    exact_dedup: bool
+    near_dedup: float | None
+    shingle_words: int
+    minhash_perms: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +154,7 @@ class Config:
     seed: int
     model: ModelConfig
     data: DataConfig
+    curate: CurateConfig
     optim: OptimConfig
     train: TrainConfig
     dpo: DPOConfig
@@ -326,7 +359,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
-    m, o, t, d, s, p = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo
+    m, o, t, d, s, p, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo, cfg.curate
     checks = [
         (all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
          "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive"),
@@ -348,6 +381,18 @@ def _validate(cfg: Config) -> None:
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
         (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
+        (d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0,
+         "data.shard_mb must be positive; data.workers and data.loader_workers >= 0"),
+        (not (bad := sorted(set(c.rules) - set(CURATE_RULES))),
+         f"curate.rules has unknown rules {bad}; known: {', '.join(CURATE_RULES)}"),
+        (c.normalize in ("NFC", "NFKC", "none"), f"curate.normalize={c.normalize!r} must be NFC, NFKC or none"),
+        (0 < c.min_words <= c.max_words, f"curate.min_words={c.min_words} must be in 1 .. max_words={c.max_words}"),
+        (0 < c.min_mean_word_length <= c.max_mean_word_length,
+         "curate.min_mean_word_length must be positive and at most max_mean_word_length"),
+        (len(c.max_top_ngram) == 3 and len(c.max_dup_ngram) == 6,
+         "curate.max_top_ngram needs 3 values (2- to 4-grams), max_dup_ngram 6 (5- to 10-grams)"),
+        (c.near_dedup is None or 0 < c.near_dedup <= 1, f"curate.near_dedup={c.near_dedup} must be in (0, 1] or null"),
+        (c.shingle_words > 0 and c.minhash_perms >= 8, "curate.shingle_words must be positive, minhash_perms >= 8"),
         (t.objective in ("pretrain", "sft", "dpo"), f"train.objective={t.objective!r} must be pretrain, sft or dpo"),
         (t.objective != "dpo" or bool(t.init_from),
          "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"),

@@ -49,11 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--topology", required=True, help="e.g. v5e-256, v5p-256, h100-8 (plan --help lists them)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
 
-    p = sub.add_parser("data", help="data tools: synth-sft / synth-dpo write seeded synthetic chat datasets")
-    p.add_argument("action", choices=("synth-sft", "synth-dpo"))
-    p.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
-    p.add_argument("--n", type=int, default=20000, help="examples in all (about 10%% held out as test)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("data", help="data tools: prepare (curate, tokenize, pack), synth-sft / synth-dpo")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("prepare", help="curate, train the tokenizer and pack a run's data, with a report")
+    a.add_argument("--config", required=True)
+    a.add_argument("overrides", nargs="*", metavar="section.key=value")
+    for action in ("synth-sft", "synth-dpo"):
+        a = actions.add_parser(action, help=f"write a seeded synthetic {action[6:].upper()} dataset")
+        a.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
+        a.add_argument("--n", type=int, default=20000, help="examples in all (about 10%% held out as test)")
+        a.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
     try:
@@ -94,6 +99,13 @@ def _plan(args) -> None:
 
 
 def _data(args) -> None:
+    if args.action == "prepare":
+        from llm_jax.config import load_config
+        from llm_jax.train.loop import prepare_run_data
+
+        run_dir, data = prepare_run_data(load_config(args.config, args.overrides))
+        print(f"prepared: {len(data.train):,} train / {len(data.val):,} val rows in {run_dir / 'data'}")
+        return
     from llm_jax.data import synth
 
     if args.n < 10:

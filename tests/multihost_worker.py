@@ -35,4 +35,4 @@ data = prepare_data(cfg, Path(run_dir), log=lambda *_: None)
 rows = next(train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count()))
 with open(out, "w") as f:
     json.dump({"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
-               "local_devices": jax.local_device_count(), "first_rows": rows.tolist()}, f)
+               "local_devices": jax.local_device_count(), "first_rows": rows["tokens"].tolist()}, f)

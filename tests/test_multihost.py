@@ -89,7 +89,7 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared_t
 
     # Each process read its own half of the global batch: disjoint rows that make up the 1-process batch.
     data = prepare_data(ref_cfg, ref_run, log=lambda *_: None)
-    whole = next(train_iterator(data.train, ref_cfg.train.batch_size, ref_cfg.seed))
+    whole = next(train_iterator(data.train, ref_cfg.train.batch_size, ref_cfg.seed))["tokens"]
     halves = [np.asarray(r["first_rows"]) for r in first]
     assert all(h.shape == (whole.shape[0] // 2, whole.shape[1]) for h in halves)
     np.testing.assert_array_equal(halves[0], whole[0::2])

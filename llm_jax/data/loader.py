@@ -1,5 +1,7 @@
-"""grain pipelines over packed token windows: a seeded, endlessly repeated, per-host shard of the
-training windows (reshuffled every epoch), and a fixed, evenly spread subset of the validation windows."""
+"""grain pipelines over a random-access source of rows ({name: array}: packed token windows, SFT
+rows, DPO pairs): a seeded, endlessly repeated, per-host shard of the training rows (reshuffled every
+epoch), read in the training thread or in worker processes, and a fixed, evenly spread subset of the
+validation rows."""
 
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ from llm_jax.errors import UserError
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-def train_iterator(source, global_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Batches of global_batch / process_count rows (TokenWindows: [rows, seq_len + 1] tokens; an
-    example source: {name: [rows, ...]}), this host's rows of each global batch.
+def train_iterator(source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                   workers: int = 0) -> grain.DatasetIterator:
+    """Batches {name: [global_batch / process_count, ...]}: this host's rows of each global batch.
 
     Host p reads global rows p, p + P, p + 2P, ... of the shuffled stream, so the hosts together see
-    exactly the stream one host would see. `get_state()` / `set_state()` resume it exactly.
+    exactly the stream one host would see. workers > 0 reads batches in that many processes (with
+    prefetch), in the same order. `get_state()` / `set_state()` resume it exactly.
     """
     if global_batch % process_count:
         raise UserError(f"train.batch_size={global_batch} must be divisible by the {process_count} hosts")
@@ -30,12 +32,14 @@ def train_iterator(source, global_batch: int, seed: int,
                         f"train.batch_size={global_batch}: add data, or lower train.batch_size or model.seq_len")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
-    return iter(ds.to_iter_dataset(_READ))
+    ds = ds.to_iter_dataset(_READ)
+    if workers:
+        from absl import flags
 
-
-def as_row(item) -> dict[str, np.ndarray]:
-    """A source item as {name: array}: a pretraining window is {"tokens": window}."""
-    return item if isinstance(item, dict) else {"tokens": item}
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we are not an absl program
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(ds)
 
 
 def eval_batches(source, batch: int, max_batches: int,
@@ -46,13 +50,13 @@ def eval_batches(source, batch: int, max_batches: int,
     all-zero rows (weight 0), so every chosen row counts once.
     """
     if len(source) == 0:
-        raise UserError(f"the validation split has fewer than model.seq_len + 1 = {source.seq_len + 1} tokens: "
+        raise UserError("the validation split has no rows (fewer than model.seq_len + 1 tokens): "
                         "raise data.val_fraction or add documents")
     n = min(len(source), batch * max_batches)
     stride = len(source) // n
 
     def row(i: int) -> dict[str, np.ndarray]:
-        out = as_row(source[i])
+        out = dict(source[i])
         if "weights" not in out:
             out["weights"] = np.ones(out["tokens"].shape[-1] - 1, np.float32)
         return out

@@ -1,23 +1,37 @@
-"""Corpus -> tokenizer -> packed train/val token streams in the run directory (built once, reused)."""
+"""`llm-jax data prepare`: sources -> curated document shards -> tokenizer -> packed token shards
+(train / val) + report, in <run_dir>/data, built once and reused.
+
+Everything is written under <run_dir>/data.partial and renamed to <run_dir>/data when whole, so an
+interrupted run leaves no half-written dataset: rerunning rebuilds it, byte for byte the same for the
+same config and seed (timings live in report.json only).
+"""
 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.data.corpus import load_documents, split_documents
-from llm_jax.data.packing import TokenWindows, read_meta, token_dtype, write_meta, write_stream
+from llm_jax.data import dedup
+from llm_jax.data.curate import Curated, curate
+from llm_jax.data.report import write_report
+from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.errors import UserError
+
+_ENCODE_BYTES = 4 << 20  # text per sentencepiece batch call (encoded on all cores)
 
 
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    train: TokenWindows
-    val: TokenWindows
+    train: TokenShards
+    val: TokenShards
     meta: dict
 
 
@@ -29,43 +43,108 @@ def prepare_data(cfg: Config, run_dir: Path, log=print) -> PreparedData:
         return prepare_chat(cfg, run_dir, log)
     data_dir = run_dir / "data"
     meta = read_meta(data_dir / "meta.json")
-    if meta is None:
-        meta = _build(cfg, run_dir, data_dir, log)
+    if meta is None or "shards" not in meta:  # none yet, or the single-stream layout of older versions
+        meta = _build(cfg, run_dir, log)
     tokenizer = Tokenizer(run_dir / "tokenizer.model")
-    windows = {split: TokenWindows(data_dir / f"{split}.bin", meta["dtype"], cfg.model.seq_len)
-               for split in ("train", "val")}
-    return PreparedData(tokenizer, windows["train"], windows["val"], meta)
+    splits = {split: TokenShards([data_dir / name for name in meta["shards"][split]], meta["dtype"],
+                                 cfg.model.seq_len, tokenizer.eos_id) for split in ("train", "val")}
+    return PreparedData(tokenizer, splits["train"], splits["val"], meta)
 
 
-def _build(cfg: Config, run_dir: Path, data_dir: Path, log) -> dict:
-    docs, stats = load_documents(cfg.data.sources, cfg.data.text_field, cfg.data.cache_dir)
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.seed)
-    log(f"corpus: {stats.documents} documents, {stats.bytes:,} bytes from {len(stats.files)} files"
-        + (f"; {stats.replaced_bytes} invalid UTF-8 sequences replaced by U+FFFD" if stats.replaced_bytes else ""))
-    log(f"split: {len(train_docs)} train / {len(val_docs)} val documents (seed {cfg.seed})")
+def val_threshold(scores: np.ndarray, val_fraction: float, val_sources: bool) -> float:
+    """Documents with score <= the threshold are validation: data.val_sources (score -1), else the
+    groups hashed below val_fraction, at least one group on each side."""
+    if val_sources:
+        if not (scores < 0).any():
+            raise UserError("curation removed every data.val_sources document; see the report, or relax curate")
+        return 0.0
+    groups = np.unique(scores)
+    if len(groups) < 2:
+        raise UserError(f"need at least 2 documents (groups) after curation to hold one out for validation, "
+                        f"found {len(groups)}: add files, use .jsonl with one document per line, or set data.val_sources")
+    n_val = int(np.clip((groups < val_fraction).sum(), 1, len(groups) - 1))
+    return float(groups[n_val - 1])
 
-    tok_path = run_dir / "tokenizer.model"
-    if cfg.data.tokenizer:
-        tokenizer = Tokenizer(cfg.data.tokenizer)
-        shutil.copyfile(tokenizer.path, tok_path)  # the run directory is self-contained
-    elif not tok_path.is_file():
-        tokenizer = train_tokenizer((d.text for d in train_docs), cfg.model.vocab_size, run_dir / "tokenizer",
-                                    cfg.data.tokenizer_sample_bytes, cfg.seed)
-        log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {tok_path}")
-    tokenizer = Tokenizer(tok_path)
+
+def _build(cfg: Config, run_dir: Path, log) -> dict:
+    data_dir, partial = run_dir / "data", run_dir / "data.partial"
+    for stale in (partial, data_dir):  # an interrupted build, or data of an older layout without meta.json
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
+    cur = curate(cfg, partial / "documents", log)
+    is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
+
+    tokenizer = _tokenizer(cfg, run_dir, cur, is_val, log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"tokenizer {cfg.data.tokenizer or tok_path} has {tokenizer.vocab_size} pieces, more than "
+        raise UserError(f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
                         f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (or more)")
-
-    data_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
     dtype = token_dtype(cfg.model.vocab_size)
-    meta = {"dtype": dtype.name, "documents": stats.documents, "bytes": stats.bytes,
-            "replaced_bytes": stats.replaced_bytes, "val_sources": [d.source for d in val_docs]}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        n = write_stream(tokenizer.encode_batch([d.text for d in split_docs]), tokenizer.eos_id,
-                         data_dir / f"{split}.bin", dtype)
-        n_bytes = sum(len(d.text.encode()) for d in split_docs)
-        meta[f"{split}_tokens"], meta[f"{split}_bytes"] = n, n_bytes
-        log(f"{split}: {n:,} tokens ({n_bytes / n:.2f} bytes/token) -> {data_dir / f'{split}.bin'}")
-    write_meta(data_dir / "meta.json", meta)  # written last: its presence means the data is whole
+    writers = {split: TokenWriter(partial, split, dtype, tokenizer.eos_id, int(cfg.data.shard_mb * 2**20))
+               for split in ("train", "val")}
+    doc_tokens = np.zeros(len(cur.scores), np.int64)
+    wanted = {pair["kept"]: pair for pair in cur.clusters["examples"]}
+    for start, records in _chunks(read_documents(cur.paths)):
+        for i, (record, ids) in enumerate(zip(records, tokenizer.encode_batch([r["text"] for r in records])),
+                                          start=start):
+            writers["val" if is_val[i] else "train"].add(ids)
+            doc_tokens[i] = len(ids)
+            if i in wanted:
+                wanted[i]["kept"] = record["source"]
+    tokenize_seconds = time.perf_counter() - began
+    shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
+    for split in ("train", "val"):
+        if writers[split].tokens < cfg.model.seq_len + 1:
+            raise UserError(f"the {split} split holds {writers[split].tokens} tokens, fewer than model.seq_len + 1 = "
+                            f"{cfg.model.seq_len + 1}: add documents, raise data.val_fraction or lower model.seq_len")
+
+    meta = {"dtype": dtype.name, "shards": shards,
+            "documents": {"read": cur.read.documents, "kept": len(cur.scores), "val": int(is_val.sum())},
+            **{f"{split}_{unit}": int(value) for split, mask in (("train", ~is_val), ("val", is_val))
+               for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", writers[split].tokens))}}
+    report = write_report(partial, cfg, cur, is_val, doc_tokens, _contamination(cfg, cur, is_val), meta,
+                          tokenize_seconds, log)
+    meta["report"] = {"removed": {rule: n for rule, (n, _) in report["removed"].items()}}
+    write_meta(partial / "meta.json", meta)
+    partial.rename(data_dir)  # the dataset appears whole or not at all
     return meta
+
+
+def _tokenizer(cfg: Config, run_dir: Path, cur: Curated, is_val: np.ndarray, log) -> Tokenizer:
+    path = run_dir / "tokenizer.model"
+    if cfg.data.tokenizer:
+        shutil.copyfile(Tokenizer(cfg.data.tokenizer).path, path)  # the run directory is self-contained
+    elif not path.is_file():
+        texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
+        tokenizer = train_tokenizer(texts, cfg.model.vocab_size, run_dir / "tokenizer",
+                                    cfg.data.tokenizer_sample_bytes, cfg.seed, int(cur.sizes[~is_val, 0].sum()))
+        log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
+    return Tokenizer(path)
+
+
+def _chunks(records: Iterator[dict]) -> Iterator[tuple[int, list[dict]]]:
+    """(index of the first, records) batches of about _ENCODE_BYTES of text."""
+    batch, size, start = [], 0, 0
+    for record in records:
+        batch.append(record)
+        size += len(record["text"])
+        if size >= _ENCODE_BYTES:
+            yield start, batch
+            start, batch, size = start + len(batch), [], 0
+    if batch:
+        yield start, batch
+
+
+def _contamination(cfg: Config, cur: Curated, is_val: np.ndarray) -> dict:
+    """Validation documents with a near copy among the training documents (MinHash LSH at
+    curate.near_dedup over the kept documents' signatures): 0 is the promise of dedup."""
+    if cur.signatures is None:
+        return {"checked": False, "why": "curate.near_dedup is off"}
+    c = cfg.curate
+    index = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, cfg.seed)
+    for sig in cur.signatures[~is_val]:
+        index.check_and_add(sig)
+    hits = sum(index.query(sig) is not None for sig in cur.signatures[is_val])
+    return {"checked": True, "val_documents": int(is_val.sum()), "with_a_train_near_copy": int(hits),
+            "threshold": c.near_dedup}
+

@@ -7,8 +7,9 @@ symbols: `encode` never produces them from text, so user text cannot forge a cha
 
 from __future__ import annotations
 
+import io
+import os
 import random
-import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -64,23 +65,34 @@ class Tokenizer:
         return out
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: Path, sample_bytes: int, seed: int) -> Tokenizer:
-    """Trains a BPE model on a seeded sample of whole lines (at most `sample_bytes`) of `texts`."""
-    if vocab_size < _N_RESERVED + 64:
-        raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
-                        f"{_N_RESERVED} ids are reserved; use at least {_N_RESERVED + 64}")
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]
-    random.Random(seed).shuffle(lines)
+def sample_lines(texts: Iterable[str], sample_bytes: int, seed: int, total_bytes: int | None = None) -> list[str]:
+    """A seeded sample of whole non-empty lines, at most `sample_bytes`, from a stream of about
+    `total_bytes` that is never held whole: each line is kept with probability 2 * sample / total,
+    then the kept lines are shuffled and cut to the budget."""
+    rng = random.Random(seed)
+    keep = 1.0 if not total_bytes else min(1.0, 2 * sample_bytes / total_bytes)
+    lines = [line for text in texts for line in text.split("\n") if line.strip() and (keep >= 1 or rng.random() < keep)]
+    rng.shuffle(lines)
     sample, total = [], 0
     for line in lines:
         if total >= sample_bytes:
             break
         sample.append(line)
         total += len(line.encode())
-    tmp = out_prefix.with_name(out_prefix.name + ".tmp")
+    return sample
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: Path, sample_bytes: int, seed: int,
+                    total_bytes: int | None = None) -> Tokenizer:
+    """Trains a BPE model on a seeded sample of whole lines (at most `sample_bytes`) of `texts`."""
+    if vocab_size < _N_RESERVED + 64:
+        raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
+                        f"{_N_RESERVED} ids are reserved; use at least {_N_RESERVED + 64}")
+    sample = sample_lines(texts, sample_bytes, seed, total_bytes)
+    model = io.BytesIO()  # trained in memory: a model_prefix would embed the run's path in the .model file
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_prefix=str(tmp), model_type="bpe", vocab_size=vocab_size,
+            sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
             character_coverage=0.9995, max_sentence_length=1 << 16, seed_sentencepiece_size=1_000_000,
@@ -91,6 +103,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: Path, sam
             raise UserError(f"the corpus is too small for model.vocab_size={vocab_size} ({e}); "
                             "lower model.vocab_size or add text") from None
         raise
-    for ext in (".model", ".vocab"):
-        shutil.move(f"{tmp}{ext}", f"{out_prefix}{ext}")
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    for ext, data in ((".vocab", vocab.encode()), (".model", model.getvalue())):  # .model last: it marks completion
+        tmp = Path(f"{out_prefix}{ext}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, f"{out_prefix}{ext}")
     return Tokenizer(f"{out_prefix}.model")

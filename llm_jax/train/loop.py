@@ -18,7 +18,7 @@ from llm_jax import sharding
 from llm_jax.config import Config, save_config, to_dict
 from llm_jax.chat import prompt_ids
 from llm_jax.data.chat_data import ExampleRows, save_array
-from llm_jax.data.loader import as_row, eval_batches, train_iterator
+from llm_jax.data.loader import eval_batches, train_iterator
 from llm_jax.data.prepare import PreparedData, prepare_data
 from llm_jax.errors import UserError
 from llm_jax.generate import Generator, fit_prompt, stream_text
@@ -31,16 +31,14 @@ from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps,
 # Keys a run directory pins: its packed data was built from the first group, its checkpoints
 # (model shapes, data order) from both.
 _DATA_KEYS = ("seed", "model.vocab_size", "data.sources", "data.text_field", "data.val_fraction", "data.tokenizer",
-              "data.tokenizer_sample_bytes", "data.val_sources", "data.bad_rows", "train.objective", "train.init_from")
+              "data.tokenizer_sample_bytes", "data.val_sources", "data.bad_rows", "data.shard_mb", "curate.",
+              "train.objective", "train.init_from")
 _CHECKPOINT_KEYS = _DATA_KEYS + ("model.", "train.batch_size", "dpo.reference")
 
 
 def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     """Trains cfg.train.steps steps (resuming from the newest checkpoint); returns the final val metrics."""
-    run_dir = Path(cfg.run_dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(cfg, run_dir)
-    data = _prepare_data_once(cfg, run_dir, log)
+    run_dir, data = prepare_run_data(cfg, log)
 
     layout = sharding.make_layout(cfg.mesh, devices)
     layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
@@ -48,9 +46,10 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
         data = reference_logps(cfg, layout, data, run_dir, log)
     token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
     token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
-    example = as_row(data.train[0])
+    example = data.train[0]
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), token_bytes, example)
-    it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+    it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count(),
+                        cfg.data.loader_workers)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
 
     start = ckpt.latest_step()
@@ -85,9 +84,13 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     return final
 
 
-def _prepare_data_once(cfg: Config, run_dir: Path, log) -> PreparedData:
-    """Process 0 builds the data; the others then read it (shared file system) or, finding none,
-    build the identical, seeded copy on their own disk."""
+def prepare_run_data(cfg: Config, log=print) -> tuple[Path, PreparedData]:
+    """The run directory (checked against the config it was made with) and its data, built once:
+    process 0 builds it; the others then read it (shared file system) or, finding none, build the
+    identical, seeded copy on their own disk."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(cfg, run_dir)
     if jax.process_index() == 0:
         data = prepare_data(cfg, run_dir, log)
         save_config(cfg, run_dir / "config.yaml")  # after the data exists: it records what the data was built from
@@ -95,7 +98,7 @@ def _prepare_data_once(cfg: Config, run_dir: Path, log) -> PreparedData:
         multihost_utils.sync_global_devices("llm_jax: data prepared")
     if jax.process_index() != 0:
         data = prepare_data(cfg, run_dir, log=lambda *_: None)
-    return data
+    return run_dir, data
 
 
 def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkpointer, writer: MetricsWriter,
@@ -109,7 +112,7 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
     began = time.perf_counter()
     with _StopSignals() as stop:
         for step in range(start + 1, t.steps + 1):
-            batch = steps.layout.put_batch(as_row(next(it)))
+            batch = steps.layout.put_batch(next(it))
             state, metrics = steps.train(state, batch)
             if step == start + 1:
                 jax.block_until_ready(metrics)

@@ -1,0 +1,187 @@
+"""Curation, one streaming pass: documents -> cleaning -> quality rules -> exact and near dedup ->
+ArrayRecord document shards, with every removed document counted against the first rule that
+removed it (llm_jax/data/filters.py, llm_jax/data/dedup.py).
+
+Cleaning, the rules and the hashing run in `data.workers` processes on batches of documents; the
+decisions (dedup keeps the first copy in source order) are taken here, in order, so the output is
+the same whatever the number of workers. Memory grows with the kept documents only: a 16-byte exact
+key, a MinHash signature and a few numbers each, never their text.
+
+Validation: `data.val_sources` are read first, so a training document that copies one of them is
+the copy that is dropped (counted as `contamination`). Without them, a document's side follows a
+seeded hash of its group (`score` < data.val_fraction is validation), decided after this pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from llm_jax.config import Config, CurateConfig
+from llm_jax.data import dedup, filters
+from llm_jax.data.corpus import Document, ReadStats, read_documents
+from llm_jax.data.shards import DocumentWriter
+from llm_jax.errors import UserError
+
+EXAMPLES_PER_RULE = 3   # removed documents quoted in the report, per rule
+EXAMPLE_CHARS = 300
+_BATCH_BYTES = 1 << 20  # text handed to a worker at a time
+_AHEAD = 4              # batches in flight per worker: bounds memory, keeps workers busy
+
+
+@dataclass
+class Curated:
+    paths: list[Path]                 # document shards
+    scores: np.ndarray                # [kept] float64: group hash in [0, 1); -1 for a data.val_sources document
+    sizes: np.ndarray                 # [kept, 2] int64: UTF-8 bytes, words of each kept document
+    read: ReadStats
+    removed: dict[str, list[int]]     # rule -> [documents, bytes]
+    examples: dict[str, list[dict]]   # rule -> a few removed documents
+    clusters: dict                    # near-duplicate clusters
+    signatures: np.ndarray | None     # [kept, perms] MinHash signatures (None without near dedup)
+    seconds: float
+
+
+def group_score(seed: int, group: str) -> float:
+    """A stable hash of (seed, group) in [0, 1): the same on every machine and run."""
+    digest = hashlib.blake2b(f"{seed}\0{group}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
+    d, c = cfg.data, cfg.curate
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats, began = ReadStats(), time.perf_counter()
+    near = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, cfg.seed) if c.near_dedup else None
+    exact: dict[bytes, int] = {}  # exact key -> kept index
+    scores, sizes = [], []
+    removed = collections.defaultdict(lambda: [0, 0])
+    examples = collections.defaultdict(list)
+    cluster_sizes = collections.Counter()  # kept index -> near copies dropped
+    pairs = []
+    writer = DocumentWriter(out_dir, int(d.shard_mb * 2**20))
+
+    def drop(rule: str, doc: Document, n_bytes: int) -> None:
+        removed[rule][0] += 1
+        removed[rule][1] += n_bytes
+        if len(examples[rule]) < EXAMPLES_PER_RULE:
+            examples[rule].append({"source": doc.source, "text": doc.text[:EXAMPLE_CHARS]})
+
+    for doc, score, (text, rule, key, sig, n_bytes) in _processed(cfg, _scored(cfg, stats)):
+        if rule is None and c.exact_dedup and key in exact:
+            first, rule = exact[key], "exact_dup"
+        elif rule is None and near is not None:
+            first = near.check_and_add(sig)
+            rule = None if first is None else "near_dup"
+        if rule in ("exact_dup", "near_dup") and scores[first] < 0 <= score:
+            rule = "contamination"  # a training copy of a data.val_sources document
+        if rule == "near_dup":
+            cluster_sizes[first] += 1
+            if len(pairs) < EXAMPLES_PER_RULE:
+                pairs.append({"kept": first, "dropped": doc.source})  # kept: index, named in prepare's pass
+        if rule is not None:
+            drop(rule, doc, n_bytes)
+            continue
+        if c.exact_dedup:
+            exact[key] = len(scores)
+        scores.append(score)
+        sizes.append((len(text.encode("utf-8", "surrogatepass")), len(text.split())))
+        writer.add(text, doc.source, score)
+    paths = writer.close()
+    if stats.documents == 0:
+        raise UserError(f"the corpus {list(d.sources)} holds no documents: every file is empty, binary or skipped")
+    if not scores:
+        worst = max(removed, key=lambda r: removed[r][0])
+        raise UserError(f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
+                        f"{worst!r} removed the most: {_fix_hint(worst)}")
+    clusters = {"clusters": len(cluster_sizes), "largest": max(cluster_sizes.values(), default=-1) + 1,
+                "examples": pairs}
+    return Curated(paths, np.asarray(scores, np.float64), np.asarray(sizes, np.int64).reshape(-1, 2), stats,
+                   dict(removed), dict(examples), clusters, near.signatures() if near else None,
+                   time.perf_counter() - began)
+
+
+def _summary(removed: dict) -> str:
+    return ", ".join(f"{rule}: {n}" for rule, (n, _) in sorted(removed.items(), key=lambda kv: -kv[1][0]))
+
+
+def _fix_hint(rule: str) -> str:
+    if rule == "empty":
+        return "the documents hold no text after cleaning (is data.text_field right? is it markup only?)"
+    if rule in ("exact_dup", "near_dup", "contamination"):
+        return "the documents copy each other or data.val_sources; set curate.exact_dedup=false / curate.near_dedup=null"
+    return f"relax its threshold in the curate section, or drop {rule!r} from curate.rules"
+
+
+def _scored(cfg: Config, stats: ReadStats) -> Iterator[tuple[Document, float]]:
+    """Validation sources first (score -1), then the sources (score: the group's hash, or 1 when
+    data.val_sources decide validation)."""
+    d = cfg.data
+    for sources, score in ((d.val_sources, lambda g: -1.0),
+                           (d.sources, (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g)))):
+        for doc in read_documents(sources, d.text_field, d.cache_dir, d.bad_rows, d.tfds_data_dir, stats):
+            yield doc, score(doc.group)
+
+
+def _batches(docs: Iterable[tuple[Document, float]]) -> Iterator[list[tuple[Document, float]]]:
+    batch, size = [], 0
+    for item in docs:
+        batch.append(item)
+        size += len(item[0].text)
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _processed(cfg: Config, docs) -> Iterator[tuple[Document, float, tuple]]:
+    """(document, score, (clean text, failing rule, exact key, signature, bytes)) in input order."""
+    workers = cfg.data.workers or os.cpu_count() or 1
+    args = (cfg.curate, cfg.seed)
+    if workers == 1:
+        _init(*args)
+        for batch in _batches(docs):
+            yield from zip(*zip(*batch), _work([doc.text for doc, _ in batch]))
+        return
+    # spawn, not fork: the parent may already run JAX's threads
+    with multiprocessing.get_context("spawn").Pool(workers, _init, args) as pool:
+        pending = collections.deque()
+        for batch in _batches(docs):
+            pending.append((batch, pool.apply_async(_work, ([doc.text for doc, _ in batch],))))
+            if len(pending) >= _AHEAD * workers:
+                batch, result = pending.popleft()
+                yield from zip(*zip(*batch), result.get())
+        while pending:
+            batch, result = pending.popleft()
+            yield from zip(*zip(*batch), result.get())
+
+
+_worker: dict = {}
+
+
+def _init(curate: CurateConfig, seed: int) -> None:
+    _worker["cfg"] = curate
+    _worker["hasher"] = dedup.MinHasher(curate.minhash_perms, curate.shingle_words, seed) if curate.near_dedup else None
+
+
+def _work(texts: list[str]) -> list[tuple]:
+    cfg, hasher, out = _worker["cfg"], _worker["hasher"], []
+    for raw in texts:
+        n_bytes = len(raw.encode("utf-8", "surrogatepass"))
+        text, markup = filters.clean(raw, cfg)
+        rule = "empty" if not text else filters.failing_rule(text, markup, cfg)
+        if rule is not None:
+            out.append((text, rule, None, None, n_bytes))
+            continue
+        key = dedup.exact_key(text) if cfg.exact_dedup else None
+        out.append((text, None, key, hasher.signature(text) if hasher else None, n_bytes))
+    return out

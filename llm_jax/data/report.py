@@ -1,0 +1,88 @@
+"""The curation report: what was read, what each rule removed (documents, bytes, examples), near
+duplicate clusters, the contamination check, split sizes, throughput; printed as a table, saved as
+report.json, with document- and token-length histograms in report.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from llm_jax.config import Config
+from llm_jax.data.curate import Curated
+
+# Removal reasons in pipeline order: cleaning, the quality rules (curate.rules order), then dedup.
+_BEFORE, _AFTER = ("empty",), ("exact_dup", "near_dup", "contamination")
+
+
+def write_report(out_dir: Path, cfg: Config, cur: Curated, is_val: np.ndarray, doc_tokens: np.ndarray,
+                 contamination: dict, meta: dict, tokenize_seconds: float, log=print) -> dict:
+    order = [r for r in _BEFORE + tuple(cfg.curate.rules) + _AFTER if r in cur.removed]
+    read = cur.read
+    report = {
+        "read": {"files": read.files, "documents": read.documents, "bytes": read.bytes,
+                 "invalid_utf8_replaced": read.replaced_bytes, "skipped_files": read.skipped_files,
+                 "bad_rows": read.bad_rows, "examples": read.examples},
+        "removed": {rule: cur.removed[rule] for rule in order},  # rule -> [documents, bytes]
+        "removed_examples": {rule: cur.examples[rule] for rule in order},
+        "kept": {"documents": len(cur.scores), "bytes": int(cur.sizes[:, 0].sum())},
+        "near_dup_clusters": cur.clusters,
+        "contamination_check": contamination,
+        "splits": {split: {"documents": int(mask.sum()), "bytes": meta[f"{split}_bytes"],
+                           "tokens": meta[f"{split}_tokens"], "shards": len(meta["shards"][split])}
+                   for split, mask in (("train", ~is_val), ("val", is_val))},
+        "throughput": {"curation_seconds": round(cur.seconds, 3),
+                       "curation_mb_per_s": round(read.bytes / 2**20 / max(cur.seconds, 1e-9), 3),
+                       "tokenize_pack_seconds": round(tokenize_seconds, 3),
+                       "tokenize_pack_tokens_per_s": round(int(doc_tokens.sum()) / max(tokenize_seconds, 1e-9))},
+        "histograms": "report.png",
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    _histograms(out_dir / "report.png", cur.sizes[:, 1], doc_tokens)
+    for line in table(report):
+        log(line)
+    return report
+
+
+def table(report: dict) -> list[str]:
+    read, kept = report["read"], report["kept"]
+    lines = [f"read {read['documents']:,} documents, {read['bytes'] / 2**20:,.1f} MB from {read['files']} files"
+             + (f"; skipped {read['skipped_files']} files (binary / unsupported)" if read["skipped_files"] else "")
+             + (f"; {read['bad_rows']} bad rows" if read["bad_rows"] else "")
+             + (f"; {read['invalid_utf8_replaced']} invalid UTF-8 sequences replaced" if read["invalid_utf8_replaced"]
+                else ""),
+             f"{'removed by':<16}{'documents':>11}{'share':>8}{'MB':>9}"]
+    for rule, (n, n_bytes) in report["removed"].items():
+        lines.append(f"{rule:<16}{n:>11,}{n / read['documents']:>8.1%}{n_bytes / 2**20:>9.2f}")
+    lines.append(f"{'kept':<16}{kept['documents']:>11,}{kept['documents'] / read['documents']:>8.1%}"
+                 f"{kept['bytes'] / 2**20:>9.2f}")
+    c, t = report["contamination_check"], report["throughput"]
+    lines.append(f"near-duplicate clusters: {report['near_dup_clusters']['clusters']} "
+                 f"(largest {report['near_dup_clusters']['largest']}); contamination check: "
+                 + (f"{c['with_a_train_near_copy']} of {c['val_documents']} val documents have a train near copy"
+                    if c["checked"] else f"off ({c['why']})"))
+    lines.append("splits: " + ", ".join(f"{s} {v['documents']:,} documents / {v['tokens']:,} tokens in {v['shards']} "
+                                        "shards" for s, v in report["splits"].items()))
+    lines.append(f"throughput: curation {t['curation_mb_per_s']:.2f} MB/s, tokenize+pack "
+                 f"{t['tokenize_pack_tokens_per_s']:,} tokens/s")
+    return lines
+
+
+def _histograms(path: Path, doc_words: np.ndarray, doc_tokens: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, values, label in ((axes[0], doc_words, "words per document"), (axes[1], doc_tokens, "tokens per document")):
+        values = np.maximum(values, 1)
+        bins = np.logspace(0, np.log10(values.max() + 1), 40)
+        ax.hist(values, bins=bins)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("documents")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)

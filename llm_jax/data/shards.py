@@ -1,0 +1,178 @@
+"""Shard files of a prepared dataset, each written under a temporary name and renamed when whole.
+
+- Document shards (ArrayRecord, what grain reads with random access): one JSON record per curated
+  document, {"text", "source", "score"} (score: the document group's seeded hash in [0, 1), which
+  decides its train/val side).
+- Token shards (flat uint16/uint32 files): documents joined by EOS. Window i of a shard covers
+  tokens [i*L, i*L + L]: L inputs and, shifted by one, L targets, so consecutive windows share one
+  boundary token and every token after a shard's first is a target exactly once; the last
+  (n - 1) % L tokens of a shard fill no window and go unused.
+
+Segments: an EOS starts a new segment (it is the next document's "beginning of text"), so in a
+window the model attends only within a document and positions restart at each (the model derives
+positions from the segments). The first target of a document is predicted from its EOS alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from llm_jax.errors import UserError
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def shard_name(prefix: str, index: int, suffix: str) -> str:
+    return f"{prefix}-{index:05d}{suffix}"
+
+
+class _Rotating:
+    """Writes records to <dir>/<prefix>-00000<suffix>, -00001, ... starting a new shard past max_bytes."""
+
+    def __init__(self, directory: Path, prefix: str, suffix: str, max_bytes: int):
+        self.directory, self.prefix, self.suffix, self.max_bytes = directory, prefix, suffix, max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self.paths: list[Path] = []
+        self._tmp: Path | None = None
+        self._size = 0
+
+    def _open(self, tmp: Path): ...
+    def _write(self, data): ...
+    def _close(self): ...
+
+    def write(self, data) -> None:
+        if self._tmp is None:
+            self.paths.append(self.directory / shard_name(self.prefix, len(self.paths), self.suffix))
+            self._tmp = self.paths[-1].with_name(self.paths[-1].name + ".tmp")
+            self._open(self._tmp)
+            self._size = 0
+        self._write(data)
+        self._size += len(data) if isinstance(data, bytes) else data.nbytes
+        if self._size >= self.max_bytes:
+            self.finish_shard()
+
+    def finish_shard(self) -> None:
+        if self._tmp is not None:
+            self._close()
+            os.replace(self._tmp, self.paths[-1])
+            self._tmp = None
+
+    def close(self) -> list[Path]:
+        self.finish_shard()
+        return self.paths
+
+
+class DocumentWriter(_Rotating):
+    """Curated documents as ArrayRecord shards."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        super().__init__(directory, "documents", ".array_record", max_bytes)
+
+    def _open(self, tmp):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: random access per record
+
+    def _write(self, data):
+        self._writer.write(data)
+
+    def _close(self):
+        self._writer.close()
+
+    def add(self, text: str, source: str, score: float) -> None:
+        self.write(json.dumps({"text": text, "source": source, "score": score}, ensure_ascii=False).encode())
+
+
+def read_documents(paths: Iterable[Path]) -> Iterator[dict]:
+    """The records of document shards, in order."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for path in paths:
+        reader = ArrayRecordReader(str(path))
+        try:
+            for start in range(0, reader.num_records(), 1024):
+                for record in reader.read(range(start, min(start + 1024, reader.num_records()))):
+                    yield json.loads(record)
+        finally:
+            reader.close()
+
+
+class TokenWriter(_Rotating):
+    """Token streams: each document's ids then EOS, appended to the current shard."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, eos_id: int, max_bytes: int):
+        super().__init__(directory, split, ".bin", max_bytes)
+        self.dtype, self.eos_id, self.tokens = dtype, eos_id, 0
+
+    def _open(self, tmp):
+        self._file = open(tmp, "wb")
+
+    def _write(self, data):
+        data.tofile(self._file)
+
+    def _close(self):
+        self._file.close()
+
+    def add(self, ids: list[int]) -> None:
+        arr = np.asarray(ids + [self.eos_id], self.dtype)
+        self.tokens += arr.size
+        self.write(arr)
+
+
+class TokenShards:
+    """A grain random-access source over token shards: item i is window i, counting windows shard by
+    shard, as {"tokens": [L+1] int32, "segments": [L+1] int32}."""
+
+    def __init__(self, paths: Iterable[str | Path], dtype: str, seq_len: int, eos_id: int):
+        self.paths, self.dtype, self.seq_len, self.eos_id = [str(p) for p in paths], np.dtype(dtype), seq_len, eos_id
+        counts = [max(0, (os.path.getsize(p) // self.dtype.itemsize - 1) // seq_len) for p in self.paths]
+        self._starts = np.cumsum([0] + counts).tolist()  # window index where each shard begins
+        self._maps: dict[int, np.memmap] = {}  # opened lazily, so the source pickles into grain workers cheaply
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")
+        shard = bisect.bisect_right(self._starts, i) - 1
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
+        start = (i - self._starts[shard]) * self.seq_len
+        tokens = np.asarray(self._maps[shard][start:start + self.seq_len + 1], dtype=np.int32)
+        return {"tokens": tokens, "segments": np.cumsum(tokens == self.eos_id, dtype=np.int32)}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
+
+    @property
+    def tokens(self) -> int:
+        return sum(os.path.getsize(p) // self.dtype.itemsize for p in self.paths)
+
+    def __repr__(self) -> str:  # grain logs sources by repr; keep it short and stable
+        return f"TokenShards({len(self.paths)} shards from {self.paths[0] if self.paths else None!r}, " \
+               f"seq_len={self.seq_len})"
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is corrupt; delete {path.parent} to rebuild the prepared data") from None

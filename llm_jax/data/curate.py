@@ -19,6 +19,8 @@ import hashlib
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -75,7 +77,7 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
         if len(examples[rule]) < EXAMPLES_PER_RULE:
             examples[rule].append({"source": doc.source, "text": doc.text[:EXAMPLE_CHARS]})
 
-    for doc, score, (text, rule, key, sig, n_bytes) in _processed(cfg, _scored(cfg, stats)):
+    for doc, score, (text, rule, key, sig, n_bytes) in _processed(cfg, _scored(cfg, stats), log):
         if rule is None and c.exact_dedup and key in exact:
             first, rule = exact[key], "exact_dup"
         elif rule is None and near is not None:
@@ -143,26 +145,33 @@ def _batches(docs: Iterable[tuple[Document, float]]) -> Iterator[list[tuple[Docu
         yield batch
 
 
-def _processed(cfg: Config, docs) -> Iterator[tuple[Document, float, tuple]]:
+def _processed(cfg: Config, docs, log) -> Iterator[tuple[Document, float, tuple]]:
     """(document, score, (clean text, failing rule, exact key, signature, bytes)) in input order."""
     workers = cfg.data.workers or os.cpu_count() or 1
     args = (cfg.curate, cfg.seed)
-    if workers == 1:
-        _init(*args)
-        for batch in _batches(docs):
-            yield from zip(*zip(*batch), _work([doc.text for doc, _ in batch]))
-        return
-    # spawn, not fork: the parent may already run JAX's threads
-    with multiprocessing.get_context("spawn").Pool(workers, _init, args) as pool:
-        pending = collections.deque()
-        for batch in _batches(docs):
-            pending.append((batch, pool.apply_async(_work, ([doc.text for doc, _ in batch],))))
-            if len(pending) >= _AHEAD * workers:
-                batch, result = pending.popleft()
-                yield from zip(*zip(*batch), result.get())
-        while pending:
-            batch, result = pending.popleft()
-            yield from zip(*zip(*batch), result.get())
+    batches = _batches(docs)
+    if workers > 1:
+        # spawn, not fork: the parent may already run JAX's threads
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init, args) as pool:
+            try:
+                pool.submit(_work, []).result()  # workers that cannot start fail here, not mid-run
+            except BrokenProcessPool:
+                log("note: curation worker processes could not start (is the main program a file? spawned "
+                    "workers re-import it); curating in this process")
+            else:
+                pending = collections.deque()
+                for batch in batches:
+                    pending.append((batch, pool.submit(_work, [doc.text for doc, _ in batch])))
+                    if len(pending) >= _AHEAD * workers:
+                        batch, result = pending.popleft()
+                        yield from zip(*zip(*batch), result.result())
+                while pending:
+                    batch, result = pending.popleft()
+                    yield from zip(*zip(*batch), result.result())
+                return
+    _init(*args)
+    for batch in batches:
+        yield from zip(*zip(*batch), _work([doc.text for doc, _ in batch]))
 
 
 _worker: dict = {}

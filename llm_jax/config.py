@@ -125,10 +125,16 @@ class DPOConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     data: int
+    pipeline: int
     fsdp: int
     tensor: int
     dcn_data: int
     rules: str
+    microbatches: int
+
+    @property
+    def pipeline_microbatches(self) -> int:
+        return self.microbatches or self.pipeline
 
 
 @dataclass(frozen=True)
@@ -418,6 +424,17 @@ def _validate(cfg: Config) -> None:
          and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
          "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)"),
         (cfg.mesh.dcn_data > 0, f"mesh.dcn_data={cfg.mesh.dcn_data} must be positive"),
+        (cfg.mesh.pipeline > 0, f"mesh.pipeline={cfg.mesh.pipeline} must be a positive number of stages (no -1)"),
+        (cfg.mesh.pipeline <= 0 or m.n_layers % cfg.mesh.pipeline == 0,
+         f"model.n_layers={m.n_layers} does not split into mesh.pipeline={cfg.mesh.pipeline} equal stages: "
+         f"make n_layers a multiple of the stage count"),
+        (cfg.mesh.microbatches == 0 or cfg.mesh.microbatches >= cfg.mesh.pipeline,
+         f"mesh.microbatches={cfg.mesh.microbatches} is fewer than the mesh.pipeline={cfg.mesh.pipeline} stages: "
+         f"every stage needs a micro-batch in flight (0 means one per stage)"),
+        (t.grad_accum <= 0 or cfg.mesh.pipeline_microbatches <= 0
+         or (t.batch_size // t.grad_accum) % cfg.mesh.pipeline_microbatches == 0,
+         f"mesh.microbatches={cfg.mesh.pipeline_microbatches} does not divide the {t.batch_size // max(t.grad_accum, 1)} "
+         f"sequences of each step (train.batch_size / train.grad_accum)"),
         (s.max_new_tokens > 0, f"sample.max_new_tokens={s.max_new_tokens} must be positive"),
         (s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0 is greedy)"),
         (s.top_k >= 0, f"sample.top_k={s.top_k} must be >= 0 (0 disables)"),

@@ -77,7 +77,7 @@ def param_bytes(model: ModelConfig, mesh: dict[str, int], rules: Rules) -> int:
     total = 0
     for shape, names in _param_arrays(model):
         axes = nn.logical_to_mesh_axes(names, rules)
-        split = [math.prod(mesh[a] for a in as_tuple(ax)) for ax in axes]
+        split = [math.prod(mesh.get(a, 1) for a in as_tuple(ax)) for ax in axes]
         total += 4 * math.prod(-(-dim // n) for dim, n in zip(shape, split))
     return total
 
@@ -86,7 +86,9 @@ def activation_bytes(model: ModelConfig, micro_batch: int, mesh: dict[str, int],
     """Estimated activation bytes on one device for one micro-batch: kept for the backward pass
     across layers, one layer's working set, and the loss's logits chunk."""
     c = jnp.dtype(model.dtype).itemsize
-    b, t, d, L = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model, model.n_layers
+    b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model
+    L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
+    #                                                       micro-batches: together the rows of one micro_batch)
     q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")        # query width here
     kv = model.n_kv_heads * model.head_dim // shards(mesh, rules, "kv_heads")
     f = model.mlp_dim // shards(mesh, rules, "mlp")
@@ -121,7 +123,7 @@ class Plan:
 def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
     rules = rules_table(cfg.mesh.rules)
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    check_fit(mesh, rules, cfg.model, micro)
+    check_fit(mesh, rules, cfg.model, micro // cfg.mesh.pipeline_microbatches)
     params = param_bytes(cfg.model, mesh, rules)
     rows = {"parameters (f32)": params, "gradients (f32)": params, "AdamW moments (2 x f32)": 2 * params}
     rows |= activation_bytes(cfg.model, micro, mesh, rules)

@@ -12,15 +12,15 @@ import yaml
 
 from llm_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_BATCH = {"batch": ("data", "fsdp")}
+_BATCH = {"batch": ("data", "fsdp"), "layers": "pipeline"}  # layers: a stage's layers on its devices
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PRESETS: dict[str, dict] = {
-    "dp": _BATCH,                                    # replicated parameters, batch over data x fsdp
+    "dp": _BATCH,                                    # replicated parameters (but for pipeline stages), batch over data x fsdp
     "fsdp": {**_BATCH, "embed": "fsdp"},             # + parameters and optimizer state split over fsdp
     "tp": {**_BATCH, **_TENSOR},                     # + heads, kv_heads, mlp, vocab split over tensor
     "fsdp_tp": {**_BATCH, "embed": "fsdp", **_TENSOR},

@@ -19,13 +19,13 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_jax.config import MeshConfig, ModelConfig
+from llm_jax.config import Config, MeshConfig, ModelConfig
 from llm_jax.errors import UserError
 from llm_jax.rules import MESH_AXES, Rules, as_tuple, rules_table
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
-    """(data, fsdp, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    """(data, pipeline, fsdp, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
+    sizes = [cfg.data, cfg.pipeline, cfg.fsdp, cfg.tensor]
     named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -50,7 +50,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         ici = (shape[0] // cfg.dcn_data, *shape[1:])
         granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         try:
-            grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices,
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices,
                                                         process_is_granule=granule)
         except (ValueError, AssertionError) as e:
             raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the slices present: {e}") from None
@@ -93,14 +93,17 @@ class Layout:
         return {k: jax.make_array_from_process_local_data(self.sharding(("batch",) + (None,) * (v.ndim - 1)), v)
                 for k, v in local.items()}
 
-    def check(self, model: ModelConfig, micro_batch: int) -> None:
-        check_fit(dict(self.mesh.shape), self.rules, model, micro_batch)
+    def check(self, cfg: Config) -> None:
+        """cfg's model and batch fit this mesh (the batch as the model sees it: one pipeline
+        micro-batch of one gradient-accumulation micro-batch)."""
+        rows = cfg.train.batch_size // cfg.train.grad_accum // cfg.mesh.pipeline_microbatches
+        check_fit(dict(self.mesh.shape), self.rules, cfg.model, rows)
 
 
 def shards(mesh_shape: dict[str, int], rules: Rules, logical: str) -> int:
     """How many shards a dimension with this logical name is split into (alone in its array)."""
     spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-    return math.prod(mesh_shape[a] for a in as_tuple(spec))
+    return math.prod(mesh_shape.get(a, 1) for a in as_tuple(spec))  # an axis left out has size 1
 
 
 def check_fit(mesh_shape: dict[str, int], rules: Rules, model: ModelConfig, micro_batch: int) -> None:
@@ -113,11 +116,11 @@ def check_fit(mesh_shape: dict[str, int], rules: Rules, model: ModelConfig, micr
     for name, size in dims.items():
         n = shards(mesh_shape, rules, name)
         if size % n:
-            axes = " x ".join(f"{a}={mesh_shape[a]}" for a in as_tuple(dict(rules)[name]))
+            axes = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in as_tuple(dict(rules)[name]))
             fix = "train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size"
             problems.append(f"{name}={size} is split over mesh {axes} = {n} shards, which does not divide "
                             f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules")
-    unused = [a for a in MESH_AXES if mesh_shape[a] > 1 and not any(a in as_tuple(axes) for _, axes in rules)]
+    unused = [a for a in MESH_AXES if mesh_shape.get(a, 1) > 1 and not any(a in as_tuple(axes) for _, axes in rules)]
     problems += [f"mesh.{a}={mesh_shape[a]} but the rules split nothing over {a!r}: its devices would "
                  f"repeat the same work; set mesh.{a}=1 or choose rules that use it" for a in unused]
     if problems:
@@ -130,4 +133,5 @@ def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:
 
 def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
-    return make_layout(MeshConfig(data=1, fsdp=1, tensor=1, dcn_data=1, rules=rules), jax.devices()[:1])
+    return make_layout(MeshConfig(data=1, pipeline=1, fsdp=1, tensor=1, dcn_data=1, rules=rules, microbatches=0),
+                       jax.devices()[:1])

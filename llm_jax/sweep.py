@@ -51,7 +51,7 @@ def measure(cfg: Config, steps_timed: int) -> dict:
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.grad_accum={cfg.train.grad_accum} must divide the batch size {cfg.train.batch_size}")
     layout = sharding.make_layout(cfg.mesh)
-    layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+    layout.check(cfg)
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     t0 = time.perf_counter()
     compiled = steps.compile_train()

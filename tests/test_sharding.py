@@ -34,7 +34,7 @@ def _batches(cfg):
 
 def _run(cfg, devices):
     layout = sharding.make_layout(cfg.mesh, devices)
-    layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+    layout.check(cfg)
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state, losses = steps.init(jax.random.PRNGKey(0)), []
     for tokens in _batches(cfg):
@@ -119,14 +119,14 @@ def test_vocab_split_logits_never_hold_the_full_vocabulary():
      "kv_heads=2 is split over mesh tensor=4 = 4 shards"),
     (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"),
     (["mesh.rules=dp", "mesh.data=4", "mesh.tensor=2"], "mesh.tensor=2 but the rules split nothing over 'tensor'"),
-    (["mesh.data=3"], "mesh data=3 fsdp=1 tensor=1 needs 3 devices but 8 are present"),
+    (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 tensor=1 needs 3 devices but 8 are present"),
     (["mesh.data=2", "mesh.tensor=4", "mesh.dcn_data=4"], "mesh.dcn_data=4 slices must divide the data axis (2)"),
 ])
 def test_layouts_that_do_not_fit_fail_before_compiling(overrides, message):
     cfg = load_config("tiny", ["model.dtype=float32", "mesh.fsdp=1"] + overrides)
     with pytest.raises(UserError, match=re.escape(message)):
         layout = sharding.make_layout(cfg.mesh, jax.devices())
-        layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+        layout.check(cfg)
 
 
 def test_rules_from_a_file_and_their_errors(tmp_path):
@@ -140,7 +140,7 @@ def test_rules_from_a_file_and_their_errors(tmp_path):
         load_config("tiny", [f"mesh.rules={bad_name}"])
     bad_axis = tmp_path / "bad_axis.yaml"
     bad_axis.write_text("embed: model\n")
-    with pytest.raises(UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, fsdp, tensor"):
+    with pytest.raises(UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, tensor"):
         load_config("tiny", [f"mesh.rules={bad_axis}"])
     with pytest.raises(UserError, match=r"mesh.rules='zero3' is neither a preset \(dp, fsdp, tp, fsdp_tp\)"):
         load_config("tiny", ["mesh.rules=zero3"])

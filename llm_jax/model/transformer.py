@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from llm_jax.config import ModelConfig
 from llm_jax.model.attention import cached_attention, causal_attention
 from llm_jax.model.loss import cross_entropy_sum, token_log_probs
+from llm_jax.model.pipeline import gpipe
 
 Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
 
@@ -109,19 +110,25 @@ class Block(nn.Module):
         return nn.Dropout(self.cfg.dropout, deterministic=not self.train)(x) if self.cfg.dropout else x
 
 
+def scanned_blocks(cfg: ModelConfig, train: bool, n_layers: int, **kwargs) -> nn.Module:
+    """n_layers Blocks as one nn.scan (params stacked on a leading `layers` axis), remat as configured."""
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        block, length=n_layers, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=(0,) + (nn.broadcast,) * 4, metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, train, **kwargs)
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
     train: bool = False  # enables dropout (needs a "dropout" rng)
+    pipeline: tuple[int, int] = (1, 1)  # (stages, micro-batches): > 1 stage runs the layers as a GPipe schedule
 
     def setup(self):
         cfg = self.cfg
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        self.layers = nn.scan(
-            block, length=cfg.n_layers, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0,) + (nn.broadcast,) * 4, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.train, name="layers")
+        self.layers = scanned_blocks(cfg, self.train, cfg.n_layers, name="layers")
         self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.final_norm = _param(self, "final_norm", (cfg.d_model,), ("embed",), None)
         if not cfg.tie_embeddings:
@@ -148,9 +155,26 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if cfg.dropout:
             x = nn.Dropout(cfg.dropout, deterministic=not self.train)(x)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x, cache = self.layers(x, cache, rope, positions, cache_index, segments)
+        stages, microbatches = self.pipeline
+        if stages > 1 and cache is None and not self.is_initializing():
+            x = self._pipelined(x, positions, segments, stages, microbatches)
+        else:
+            x, cache = self.layers(x, cache, rope_tables(positions, cfg.head_dim, cfg.rope_theta), positions,
+                                   cache_index, segments)
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
+
+    def _pipelined(self, x, positions, segments, stages: int, microbatches: int) -> jax.Array:
+        """The layer stack as `stages` stages of n_layers / stages layers (llm_jax/model/pipeline.py)."""
+        cfg = self.cfg
+        stage = scanned_blocks(cfg, self.train, cfg.n_layers // stages, parent=None)  # a standalone module
+        rng = self.make_rng("dropout") if self.train and cfg.dropout else None
+
+        def run_stage(params, h, pos, seg, key):  # one stage on one micro-batch: [b, T, D] -> [b, T, D]
+            rngs = {"dropout": key} if key is not None else None
+            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+            return stage.apply({"params": params}, h, None, rope, pos, 0, seg, rngs=rngs)[0]
+
+        return gpipe(run_stage, self.layers.variables["params"], x, positions, segments, stages, microbatches, rng)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, vocab] float32 (generation; training uses `nll_sum`)."""

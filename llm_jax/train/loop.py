@@ -41,7 +41,7 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     run_dir, data = prepare_run_data(cfg, log)
 
     layout = sharding.make_layout(cfg.mesh, devices)
-    layout.check(cfg.model, cfg.train.batch_size // cfg.train.grad_accum)
+    layout.check(cfg)
     if cfg.train.objective == "dpo":
         data = reference_logps(cfg, layout, data, run_dir, log)
     token_bytes = np.zeros(cfg.model.vocab_size, np.int32)

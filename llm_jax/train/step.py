@@ -62,7 +62,8 @@ class Steps:
 def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransformation,
                token_bytes: np.ndarray | None = None, example: dict | None = None) -> Steps:
     """`example` is one row of the training data ({name: array}); default: a pretraining window."""
-    train_model, eval_model = Transformer(cfg.model, train=True), Transformer(cfg.model)
+    pipeline = (cfg.mesh.pipeline, cfg.mesh.pipeline_microbatches)
+    train_model, eval_model = Transformer(cfg.model, True, pipeline), Transformer(cfg.model, False, pipeline)
     sums, count = objectives.objective(cfg, train_model, eval_model)
     in_step_reference = cfg.train.objective == "dpo" and cfg.dpo.reference == "in_step"
     accum = cfg.train.grad_accum

@@ -1,0 +1,105 @@
+"""Pipeline parallelism (llm_jax/model/pipeline.py): exact against the unpipelined model, composed
+with data and fsdp, checkpoints portable across stage counts, bad input named."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from llm_jax import sharding
+from llm_jax.config import load_config
+from llm_jax.errors import UserError
+from llm_jax.train.loop import train
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.step import make_steps
+
+BATCH, STEPS = 16, 3
+
+
+def _run(*overrides):
+    """STEPS optimizer steps on fixed random batches -> (losses, grad norms, final params)."""
+    cfg = tiny_config("unused", "model.n_layers=4", f"train.batch_size={BATCH}", *overrides)
+    layout = sharding.make_layout(cfg.mesh)
+    layout.check(cfg)
+    window = np.zeros(cfg.model.seq_len + 1, np.int32)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example={"tokens": window, "segments": window})
+    state = steps.init(jax.random.PRNGKey(0))
+    rng, losses, norms = np.random.default_rng(0), [], []
+    for _ in range(STEPS):
+        tokens = rng.integers(3, cfg.model.vocab_size, (BATCH, cfg.model.seq_len + 1)).astype(np.int32)
+        segments = np.cumsum(tokens == 1, axis=1).astype(np.int32)  # a few document boundaries
+        state, metrics = steps.train(state, layout.put_batch({"tokens": tokens, "segments": segments}))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    return losses, norms, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def unpipelined():
+    return _run("mesh.data=8")
+
+
+@pytest.mark.parametrize("mesh, microbatches, remat", [
+    ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 2, "none"),
+    ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4, "full"),
+    ("mesh.data=2 mesh.pipeline=4", 4, "dots"),
+    ("mesh.data=2 mesh.pipeline=4", 8, "full"),
+])
+def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbatches, remat):
+    losses, norms, params = _run(*mesh.split(), f"mesh.microbatches={microbatches}", f"model.remat={remat}")
+    want_losses, want_norms, want_params = unpipelined
+    np.testing.assert_allclose(losses, want_losses, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_stages_hold_their_own_layers_and_pass_activations_to_neighbours():
+    cfg = tiny_config("unused", "model.n_layers=4", "mesh.data=2", "mesh.fsdp=2", "mesh.pipeline=2")
+    layout = sharding.make_layout(cfg.mesh)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10))
+    wq = steps.state_sharding.params["layers"]["wq"]  # [layers, embed, heads, head_dim]
+    assert wq.spec[0] == "pipeline" and wq.shard_shape((4, 64, 4, 16))[0] == 2  # 2 of the 4 layers per stage
+    hlo = steps.compile_train().as_text()
+    assert "collective-permute" in hlo  # the stage-to-stage shift, not a gather of every stage's work
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("first, then", [("mesh.pipeline=2", "mesh.pipeline=1"),
+                                         ("mesh.pipeline=1", "mesh.pipeline=2")])
+def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, corpus_slice, first, then):
+    overrides = ("model.n_layers=4", "mesh.data=-1", "train.steps=4", "train.log_every=1", "train.eval_every=4",
+                 "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    train(tiny_config(prepared_run, *overrides, first, sources=corpus_slice), log=lambda *_: None)
+    uninterrupted = _metrics(prepared_run)
+    shutil.rmtree(prepared_run / "checkpoints" / "4")  # resume from step 2 on the other layout
+    train(tiny_config(prepared_run, *overrides, then, sources=corpus_slice), log=lambda *_: None)
+    resumed = _metrics(prepared_run)
+    np.testing.assert_allclose([resumed[s] for s in (3, 4)], [uninterrupted[s] for s in (3, 4)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_layers=6", "mesh.pipeline=4"],
+     "model.n_layers=6 does not split into mesh.pipeline=4 equal stages"),
+    (["model.n_layers=4", "mesh.pipeline=4", "mesh.microbatches=2"],
+     "mesh.microbatches=2 is fewer than the mesh.pipeline=4 stages"),
+    (["model.n_layers=4", "mesh.pipeline=2", "mesh.microbatches=3", "train.batch_size=8"],
+     "mesh.microbatches=3 does not divide the 8 sequences of each step"),
+])
+def test_bad_pipeline_settings_name_the_numbers(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_a_micro_batch_too_small_for_the_batch_shards_is_named():
+    cfg = tiny_config("unused", "model.n_layers=4", "mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4",
+                      "train.batch_size=8")
+    with pytest.raises(UserError, match="batch=2 is split over mesh data=4 x fsdp=1 = 4 shards"):
+        sharding.make_layout(cfg.mesh).check(cfg)

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("sweep", help="time a few train steps per mesh layout: table, CSV and PNG")
     p.add_argument("--config", required=True)
-    p.add_argument("--meshes", required=True, help='data,fsdp,tensor layouts separated by ";", e.g. "8,1,1;2,4,1"')
+    p.add_argument("--meshes", required=True, help='data,fsdp,tensor[,pipeline[,microbatches]] layouts separated by ";", '
+                   'e.g. "8,1,1;2,4,1;4,1,1,2,8"')
     p.add_argument("--batch-sizes", help="comma-separated global batch sizes (default: train.batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one untimed)")
     p.add_argument("--out", help="directory for sweep.csv and sweep.png (default: <run_dir>/sweep)")

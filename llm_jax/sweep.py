@@ -1,5 +1,8 @@
 """`llm-jax sweep`: the same config on several mesh layouts and batch sizes, a few timed steps each.
 
+A layout is data,fsdp,tensor[,pipeline[,microbatches]]; pipelined rows also get the GPipe bubble,
+(S - 1) / (M + S - 1) in theory, and measured against the first unpipelined layout of the batch.
+
 Per layout: compile time, the compiled step's per-device memory (XLA's memory analysis: the
 arguments — train state and batch — plus outputs and temporaries, less what donation aliases),
 median step time, tokens/s and MFU. Written as a table, sweep.csv and sweep.png. Layouts that do
@@ -26,23 +29,25 @@ from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
 COLUMNS = ("mesh", "batch_size", "compile_s", "step_ms", "tokens_per_s", "mfu", "arg_bytes", "temp_bytes",
-           "peak_bytes", "error")
+           "peak_bytes", "bubble_theory", "bubble_measured", "error")
 
 
-def parse_meshes(text: str) -> list[tuple[int, int, int]]:
-    """'8,1,1;2,4,1' -> [(8, 1, 1), (2, 4, 1)]: (data, fsdp, tensor) per layout."""
+def parse_meshes(text: str) -> list[tuple[int, ...]]:
+    """'8,1,1;2,2,1,2,4' -> [(8, 1, 1, 1, 0), (2, 2, 1, 2, 4)]: (data, fsdp, tensor, pipeline,
+    microbatches) per layout; pipeline defaults to 1 and microbatches to 0 (one per stage)."""
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         try:
             sizes = tuple(int(s) for s in item.split(","))
         except ValueError:
             sizes = ()
-        if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor (three positive integers, "
-                            f"one may be -1)")
-        meshes.append(sizes)
+        if not 3 <= len(sizes) <= 5 or any(s == 0 or s < -1 for s in sizes[:3]) or sizes[:3].count(-1) > 1 \
+                or any(s < 1 for s in sizes[3:4]) or any(s < 0 for s in sizes[4:]):
+            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
+                            f"integers; one of the first three may be -1, microbatches 0 means one per stage)")
+        meshes.append(sizes + (1, 0)[len(sizes) - 3:])
     if not meshes:
-        raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1"')
+        raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes
 
 
@@ -78,15 +83,18 @@ def measure(cfg: Config, steps_timed: int) -> dict:
             - mem.alias_size_in_bytes}
 
 
-def run_sweep(cfg: Config, meshes: list[tuple[int, int, int]], batch_sizes: list[int], steps_timed: int,
+def run_sweep(cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int,
               log=print) -> list[dict]:
     rows = []
-    for data, fsdp, tensor in meshes:
+    for data, fsdp, tensor, stages, microbatches in meshes:
         for batch_size in batch_sizes:
-            run = dataclasses.replace(
-                cfg, mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor),
-                train=dataclasses.replace(cfg.train, batch_size=batch_size))
-            row = {"mesh": f"{data}x{fsdp}x{tensor}", "batch_size": batch_size, "error": ""}
+            mesh = dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=stages,
+                                       microbatches=microbatches)
+            run = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=batch_size))
+            m = mesh.pipeline_microbatches
+            row = {"mesh": f"{data}x{fsdp}x{tensor}" + (f" p{stages}m{m}" if stages > 1 else ""),
+                   "batch_size": batch_size, "error": "", "stages": stages,
+                   "bubble_theory": (stages - 1) / (m + stages - 1)}
             try:
                 row |= measure(run, steps_timed)
             except UserError as e:
@@ -99,19 +107,33 @@ def run_sweep(cfg: Config, meshes: list[tuple[int, int, int]], batch_sizes: list
             log(_format_row(row))
     if all(r["error"] for r in rows):
         raise UserError("no layout fits: " + " | ".join(f"{r['mesh']}: {r['error']}" for r in rows))
+    _measured_bubbles(rows)
     return rows
 
 
+def _measured_bubbles(rows: list[dict]) -> None:
+    """A pipelined step does (M + S - 1) / M of the useful work (its fill and drain ticks compute on
+    padding); against the first unpipelined layout of the same batch, which does the useful work
+    alone, the measured bubble is 1 - t(unpipelined) / t(pipelined)."""
+    for row in rows:
+        ref = next((r for r in rows if r["stages"] == 1 and not r["error"] and r["batch_size"] == row["batch_size"]),
+                   None)
+        if row["stages"] > 1 and not row["error"] and ref is not None:
+            row["bubble_measured"] = 1 - ref["step_ms"] / row["step_ms"]
+
+
 def _format_row(r: dict) -> str:
-    head = f"| {r['mesh']:>9} | {r['batch_size']:>5} |"
+    head = f"| {r['mesh']:>15} | {r['batch_size']:>5} |"
     if r["error"]:
         return f"{head} skipped: {r['error']}"
     return (f"{head} {r['compile_s']:>9.1f} | {r['step_ms']:>9.1f} | {r['tokens_per_s']:>10,.0f} | {r['mfu']:>6.1%} | "
-            f"{r['arg_bytes'] / 2**20:>9.2f} | {r['temp_bytes'] / 2**20:>9.2f} | {r['peak_bytes'] / 2**20:>9.2f} |")
+            f"{r['arg_bytes'] / 2**20:>9.2f} | {r['temp_bytes'] / 2**20:>9.2f} | {r['peak_bytes'] / 2**20:>9.2f} | "
+            f"{r['bubble_theory']:>6.1%} |")
 
 
-HEADER = ("|      mesh | batch | compile s |   ms/step |   tokens/s |    MFU |  args MiB |  temp MiB |  peak MiB |\n"
-          "|-----------|-------|-----------|-----------|------------|--------|-----------|-----------|-----------|")
+HEADER = ("|            mesh | batch | compile s |   ms/step |   tokens/s |    MFU |  args MiB |  temp MiB |  peak MiB | "
+          "bubble |\n|-----------------|-------|-----------|-----------|------------|--------|-----------|-----------|"
+          "-----------|--------|")
 
 
 def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
@@ -162,4 +184,8 @@ def main(args) -> None:
           f"{args.steps} timed steps per layout\n{HEADER}", flush=True)
     rows = run_sweep(cfg, meshes, batch_sizes, args.steps)
     csv_path, png_path = write_outputs(rows, Path(args.out or Path(cfg.run_dir) / "sweep").expanduser())
+    for r in rows:
+        if "bubble_measured" in r:
+            print(f"{r['mesh']}, batch {r['batch_size']}: bubble {r['bubble_theory']:.1%} in theory, "
+                  f"{r['bubble_measured']:.1%} measured against the unpipelined step")
     print(f"-> {csv_path}, {png_path}")

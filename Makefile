@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
+	$(BIN)/python benchmarks/data_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

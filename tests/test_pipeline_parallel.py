@@ -57,6 +57,28 @@ def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbat
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh, microbatches", [("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4),
+                                                ("mesh.data=2 mesh.pipeline=4", 8)])
+def test_pipelined_gradients_equal_the_unpipelined_ones(mesh, microbatches):
+    from llm_jax.model.transformer import Transformer
+    from llm_jax.train.objectives import lm_sums
+
+    cfg = tiny_config("unused", "model.n_layers=4", "model.remat=full", *mesh.split(),
+                      f"mesh.microbatches={microbatches}")
+    layout = sharding.make_layout(cfg.mesh)
+    tokens = np.random.default_rng(1).integers(3, cfg.model.vocab_size, (BATCH, cfg.model.seq_len + 1))
+    batch = layout.put_batch({"tokens": tokens.astype(np.int32),
+                              "segments": np.cumsum(tokens == 1, axis=1).astype(np.int32)})
+    grads = {}
+    for stages in (1, cfg.mesh.pipeline):
+        model = Transformer(cfg.model, pipeline=(stages, microbatches))
+        with layout.activate():
+            params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]
+            grads[stages] = jax.device_get(jax.jit(jax.grad(lambda p: lm_sums(model, p, batch)[0]))(params))
+    for got, want in zip(jax.tree_util.tree_leaves(grads[cfg.mesh.pipeline]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_stages_hold_their_own_layers_and_pass_activations_to_neighbours():
     cfg = tiny_config("unused", "model.n_layers=4", "mesh.data=2", "mesh.fsdp=2", "mesh.pipeline=2")
     layout = sharding.make_layout(cfg.mesh)

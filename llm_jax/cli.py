@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=500, help="questions to ask (0: all)")
     p.add_argument("--system", help="system prompt added when a conversation has none")
 
+    p = sub.add_parser("quantize", help="int8 weight-only copy of a run, with held-out bpb before and after")
+    p.add_argument("--run", required=True, help="a trained run directory")
+    p.add_argument("--mode", required=True, choices=["int8"])
+    p.add_argument("--out", help="the quantized run directory (default: <run>-<mode>)")
+
     p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -64,13 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
-         "sweep": _sweep, "plan": _plan, "data": _data}[args.command](args)
+         "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _quantize(args) -> None:
+    from llm_jax.quantize import quantize_run
+
+    quantize_run(args.run, args.mode, args.out)
 
 
 def _train(args) -> None:

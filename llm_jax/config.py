@@ -40,6 +40,7 @@ class ModelConfig:
     dtype: str
     remat: str
     attention: str
+    quant: str
 
     @property
     def head_dim(self) -> int:
@@ -376,6 +377,7 @@ def _validate(cfg: Config) -> None:
         (m.n_heads <= 0 or m.head_dim % 2 == 0,
          f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE"),
         (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
+        (m.quant in ("none", "int8"), f"model.quant={m.quant!r} must be none or int8"),
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
         (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),
         (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),

@@ -47,6 +47,20 @@ def _matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
     return y.astype(dtype).reshape(*lead, *out)
 
 
+def _dense(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...],
+           std: float, in_dims: int) -> jax.Array:
+    """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. With model.quant=int8
+    the weight is int8 `name` and a float32 `name_scale` [*out], one per output channel: the scale
+    multiplies the matmul's output, so no dequantized weight is ever materialized."""
+    cfg = module.cfg
+    if cfg.quant == "none":
+        return _matmul(x, _param(module, name, shape, axes, std), in_dims, jnp.dtype(cfg.dtype))
+    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, jnp.int8)
+    scale = _param(module, f"{name}_scale", shape[in_dims:], axes[in_dims:], None)
+    y = _matmul(x, q, in_dims, jnp.dtype(cfg.dtype))  # int8 values are exact in bf16 and f32
+    return (y.astype(jnp.float32) * scale).astype(y.dtype)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -80,9 +94,9 @@ class Block(nn.Module):
 
         # Attention: [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H] -> [B, T, D]
         y = rms_norm(x, _param(self, "attn_norm", (d,), ("embed",), None), cfg.norm_eps)
-        q = _matmul(y, _param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std), 1, dt)
-        kk = _matmul(y, _param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), 1, dt)
-        v = _matmul(y, _param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std), 1, dt)
+        q = _dense(self, "wq", y, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, 1)
+        kk = _dense(self, "wk", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
+        v = _dense(self, "wv", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
         q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -93,17 +107,15 @@ class Block(nn.Module):
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
             attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
-        wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), out_std)
-        x = x + self._dropout(_matmul(attn, wo, 2, dt))
+        x = x + self._dropout(_dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         # SwiGLU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]
         y = rms_norm(x, _param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
-        gate = _matmul(y, _param(self, "w_gate", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), 1, dt)
-        up = _matmul(y, _param(self, "w_up", (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std), 1, dt)
+        gate = _dense(self, "w_gate", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
+        up = _dense(self, "w_up", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        w_down = _param(self, "w_down", (cfg.mlp_dim, d), ("mlp", "embed"), out_std)
-        x = x + self._dropout(_matmul(hidden, w_down, 1, dt))
+        x = x + self._dropout(_dense(self, "w_down", hidden, (cfg.mlp_dim, d), ("mlp", "embed"), out_std, 1))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
     def _dropout(self, x):

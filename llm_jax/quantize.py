@@ -1,15 +1,18 @@
-"""`llm-jax quantize`: post-training, weight-only int8 quantization of a run's linear layers.
+"""`llm-jax quantize`: post-training, weight-only quantization of a run's linear layers.
 
-Each linear weight [layers, *in, *out] becomes int8 values and a float32 scale per layer and output
-channel, scale = max |w| over the inputs / 127, so every channel uses the full int8 range; the
-model multiplies its matmul output by the scale (model.quant=int8, transformer._dense). Norms and
-the embedding / LM head stay float32. The quantized run is a new run directory that `generate`
+Each linear weight [layers, *in, *out] becomes integers and float32 scales (transformer._dense):
+- int8: a scale per layer and output channel, max |w| over the inputs / 127;
+- int4: a scale per layer, group of 32 inputs and output channel, max |w| over the group / 7
+  (symmetric, [-7, 7]; stored as jnp.int4, half a byte each).
+Each scale is set so its largest weight lands on the largest integer. Norms and the embedding /
+LM head stay float32. The quantized run is a new run directory that `generate`
 and `chat` read like any other; the command prints held-out bits per byte before and after.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -19,33 +22,39 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_jax.errors import UserError
+from llm_jax.model.transformer import INT4_GROUP
 
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}  # contracted axes
 
 
-def quantize_int8(params: dict) -> dict:
-    """f32 params -> the int8 tree of model.quant=int8 (layer weights [L, *in, *out] -> int8 + scale [L, *out])."""
+def quantize(params: dict, mode: str) -> dict:
+    """f32 params -> the tree of model.quant=mode: each layer weight [L, *in, *out] -> integers of the
+    same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, K = the inputs)."""
     layers = dict(params["layers"])
     for name, in_dims in IN_DIMS.items():
         w = jnp.asarray(layers.pop(name), jnp.float32)
-        scale = jnp.max(jnp.abs(w), axis=tuple(range(1, 1 + in_dims))) / 127.0
+        lead, out = w.shape[:1 + in_dims], w.shape[1 + in_dims:]
+        group, top, dtype = (math.prod(lead[1:]), 127, jnp.int8) if mode == "int8" else (INT4_GROUP, 7, jnp.int4)
+        grouped = w.reshape(w.shape[0], -1, group, math.prod(out))         # [L, groups, group, N]
+        scale = jnp.max(jnp.abs(grouped), axis=2, keepdims=True) / top
         scale = jnp.where(scale > 0, scale, 1.0)
-        q = jnp.round(w / scale.reshape(scale.shape[:1] + (1,) * in_dims + scale.shape[1:]))
-        layers[name] = jnp.clip(q, -127, 127).astype(jnp.int8)
-        layers[f"{name}_scale"] = scale
+        q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8)
+        layers[name] = q.reshape(w.shape).astype(dtype)
+        scale = scale.reshape(w.shape[0], -1, *out)
+        layers[f"{name}_scale"] = scale[:, 0] if mode == "int8" else scale
     return {**params, "layers": layers}
 
 
 def param_bytes(params) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    return sum(x.size * (0.5 if x.dtype == jnp.int4 else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))
 
 
 def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print) -> Path:
     from llm_jax.cli import load_run
     from llm_jax.config import save_config
 
-    if mode != "int8":
-        raise UserError(f"--mode {mode!r}: only int8 is implemented")
+    if mode not in ("int8", "int4"):
+        raise UserError(f"--mode {mode!r} must be int8 or int4")
     cfg, params, _, step_dir = load_run(run_dir)
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} is already quantized (model.quant={cfg.model.quant}); quantize the float run")
@@ -53,8 +62,12 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
     out = Path(out_dir).expanduser() if out_dir else run.with_name(f"{run.name}-{mode}")
     if out.exists():
         raise UserError(f"{out} exists; remove it or give --out")
-    qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(cfg.model, quant=mode))
-    qparams = quantize_int8(params)
+    m = cfg.model
+    if mode == "int4" and (m.d_model % INT4_GROUP or m.mlp_dim % INT4_GROUP):
+        raise UserError(f"int4 scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
+                        f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8")
+    qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
+    qparams = quantize(params, mode)
     metrics = {name: _held_out(c, p, run) for name, c, p in (("float32", cfg, params), (mode, qcfg, qparams))}
 
     tmp = out.with_name(out.name + ".partial")

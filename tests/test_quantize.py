@@ -2,6 +2,7 @@
 held-out loss next to the float run's."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -9,21 +10,26 @@ from conftest import tiny_config
 from llm_jax.cli import load_run
 from llm_jax.errors import UserError
 from llm_jax.generate import Generator
-from llm_jax.quantize import IN_DIMS, quantize_int8, quantize_run
+from llm_jax.quantize import IN_DIMS, quantize, quantize_run
 from llm_jax.train.loop import train
 
 
-def test_each_weight_is_within_half_a_step_of_its_int8_value():
+@pytest.mark.parametrize("mode, top, group", [("int8", 127, None), ("int4", 7, 32)])
+def test_each_weight_is_within_half_a_step_of_its_integer(mode, top, group):
     rng = np.random.default_rng(0)
-    params = {"layers": {name: rng.normal(size=(2, 8, 3, 4) if name == "wo" else (2, 8, 12)).astype(np.float32)
+    params = {"layers": {name: rng.normal(size=(2, 64, 3, 4) if name == "wo" else (2, 64, 12)).astype(np.float32)
                          for name in IN_DIMS}, "embedding": np.ones((5, 8), np.float32)}
-    q = quantize_int8(params)
+    q = quantize(params, mode)
     for name, in_dims in IN_DIMS.items():
-        values, scale = np.asarray(q["layers"][name]), np.asarray(q["layers"][f"{name}_scale"])
-        assert values.dtype == np.int8 and scale.shape == (2,) + params["layers"][name].shape[1 + in_dims:]
-        restored = values * scale.reshape(scale.shape[:1] + (1,) * in_dims + scale.shape[1:])
-        assert np.abs(restored - params["layers"][name]).max() <= scale.max() / 2 + 1e-7
-        assert np.abs(values).max() == 127  # each channel's largest weight uses the full range
+        w = params["layers"][name]
+        values = np.asarray(q["layers"][name]).astype(np.int8)
+        scale = np.asarray(q["layers"][f"{name}_scale"])
+        k = int(np.prod(w.shape[1:1 + in_dims]))
+        n_groups = 1 if group is None else k // group
+        assert scale.shape == (2,) + ((n_groups,) if group else ()) + w.shape[1 + in_dims:]
+        per_weight = np.repeat(scale.reshape(2, n_groups, -1), k // n_groups, axis=1).reshape(w.shape)
+        assert np.all(np.abs(values * per_weight - w) <= per_weight / 2 + 1e-7)
+        assert np.abs(values).max() == top  # each group's largest weight uses the full range
     assert q["embedding"] is params["embedding"]
 
 
@@ -37,20 +43,21 @@ def float_run(tmp_path_factory, prepared_template, corpus_slice):
     return run
 
 
-def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run):
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10)])
+def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, tolerance):
     lines = []
-    out = quantize_run(str(float_run), "int8", log=lines.append)
-    assert out == float_run.with_name("run-int8")
+    out = quantize_run(str(float_run), mode, log=lines.append)
+    assert out == float_run.with_name(f"run-{mode}")
     bpb = {line.split(":")[0].split()[-1]: float(line.rsplit("bpb", 1)[1]) for line in lines if "held-out" in line}
-    assert abs(bpb["int8"] - bpb["float32"]) <= 0.01 * bpb["float32"], bpb
+    assert abs(bpb[mode] - bpb["float32"]) <= tolerance * bpb["float32"], bpb
     cfg, params, tokenizer, _ = load_run(str(out))
-    assert cfg.model.quant == "int8" and params["layers"]["wq"].dtype == np.int8
+    assert cfg.model.quant == mode and params["layers"]["wq"].dtype == {"int8": np.int8, "int4": jnp.int4}[mode]
     fcfg, fparams, _, _ = load_run(str(float_run))
     nbytes = [sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for p in (params, fparams)]
     assert nbytes[0] < nbytes[1]
     prompt = tokenizer.encode("Romeo.\n")
     assert len(list(Generator(cfg.model, params).stream(prompt, 8))) == 8
     with pytest.raises(UserError, match="exists; remove it or give --out"):
-        quantize_run(str(float_run), "int8")
+        quantize_run(str(float_run), mode)
     with pytest.raises(UserError, match="already quantized"):
-        quantize_run(str(out), "int8", str(out) + "-again")
+        quantize_run(str(out), mode, str(out) + "-again")

@@ -47,18 +47,30 @@ def _matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
     return y.astype(dtype).reshape(*lead, *out)
 
 
+INT4_GROUP = 32  # model.quant=int4: weights share a scale in groups of this many inputs
+
+
 def _dense(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...],
            std: float, in_dims: int) -> jax.Array:
-    """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. With model.quant=int8
-    the weight is int8 `name` and a float32 `name_scale` [*out], one per output channel: the scale
-    multiplies the matmul's output, so no dequantized weight is ever materialized."""
-    cfg = module.cfg
+    """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. Quantized weights
+    (llm_jax/quantize.py) are stored as `name` plus a float32 `name_scale`:
+    - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
+    - int4: a scale per group of INT4_GROUP inputs and output channel [K / group, *out]; the weight
+      is dequantized to float for the matmul."""
+    cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
     if cfg.quant == "none":
-        return _matmul(x, _param(module, name, shape, axes, std), in_dims, jnp.dtype(cfg.dtype))
-    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, jnp.int8)
-    scale = _param(module, f"{name}_scale", shape[in_dims:], axes[in_dims:], None)
-    y = _matmul(x, q, in_dims, jnp.dtype(cfg.dtype))  # int8 values are exact in bf16 and f32
-    return (y.astype(jnp.float32) * scale).astype(y.dtype)
+        return _matmul(x, _param(module, name, shape, axes, std), in_dims, dt)
+    out_shape, out_axes = shape[in_dims:], axes[in_dims:]
+    dtype = jnp.int8 if cfg.quant == "int8" else jnp.int4
+    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, dtype)
+    if cfg.quant == "int8":
+        scale = _param(module, f"{name}_scale", out_shape, out_axes, None)
+        y = _matmul(x, q, in_dims, dt)  # int8 values are exact in bf16 and f32
+        return (y.astype(jnp.float32) * scale).astype(y.dtype)
+    groups = math.prod(shape[:in_dims]) // INT4_GROUP
+    scale = _param(module, f"{name}_scale", (groups, *out_shape), (None, *out_axes), None)
+    w = q.astype(jnp.float32).reshape(groups, INT4_GROUP, -1) * scale.reshape(groups, 1, -1)
+    return _matmul(x, w.reshape(shape), in_dims, dt)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -1,0 +1,59 @@
+"""Decode speed of a trained run at batch 1: time to first token (prefill of the prompt) and decode
+tokens/s, for float32 weights, bfloat16 compute, and int8 / int4 weights (llm_jax/quantize.py).
+
+    python benchmarks/decode.py [--run runs/shakespeare] [--new-tokens 100] [--repeats 3]
+
+Compilation is excluded: each variant generates once before it is timed. Batched generation is not
+built yet (issue 7), so there is no batch-16 row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/shakespeare", help="a trained (float) run directory")
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from llm_jax.cli import load_run
+    from llm_jax.generate import Generator
+    from llm_jax.quantize import param_bytes, quantize
+
+    cfg, params, tokenizer, _ = load_run(args.run)
+    prompt = tokenizer.encode("Enter KING LEAR, with his daughters and attendants.\n")
+    variants = [("float32", cfg.model, params),
+                ("bfloat16 compute", dataclasses.replace(cfg.model, dtype="bfloat16"), params),
+                ("int8 weights", dataclasses.replace(cfg.model, quant="int8"), quantize(params, "int8")),
+                ("int4 weights", dataclasses.replace(cfg.model, quant="int4"), quantize(params, "int4"))]
+    print(f"{args.run}: prompt {len(prompt)} tokens, {args.new_tokens} new, greedy, batch 1")
+    print(f"{'weights':<18} | {'MiB':>6} | {'first token ms':>14} | {'decode tokens/s':>15}")
+    for name, model_cfg, p in variants:
+        gen = Generator(model_cfg, p)
+        list(gen.stream(prompt, args.new_tokens))  # compile prefill and decode
+        firsts, rates = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            stream = gen.stream(prompt, args.new_tokens)
+            next(stream)
+            t1 = time.perf_counter()
+            n = 1 + sum(1 for _ in stream)
+            t2 = time.perf_counter()
+            firsts.append(1e3 * (t1 - t0))
+            rates.append((n - 1) / (t2 - t1))
+        print(f"{name:<18} | {param_bytes(p) / 2**20:>6.2f} | {statistics.median(firsts):>14.1f} | "
+              f"{statistics.median(rates):>15.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,10 @@
-"""Decode speed of a trained run at batch 1: time to first token (prefill of the prompt) and decode
-tokens/s, for float32 weights, bfloat16 compute, and int8 / int4 weights (llm_jax/quantize.py).
+"""Decode speed of a trained run: time to first token (prefill of the prompt) and decode tokens/s
+at batch 1 and batch 16 (16 rows decoded together), for float32 weights, bfloat16 compute, and
+int8 / int4 weights (llm_jax/quantize.py).
 
     python benchmarks/decode.py [--run runs/shakespeare] [--new-tokens 100] [--repeats 3]
 
-Compilation is excluded: each variant generates once before it is timed. Batched generation is not
-built yet (issue 7), so there is no batch-16 row.
+Compilation is excluded: each variant generates once before it is timed.
 """
 
 from __future__ import annotations
@@ -36,23 +36,27 @@ def main() -> None:
                 ("bfloat16 compute", dataclasses.replace(cfg.model, dtype="bfloat16"), params),
                 ("int8 weights", dataclasses.replace(cfg.model, quant="int8"), quantize(params, "int8")),
                 ("int4 weights", dataclasses.replace(cfg.model, quant="int4"), quantize(params, "int4"))]
-    print(f"{args.run}: prompt {len(prompt)} tokens, {args.new_tokens} new, greedy, batch 1")
-    print(f"{'weights':<18} | {'MiB':>6} | {'first token ms':>14} | {'decode tokens/s':>15}")
+    print(f"{args.run}: prompt {len(prompt)} tokens, {args.new_tokens} new, greedy")
+    print(f"{'weights':<18} | {'MiB':>6} | {'first token ms':>14} | {'tokens/s, batch 1':>17} | "
+          f"{'tokens/s, batch 16':>18}")
     for name, model_cfg, p in variants:
         gen = Generator(model_cfg, p)
-        list(gen.stream(prompt, args.new_tokens))  # compile prefill and decode
-        firsts, rates = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            stream = gen.stream(prompt, args.new_tokens)
-            next(stream)
-            t1 = time.perf_counter()
-            n = 1 + sum(1 for _ in stream)
-            t2 = time.perf_counter()
-            firsts.append(1e3 * (t1 - t0))
-            rates.append((n - 1) / (t2 - t1))
+        firsts, rates = [], {1: [], 16: []}
+        for batch in (1, 16):
+            args_b = ([prompt] * batch, [args.new_tokens] * batch, [0.0] * batch, [0] * batch, [1.0] * batch,
+                      list(range(batch)))
+            list(gen.stream_batch(*args_b))  # compile prefill and decode for this batch size
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                steps = gen.stream_batch(*args_b)
+                next(steps)
+                t1 = time.perf_counter()
+                n = 1 + sum(1 for _ in steps)
+                rates[batch].append(batch * (n - 1) / (time.perf_counter() - t1))
+                if batch == 1:
+                    firsts.append(1e3 * (t1 - t0))
         print(f"{name:<18} | {param_bytes(p) / 2**20:>6.2f} | {statistics.median(firsts):>14.1f} | "
-              f"{statistics.median(rates):>15.1f}")
+              f"{statistics.median(rates[1]):>17.1f} | {statistics.median(rates[16]):>18.1f}")
 
 
 if __name__ == "__main__":

@@ -49,24 +49,34 @@ def fit_prompt(ids: list[int], seq_len: int, max_new_tokens: int) -> tuple[list[
 
 
 class Generator:
-    """Generation for one model; compiled once per prompt-length bucket."""
+    """Generation for one model; compiled once per (batch size, prompt-length bucket).
+
+    A batch holds prompts of different lengths, right-padded to a common bucket; each row keeps its
+    own cache position, sampling settings and seed, so a row produces exactly the tokens its prompt
+    produces alone (row r's step-i key is fold_in(PRNGKey(seed_r), i) either way)."""
 
     def __init__(self, cfg: ModelConfig, params):
         self.cfg, self.params = cfg, params
         model = Transformer(cfg)
 
-        def prefill(params, tokens, length, rng, settings):
-            """tokens [1, P_bucket] (right-padded) -> first new token, cache."""
-            hidden, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, tokens.shape[0]))
-            last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
-            logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
-            return sample_token(logits, rng, *settings), cache
+        def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
+            def one(row_logits, seed, temperature, top_k, top_p):
+                key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+                return sample_token(row_logits[None], key, temperature, top_k, top_p)[0]
+            return jax.vmap(one)(logits, seeds, *settings)
 
-        def decode(params, cache, token, index, rng, settings):
-            """token [B] at position `index` -> next token [B], cache."""
+        def prefill(params, tokens, lengths, seeds, settings):
+            """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
+            hidden, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, tokens.shape[0]))
+            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+            logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
+            return sample_rows(logits, seeds, 0, settings), cache
+
+        def decode(params, cache, token, index, seeds, step, settings):
+            """token [B] at positions index [B] -> next tokens [B], cache."""
             hidden, cache = model.apply({"params": params}, token[:, None], cache=cache, cache_index=index)
             logits = model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
-            return sample_token(logits, rng, *settings), cache
+            return sample_rows(logits, seeds, step, settings), cache
 
         self._prefill = jax.jit(prefill)
         self._decode = jax.jit(decode, donate_argnums=1)
@@ -74,21 +84,40 @@ class Generator:
     def stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
         """Yields new token ids until max_new_tokens or a stop id (not yielded). Call fit_prompt first."""
-        n = len(prompt_ids)
-        if not (0 < n and n + max_new_tokens <= self.cfg.seq_len):
-            raise ValueError(f"prompt of {n} tokens + {max_new_tokens} new exceeds {self.cfg.seq_len}; use fit_prompt")
-        bucket = min(self.cfg.seq_len, 1 << max(4, (n - 1).bit_length()))
-        tokens = jnp.asarray([prompt_ids + [0] * (bucket - n)], jnp.int32)
-        settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-        rng = jax.random.PRNGKey(seed)
-        token, cache = self._prefill(self.params, tokens, n, jax.random.fold_in(rng, 0), settings)
-        for i in range(max_new_tokens):
-            tok = int(token[0])
-            if tok in stop_ids:
+        for (tok,) in self.stream_batch([prompt_ids], [max_new_tokens], [temperature], [top_k], [top_p], [seed],
+                                        stop_ids):
+            if tok is None:
                 return
             yield tok
-            if i + 1 < max_new_tokens:
-                token, cache = self._decode(self.params, cache, token, n + i, jax.random.fold_in(rng, i + 1), settings)
+
+    def stream_batch(self, prompts: list[list[int]], max_new_tokens: list[int], temperature: list[float],
+                     top_k: list[int], top_p: list[float], seeds: list[int],
+                     stop_ids: tuple[int, ...] = ()) -> Iterator[list[int | None]]:
+        """Per step, each row's new token, or None once the row stopped (its budget or a stop id);
+        ends when every row has stopped. Prompts must fit with their budgets (fit_prompt)."""
+        for ids, new in zip(prompts, max_new_tokens):
+            if not (0 < len(ids) and len(ids) + new <= self.cfg.seq_len):
+                raise ValueError(f"prompt of {len(ids)} tokens + {new} new exceeds {self.cfg.seq_len}; use fit_prompt")
+        lengths = [len(ids) for ids in prompts]
+        bucket = min(self.cfg.seq_len, 1 << max(4, (max(lengths) - 1).bit_length()))
+        tokens = jnp.asarray([ids + [0] * (bucket - len(ids)) for ids in prompts], jnp.int32)
+        settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                    jnp.asarray(top_p, jnp.float32))
+        seeds_arr = jnp.asarray(seeds, jnp.uint32)
+        token, cache = self._prefill(self.params, tokens, jnp.asarray(lengths, jnp.int32), seeds_arr, settings)
+        live = [new > 0 for new in max_new_tokens]
+        for i in range(max(max_new_tokens)):
+            out = []
+            for r, tok in enumerate(token.tolist()):
+                live[r] = live[r] and i < max_new_tokens[r] and tok not in stop_ids
+                out.append(tok if live[r] else None)
+            if not any(live):
+                return
+            yield out
+            if i + 1 < max(max_new_tokens):
+                index = jnp.asarray(lengths, jnp.int32) + i  # a stopped row keeps writing past its end, unread
+                token, cache = self._decode(self.params, cache, token, jnp.minimum(index, self.cfg.seq_len - 1),
+                                            seeds_arr, i + 1, settings)
 
 
 def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:

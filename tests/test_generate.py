@@ -87,3 +87,23 @@ def test_generation_stops_at_a_stop_id():
     assert stopped == free[:free.index(free[4])]
     with pytest.raises(ValueError, match="use fit_prompt"):
         list(gen.stream(list(range(30)), 10))
+
+
+def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
+    cfg = load_config("tiny", ["model.seq_len=48"]).model
+    model = Transformer(cfg)
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"])()
+    params = jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    gen = Generator(cfg, params)
+    # lengths 3, 21 and 9 (prompt buckets 16 and 32 alone, 32 together), greedy and sampled rows,
+    # each with its own budget, settings and seed
+    rows = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
+            ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]
+    alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in rows]
+    batched = [[] for _ in rows]
+    for step in gen.stream_batch(*map(list, zip(*rows))):
+        for r, tok in enumerate(step):
+            if tok is not None:
+                batched[r].append(tok)
+    assert batched == alone and [len(b) for b in batched] == [12, 20, 7]

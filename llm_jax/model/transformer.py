@@ -114,10 +114,10 @@ class Block(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
             attn = causal_attention(q, kk, v, cfg.attention, segments)
-        else:  # decode: write this chunk at cache_index, attend to every cached position <= own
-            start = (0, cache_index, 0, 0)
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), start),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+        else:  # decode: write this chunk at each row's cache_index, attend to every cached position <= own
+            index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (x.shape[0],))
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
+            cache = {"k": write(cache["k"], kk, index), "v": write(cache["v"], v, index)}
             attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
         x = x + self._dropout(_dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -164,14 +164,15 @@ class Transformer(nn.Module):
         """tokens [B, T] -> final hidden states [B, T, D] (normed), and the updated cache.
 
         Without a cache, positions default to 0..T-1. With one, the T tokens are written at
-        cache_index and positions default to cache_index + 0..T-1. segments [B, T] (packed
-        examples, training only): attention stays within a segment and positions restart at each.
+        cache_index (a scalar, or [B]: one per row) and positions default to cache_index + 0..T-1.
+        segments [B, T] (packed examples, training only): attention stays within a segment and
+        positions restart at each.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions is None and segments is not None:
             positions = segment_positions(segments)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]) + cache_index, tokens.shape)
+            positions = jnp.broadcast_to(jnp.asarray(cache_index)[..., None] + jnp.arange(tokens.shape[1]), tokens.shape)
         # The lookup gathers rows from a table replicated for the occasion: a gather from a table
         # split over vocab and embed makes XLA's partitioner replicate anyway, with a warning.
         table = nn.with_logical_constraint(self.embedding, (None, None))

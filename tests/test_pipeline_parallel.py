@@ -113,7 +113,10 @@ def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, c
     (["model.n_layers=4", "mesh.pipeline=4", "mesh.microbatches=2"],
      "mesh.microbatches=2 is fewer than the mesh.pipeline=4 stages"),
     (["model.n_layers=4", "mesh.pipeline=2", "mesh.microbatches=3", "train.batch_size=8"],
-     "mesh.microbatches=3 does not divide the 8 sequences of each step"),
+     r"the 8 sequences of each step \(train.batch_size / train.grad_accum\) do not split into 3 pipeline "
+     r"micro-batches \(mesh.microbatches=3\)"),
+    (["model.n_layers=3", "mesh.pipeline=3", "train.batch_size=8"],
+     r"do not split into 3 pipeline micro-batches \(mesh.microbatches=0, i.e. one per stage\)"),
 ])
 def test_bad_pipeline_settings_name_the_numbers(overrides, message):
     with pytest.raises(UserError, match=message):

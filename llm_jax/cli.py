@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     _sampling_args(p)
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
+    p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
 
     p = sub.add_parser("chat", help="talk to a fine-tuned (sft/dpo) run in the terminal, with the chat template")
     _sampling_args(p)
@@ -191,7 +192,7 @@ def _generate(args) -> None:
         print(f"note: {note}", file=sys.stderr)
     print(f"[{step_dir.name} steps] {prompt}", end="", flush=True)
     tokens = Generator(cfg.model, params).stream(ids, max_new, *settings, args.seed, stop_ids=(tokenizer.eos_id,))
-    for piece in stream_text(tokenizer, tokens):
+    for piece in stream_text(tokenizer, tokens, args.stop):
         print(piece, end="", flush=True)
     print()
 

@@ -8,7 +8,7 @@ most) and a note says how many were dropped; max_new_tokens is capped at seq_len
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,16 +120,30 @@ class Generator:
                                             seeds_arr, i + 1, settings)
 
 
-def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """Token ids -> text pieces, holding back bytes of a character not yet complete."""
-    ids, shown = [], 0
+def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Token ids -> text pieces, holding back bytes of a character not yet complete. With stop
+    strings, the text ends just before the first one (which is not shown) and no further token is
+    drawn; the last len(longest stop) - 1 characters wait until they cannot begin one."""
+    ids, shown, hold = [], 0, max((len(s) for s in stop), default=1) - 1
     for tok in token_ids:
         ids.append(tok)
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue
-        yield text[shown:]
-        shown = len(text)
+        end = _first_stop(text, stop, shown)
+        if end is not None:
+            yield text[shown:end]
+            return
+        if len(text) - hold > shown:
+            yield text[shown:len(text) - hold]
+            shown = len(text) - hold
     text = tokenizer.decode(ids)
-    if len(text) > shown:
-        yield text[shown:]
+    end = _first_stop(text, stop, shown)
+    if (len(text) if end is None else end) > shown:
+        yield text[shown:end]
+
+
+def _first_stop(text: str, stop: Sequence[str], shown: int) -> int | None:
+    """Where the earliest stop string starts in text (searching only text not yet fully shown)."""
+    starts = [i for s in stop if s and (i := text.find(s, max(0, shown - len(s) + 1))) >= 0]
+    return min(starts, default=None)

@@ -107,3 +107,21 @@ def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
             if tok is not None:
                 batched[r].append(tok)
     assert batched == alone and [len(b) for b in batched] == [12, 20, 7]
+
+
+def test_stop_strings_end_the_text_before_them_and_stop_drawing(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 5))) for _ in range(2000)]
+    tok = train_tokenizer([" ".join(words)], 400, tmp_path / "t", 10**6, seed=0)
+    ids = tok.encode("the cat sat. THE END and more")
+    drawn = []
+
+    def tokens():
+        for i in ids:
+            drawn.append(i)
+            yield i
+
+    text = "".join(stream_text(tok, tokens(), stop=("THE END", "never")))
+    assert text == "the cat sat. " and len(drawn) < len(ids)
+    assert "".join(stream_text(tok, iter(ids), stop=("absent",))) == "the cat sat. THE END and more"
+    assert "".join(stream_text(tok, iter(ids), stop=("more",))) == "the cat sat. THE END and "

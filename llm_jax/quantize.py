@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_jax.errors import UserError
@@ -101,10 +100,9 @@ def _held_out(cfg, params, run: Path) -> dict | None:
         return None
     data = prepare_data(dataclasses.replace(cfg, run_dir=str(run)), run, log=lambda *_: None)
     layout = sharding.single_device_layout()
-    token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
-    token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
     one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
-    steps = make_steps(one_device, layout, make_optimizer(cfg.optim, 1), token_bytes, data.train[0])
+    steps = make_steps(one_device, layout, make_optimizer(cfg.optim, 1),
+                       data.tokenizer.token_bytes(cfg.model.vocab_size), data.train[0])
     with layout.activate():
         params = jax.device_put(params, layout.replicated())
     return evaluate(one_device, steps, params, data)

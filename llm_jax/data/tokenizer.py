@@ -54,9 +54,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def token_bytes(self) -> np.ndarray:
-        """[vocab] int32: UTF-8 bytes each token stands for (0 for control tokens), for bits per byte."""
-        out = np.zeros(self.vocab_size, np.int32)
+    def token_bytes(self, size: int | None = None) -> np.ndarray:
+        """[size] int32 (default: the vocabulary): UTF-8 bytes each token stands for, for bits per byte;
+        0 for control tokens and for ids past the vocabulary (a model's vocab_size may be larger)."""
+        out = np.zeros(size or self.vocab_size, np.int32)
         for i in range(self.vocab_size):
             if self.sp.is_control(i) or self.sp.is_unknown(i):
                 continue

@@ -44,10 +44,9 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     layout.check(cfg)
     if cfg.train.objective == "dpo":
         data = reference_logps(cfg, layout, data, run_dir, log)
-    token_bytes = np.zeros(cfg.model.vocab_size, np.int32)
-    token_bytes[:data.tokenizer.vocab_size] = data.tokenizer.token_bytes()
     example = data.train[0]
-    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), token_bytes, example)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps),
+                       data.tokenizer.token_bytes(cfg.model.vocab_size), example)
     it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count(),
                         cfg.data.loader_workers)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)

@@ -1,9 +1,10 @@
-"""`llm-jax` command line: train, generate, chat, eval-chat, config, sweep, plan, data.
+"""`llm-jax` command line: train, generate, chat, eval-chat, quantize, serve, config, sweep, plan, data.
 Errors the user can fix print one message."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", required=True, choices=["int8", "int4"])
     p.add_argument("--out", help="the quantized run directory (default: <run>-<mode>)")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (completions, chat, streaming)")
+    p.add_argument("--run", required=True, help="run directory (float or quantized)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (capped by the context)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--api-key", default=os.environ.get("LLM_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)")
+
     p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -70,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
-         "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize}[args.command](args)
+         "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize,
+         "serve": _serve}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -83,6 +96,15 @@ def _quantize(args) -> None:
     from llm_jax.quantize import quantize_run
 
     quantize_run(args.run, args.mode, args.out)
+
+
+def _serve(args) -> None:
+    if min(args.max_tokens, args.max_batch, args.max_queue) < 1 or not 0 <= args.port < 65536:
+        raise UserError("need --max-tokens, --max-batch, --max-queue >= 1 and 0 <= --port < 65536")
+    from llm_jax.server import serve
+
+    serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.max_batch, args.max_queue,
+          args.api_key)
 
 
 def _train(args) -> None:

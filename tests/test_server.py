@@ -1,0 +1,207 @@
+"""`llm-jax serve` as a real process on 127.0.0.1, driven by the official openai client and raw HTTP."""
+
+import http.client
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import tiny_config
+from llm_jax.chat import prompt_ids
+from llm_jax.cli import load_run
+from llm_jax.generate import Generator, stream_text
+from llm_jax.train.loop import train
+
+MODEL = "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, prepared_template, corpus_slice) -> Path:
+    run = tmp_path_factory.mktemp("serve") / "run"
+    shutil.copytree(prepared_template, run)
+    train(tiny_config(run, "train.steps=30", "train.eval_every=30", sources=corpus_slice), log=lambda *_: None)
+    return run
+
+
+def _start(run: Path, log: Path, *flags: str):
+    """A server process on a free port -> (process, port), once it says it is serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "llm_jax", "serve", "--run", str(run), "--port", "0",
+                             "--model-name", MODEL, *flags], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    line = proc.stdout.readline()
+    assert "serving" in line, (line, log.read_text()[-2000:])
+    return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+@pytest.fixture(scope="module")
+def server(run, tmp_path_factory):
+    proc, port = _start(run, tmp_path_factory.mktemp("log") / "server.log", "--max-batch", "16")
+    yield proc, port
+    proc.terminate()
+    proc.wait(30)
+
+
+def _client(port, **kw):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", **kw)
+
+
+def _post(port, path, body, raw=False):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def _get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def test_openai_client_completions_chat_and_streams_match_the_generator(run, server):
+    _, port = server
+    client = _client(port)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    cfg, params, tok, _ = load_run(str(run))
+    gen = Generator(cfg.model, params)
+    stop_ids = (tok.eos_id,) + prompt_ids(tok, [{"role": "user", "content": ""}])[1]
+
+    # greedy completion == what the generator writes for the same prompt
+    ids = [tok.eos_id] + tok.encode("Romeo.\n")
+    expected = "".join(stream_text(tok, gen.stream(ids, 24, stop_ids=stop_ids)))
+    out = client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0)
+    assert out.choices[0].text == expected and len(expected) > 0
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 24
+    assert out.choices[0].finish_reason == "length"
+    streamed = list(client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+    # a stop string ends the text just before it
+    cut = expected[len(expected) // 2:][:3]
+    out = client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0, stop=[cut])
+    assert out.choices[0].text == expected[:expected.index(cut)] and out.choices[0].finish_reason == "stop"
+
+    # chat through the template, plain and streamed; a seed makes sampling repeatable
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Kent?"}]
+    chat_ids, _ = prompt_ids(tok, messages)
+    expected = "".join(stream_text(tok, gen.stream(chat_ids, 20, 1.0, 0, 0.9, 7, stop_ids)))
+    kw = dict(model=MODEL, messages=messages, max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    out = client.chat.completions.create(**kw)
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(chat_ids)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+BAD = [
+    ("/v1/completions", b'{"model": "tiny-chat", "prompt": ', 400, "not valid JSON"),
+    ("/v1/completions", {"model": MODEL}, 400, "'prompt' must be a string"),
+    ("/v1/completions", {"prompt": "x"}, 400, "missing required field 'model'"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "'gpt-9' does not exist"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be an integer"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "at most 63 new tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x " * 80, "max_tokens": 8}, 400, "maximum context length is 64"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "'temperature' must be a number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "'n' must be an integer in [1, 1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "'stop' must be"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "unsupported role 'tool'"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "message 0 must be"),
+    ("/v1/embeddings", {"model": MODEL, "input": "x"}, 404, "no endpoint POST /v1/embeddings"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    _, port = server
+    for path, body, status, message in BAD:
+        got, reply = _post(port, path, body, raw=isinstance(body, bytes))
+        assert (got, set(reply["error"])) == (status, {"message", "type", "param", "code"}), (body, reply)
+        assert message in reply["error"]["message"], (message, reply)
+    client = _client(port, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-9", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as error:
+        client.completions.create(model=MODEL, prompt="x " * 80, max_tokens=8)
+    assert error.value.code == "context_length_exceeded"
+    assert _get(port, "/health") == (200, _get(port, "/health")[1]) and _get(port, "/health")[1]["status"] == "ok"
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    _, port = server
+    before = _get(port, "/health")[1]["cancelled"]
+    body = json.dumps({"model": MODEL, "prompt": "Romeo.\n", "max_tokens": 56, "temperature": 0, "stream": True})
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        assert b"200 OK" in sock.recv(200)
+    for _ in range(100):
+        if _get(port, "/health")[1]["cancelled"] > before:
+            break
+        time.sleep(0.1)
+    assert _get(port, "/health")[1]["cancelled"] == before + 1
+    assert _client(port).completions.create(model=MODEL, prompt="x", max_tokens=4).choices[0].finish_reason
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_200_requests_from_16_clients_are_all_answered_in_bounded_memory(server):
+    proc, port = server
+    client = _client(port, max_retries=0)
+
+    def ask(i):
+        r = random.Random(i)
+        n, stream = r.randint(1, 40), i % 3 == 0
+        if i % 2:
+            out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                                                 max_tokens=n, seed=i, stream=stream)
+            text = "".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content
+        else:
+            out = client.completions.create(model=MODEL, prompt=f"{i}. ", max_tokens=n, seed=i, stream=stream)
+            text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+        return isinstance(text, str)
+
+    def load():
+        with ThreadPoolExecutor(16) as pool:
+            return sum(pool.map(ask, range(200)))
+
+    start = _get(port, "/health")[1]["requests"]
+    assert load() == 200  # every shape compiles in this first round
+    rss = _rss_mib(proc.pid)
+    assert load() == 200
+    health = _get(port, "/health")[1]
+    assert health["requests"] - start == 400 and health["waiting"] == 0
+    assert health["batches"] < health["requests"]  # requests were batched together
+    assert _rss_mib(proc.pid) - rss < 64, (rss, _rss_mib(proc.pid))
+
+
+def test_a_full_queue_answers_429_and_loses_nothing(run, tmp_path):
+    proc, port = _start(run, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "1")
+    try:
+        body = {"model": MODEL, "prompt": "Romeo.\n", "max_tokens": 50, "temperature": 0}
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: _post(port, "/v1/completions", body), range(8)))
+        statuses = sorted(status for status, _ in replies)
+        assert set(statuses) == {200, 429} and len(statuses) == 8, statuses
+        busy = next(reply for status, reply in replies if status == 429)["error"]
+        assert busy["type"] == "rate_limit_error" and "requests are already waiting" in busy["message"]
+        assert _post(port, "/v1/completions", body)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (capped by the context)")
     p.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor over this host's devices (the run's rules "
+                   "place params and the KV cache); 1,1,1: one device")
     p.add_argument("--api-key", default=os.environ.get("LLM_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)")
 
@@ -104,7 +106,7 @@ def _serve(args) -> None:
     from llm_jax.server import serve
 
     serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.max_batch, args.max_queue,
-          args.api_key)
+          args.api_key, args.mesh)
 
 
 def _train(args) -> None:

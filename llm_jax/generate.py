@@ -8,6 +8,7 @@ most) and a note says how many were dropped; max_new_tokens is capped at seq_len
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import jax
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.transformer import Transformer, init_cache
+from llm_jax.sharding import Layout
+from llm_jax.train.step import abstract_params
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -53,10 +56,19 @@ class Generator:
 
     A batch holds prompts of different lengths, right-padded to a common bucket; each row keeps its
     own cache position, sampling settings and seed, so a row produces exactly the tokens its prompt
-    produces alone (row r's step-i key is fold_in(PRNGKey(seed_r), i) either way)."""
+    produces alone (row r's step-i key is fold_in(PRNGKey(seed_r), i) either way).
 
-    def __init__(self, cfg: ModelConfig, params):
-        self.cfg, self.params = cfg, params
+    With a layout (llm_jax/sharding.py), parameters are split over its mesh as in training and the
+    KV cache like the activations: rows over the batch axes, kv heads over tensor (CACHE_AXES); a
+    batch gets idle rows up to a multiple of the batch shards."""
+
+    def __init__(self, cfg: ModelConfig, params, layout: Layout | None = None):
+        self.cfg, self.layout = cfg, layout
+        self.row_multiple = layout.axis_size("batch") if layout else 1
+        if layout:
+            shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
+            params = jax.device_put(params, shardings)
+        self.params = params
         model = Transformer(cfg)
 
         def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
@@ -98,13 +110,19 @@ class Generator:
         for ids, new in zip(prompts, max_new_tokens):
             if not (0 < len(ids) and len(ids) + new <= self.cfg.seq_len):
                 raise ValueError(f"prompt of {len(ids)} tokens + {new} new exceeds {self.cfg.seq_len}; use fit_prompt")
+        rows = len(prompts)
+        idle = -rows % self.row_multiple  # rows with a one-token prompt and no budget
+        prompts, max_new_tokens, temperature, top_k, top_p, seeds = (
+            list(column) + [pad] * idle for column, pad in
+            zip((prompts, max_new_tokens, temperature, top_k, top_p, seeds), ([0], 0, 0.0, 0, 1.0, 0)))
         lengths = [len(ids) for ids in prompts]
         bucket = min(self.cfg.seq_len, 1 << max(4, (max(lengths) - 1).bit_length()))
         tokens = jnp.asarray([ids + [0] * (bucket - len(ids)) for ids in prompts], jnp.int32)
         settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                     jnp.asarray(top_p, jnp.float32))
         seeds_arr = jnp.asarray(seeds, jnp.uint32)
-        token, cache = self._prefill(self.params, tokens, jnp.asarray(lengths, jnp.int32), seeds_arr, settings)
+        with self._mesh():
+            token, cache = self._prefill(self.params, tokens, jnp.asarray(lengths, jnp.int32), seeds_arr, settings)
         live = [new > 0 for new in max_new_tokens]
         for i in range(max(max_new_tokens)):
             out = []
@@ -113,11 +131,16 @@ class Generator:
                 out.append(tok if live[r] else None)
             if not any(live):
                 return
-            yield out
+            yield out[:rows]
             if i + 1 < max(max_new_tokens):
                 index = jnp.asarray(lengths, jnp.int32) + i  # a stopped row keeps writing past its end, unread
-                token, cache = self._decode(self.params, cache, token, jnp.minimum(index, self.cfg.seq_len - 1),
-                                            seeds_arr, i + 1, settings)
+                with self._mesh():
+                    token, cache = self._decode(self.params, cache, token, jnp.minimum(index, self.cfg.seq_len - 1),
+                                                seeds_arr, i + 1, settings)
+
+    def _mesh(self):
+        """Where the model's logical constraints resolve (entered per call: never held across a yield)."""
+        return self.layout.activate() if self.layout else contextlib.nullcontext()
 
 
 def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:

@@ -5,8 +5,9 @@ Each linear weight [layers, *in, *out] becomes integers and float32 scales (tran
 - int4: a scale per layer, group of 32 inputs and output channel, max |w| over the group / 7
   (symmetric, [-7, 7]; stored as jnp.int4, half a byte each).
 Each scale is set so its largest weight lands on the largest integer. Norms and the embedding /
-LM head stay float32. The quantized run is a new run directory that `generate`
-and `chat` read like any other; the command prints held-out bits per byte before and after.
+LM head stay float32. The quantized run is a new run directory that `generate`, `chat` and `serve`
+read like any other; the command prints held-out bits per byte of the float run (float32 and
+bfloat16 compute) and of the quantized one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
                         f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8")
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
     qparams = quantize(params, mode)
-    metrics = {name: _held_out(c, p, run) for name, c, p in (("float32", cfg, params), (mode, qcfg, qparams))}
+    bf16 = dataclasses.replace(cfg, model=dataclasses.replace(m, dtype="bfloat16"))
+    metrics = {name: _held_out(c, p, run) for name, c, p in
+               (("float32", cfg, params), ("bfloat16", bf16, params), (mode, qcfg, qparams))}
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -41,12 +41,13 @@ class ApiError(Exception):
 class Service:
     """Turns OpenAI request bodies into engine requests and engine tokens into response objects."""
 
-    def __init__(self, cfg, params, tokenizer, model_name: str, max_tokens: int, max_batch: int, max_queue: int):
+    def __init__(self, cfg, params, tokenizer, model_name: str, max_tokens: int, max_batch: int, max_queue: int,
+                 layout=None):
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
         _, self.chat_stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])  # checks the chat tokens
-        self.engine = Engine(Generator(cfg.model, params), self.chat_stop_ids, max_batch, max_queue, tokenizer.eos_id)
+        self.engine = Engine(Generator(cfg.model, params, layout), self.chat_stop_ids, max_batch, max_queue, tokenizer.eos_id)
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away
 
     def warm_up(self) -> None:
@@ -284,15 +285,39 @@ class Handler(BaseHTTPRequestHandler):
         print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
 
 
+def serve_layout(cfg, mesh: str):
+    """--mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of this host's devices,
+    with the run's rules (None for 1,1,1: one device)."""
+    from llm_jax import sharding
+    from llm_jax.config import MeshConfig
+    from llm_jax.sweep import parse_meshes
+
+    layouts = parse_meshes(mesh)
+    if len(layouts) != 1 or layouts[0][3:] != (1, 0):
+        raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages when serving)")
+    data, fsdp, tensor = layouts[0][:3]
+    if (data, fsdp, tensor) == (1, 1, 1):
+        return None
+    import jax
+
+    devices = jax.local_devices()
+    if data * fsdp * tensor > len(devices):
+        raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
+    layout = sharding.make_layout(MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1,
+                                             rules=cfg.mesh.rules, microbatches=0), devices[:data * fsdp * tensor])
+    sharding.check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
+    return layout
+
+
 def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, max_batch: int,
-          max_queue: int, api_key: str | None, ready=print) -> None:
+          max_queue: int, api_key: str | None, mesh: str = "1,1,1", ready=print) -> None:
     from pathlib import Path
 
     from llm_jax.cli import load_run
 
     cfg, params, tokenizer, step_dir = load_run(run_dir)
     name = model_name or Path(run_dir).expanduser().resolve().name
-    service = Service(cfg, params, tokenizer, name, max_tokens, max_batch, max_queue)
+    service = Service(cfg, params, tokenizer, name, max_tokens, max_batch, max_queue, serve_layout(cfg, mesh))
     service.warm_up()
     handler = type("BoundHandler", (Handler,), {"service": service, "api_key": api_key})
     try:
@@ -300,7 +325,8 @@ def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one)") from None
     httpd.daemon_threads = True
-    ready(f"serving {run_dir} ({step_dir.name} steps, {'float' if cfg.model.quant == 'none' else cfg.model.quant} weights) as '{name}' on "
+    weights = "float" if cfg.model.quant == "none" else cfg.model.quant
+    ready(f"serving {run_dir} ({step_dir.name} steps, {weights} weights, mesh {mesh}) as '{name}' on "
           f"http://{host}:{httpd.server_address[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
           f"batch {max_batch}, queue {max_queue})", flush=True)
     try:

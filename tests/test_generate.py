@@ -125,3 +125,27 @@ def test_stop_strings_end_the_text_before_them_and_stop_drawing(tmp_path):
     assert text == "the cat sat. " and len(drawn) < len(ids)
     assert "".join(stream_text(tok, iter(ids), stop=("absent",))) == "the cat sat. THE END and more"
     assert "".join(stream_text(tok, iter(ids), stop=("more",))) == "the cat sat. THE END and "
+
+
+def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
+    from llm_jax.config import MeshConfig
+    from llm_jax.sharding import make_layout
+
+    cfg = load_config("tiny", ["model.seq_len=48"]).model
+    model = Transformer(cfg)
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"])()
+    params = jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
+                                    microbatches=0), jax.devices()[:8])
+    one, mesh = Generator(cfg, params), Generator(cfg, params, layout)
+    assert tuple(mesh.params["layers"]["wq"].sharding.spec) == ("pipeline", "fsdp", "tensor", None)  # pipeline: 1
+    rows = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
+            ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]  # 3 rows: one idle row makes 4 batch shards
+    steps = [list(gen.stream_batch(*map(list, zip(*rows)))) for gen in (one, mesh)]
+    assert steps[0] == steps[1] and len(steps[0][0]) == 3
+    with layout.activate():
+        _, cache = mesh._prefill(mesh.params, jnp.zeros((4, 16), jnp.int32), jnp.full((4,), 3), jnp.zeros(4, jnp.uint32),
+                                 (jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4)))
+    # [layers, batch, seq_len, kv_heads, head_dim]: rows over data x fsdp, kv heads over tensor
+    assert {s.data.shape for s in cache["k"].addressable_shards} == {(2, 1, 48, 1, 16)}

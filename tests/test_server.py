@@ -42,7 +42,8 @@ def _start(run: Path, log: Path, *flags: str):
 
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
-    proc, port = _start(run, tmp_path_factory.mktemp("log") / "server.log", "--max-batch", "16")
+    # rows over data 2, kv heads over tensor 2 of the 8 simulated devices (tests/conftest.py sets XLA_FLAGS)
+    proc, port = _start(run, tmp_path_factory.mktemp("log") / "server.log", "--max-batch", "16", "--mesh", "2,1,2")
     yield proc, port
     proc.terminate()
     proc.wait(30)
@@ -52,9 +53,9 @@ def _client(port, **kw):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", **kw)
 
 
-def _post(port, path, body, raw=False):
+def _post(port, path, body, raw=False, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read())
 
@@ -192,16 +193,33 @@ def test_200_requests_from_16_clients_are_all_answered_in_bounded_memory(server)
 
 
 def test_a_full_queue_answers_429_and_loses_nothing(run, tmp_path):
-    proc, port = _start(run, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "1")
+    proc, port = _start(run, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "1", "--api-key", "k3y")
     try:
         body = {"model": MODEL, "prompt": "Romeo.\n", "max_tokens": 50, "temperature": 0}
+        assert _post(port, "/v1/completions", body)[1]["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            _client(port).models.list()
+        auth = {"Authorization": "Bearer k3y"}
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda _: _post(port, "/v1/completions", body), range(8)))
+            replies = list(pool.map(lambda _: _post(port, "/v1/completions", body, headers=auth), range(8)))
         statuses = sorted(status for status, _ in replies)
         assert set(statuses) == {200, 429} and len(statuses) == 8, statuses
         busy = next(reply for status, reply in replies if status == 429)["error"]
         assert busy["type"] == "rate_limit_error" and "requests are already waiting" in busy["message"]
-        assert _post(port, "/v1/completions", body)[0] == 200
+        assert _post(port, "/v1/completions", body, headers=auth)[0] == 200
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
+    from llm_jax.errors import UserError
+    from llm_jax.server import serve_layout
+
+    cfg = load_run(str(run))[0]
+    assert serve_layout(cfg, "1,1,1") is None
+    assert dict(serve_layout(cfg, "4,1,2").mesh.shape) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}
+    for mesh, message in [("4,1,4", "needs 16 devices; this host has 8"), ("1,1,8", "kv_heads=2 is split over"),
+                          ("2,1,1,2", "no pipeline stages when serving"), ("two", "must be data,fsdp,tensor")]:
+        with pytest.raises(UserError, match=message):
+            serve_layout(cfg, mesh)

@@ -24,6 +24,7 @@ from llm_jax.model.loss import cross_entropy_sum, token_log_probs
 from llm_jax.model.pipeline import gpipe
 
 Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
+CACHE_AXES = (None, "batch", None, "kv_heads", "head_dim")  # split like the activations (layers: not pipelined)
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -117,7 +118,8 @@ class Block(nn.Module):
         else:  # decode: write this chunk at each row's cache_index, attend to every cached position <= own
             index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (x.shape[0],))
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
-            cache = {"k": write(cache["k"], kk, index), "v": write(cache["v"], v, index)}
+            cache = {name: nn.with_logical_constraint(write(cache[name], new, index), CACHE_AXES[1:])
+                     for name, new in (("k", kk), ("v", v))}
             attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
         x = x + self._dropout(_dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -230,8 +232,9 @@ def segment_positions(segments: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> Cache:
+    """Zeros, split over the mesh by CACHE_AXES where a mesh and rules are active."""
     shape = (cfg.n_layers, batch, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for name in ("k", "v")}
 
 
 def count_params(params) -> int:

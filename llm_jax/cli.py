@@ -1,4 +1,5 @@
-"""`llm-jax` command line: train, generate, chat, eval-chat, quantize, serve, config, sweep, plan, data.
+"""`llm-jax` command line: train, generate, chat, eval-chat, quantize, serve, export-hf,
+import-hf, config, sweep, plan, data.
 Errors the user can fix print one message."""
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=os.environ.get("LLM_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)")
 
+    p = sub.add_parser("export-hf", help="write a run as a Hugging Face Llama checkpoint (safetensors + tokenizer)")
+    p.add_argument("--run", required=True, help="a float run directory")
+    p.add_argument("--out", required=True, help="the Hugging Face model directory to create")
+    p.add_argument("--shard-mb", type=int, default=2000, help="split model.safetensors into shards above this size")
+
+    p = sub.add_parser("import-hf", help="a local Hugging Face Llama / Mistral checkpoint -> an llm_jax run")
+    p.add_argument("--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.model")
+    p.add_argument("--out", required=True, help="the run directory to create")
+    p.add_argument("--seq-len", type=int, help="context of the run (default: max_position_embeddings, at most 4096)")
+
     p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
          "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize,
-         "serve": _serve}[args.command](args)
+         "serve": _serve, "export-hf": _export_hf, "import-hf": _import_hf}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -98,6 +109,22 @@ def _quantize(args) -> None:
     from llm_jax.quantize import quantize_run
 
     quantize_run(args.run, args.mode, args.out)
+
+
+def _export_hf(args) -> None:
+    from llm_jax.hf import export_hf
+
+    if args.shard_mb < 1:
+        raise UserError("--shard-mb must be at least 1")
+    export_hf(args.run, args.out, args.shard_mb << 20)
+
+
+def _import_hf(args) -> None:
+    from llm_jax.hf import import_hf
+
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UserError("--seq-len must be at least 2")
+    import_hf(args.hf, args.out, args.seq_len)
 
 
 def _serve(args) -> None:

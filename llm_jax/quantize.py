@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from llm_jax.errors import UserError
 from llm_jax.model.transformer import INT4_GROUP
@@ -51,7 +49,7 @@ def param_bytes(params) -> int:
 
 def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print) -> Path:
     from llm_jax.cli import load_run
-    from llm_jax.config import save_config
+    from llm_jax.train.checkpoint import write_params_run
 
     if mode not in ("int8", "int4"):
         raise UserError(f"--mode {mode!r} must be int8 or int4")
@@ -72,16 +70,7 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
     metrics = {name: _held_out(c, p, run) for name, c, p in
                (("float32", cfg, params), ("bfloat16", bf16, params), (mode, qcfg, qparams))}
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("tokenizer.model", "tokenizer.vocab"):
-        if (run / name).is_file():
-            shutil.copyfile(run / name, tmp / name)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save((tmp / "checkpoints" / step_dir.name / "state").absolute(), {"params": qparams})
-    save_config(qcfg, tmp / "config.yaml")
-    tmp.rename(out)
+    write_params_run(out, qcfg, qparams, step_dir.name, [run / "tokenizer.model", run / "tokenizer.vocab"])
     before, after = param_bytes(params), param_bytes(qparams)
     log(f"parameters: {before / 2**20:.2f} MiB float32 -> {after / 2**20:.2f} MiB {mode} ({after / before:.0%})")
     for name, m in metrics.items():

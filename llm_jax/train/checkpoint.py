@@ -7,6 +7,7 @@ asynchronous: arrays are copied to host memory, then written while training goes
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from llm_jax.errors import UserError
+
+# Reading a step's state alone (restore_params) makes orbax warn that the step-level metadata file is
+# absent; the parameters are complete without it.
+logging.getLogger("absl").addFilter(lambda record: "Metadata file does not exist" not in record.getMessage())
 
 
 class Checkpointer:
@@ -45,6 +50,25 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def write_params_run(out: Path, cfg, params: Any, step: str, files: list[Path]) -> None:
+    """A run directory holding only parameters (quantize, import-hf): config.yaml, `files` (the
+    tokenizer) and checkpoints/<step>/state; written beside `out` and renamed, so it is whole or absent."""
+    import shutil
+
+    from llm_jax.config import save_config
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in files:
+        if path.is_file():
+            shutil.copyfile(path, tmp / path.name)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save((tmp / "checkpoints" / step / "state").absolute(), {"params": params})
+    save_config(cfg, tmp / "config.yaml")
+    tmp.rename(out)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -20,21 +20,49 @@ from llm_jax.sharding import Layout
 from llm_jax.train.step import abstract_params
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """logits [B, V] -> tokens [B]. Greedy at temperature 0; top_k 0 and top_p 1 disable those filters.
+def sample_token(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [B, V], one PRNG key per row [B, 2] ([2] when B = 1), settings scalars or [B] -> tokens [B].
 
-    The settings are traced values, so changing them does not recompile.
+    Greedy at temperature 0; top_k 0 and top_p 1 disable those filters. The settings are traced
+    values, so changing them does not recompile. A batch of greedy rows skips the sampling, and one
+    without filters skips them (lax.cond over the batch). No sort: XLA:CPU sorts 16 x 8192 logits in
+    ~22 ms, 20x the whole decode step, so the filters find each row's probability floor by bisection
+    and the token is drawn by inverse CDF from one uniform number per row.
     """
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    rank = jnp.arange(logits.shape[-1])
-    keep = ((top_k <= 0) | (rank < top_k)) & (jnp.cumsum(probs, axis=-1) - probs < top_p)  # rank 0 always kept
-    choice = jax.random.categorical(rng, jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    b = logits.shape[0]
+    keys = jnp.reshape(keys, (b, 2))
+    temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(x), (b,)) for x in (temperature, top_k, top_p))
+    top = jnp.max(logits, axis=-1, keepdims=True)  # argmax as max + min: 2.5x faster than jnp.argmax on XLA:CPU
+    greedy = jnp.min(jnp.where(logits == top, jnp.arange(logits.shape[1]), logits.shape[1]), axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        probs = jax.nn.softmax(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+        floor = jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1), _filter_floor, lambda *_: jnp.zeros(b),
+                             probs, top_k, top_p)
+        cdf = jnp.cumsum(jnp.where(probs >= floor[:, None], probs, 0.0), axis=-1)
+        u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+        drawn = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), logits.shape[1] - 1)  # first index with cdf > u
+        return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+
+
+def _filter_floor(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, halvings: int = 32) -> jax.Array:
+    """probs [B, V] -> the smallest probability each row keeps [B]: the highest t with at least top_k
+    tokens p >= t (top_k > 0), and the highest t whose tokens p >= t hold top_p of the mass
+    (top_p < 1; the token that crosses top_p is kept), whichever is higher. Bisection over [0, max p]."""
+    zero, top = jnp.zeros(probs.shape[0]), jnp.max(probs, axis=-1)
+
+    def halve(_, bounds):
+        lo_k, hi_k, lo_p, hi_p = bounds
+        mid_k, mid_p = (lo_k + hi_k) / 2, (lo_p + hi_p) / 2
+        ok_k = jnp.sum(probs >= mid_k[:, None], axis=-1) >= top_k
+        ok_p = jnp.sum(jnp.where(probs >= mid_p[:, None], probs, 0.0), axis=-1) >= top_p
+        return (jnp.where(ok_k, mid_k, lo_k), jnp.where(ok_k, hi_k, mid_k),
+                jnp.where(ok_p, mid_p, lo_p), jnp.where(ok_p, hi_p, mid_p))
+
+    lo_k, _, lo_p, _ = jax.lax.fori_loop(0, halvings, halve, (zero, top, zero, top))
+    return jnp.maximum(jnp.where(top_k > 0, lo_k, 0.0), jnp.where(top_p < 1, lo_p, 0.0))
 
 
 def fit_prompt(ids: list[int], seq_len: int, max_new_tokens: int) -> tuple[list[int], int, str | None]:
@@ -72,10 +100,8 @@ class Generator:
         model = Transformer(cfg)
 
         def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
-            def one(row_logits, seed, temperature, top_k, top_p):
-                key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-                return sample_token(row_logits[None], key, temperature, top_k, top_p)[0]
-            return jax.vmap(one)(logits, seeds, *settings)
+            keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
+            return sample_token(logits, keys, *settings)
 
         def prefill(params, tokens, lengths, seeds, settings):
             """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
@@ -84,8 +110,10 @@ class Generator:
             logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
             return sample_rows(logits, seeds, 0, settings), cache
 
-        def decode(params, cache, token, index, seeds, step, settings):
-            """token [B] at positions index [B] -> next tokens [B], cache."""
+        def decode(params, cache, token, lengths, seeds, step, settings):
+            """token [B], the step-th new token of each row, at position lengths + step - 1 -> next tokens [B], cache.
+            A stopped row keeps writing past its end (clamped to the cache), unread."""
+            index = jnp.minimum(lengths + step - 1, cfg.seq_len - 1)
             hidden, cache = model.apply({"params": params}, token[:, None], cache=cache, cache_index=index)
             logits = model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
             return sample_rows(logits, seeds, step, settings), cache
@@ -121,10 +149,11 @@ class Generator:
         settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                     jnp.asarray(top_p, jnp.float32))
         seeds_arr = jnp.asarray(seeds, jnp.uint32)
+        lengths_arr = jnp.asarray(lengths, jnp.int32)
         with self._mesh():
-            token, cache = self._prefill(self.params, tokens, jnp.asarray(lengths, jnp.int32), seeds_arr, settings)
-        live = [new > 0 for new in max_new_tokens]
-        for i in range(max(max_new_tokens)):
+            token, cache = self._prefill(self.params, tokens, lengths_arr, seeds_arr, settings)
+        live, steps = [new > 0 for new in max_new_tokens], max(max_new_tokens)
+        for i in range(steps):  # (dispatching step i + 1 before reading step i was slower here: 2 cores)
             out = []
             for r, tok in enumerate(token.tolist()):
                 live[r] = live[r] and i < max_new_tokens[r] and tok not in stop_ids
@@ -132,11 +161,9 @@ class Generator:
             if not any(live):
                 return
             yield out[:rows]
-            if i + 1 < max(max_new_tokens):
-                index = jnp.asarray(lengths, jnp.int32) + i  # a stopped row keeps writing past its end, unread
+            if i + 1 < steps:
                 with self._mesh():
-                    token, cache = self._decode(self.params, cache, token, jnp.minimum(index, self.cfg.seq_len - 1),
-                                                seeds_arr, i + 1, settings)
+                    token, cache = self._decode(self.params, cache, token, lengths_arr, seeds_arr, i + 1, settings)
 
     def _mesh(self):
         """Where the model's logical constraints resolve (entered per call: never held across a yield)."""

@@ -66,9 +66,9 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
                         f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8")
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
     qparams = quantize(params, mode)
-    bf16 = dataclasses.replace(cfg, model=dataclasses.replace(m, dtype="bfloat16"))
-    metrics = {name: _held_out(c, p, run) for name, c, p in
-               (("float32", cfg, params), ("bfloat16", bf16, params), (mode, qcfg, qparams))}
+    f32, bf16 = (dataclasses.replace(cfg, model=dataclasses.replace(m, dtype=d)) for d in ("float32", "bfloat16"))
+    metrics = {name: _held_out(c, p, run) for name, c, p in  # the quantized run computes in model.dtype
+               (("float32", f32, params), ("bfloat16", bf16, params), (f"{mode} ({m.dtype})", qcfg, qparams))}
 
     write_params_run(out, qcfg, qparams, step_dir.name, [run / "tokenizer.model", run / "tokenizer.vocab"])
     before, after = param_bytes(params), param_bytes(qparams)

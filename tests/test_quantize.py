@@ -48,7 +48,7 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
     lines = []
     out = quantize_run(str(float_run), mode, log=lines.append)
     assert out == float_run.with_name(f"run-{mode}")
-    ppl = {line.split(":")[0].split()[-1]: float(line.split("ppl")[1].split("|")[0]) for line in lines
+    ppl = {line.split(":")[0].split()[1]: float(line.split("ppl")[1].split("|")[0]) for line in lines
            if "held-out" in line}
     assert set(ppl) == {"float32", "bfloat16", mode}
     assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # the targets

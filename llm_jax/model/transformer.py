@@ -207,8 +207,11 @@ class Transformer(nn.Module):
         """[B, T, D] -> [B, T, vocab] float32 (generation; training uses `nll_sum`)."""
         dt = jnp.dtype(self.cfg.dtype)
         table = self.embedding if self.cfg.tie_embeddings else self.lm_head
-        out = jnp.einsum("btd,vd->btv", hidden.astype(dt), table.astype(dt), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+        # a 2-D dot contracting both last axes: XLA:CPU runs it ~1.8x faster than the 3-D einsum
+        # (16 x 256 by 8192 x 256: 0.30 vs 0.56 ms), which matters once per decoded token
+        out = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]).astype(dt), table.astype(dt),
+                                  (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(out.reshape(*hidden.shape[:-1], -1), ("batch", "length", "vocab"))
 
     def nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum of weights * -log p(targets): hidden [B, T, D], targets [B, T], weights [B, T] -> [] float32."""

@@ -1,5 +1,5 @@
-"""`llm-jax` command line: train, generate, chat, eval-chat, quantize, serve, export-hf,
-import-hf, config, sweep, plan, data.
+"""`llm-jax` command line: train, generate, chat, eval-chat, eval, judge, quantize, serve,
+export-hf, import-hf, config, sweep, plan, data.
 Errors the user can fix print one message."""
 
 from __future__ import annotations
@@ -63,6 +63,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the run directory to create")
     p.add_argument("--seq-len", type=int, help="context of the run (default: max_position_embeddings, at most 4096)")
 
+    p = sub.add_parser("eval", help="perplexity, multiple-choice and generation tasks on a run: table + JSON")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--tasks", required=True, nargs="+", metavar="TASK",
+                   help="bundled names (shakespeare_speaker, shakespeare_cloze, shakespeare_next_word), JSONL files, "
+                   "or ppl:<text source>")
+    p.add_argument("--limit", type=int, help="rows per task (spread over the file); ppl: windows")
+    p.add_argument("--out", help="the JSON record (default: <run>/eval/step<N>.json)")
+    p.add_argument("--system", help="system prompt for chat rows (default: the run's sample.system)")
+
+    p = sub.add_parser("judge", help="LLM-as-judge via an OpenAI-compatible endpoint: pairwise win rates or ratings")
+    p.add_argument("--questions", required=True, help='JSONL of {"question"} or {"messages"}')
+    p.add_argument("--a", required=True, help='contestant A: a run directory or a JSONL of {"answer"}')
+    p.add_argument("--b", help="contestant B (pairwise); without it, A's answers are rated 1-10")
+    p.add_argument("--out", required=True, help="judgments JSONL, appended as they arrive (a rerun resumes)")
+    p.add_argument("--judge-url", help="the endpoint's base URL (default $LLM_JAX_JUDGE_URL), e.g. http://host/v1")
+    p.add_argument("--judge-model", help="the judge's model id (default $LLM_JAX_JUDGE_MODEL)")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length for run-directory contestants")
+
     p = sub.add_parser("config", help="print the resolved config of a preset plus overrides")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -96,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
          "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize,
-         "serve": _serve, "export-hf": _export_hf, "import-hf": _import_hf}[args.command](args)
+         "serve": _serve, "export-hf": _export_hf, "import-hf": _import_hf,
+         "eval": _eval, "judge": _judge}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -109,6 +128,23 @@ def _quantize(args) -> None:
     from llm_jax.quantize import quantize_run
 
     quantize_run(args.run, args.mode, args.out)
+
+
+def _eval(args) -> None:
+    from llm_jax.evals.harness import run_eval
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    run_eval(args.run, args.tasks, args.limit, args.out, args.system)
+
+
+def _judge(args) -> None:
+    from llm_jax.evals.judge import endpoint_from_env, judge
+
+    if args.max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    judge(args.questions, args.a, args.b, endpoint_from_env(args.judge_url, args.judge_model), args.out,
+          args.max_tokens)
 
 
 def _export_hf(args) -> None:

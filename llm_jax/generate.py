@@ -180,7 +180,7 @@ def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue
-        end = _first_stop(text, stop, shown)
+        end = first_stop(text, stop, shown)
         if end is not None:
             yield text[shown:end]
             return
@@ -188,12 +188,12 @@ def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -
             yield text[shown:len(text) - hold]
             shown = len(text) - hold
     text = tokenizer.decode(ids)
-    end = _first_stop(text, stop, shown)
+    end = first_stop(text, stop, shown)
     if (len(text) if end is None else end) > shown:
         yield text[shown:end]
 
 
-def _first_stop(text: str, stop: Sequence[str], shown: int) -> int | None:
+def first_stop(text: str, stop: Sequence[str], shown: int = 0) -> int | None:
     """Where the earliest stop string starts in text (searching only text not yet fully shown)."""
     starts = [i for s in stop if s and (i := text.find(s, max(0, shown - len(s) + 1))) >= 0]
     return min(starts, default=None)

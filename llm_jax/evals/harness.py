@@ -1,0 +1,190 @@
+"""`llm-jax eval`: run tasks (llm_jax/evals/tasks.py) on a run's newest checkpoint; a table and a
+JSON record with the config and checkpoint step.
+
+Scoring uses one jitted function of fixed shape [batch, seq_len + 1] (compiled once): the
+log-probability of every token given those before it, with segments so that documents packed
+into one window do not see each other (as in pretraining). Long inputs keep their end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.chat import prompt_ids
+from llm_jax.evals.tasks import Task, extract, load_task
+from llm_jax.generate import Generator, first_stop, fit_prompt
+from llm_jax.model.transformer import Transformer
+
+
+class Scorer:
+    """Per-token log-probs of fixed-size windows, `batch` windows per call."""
+
+    def __init__(self, cfg, params, batch: int = 16):
+        self.cfg, self.params, self.batch, self.width = cfg, params, batch, cfg.seq_len + 1
+        model = Transformer(cfg)
+
+        def logps(params, tokens, segments):  # [B, T + 1] -> [B, T]: log p(tokens[:, 1:])
+            hidden, _ = model.apply({"params": params}, tokens[:, :-1], segments=segments[:, :-1])
+            return model.apply({"params": params}, hidden, tokens[:, 1:], method=Transformer.token_logps)
+
+        self._logps = jax.jit(logps)
+
+    def __call__(self, windows: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        """[(tokens, segment ids) of at most seq_len + 1] -> log p of each token after the first."""
+        out = []
+        for start in range(0, len(windows), self.batch):
+            chunk = windows[start:start + self.batch]
+            tokens = np.zeros((self.batch, self.width), np.int32)
+            segments = np.zeros((self.batch, self.width), np.int32)
+            for r, (ids, seg) in enumerate(chunk):
+                tokens[r, :len(ids)], segments[r, :len(ids)] = ids, seg
+                segments[r, len(ids):] = -1  # padding: its own segment
+            logps = np.asarray(self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments)))
+            out += [logps[r, :len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
+        return out
+
+
+def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
+    """acc and acc_norm (log-likelihood per UTF-8 byte of the choice), overall and per sub-task."""
+    windows, spans = [], []
+    for row in rows:
+        context = [tokenizer.eos_id] + tokenizer.encode(row["context"])
+        for choice in row["choices"]:
+            ids = tokenizer.encode(choice)
+            full = (context + ids)[-scorer.width:]
+            windows.append((full, [0] * len(full)))
+            spans.append(min(len(ids), len(full) - 1))
+    logps = scorer(windows)
+    right, right_norm, total = defaultdict(int), defaultdict(int), defaultdict(int)
+    k = 0
+    for row in rows:
+        n = len(row["choices"])
+        scores = [float(logps[k + i][-spans[k + i]:].sum()) for i in range(n)]
+        per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, row["choices"])]
+        k += n
+        for key in {"all", row["task"]}:
+            right[key] += int(np.argmax(scores) == row["gold"])
+            right_norm[key] += int(np.argmax(per_byte) == row["gold"])
+            total[key] += 1
+    return {key: {"acc": right[key] / total[key], "acc_norm": right_norm[key] / total[key], "n": total[key]}
+            for key in _keys(total)}
+
+
+def generation(cfg, params, tokenizer, rows: list[dict], system: str | None = None, batch: int = 16,
+               generator: Generator | None = None) -> tuple[dict, list[str]]:
+    """Greedy outputs, batched; exact match of the extracted output, overall and per sub-task."""
+    generator = generator or Generator(cfg, params)
+    outputs = []
+    for start in range(0, len(rows), batch):
+        chunk, prompts, budgets, stops = rows[start:start + batch], [], [], set()
+        for row in chunk:
+            if "messages" in row:
+                ids, stop_ids = prompt_ids(tokenizer, row["messages"], system)
+            else:
+                ids, stop_ids = [tokenizer.eos_id] + tokenizer.encode(row["prompt"]), (tokenizer.eos_id,)
+            ids, new, _ = fit_prompt(ids, cfg.seq_len, row["max_tokens"])
+            prompts.append(ids)
+            budgets.append(new)
+            stops |= set(stop_ids)
+        drawn = [[] for _ in chunk]
+        n = len(chunk)
+        for step in generator.stream_batch(prompts, budgets, [0.0] * n, [0] * n, [1.0] * n, [0] * n, tuple(stops)):
+            for r, tok in enumerate(step):
+                if tok is not None:
+                    drawn[r].append(tok)
+        for row, ids in zip(chunk, drawn):
+            text = tokenizer.decode(ids)
+            end = first_stop(text, row["stop"])
+            outputs.append(text[:end])
+    right, total = defaultdict(int), defaultdict(int)
+    for row, text in zip(rows, outputs):
+        for key in {"all", row["task"]}:
+            right[key] += int(extract(text, row.get("regex")) == row["answer"].strip())
+            total[key] += 1
+    return {key: {"exact_match": right[key] / total[key], "n": total[key]} for key in _keys(total)}, outputs
+
+
+def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -> dict:
+    """Loss (nats per token), perplexity and bits per byte of every document of a source, packed
+    into windows of seq_len + 1 tokens that overlap by one (each token after the first is scored
+    once); documents start with EOS as in pretraining and attend only within themselves."""
+    from llm_jax.data.corpus import ReadStats, read_documents
+    from llm_jax.errors import UserError
+
+    d = cfg.data
+    stream, segs = [], []
+    for i, doc in enumerate(read_documents([source], d.text_field, d.cache_dir, "skip", d.tfds_data_dir, ReadStats())):
+        ids = [tokenizer.eos_id] + tokenizer.encode(doc.text)
+        stream += ids
+        segs += [i] * len(ids)
+    if len(stream) < 2:
+        raise UserError(f"ppl:{source} holds no text")
+    step = scorer.width - 1
+    starts = list(range(0, len(stream) - 1, step))[:limit or None]
+    windows = [(stream[s:s + scorer.width], segs[s:s + scorer.width]) for s in starts]
+    token_bytes = tokenizer.token_bytes(cfg.model.vocab_size)
+    nll = tokens = nbytes = 0
+    for (ids, seg), logps in zip(windows, scorer(windows)):
+        same = np.asarray(seg[1:]) == np.asarray(seg[:-1])  # a document's first token (its EOS) has no context
+        nll -= float(logps[same].sum())
+        tokens += int(same.sum())
+        nbytes += int(token_bytes[np.asarray(ids[1:])[same]].sum())
+    loss = nll / tokens
+    return {"all": {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": nll / math.log(2) / nbytes,
+                    "tokens": tokens}}
+
+
+def _keys(total: dict) -> list[str]:
+    return sorted(total, key=lambda k: (k != "all", k))
+
+
+def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str | None = None,
+             system: str | None = None, log=print) -> dict:
+    from llm_jax.cli import load_run
+    from llm_jax.config import to_dict
+
+    tasks: list[Task] = [load_task(spec, limit) for spec in specs]  # bad task files fail before the model loads
+    cfg, params, tokenizer, step_dir = load_run(run_dir)
+    scorer = Scorer(cfg.model, params)
+    results, t0 = {}, time.time()
+    for task in tasks:
+        if task.kind == "ppl":
+            results[task.name] = perplexity(scorer, tokenizer, cfg, task.source, limit)
+        elif task.kind == "choice":
+            results[task.name] = multiple_choice(scorer, tokenizer, task.rows)
+        else:
+            results[task.name] = generation(cfg.model, params, tokenizer, task.rows,
+                                            cfg.sample.system if system is None else system)[0]
+    record = {"run": str(run_dir), "step": int(step_dir.name), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "seconds": round(time.time() - t0, 1), "tasks": specs, "limit": limit, "results": results,
+              "config": to_dict(cfg)}
+    path = Path(out).expanduser() if out else Path(run_dir).expanduser() / "eval" / f"step{step_dir.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    log(format_table(record))
+    log(f"-> {path}")
+    return record
+
+
+def format_table(record: dict) -> str:
+    lines = [f"{record['run']} at step {record['step']} ({record['seconds']} s)",
+             f"{'task':<32} {'metric':<12} {'value':>9} {'n':>7}"]
+    for task, by_key in record["results"].items():
+        for key, metrics in by_key.items():
+            if key != "all" and len(by_key) == 2:  # one sub-task: its rows repeat the totals
+                continue
+            label = task if key == "all" else f"  {key}"
+            n = metrics.get("n", metrics.get("tokens", ""))
+            for metric, value in metrics.items():
+                if metric not in ("n", "tokens"):
+                    lines.append(f"{label:<32} {metric:<12} {value:>9.4f} {n:>7}")
+                    label = ""
+    return "\n".join(lines)

@@ -143,6 +143,7 @@ class DistributedConfig:
     coordinator: str | None
     num_processes: int | None
     process_id: int | None
+    timeout_s: int
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def validate(cfg: Config) -> None:
         (m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} must be none, full or dots"),
         (m.attention in ("auto", "xla", "cudnn", "blocked"),
          f"model.attention={m.attention!r} must be auto, xla, cudnn or blocked"),
+        (cfg.distributed.timeout_s > 0, f"distributed.timeout_s={cfg.distributed.timeout_s} must be positive"),
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),

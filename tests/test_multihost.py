@@ -104,3 +104,66 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared_t
 def test_an_explicit_coordinator_needs_a_valid_rank(overrides, message):
     with pytest.raises(UserError, match=message):
         initialize(load_config("tiny", overrides).distributed)
+
+
+def _launch(run: Path, tmp: Path, coordinator: str, *overrides: str, env1: dict | None = None):
+    import os
+
+    return [subprocess.Popen([sys.executable, str(WORKER), coordinator, str(i), str(run), str(tmp / f"p{i}.json"),
+                              *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **(env1 or {})} if i == 1 else None)
+            for i in range(2)]
+
+
+def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path, prepared_template, corpus_slice):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared_template, run)
+    common = [f"data.sources=[{','.join(corpus_slice)}]", *MESH, "mesh.dcn_data=2", "train.checkpoint_every=100000"]
+    procs = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *common, "train.steps=100000")
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host only
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[-2000:] for o in outs]
+    stopped = [int(o.split("stopped by SIGTERM at step ")[1].split(":")[0]) for o in outs]
+    assert stopped[0] == stopped[1] and [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == \
+        [str(stopped[0])]
+    assert "topology: 2 processes x 4 cpu devices" in outs[1] and "feeds global batch rows 1::2" in outs[1]
+    again = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *common, f"train.steps={stopped[0] + 2}")
+    outs = [p.communicate(timeout=300)[0] for p in again]
+    assert [p.returncode for p in again] == [0, 0], [o[-2000:] for o in outs]
+    assert all(f"(step {stopped[0]})" in o for o in outs)
+
+
+def test_hosts_running_different_code_stop_at_start(tmp_path, prepared_template):
+    import os
+
+    alt = tmp_path / "alt"
+    for part in ("llm_jax", "configs"):  # the package finds configs/ beside it
+        shutil.copytree(Path(__file__).parent.parent / part, alt / part, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(alt / "llm_jax" / "rules.py", "a") as f:
+        f.write("# an older checkout\n")
+    run = tmp_path / "run"
+    shutil.copytree(prepared_template, run)
+    procs = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *MESH, "distributed.timeout_s=60",
+                    env1={"PYTHONPATH": f"{alt}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
+    assert all("processes [1] run different llm_jax code from process 0" in o for o in outs)
+
+
+def test_an_unreachable_coordinator_is_named(tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"  # nobody listens: process 1 waits for a process 0 that never comes
+    out = subprocess.run([sys.executable, "-m", "llm_jax", "train", "--config", "tiny", f"run_dir={tmp_path / 'r'}",
+                          f"distributed.coordinator={coordinator}", "distributed.num_processes=2",
+                          "distributed.process_id=1", "distributed.timeout_s=3"],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                            "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"error: process 1 could not reach the coordinator {coordinator} within distributed.timeout_s=3 s " \
+           "(Connection refused)" in out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -62,6 +63,11 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     else:
         state, _ = ckpt.restore(start, steps.abstract_state, it)
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
+    n, i = jax.process_count(), jax.process_index()
+    device = jax.local_devices()[0]
+    log(f"topology: {n} process{'es' if n > 1 else ''} x {jax.local_device_count()} {device.platform} devices "
+        f"({device.device_kind}); process {i} on {socket.gethostname()} feeds global batch rows {i}::{n} "
+        f"({cfg.train.batch_size // n} of {cfg.train.batch_size} per step)")
     log(f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
         f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
         f"objective {cfg.train.objective}, {cfg.train.batch_size} x {example['tokens'].shape} tokens per step")
@@ -127,10 +133,11 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: Checkp
                 writer.write(step, "val", final)
                 log(val_line(final))
                 progress.mark(step)
-            if step % t.checkpoint_every == 0 or step == t.steps or stop.signum:
+            stopping = stop.due(step)
+            if step % t.checkpoint_every == 0 or step == t.steps or stopping:
                 ckpt.save(step, state, it, meta)
                 progress.mark(step)
-            if stop.signum:
+            if stopping:
                 ckpt.close()
                 log(f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
                     f"{ckpt.directory / str(step)}; run the same command to resume")
@@ -247,11 +254,22 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 class _StopSignals:
     """SIGTERM / SIGINT ask the loop to checkpoint after the current step and exit; a second one
-    interrupts at once (the previous checkpoint stays intact: saves are atomic)."""
+    interrupts at once (the previous checkpoint stays intact: saves are atomic).
+
+    In a multi-process job every process must save the same step, though a preempted TPU VM's
+    SIGTERM reaches one host at a time: SIGTERM is then left to JAX's preemption notifier (set up by
+    jax.distributed.initialize), and at every step `due` asks multihost_utils.reached_preemption_sync_point,
+    which turns true on every process at the same step once any of them was notified."""
 
     def __init__(self):
         self.signum = 0
+        self.multi = jax.process_count() > 1
         self._previous = {}
+
+    def due(self, step: int) -> bool:
+        if self.multi and not self.signum and multihost_utils.reached_preemption_sync_point(step):
+            self.signum = signal.SIGTERM
+        return bool(self.signum)
 
     def _handle(self, signum, frame):
         if self.signum:
@@ -262,7 +280,7 @@ class _StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -243,14 +243,14 @@ def load_run(run_dir: str):
     from llm_jax import sharding
     from llm_jax.config import config_from_dict
     from llm_jax.data.tokenizer import Tokenizer
-    from llm_jax.train.checkpoint import latest_checkpoint, restore_params
+    from llm_jax.train.checkpoint import checkpoint_dir, latest_checkpoint, restore_params
     from llm_jax.train.step import abstract_params
 
     run = Path(run_dir).expanduser()
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run directory (no config.yaml); train one with `llm-jax train --config ...`")
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    step_dir = latest_checkpoint(run)
+    step_dir = latest_checkpoint(checkpoint_dir(run, cfg.train.checkpoint_dir))
     if step_dir is None:
         raise UserError(f"{run} has no checkpoint yet; train it first (llm-jax train --config {run / 'config.yaml'})")
     params = restore_params(step_dir, abstract_params(cfg.model, sharding.single_device_layout()))

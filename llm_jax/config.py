@@ -112,6 +112,7 @@ class TrainConfig:
     eval_batches: int
     checkpoint_every: int
     keep_checkpoints: int
+    checkpoint_dir: str | None
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ RUNS = Path("runs")
 
 def _stage(name: str, log=print):
     from llm_jax.config import load_config
-    from llm_jax.train.checkpoint import latest_checkpoint
+    from llm_jax.train.checkpoint import checkpoint_dir, latest_checkpoint
     from llm_jax.train.loop import train
 
     cfg = load_config(name)
-    done = latest_checkpoint(Path(cfg.run_dir))
+    done = latest_checkpoint(checkpoint_dir(cfg.run_dir, cfg.train.checkpoint_dir))
     if done is not None and int(done.name) >= cfg.train.steps:
         log(f"== {name}: complete in {cfg.run_dir} ({done.name} steps), reused")
     else:

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import tiny_config
 from llm_jax import sharding
+from llm_jax.cli import load_run
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
@@ -76,24 +77,27 @@ def _metrics(run: Path, split="train") -> dict[int, dict]:
     return {r["step"]: r for r in rows if r["split"] == split}
 
 
-def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpus_slice, tmp_path):
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["run_dir", "checkpoint_dir"])
+def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpus_slice, tmp_path, elsewhere):
+    # train.checkpoint_dir: any path etils.epath opens (gs:// on TPU VMs); here a directory outside the run
+    ckpts = tmp_path / "bucket" / "ckpts" if elsewhere else prepared_run / "checkpoints"
     overrides = ("train.steps=16", "train.log_every=1", "train.eval_every=8", "train.checkpoint_every=8",
-                 "train.keep_checkpoints=5")
+                 "train.keep_checkpoints=5") + ((f"train.checkpoint_dir={ckpts}",) if elsewhere else ())
     cfg = tiny_config(prepared_run, *overrides, sources=corpus_slice)
     final = train(cfg, log=lambda *_: None)
     full = _metrics(prepared_run)
-    full_params = jax.device_get(
-        _restore_params(prepared_run / "checkpoints" / "16", cfg))
+    full_params = jax.device_get(_restore_params(ckpts / "16", cfg))
     # Lose everything after step 8, as a crash right after that checkpoint would, then rerun.
-    shutil.rmtree(prepared_run / "checkpoints" / "16")
+    shutil.rmtree(ckpts / "16")
     resumed_final = train(cfg, log=lambda *_: None)
     resumed = _metrics(prepared_run)
     assert sorted(resumed) == list(range(1, 17))
     for step in range(9, 17):
         assert resumed[step]["loss"] == full[step]["loss"], step
     assert resumed_final == final
-    jax.tree_util.tree_map(np.testing.assert_array_equal, full_params,
-                           jax.device_get(_restore_params(prepared_run / "checkpoints" / "16", cfg)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, full_params, jax.device_get(_restore_params(ckpts / "16", cfg)))
+    assert (prepared_run / "checkpoints").exists() != elsewhere
+    assert load_run(str(prepared_run))[3].name == "16"  # generate, serve, eval find them through config.yaml
 
 
 def _restore_params(step_dir, cfg):

@@ -1,4 +1,5 @@
-"""orbax checkpoints under <run_dir>/checkpoints: train state, data-iterator state and run metadata.
+"""orbax checkpoints under train.checkpoint_dir (default <run_dir>/checkpoints; a gs:// path works the
+same, through etils.epath): train state, data-iterator state and run metadata.
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash never
 leaves a half-written checkpoint behind; the newest complete step is the one restored. Saves are
@@ -7,13 +8,17 @@ asynchronous: arrays are copied to host memory, then written while training goes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+import yaml
+from etils import epath
 
 from llm_jax.errors import UserError
 
@@ -24,7 +29,7 @@ logging.getLogger("absl").addFilter(lambda record: "Metadata file does not exist
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int):
-        self.directory = Path(directory).absolute()
+        self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -52,6 +57,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def checkpoint_dir(run_dir: str | Path, configured: str | None) -> epath.Path:
+    """train.checkpoint_dir if set, else <run_dir>/checkpoints."""
+    return epath.Path(configured) if configured else epath.Path(os.path.abspath(os.path.expanduser(run_dir))) / "checkpoints"
+
+
+def saved_checkpoint_dir(run_dir: str | Path) -> epath.Path:
+    """Where a finished run's checkpoints are, by the train.checkpoint_dir in its config.yaml."""
+    saved = Path(run_dir).expanduser() / "config.yaml"
+    tree = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    return checkpoint_dir(run_dir, (tree.get("train") or {}).get("checkpoint_dir"))
+
+
 def write_params_run(out: Path, cfg, params: Any, step: str, files: list[Path]) -> None:
     """A run directory holding only parameters (quantize, import-hf): config.yaml, `files` (the
     tokenizer) and checkpoints/<step>/state; written beside `out` and renamed, so it is whole or absent."""
@@ -59,6 +76,7 @@ def write_params_run(out: Path, cfg, params: Any, step: str, files: list[Path]) 
 
     from llm_jax.config import save_config
 
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_dir=None))  # its own, inside out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -71,13 +89,15 @@ def write_params_run(out: Path, cfg, params: Any, step: str, files: list[Path]) 
     tmp.rename(out)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    directory = Path(run_dir).absolute() / "checkpoints"
-    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()]
+def latest_checkpoint(directory: epath.Path) -> epath.Path | None:
+    """The newest complete step in a checkpoint directory (None if there is none)."""
+    if not directory.exists():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
     return directory / str(max(steps)) if steps else None
 
 
-def restore_params(step_dir: Path, abstract_params: Any) -> Any:
+def restore_params(step_dir: epath.Path, abstract_params: Any) -> Any:
     """Only the parameters of a checkpoint (no optimizer state), placed per `abstract_params` shardings."""
     _check_shapes(step_dir, abstract_params)
     restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
@@ -87,7 +107,7 @@ def restore_params(step_dir: Path, abstract_params: Any) -> Any:
     return out["params"]
 
 
-def _check_shapes(step_dir: Path, abstract_params: Any) -> None:
+def _check_shapes(step_dir: epath.Path, abstract_params: Any) -> None:
     """Compares saved parameter shapes with the config's before any array is read."""
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(step_dir / "state").item_metadata

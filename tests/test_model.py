@@ -114,19 +114,44 @@ def test_init_scales_residual_projections():
     assert (params["final_norm"] == 1).all()
 
 
-@pytest.mark.parametrize("t, kv_heads", [(128, 4), (256, 2), (100, 1)])  # 2 / 4 / 1 query blocks; MHA/GQA/MQA
-def test_attention_kernels_compute_the_same_function(t, kv_heads):
+# 2 / 4 / 1 query blocks; MHA/GQA/MQA; with and without packed segments. splash (the TPU Pallas
+# kernel) runs in interpret mode here, on sequences that are multiples of 128.
+@pytest.mark.parametrize("t, kv_heads, packed", [(128, 4, False), (256, 2, True), (100, 1, False), (128, 1, True)])
+def test_attention_kernels_compute_the_same_function(t, kv_heads, packed):
     from llm_jax.model.attention import causal_attention
 
     keys = jax.random.split(jax.random.PRNGKey(t), 3)
     q = jax.random.normal(keys[0], (2, t, 4, 16))
     k, v = (jax.random.normal(key, (2, t, kv_heads, 16)) for key in keys[1:])
-    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, impl)))  # noqa: E731
-    ref, blocked = (jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2))) for impl in ("xla", "blocked"))
-    (a, grads_a), (b, grads_b) = ref(q, k, v), blocked(q, k, v)
-    assert float(a) == pytest.approx(float(b), rel=1e-5)
-    for ga, gb in zip(grads_a, grads_b):
-        np.testing.assert_allclose(ga, gb, atol=1e-5)
+    segments = jnp.asarray(np.repeat([[0, 1, 2]], 2, axis=0).repeat([t // 3, t // 2, t - t // 3 - t // 2], axis=1)) \
+        if packed else None
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, impl, segments)))  # noqa: E731
+    impls = ("xla", "blocked") + (("splash",) if t % 128 == 0 else ())
+    (a, grads_a), *others = [jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))(q, k, v) for impl in impls]
+    for b, grads_b in others:
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
+        for ga, gb in zip(grads_a, grads_b):
+            np.testing.assert_allclose(ga, gb, atol=1e-5)
+
+
+def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
+    from llm_jax.config import MeshConfig
+    from llm_jax.model.attention import causal_attention
+    from llm_jax.sharding import make_layout
+
+    layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
+                                    microbatches=0), jax.devices()[:8])
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = jax.random.normal(keys[0], (4, 128, 4, 16))
+    k, v = (jax.random.normal(key, (4, 128, 2, 16)) for key in keys[1:])
+    segments = jnp.asarray(np.repeat([[0] * 50 + [1] * 78], 4, axis=0))
+    want = causal_attention(q, k, v, "xla", segments)
+    with layout.activate():
+        q_s, kv_s = layout.sharding(("batch", "length", "heads", "head_dim")), layout.sharding(
+            ("batch", "length", "kv_heads", "head_dim"))
+        args = jax.device_put((q, k, v), (q_s, kv_s, kv_s))
+        got = jax.jit(lambda q, k, v: causal_attention(q, k, v, "splash", segments))(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [None, 64])

@@ -89,17 +89,25 @@ def test_generation_stops_at_a_stop_id():
         list(gen.stream(list(range(30)), 10))
 
 
-def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
+# lengths 3, 21 and 9 (prompt buckets 16 and 32 alone, 32 together), greedy and sampled rows, each
+# with its own budget, settings and seed: (prompt, max_new, temperature, top_k, top_p, seed)
+ROWS = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
+        ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]
+
+
+def _sharp_model():
+    """The tiny model with random weights scaled up 8x, so that its distributions are far from flat."""
     cfg = load_config("tiny", ["model.seq_len=48"]).model
     model = Transformer(cfg)
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"])()
-    params = jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    return cfg, jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
+                                       is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
+    cfg, params = _sharp_model()
     gen = Generator(cfg, params)
-    # lengths 3, 21 and 9 (prompt buckets 16 and 32 alone, 32 together), greedy and sampled rows,
-    # each with its own budget, settings and seed
-    rows = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
-            ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]
+    rows = ROWS
     alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in rows]
     batched = [[] for _ in rows]
     for step in gen.stream_batch(*map(list, zip(*rows))):
@@ -131,18 +139,13 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
     from llm_jax.config import MeshConfig
     from llm_jax.sharding import make_layout
 
-    cfg = load_config("tiny", ["model.seq_len=48"]).model
-    model = Transformer(cfg)
-    params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"])()
-    params = jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    cfg, params = _sharp_model()
     layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
                                     microbatches=0), jax.devices()[:8])
     one, mesh = Generator(cfg, params), Generator(cfg, params, layout)
     assert tuple(mesh.params["layers"]["wq"].sharding.spec) == ("pipeline", "fsdp", "tensor", None)  # pipeline: 1
-    rows = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
-            ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]  # 3 rows: one idle row makes 4 batch shards
-    steps = [list(gen.stream_batch(*map(list, zip(*rows)))) for gen in (one, mesh)]
+    # 3 rows: one idle row makes 4 batch shards
+    steps = [list(gen.stream_batch(*map(list, zip(*ROWS)))) for gen in (one, mesh)]
     assert steps[0] == steps[1] and len(steps[0][0]) == 3
     with layout.activate():
         _, cache = mesh._prefill(mesh.params, jnp.zeros((4, 16), jnp.int32), jnp.full((4,), 3), jnp.zeros(4, jnp.uint32),

@@ -21,7 +21,7 @@ from llm_jax.data.loader import train_iterator
 from llm_jax.data.prepare import prepare_data
 from llm_jax.distributed import initialize
 from llm_jax.errors import UserError
-from llm_jax.train.checkpoint import latest_checkpoint, restore_params
+from llm_jax.train.checkpoint import latest_checkpoint, restore_params, saved_checkpoint_dir
 from llm_jax.train.loop import train
 from llm_jax.train.step import abstract_params
 
@@ -54,7 +54,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _params(run: Path, cfg):
-    return restore_params(latest_checkpoint(run), abstract_params(cfg.model, sharding.single_device_layout()))
+    return restore_params(latest_checkpoint(saved_checkpoint_dir(run)), abstract_params(cfg.model, sharding.single_device_layout()))
 
 
 @pytest.fixture(scope="module")

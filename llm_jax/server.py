@@ -73,8 +73,7 @@ class Service:
         if model != self.model_name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
                                 "(GET /v1/models)", "model", "model_not_found")
-        if _integer(body, "n", 1, 1, 1) != 1:
-            raise ApiError(400, "only n=1 is supported", "n")
+        _integer(body, "n", 1, 1, 1, "one choice per request on this server")
         ids = self._chat_prompt(body) if chat else self._text_prompt(body)
         default = min(self.max_tokens, self.seq_len - len(ids)) if chat else min(16, self.max_tokens)
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"

@@ -124,8 +124,7 @@ def _splash(q, k, v, segments):
     if q_spec[1] is not None:
         raise ValueError("model.attention=splash needs whole sequences on each device: map `length` to no mesh axis")
     if not all(_divides(mesh, s, x.shape) for s, x in ((q_spec, q), (kv_spec, k))):
-        return jax.nn.dot_product_attention(  # a batch smaller than its shards (e.g. at init): the reference
-            q, k, v, mask=(segments[:, None, :, None] == segments[:, None, None, :]), is_causal=True)
+        return causal_attention(q, k, v, "xla", segments)  # a batch smaller than its shards (e.g. at init)
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")), out_specs=q_spec,
                          check_vma=False)(q, k, v, segments)
 

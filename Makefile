@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # pretrained demo model (trained first if missing) -> SFT -> DPO on synthetic chat tasks -> eval table
 demo-chat: $(STAMP)
-	$(BIN)/python -m llm_jax.demo_chat
+	$(BIN)/python -m llm_jax.tools.demo_chat
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

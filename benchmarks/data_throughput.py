@@ -49,10 +49,10 @@ def main() -> None:
 
     import jax
 
-    from llm_jax import sharding
     from llm_jax.config import load_config
     from llm_jax.data.loader import train_iterator
-    from llm_jax.data.prepare import prepare_data
+    from llm_jax.parallel.sharding import make_layout
+    from llm_jax.train.objectives import prepare_data
     from llm_jax.train.optimizer import make_optimizer
     from llm_jax.train.step import make_steps
 
@@ -83,7 +83,7 @@ def main() -> None:
             out[f"loader_tokens_s_{workers}w"] = round(rate)
             rows.append((f"loader, {workers or 'no'} worker processes", f"{rate:,.0f} tokens/s", f"batch {batch}"))
 
-        layout = sharding.make_layout(cfg.mesh)
+        layout = make_layout(cfg.mesh)
         steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 100), example=data.train[0])
         state = steps.init(jax.random.PRNGKey(0))
         it = train_iterator(data.train, batch, cfg.seed)

@@ -28,11 +28,12 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="add transformers' generate (needs torch, transformers)")
     args = parser.parse_args()
 
-    from llm_jax.cli import load_run
-    from llm_jax.generate import Generator
-    from llm_jax.quantize import param_bytes, quantize
+    from llm_jax.inference.generate import Generator
+    from llm_jax.model.dense import param_bytes, quantize
+    from llm_jax.run import load_run
 
-    cfg, params, tokenizer, _ = load_run(args.run)
+    run = load_run(args.run)
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     prompt = tokenizer.encode("Enter KING LEAR, with his daughters and attendants.\n")
     variants = [("float32", cfg.model, params),
                 ("bfloat16 compute", dataclasses.replace(cfg.model, dtype="bfloat16"), params),
@@ -70,7 +71,7 @@ def hf_row(args, prompt: list[int]) -> None:
     import torch
     import transformers
 
-    from llm_jax.hf import export_hf
+    from llm_jax.tools.hf import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         model = transformers.LlamaForCausalLM.from_pretrained(

@@ -33,9 +33,9 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from llm_jax import sharding
     from llm_jax.config import load_config
     from llm_jax.model.transformer import count_params, flops_per_token
+    from llm_jax.parallel.sharding import make_layout
     from llm_jax.train.metrics import measured_matmul_flops
     from llm_jax.train.optimizer import make_optimizer
     from llm_jax.train.step import make_steps
@@ -43,7 +43,7 @@ def main() -> None:
     cfg = load_config(None, SHAPE + [f"model.dtype={args.dtype}", f"train.steps={args.steps + 2}"] + args.overrides)
     peaks = {dt: measured_matmul_flops(dt) for dt in ("float32", "bfloat16")}
     peak = max(peaks.values())
-    layout = sharding.make_layout(cfg.mesh)
+    layout = make_layout(cfg.mesh)
     t0 = time.perf_counter()
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state = steps.init(jax.random.PRNGKey(0))

@@ -32,7 +32,7 @@ def tiny_config(run_dir, *overrides, sources=None):
 @pytest.fixture(scope="session")
 def prepared_template(tmp_path_factory, corpus_slice) -> Path:
     """A run directory holding a trained tokenizer and packed data for the tiny preset on the slice."""
-    from llm_jax.data.prepare import prepare_data
+    from llm_jax.train.objectives import prepare_data
 
     run = tmp_path_factory.mktemp("template") / "run"
     run.mkdir()

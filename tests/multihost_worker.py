@@ -28,7 +28,7 @@ import jax  # noqa: E402
 
 from llm_jax.config import load_config  # noqa: E402
 from llm_jax.data.loader import train_iterator  # noqa: E402
-from llm_jax.data.prepare import prepare_data  # noqa: E402
+from llm_jax.train.objectives import prepare_data  # noqa: E402
 
 cfg = load_config("tiny", [f"run_dir={run_dir}", *overrides])
 data = prepare_data(cfg, Path(run_dir), log=lambda *_: None)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from llm_jax.chat import check_messages, fit_example, render, special_ids
+from llm_jax.data.chat_template import check_messages, fit_example, render, special_ids
 from llm_jax.cli import main
 from llm_jax.data.synth import examples
 from llm_jax.data.tokenizer import Tokenizer

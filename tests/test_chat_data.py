@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from llm_jax.chat import render, special_ids
+from llm_jax.data.chat_template import render, special_ids
 from llm_jax.data.chat_data import ExampleRows, dpo_example, load_examples, pack_sft, pad_dpo, save_array, sft_example
 from llm_jax.data.loader import eval_batches, train_iterator
 from llm_jax.data.tokenizer import Tokenizer

@@ -17,7 +17,7 @@ import zstandard
 from conftest import tiny_config
 from llm_jax.data.corpus import ReadStats, read_documents
 from llm_jax.data.loader import train_iterator
-from llm_jax.data.prepare import prepare_data
+from llm_jax.train.objectives import prepare_data
 from llm_jax.errors import UserError
 
 WORDS = ("time river stone light music paper garden window silver morning winter letter story mountain forest "

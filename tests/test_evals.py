@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax.cli import load_run, main
+from llm_jax.cli import main
+from llm_jax.run import load_run
 from llm_jax.errors import UserError
 from llm_jax.evals import judge as J
 from llm_jax.evals.harness import run_eval
 from llm_jax.evals.tasks import bundled_names, load_task
-from llm_jax.generate import Generator
+from llm_jax.inference.generate import Generator
 from llm_jax.model.transformer import Transformer
 from llm_jax.train.loop import train
 
@@ -63,7 +64,8 @@ def test_bundled_tasks_load_and_bad_rows_name_file_and_line(tmp_path):
 
 
 def test_scores_match_direct_computation(run, tmp_path):
-    cfg, params, tok, step_dir = load_run(str(run))
+    loaded = load_run(str(run))
+    cfg, params, tok, step_dir = loaded.cfg, loaded.params, loaded.tokenizer, loaded.step_dir
     model = Transformer(cfg.model)
     contexts = ["Enter Kent.\n", "KING.\nWhat says", "To be, or not"]
     choices = [" the king", " Romeo", "\nGood", " my lord,"]

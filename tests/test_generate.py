@@ -5,7 +5,7 @@ import pytest
 
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import train_tokenizer
-from llm_jax.generate import Generator, fit_prompt, sample_token, stream_text
+from llm_jax.inference.generate import Generator, fit_prompt, sample_token, stream_text
 from llm_jax.model.transformer import Transformer
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
@@ -137,7 +137,7 @@ def test_stop_strings_end_the_text_before_them_and_stop_drawing(tmp_path):
 
 def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
     from llm_jax.config import MeshConfig
-    from llm_jax.sharding import make_layout
+    from llm_jax.parallel.sharding import make_layout
 
     cfg, params = _sharp_model()
     layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",

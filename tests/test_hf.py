@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.chat import prompt_ids
-from llm_jax.cli import load_run
+from llm_jax.data.chat_template import prompt_ids
+from llm_jax.run import load_run
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
-from llm_jax.generate import Generator
-from llm_jax.hf import export_hf, import_hf
+from llm_jax.inference.generate import Generator
+from llm_jax.tools.hf import export_hf, import_hf
 from llm_jax.model.transformer import Transformer
-from llm_jax.train.checkpoint import write_params_run
+from llm_jax.run import write_params_run
 
 # (n_heads, n_kv_heads, tie_embeddings, rope_theta): MHA tied, GQA untied, MQA with a large theta
 CONFIGS = [(4, 4, True, 10000.0), (4, 2, False, 500000.0), (8, 1, False, 1e6)]
@@ -31,12 +31,13 @@ def _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta, name="run"):
     boxed = jax.jit(lambda: model.init(jax.random.PRNGKey(heads + kv_heads), jnp.zeros((1, 8), jnp.int32)))()
     params = jax.tree_util.tree_map(lambda x: x.unbox() * (4 if x.unbox().ndim > 1 else 1), boxed["params"],
                                     is_leaf=lambda x: hasattr(x, "unbox"))
-    write_params_run(tmp_path / name, cfg, params, "7", [tokenizer_path])
+    write_params_run(tmp_path / name, cfg, params, "7", tokenizer_path.parent)
     return tmp_path / name
 
 
 def _logits(run, tokens):
-    cfg, params, _, _ = load_run(str(run))
+    loaded = load_run(str(run))
+    cfg, params = loaded.cfg, loaded.params
     model = Transformer(cfg.model)
     hidden, _ = model.apply({"params": params}, jnp.asarray(tokens))
     return np.asarray(model.apply({"params": params}, hidden, method=Transformer.logits))
@@ -56,7 +57,7 @@ def test_export_then_import_gives_back_the_same_parameters_even_sharded(tmp_path
     config = json.loads((hf / "config.json").read_text())
     assert (config["num_key_value_heads"], config["tie_word_embeddings"], config["rope_theta"]) == (2, False, 500000.0)
     back = import_hf(str(hf), str(tmp_path / "back"), log=lambda *_: None)
-    a, b = load_run(str(run))[1], load_run(str(back))[1]
+    a, b = load_run(str(run)).params, load_run(str(back)).params
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     tokens = [[3, 50, 7, 300, 9, 12]]
@@ -123,7 +124,8 @@ def test_exported_runs_match_transformers_logits_and_greedy_tokens(tmp_path, tok
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
-    cfg, params, _, _ = load_run(str(run))
+    loaded = load_run(str(run))
+    cfg, params = loaded.cfg, loaded.params
     assert list(Generator(cfg.model, params).stream(prompt, 20)) == out[0, 9:].tolist()
 
 
@@ -140,7 +142,7 @@ def test_transformers_checkpoints_import_with_the_same_logits(tmp_path, tokenize
         model.save_pretrained(src)
         shutil.copyfile(tokenizer_path, src / "tokenizer.model")
         run = import_hf(str(src), str(tmp_path / f"run{i}"), log=lambda *_: None)
-        assert load_run(str(run))[0].model.tie_embeddings == tie
+        assert load_run(str(run)).cfg.model.tie_embeddings == tie
         tokens = np.random.default_rng(i).integers(0, 520, size=(2, 33))
         with torch.no_grad():
             theirs = model(torch.tensor(tokens)).logits.numpy()

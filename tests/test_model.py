@@ -137,7 +137,7 @@ def test_attention_kernels_compute_the_same_function(t, kv_heads, packed):
 def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
     from llm_jax.config import MeshConfig
     from llm_jax.model.attention import causal_attention
-    from llm_jax.sharding import make_layout
+    from llm_jax.parallel.sharding import make_layout
 
     layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
                                     microbatches=0), jax.devices()[:8])

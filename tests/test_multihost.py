@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax import sharding
 from llm_jax.config import load_config
 from llm_jax.data.loader import train_iterator
-from llm_jax.data.prepare import prepare_data
-from llm_jax.distributed import initialize
 from llm_jax.errors import UserError
-from llm_jax.train.checkpoint import latest_checkpoint, restore_params, saved_checkpoint_dir
+from llm_jax.parallel.distributed import initialize
+from llm_jax.run import load_run
 from llm_jax.train.loop import train
-from llm_jax.train.step import abstract_params
+from llm_jax.train.objectives import prepare_data
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 # data spans the two processes (one "slice" each, over DCN); fsdp stays inside a process.
@@ -53,8 +51,8 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _params(run: Path, cfg):
-    return restore_params(latest_checkpoint(saved_checkpoint_dir(run)), abstract_params(cfg.model, sharding.single_device_layout()))
+def _params(run: Path):
+    return load_run(run).params
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +81,7 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared_t
     want, got = _losses(ref_run), _losses(run)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=0, atol=1e-5)
-    params, ref_params = _params(run, ref_cfg), _params(ref_run, ref_cfg)
+    params, ref_params = _params(run), _params(ref_run)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 

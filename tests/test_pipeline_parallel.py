@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
@@ -61,7 +61,7 @@ def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbat
                                                 ("mesh.data=2 mesh.pipeline=4", 8)])
 def test_pipelined_gradients_equal_the_unpipelined_ones(mesh, microbatches):
     from llm_jax.model.transformer import Transformer
-    from llm_jax.train.objectives import lm_sums
+    from llm_jax.train.losses import lm_sums
 
     cfg = tiny_config("unused", "model.n_layers=4", "model.remat=full", *mesh.split(),
                       f"mesh.microbatches={microbatches}")

@@ -7,12 +7,12 @@ import dataclasses
 import jax
 import pytest
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.plan import CHIPS, GiB, activation_bytes, param_bytes, parse_topology, plan_for, suggest
-from llm_jax.rules import rules_table
+from llm_jax.tools.plan import CHIPS, GiB, activation_bytes, param_bytes, parse_topology, plan_for, suggest
+from llm_jax.config.rules import rules_table
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.config import DPOConfig, load_config, save_config
 from llm_jax.model.transformer import Transformer
-from llm_jax.train import objectives
+from llm_jax.train import losses
 from llm_jax.train.optimizer import make_optimizer
-from llm_jax.train.step import make_steps, pair_scorer
+from llm_jax.train.objectives import pair_scorer
+from llm_jax.train.step import make_steps
 
 BASE = ["model.n_kv_heads=4", "model.dtype=float32", "train.batch_size=8", "optim.warmup_steps=1", "optim.lr=1e-4"]
 
@@ -39,12 +40,12 @@ def test_sft_loss_and_gradients_ignore_prompt_tokens(model_and_params):
     weights = jnp.zeros((2, 32)).at[:, 20:27].set(1.0)  # "assistant" targets 21..27 only
     batch = {"tokens": tokens, "weights": weights}
 
-    loss, _ = objectives.lm_sums(model, params, batch)
+    loss, _ = losses.lm_sums(model, params, batch)
     nll = _per_token_nll(model, params, tokens)
     np.testing.assert_allclose(float(loss), float(jnp.sum(nll[:, 20:27])), rtol=1e-6)
 
     def masked(p):
-        return objectives.lm_sums(model, p, batch)[0]
+        return losses.lm_sums(model, p, batch)[0]
 
     def answer_only(p):
         return jnp.sum(_per_token_nll(model, p, tokens)[:, 20:27])
@@ -52,7 +53,7 @@ def test_sft_loss_and_gradients_ignore_prompt_tokens(model_and_params):
     g1, g2 = jax.grad(masked)(params), jax.grad(answer_only)(params)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert objectives.lm_count(batch) == 14
+    assert losses.lm_count(batch) == 14
 
 
 def test_packed_examples_do_not_attend_across(model_and_params):
@@ -75,18 +76,18 @@ def test_packed_examples_do_not_attend_across(model_and_params):
 def test_dpo_loss_by_hand():
     logps, ref = jnp.asarray([[-1.0, -3.0], [-4.0, -2.0]]), jnp.asarray([[-2.0, -2.0], [-4.0, -3.0]])
     # margins: (1 - -1) = 2 and (0 - 1) = -1; beta 0.1
-    losses, rewards = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.0, 0.0, "precomputed"))
-    np.testing.assert_allclose(losses, [math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.1))], rtol=1e-6)
+    sigmoid, rewards = losses.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.0, 0.0, "precomputed"))
+    np.testing.assert_allclose(sigmoid, [math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.1))], rtol=1e-6)
     np.testing.assert_allclose(rewards, [[0.1, -0.1], [0.0, 0.1]], atol=1e-7)
-    smooth, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.2, 0.0, "precomputed"))
+    smooth, _ = losses.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.2, 0.0, "precomputed"))
     np.testing.assert_allclose(smooth[0], 0.8 * math.log1p(math.exp(-0.2)) + 0.2 * math.log1p(math.exp(0.2)),
                                rtol=1e-6)
-    ipo, _ = objectives.dpo_loss(logps, ref, DPOConfig(0.1, "ipo", 0.0, 0.0, "precomputed"))
+    ipo, _ = losses.dpo_loss(logps, ref, DPOConfig(0.1, "ipo", 0.0, 0.0, "precomputed"))
     np.testing.assert_allclose(ipo, [(2 - 5) ** 2, (-1 - 5) ** 2], rtol=1e-6)
     # RPO: + 0.5 x the chosen mean token NLL (chosen responses of 2 and 4 tokens)
     rpo_cfg = DPOConfig(0.1, "sigmoid", 0.0, 0.5, "precomputed")
-    rpo, _ = objectives.dpo_loss(logps, ref, rpo_cfg, jnp.asarray([2.0, 4.0]))
-    np.testing.assert_allclose(rpo - losses, [0.5 * 1 / 2, 0.5 * 4 / 4], rtol=1e-6)
+    rpo, _ = losses.dpo_loss(logps, ref, rpo_cfg, jnp.asarray([2.0, 4.0]))
+    np.testing.assert_allclose(rpo - sigmoid, [0.5 * 1 / 2, 0.5 * 4 / 4], rtol=1e-6)
 
 
 def _dpo_config(tmp_path, *overrides):
@@ -184,7 +185,7 @@ def test_pretrain_then_sft_then_dpo_runs_and_chat(tmp_path, prepared_run, capsys
     np.testing.assert_allclose(rows[0]["loss"], math.log(2), atol=1e-5)  # step 1: policy == reference
     ref = np.load(tmp_path / "dpo" / "data" / "train.ref_logps.npy")
     assert ref.shape == (len(np.load(tmp_path / "dpo" / "data" / "train.tokens.npy")), 2) and (ref < 0).all()
-    assert set(objectives.DPO_METRICS) <= set(dpo_val) and 0 <= dpo_val["reward_accuracy"] <= 1
+    assert set(losses.DPO_METRICS) <= set(dpo_val) and 0 <= dpo_val["reward_accuracy"] <= 1
 
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3?\n/exit\n"))
     cli(["chat", "--run", str(tmp_path / "dpo"), "--max-new-tokens", "4", "--temperature", "0"])

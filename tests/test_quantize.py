@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from llm_jax.cli import load_run
+from llm_jax.run import load_run
 from llm_jax.errors import UserError
-from llm_jax.generate import Generator
-from llm_jax.quantize import IN_DIMS, quantize, quantize_run
+from llm_jax.inference.generate import Generator
+from llm_jax.model.dense import IN_DIMS, quantize
+from llm_jax.tools.quantize import quantize_run
 from llm_jax.train.loop import train
 
 
@@ -52,9 +53,10 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
            if "held-out" in line}
     assert set(ppl) == {"float32", "bfloat16", mode}
     assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # the targets
-    cfg, params, tokenizer, _ = load_run(str(out))
+    quantized = load_run(str(out))
+    cfg, params, tokenizer = quantized.cfg, quantized.params, quantized.tokenizer
     assert cfg.model.quant == mode and params["layers"]["wq"].dtype == {"int8": np.int8, "int4": jnp.int4}[mode]
-    fcfg, fparams, _, _ = load_run(str(float_run))
+    fparams = load_run(str(float_run)).params
     nbytes = [sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for p in (params, fparams)]
     assert nbytes[0] < nbytes[1]
     prompt = tokenizer.encode("Romeo.\n")

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from conftest import tiny_config
-from llm_jax.chat import prompt_ids
-from llm_jax.cli import load_run
-from llm_jax.generate import Generator, stream_text
+from llm_jax.data.chat_template import prompt_ids
+from llm_jax.run import load_run
+from llm_jax.inference.generate import Generator, stream_text
 from llm_jax.train.loop import train
 
 MODEL = "tiny-chat"
@@ -71,7 +71,8 @@ def test_openai_client_completions_chat_and_streams_match_the_generator(run, ser
     _, port = server
     client = _client(port)
     assert [m.id for m in client.models.list().data] == [MODEL]
-    cfg, params, tok, _ = load_run(str(run))
+    loaded = load_run(str(run))
+    cfg, params, tok = loaded.cfg, loaded.params, loaded.tokenizer
     gen = Generator(cfg.model, params)
     stop_ids = (tok.eos_id,) + prompt_ids(tok, [{"role": "user", "content": ""}])[1]
 
@@ -214,9 +215,9 @@ def test_a_full_queue_answers_429_and_loses_nothing(run, tmp_path):
 
 def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
     from llm_jax.errors import UserError
-    from llm_jax.server import serve_layout
+    from llm_jax.inference.server import serve_layout
 
-    cfg = load_run(str(run))[0]
+    cfg = load_run(str(run)).cfg
     assert serve_layout(cfg, "1,1,1") is None
     assert dict(serve_layout(cfg, "4,1,2").mesh.shape) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}
     for mesh, message in [("4,1,4", "needs 16 devices; this host has 8"), ("1,1,8", "kv_heads=2 is split over"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
 from llm_jax.train.optimizer import make_optimizer

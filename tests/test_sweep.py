@@ -9,7 +9,8 @@ import pytest
 from llm_jax.cli import main
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
-from llm_jax.sweep import parse_meshes, run_sweep
+from llm_jax.parallel.sharding import parse_meshes
+from llm_jax.tools.sweep import run_sweep
 
 
 def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path, capsys):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax import sharding
-from llm_jax.cli import load_run
+from llm_jax.parallel import sharding
+from llm_jax.run import load_run
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
@@ -97,12 +97,12 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpu
     assert resumed_final == final
     jax.tree_util.tree_map(np.testing.assert_array_equal, full_params, jax.device_get(_restore_params(ckpts / "16", cfg)))
     assert (prepared_run / "checkpoints").exists() != elsewhere
-    assert load_run(str(prepared_run))[3].name == "16"  # generate, serve, eval find them through config.yaml
+    assert load_run(str(prepared_run)).step == 16  # generate, serve, eval find them through config.yaml
 
 
 def _restore_params(step_dir, cfg):
-    from llm_jax.train.checkpoint import restore_params
-    from llm_jax.train.step import abstract_params
+    from llm_jax.run import restore_params
+    from llm_jax.parallel.sharding import abstract_params
 
     layout = sharding.single_device_layout()
     return restore_params(step_dir, abstract_params(cfg.model, layout))

@@ -1,14 +1,14 @@
 """Chat (SFT) and preference (DPO) JSONL -> fixed-shape example arrays in the run directory.
 
 - sft: rows {"messages": [{"role", "content"}, ...]} are rendered with the chat template
-  (llm_jax/chat.py: weight 1 on assistant text and its end of turn) and packed in file order into
+  (llm_jax/data/chat_template.py: weight 1 on assistant text and its end of turn) and packed in file order into
   rows of seq_len + 1 tokens with segment ids, so attention never crosses examples and positions
   restart at each example. Arrays: tokens [R, L+1], segments [R, L+1], weights [R, L] (per target).
 - dpo: rows {"prompt": text | "messages": [...], "chosen": text, "rejected": text} become a pair of
   sequences (prompt + response), padded to the longest sequence in the data (at most seq_len + 1);
   weights 1 on the response and its end of turn only. Arrays: tokens [N, 2, P+1], weights [N, 2, P].
 
-An example longer than seq_len + 1 tokens keeps its first seq_len + 1 (chat.fit_example) and is
+An example longer than seq_len + 1 tokens keeps its first seq_len + 1 (fit_example) and is
 counted as truncated; one left with no response token is dropped and counted. Bad rows (malformed
 JSON, unknown role or missing field, empty response, chosen == rejected) stop the run naming
 file:line with data.bad_rows=strict, or are skipped and counted with skip.
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_jax.chat import check_messages, fit_example, render, special_ids
 from llm_jax.config import Config
+from llm_jax.data.chat_template import check_messages, fit_example, render, special_ids
 from llm_jax.data.corpus import resolve_source
+from llm_jax.data.loader import PreparedData
 from llm_jax.data.shards import read_meta, write_meta
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
@@ -91,7 +92,7 @@ def dpo_example(tokenizer: Tokenizer, row: dict, where: str) -> Example:
 
 def load_examples(sources, kind: str, tokenizer: Tokenizer, length: int, bad_rows: str,
                   cache_dir: str) -> tuple[list[Example], Counter]:
-    """Every usable example of the JSONL sources, fitted to `length` tokens, and the counts."""
+    """Every usable example of the JSONL sources (kind: sft or dpo), fitted to `length` tokens, and the counts."""
     make = sft_example if kind == "sft" else dpo_example
     counts, examples = Counter(), []
     for source in sources:
@@ -190,39 +191,29 @@ def save_array(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def prepare_chat(cfg: Config, run_dir: Path, log=print):
-    """Builds (once) and opens the sft / dpo example arrays of a run; see the module docstring."""
-    from llm_jax.data.prepare import PreparedData
-
-    data_dir = run_dir / "data"
+def prepare_chat(cfg: Config, kind: str, data_dir: Path, tokenizer_source: Path, tokenizer_path: Path,
+                 log=print) -> PreparedData:
+    """Builds (once) and opens the `kind` (sft or dpo) example arrays in data_dir; see the module
+    docstring. The tokenizer is copied from tokenizer_source to tokenizer_path (so the run directory
+    is self-contained), and must hold the chat tokens."""
     meta = read_meta(data_dir / "meta.json")
     if meta is None:
-        meta = _build(cfg, run_dir, data_dir, log)
-    tokenizer = Tokenizer(run_dir / "tokenizer.model")
-    return PreparedData(tokenizer, ExampleRows(data_dir, "train"), ExampleRows(data_dir, "val"), meta)
+        meta = _build(cfg, kind, data_dir, _tokenizer(cfg, tokenizer_source, tokenizer_path), log)
+    return PreparedData(Tokenizer(tokenizer_path), ExampleRows(data_dir, "train"), ExampleRows(data_dir, "val"), meta)
 
 
-def _tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
-    """The tokenizer of the run the parameters come from (copied: the run directory is self-contained)."""
-    if cfg.train.init_from:
-        source = Path(cfg.train.init_from).expanduser() / "tokenizer.model"
-    elif cfg.data.tokenizer:
-        source = Path(cfg.data.tokenizer).expanduser()
-    else:
-        raise UserError(f"train.objective={cfg.train.objective} needs a tokenizer: set train.init_from to a "
-                        "pretrained run directory (or data.tokenizer to its tokenizer.model)")
+def _tokenizer(cfg: Config, source: Path, path: Path) -> Tokenizer:
     tokenizer = Tokenizer(source)
     special_ids(tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"tokenizer {source} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
                         f"{cfg.model.vocab_size}")
-    shutil.copyfile(source, run_dir / "tokenizer.model")
-    return Tokenizer(run_dir / "tokenizer.model")
+    shutil.copyfile(source, path)
+    return Tokenizer(path)
 
 
-def _build(cfg: Config, run_dir: Path, data_dir: Path, log) -> dict:
-    kind, d, length = cfg.train.objective, cfg.data, cfg.model.seq_len + 1
-    tokenizer = _tokenizer(cfg, run_dir)
+def _build(cfg: Config, kind: str, data_dir: Path, tokenizer: Tokenizer, log) -> dict:
+    d, length = cfg.data, cfg.model.seq_len + 1
     train, counts = load_examples(d.sources, kind, tokenizer, length, d.bad_rows, d.cache_dir)
     if d.val_sources:
         val, val_counts = load_examples(d.val_sources, kind, tokenizer, length, d.bad_rows, d.cache_dir)

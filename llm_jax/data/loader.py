@@ -1,16 +1,30 @@
-"""grain pipelines over a random-access source of rows ({name: array}: packed token windows, SFT
-rows, DPO pairs): a seeded, endlessly repeated, per-host shard of the training rows (reshuffled every
-epoch), read in the training thread or in worker processes, and a fixed, evenly spread subset of the
-validation rows."""
+"""Prepared data and the grain pipelines over it.
+
+A prepared dataset is a tokenizer and two random-access sources of rows ({name: array}): packed
+token windows for pretraining (llm_jax/data/prepare.py), SFT rows or DPO pairs
+(llm_jax/data/chat_data.py). The pipelines: a seeded, endlessly repeated, per-host shard of the
+training rows (reshuffled every epoch), read in the training thread or in worker processes, and a
+fixed, evenly spread subset of the validation rows."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import grain
 import numpy as np
+from absl import flags
 
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    train: Any  # a random-access source of rows: TokenShards (pretraining) or ExampleRows (sft, dpo)
+    val: Any
+    meta: dict  # what the data was built from and its counts (<data dir>/meta.json)
 
 # Windows are memory-mapped and a batch is a few KB: reading them in the training thread is cheaper
 # than handing them over from worker threads (grain's advice for in-memory sources).
@@ -34,8 +48,6 @@ def train_iterator(source, global_batch: int, seed: int, process_index: int = 0,
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     ds = ds.to_iter_dataset(_READ)
     if workers:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we are not an absl program
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -1,16 +1,15 @@
-"""`llm-jax data prepare`: sources -> curated document shards -> tokenizer -> packed token shards
-(train / val) + report, in <run_dir>/data, built once and reused.
+"""Pretraining data: sources -> curated document shards -> tokenizer -> packed token shards
+(train / val) + report, in a data directory (a run's data/), built once and reused.
 
-Everything is written under <run_dir>/data.partial and renamed to <run_dir>/data when whole, so an
-interrupted run leaves no half-written dataset: rerunning rebuilds it, byte for byte the same for the
-same config and seed (timings live in report.json only).
+Everything is written under <data dir>.partial and renamed when whole, so an interrupted build
+leaves no half-written dataset: rerunning rebuilds it, byte for byte the same for the same config
+and seed (timings live in report.json only).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +18,7 @@ import numpy as np
 from llm_jax.config import Config
 from llm_jax.data import dedup
 from llm_jax.data.curate import Curated, curate
+from llm_jax.data.loader import PreparedData
 from llm_jax.data.report import write_report
 from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -27,25 +27,13 @@ from llm_jax.errors import UserError
 _ENCODE_BYTES = 4 << 20  # text per sentencepiece batch call (encoded on all cores)
 
 
-@dataclass
-class PreparedData:
-    tokenizer: Tokenizer
-    train: TokenShards
-    val: TokenShards
-    meta: dict
-
-
-def prepare_data(cfg: Config, run_dir: Path, log=print) -> PreparedData:
-    """Text for pretraining; chat / preference examples for sft / dpo (llm_jax/data/chat_data.py)."""
-    if cfg.train.objective != "pretrain":
-        from llm_jax.data.chat_data import prepare_chat
-
-        return prepare_chat(cfg, run_dir, log)
-    data_dir = run_dir / "data"
+def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -> PreparedData:
+    """The packed token shards in data_dir (built if absent) and the tokenizer at tokenizer_path
+    (data.tokenizer copied there, or trained on the training split when there is none yet)."""
     meta = read_meta(data_dir / "meta.json")
-    if meta is None or "shards" not in meta:  # none yet, or the single-stream layout of older versions
-        meta = _build(cfg, run_dir, log)
-    tokenizer = Tokenizer(run_dir / "tokenizer.model")
+    if meta is None or "shards" not in meta:  # none yet, or data without token shards: rebuilt
+        meta = _build(cfg, data_dir, tokenizer_path, log)
+    tokenizer = Tokenizer(tokenizer_path)
     splits = {split: TokenShards([data_dir / name for name in meta["shards"][split]], meta["dtype"],
                                  cfg.model.seq_len, tokenizer.eos_id) for split in ("train", "val")}
     return PreparedData(tokenizer, splits["train"], splits["val"], meta)
@@ -66,15 +54,15 @@ def val_threshold(scores: np.ndarray, val_fraction: float, val_sources: bool) ->
     return float(groups[n_val - 1])
 
 
-def _build(cfg: Config, run_dir: Path, log) -> dict:
-    data_dir, partial = run_dir / "data", run_dir / "data.partial"
-    for stale in (partial, data_dir):  # an interrupted build, or data of an older layout without meta.json
+def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
+    partial = data_dir.with_name(data_dir.name + ".partial")
+    for stale in (partial, data_dir):  # an interrupted build, or a directory without a whole dataset
         shutil.rmtree(stale, ignore_errors=True)
     log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
     cur = curate(cfg, partial / "documents", log)
     is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
 
-    tokenizer = _tokenizer(cfg, run_dir, cur, is_val, log)
+    tokenizer = _tokenizer(cfg, tokenizer_path, cur, is_val, log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
                         f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (or more)")
@@ -110,13 +98,12 @@ def _build(cfg: Config, run_dir: Path, log) -> dict:
     return meta
 
 
-def _tokenizer(cfg: Config, run_dir: Path, cur: Curated, is_val: np.ndarray, log) -> Tokenizer:
-    path = run_dir / "tokenizer.model"
+def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -> Tokenizer:
     if cfg.data.tokenizer:
         shutil.copyfile(Tokenizer(cfg.data.tokenizer).path, path)  # the run directory is self-contained
     elif not path.is_file():
         texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
-        tokenizer = train_tokenizer(texts, cfg.model.vocab_size, run_dir / "tokenizer",
+        tokenizer = train_tokenizer(texts, cfg.model.vocab_size, path.with_suffix(""),
                                     cfg.data.tokenizer_sample_bytes, cfg.seed, int(cur.sizes[~is_val, 0].sum()))
         log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
     return Tokenizer(path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from llm_jax.errors import UserError
 
@@ -77,8 +78,6 @@ class DocumentWriter(_Rotating):
         super().__init__(directory, "documents", ".array_record", max_bytes)
 
     def _open(self, tmp):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         self._writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: random access per record
 
     def _write(self, data):
@@ -93,8 +92,6 @@ class DocumentWriter(_Rotating):
 
 def read_documents(paths: Iterable[Path]) -> Iterator[dict]:
     """The records of document shards, in order."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     for path in paths:
         reader = ArrayRecordReader(str(path))
         try:

@@ -18,10 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.chat import prompt_ids
+from llm_jax.config import to_dict
+from llm_jax.data.chat_template import prompt_ids
+from llm_jax.data.corpus import ReadStats, read_documents
+from llm_jax.errors import UserError
 from llm_jax.evals.tasks import Task, extract, load_task
-from llm_jax.generate import Generator, first_stop, fit_prompt
+from llm_jax.inference.generate import Generator, first_stop, fit_prompt
 from llm_jax.model.transformer import Transformer
+from llm_jax.run import load_run
 
 
 class Scorer:
@@ -116,9 +120,6 @@ def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -
     """Loss (nats per token), perplexity and bits per byte of every document of a source, packed
     into windows of seq_len + 1 tokens that overlap by one (each token after the first is scored
     once); documents start with EOS as in pretraining and attend only within themselves."""
-    from llm_jax.data.corpus import ReadStats, read_documents
-    from llm_jax.errors import UserError
-
     d = cfg.data
     stream, segs = [], []
     for i, doc in enumerate(read_documents([source], d.text_field, d.cache_dir, "skip", d.tfds_data_dir, ReadStats())):
@@ -148,11 +149,9 @@ def _keys(total: dict) -> list[str]:
 
 def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str | None = None,
              system: str | None = None, log=print) -> dict:
-    from llm_jax.cli import load_run
-    from llm_jax.config import to_dict
-
     tasks: list[Task] = [load_task(spec, limit) for spec in specs]  # bad task files fail before the model loads
-    cfg, params, tokenizer, step_dir = load_run(run_dir)
+    run = load_run(run_dir)
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     scorer = Scorer(cfg.model, params)
     results, t0 = {}, time.time()
     for task in tasks:
@@ -163,10 +162,10 @@ def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str 
         else:
             results[task.name] = generation(cfg.model, params, tokenizer, task.rows,
                                             cfg.sample.system if system is None else system)[0]
-    record = {"run": str(run_dir), "step": int(step_dir.name), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    record = {"run": str(run_dir), "step": run.step, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "seconds": round(time.time() - t0, 1), "tasks": specs, "limit": limit, "results": results,
               "config": to_dict(cfg)}
-    path = Path(out).expanduser() if out else Path(run_dir).expanduser() / "eval" / f"step{step_dir.name}.json"
+    path = Path(out).expanduser() if out else run.path / "eval" / f"step{run.step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     log(format_table(record))

@@ -18,7 +18,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from llm_jax.data.chat_template import check_messages
 from llm_jax.errors import UserError
+from llm_jax.evals.harness import generation
+from llm_jax.run import load_run
 
 SYSTEM = ("You are a strict, impartial judge of answers to a user's question. Judge correctness first, then "
           "helpfulness and clarity. Ignore the length of the answers and the order in which they are shown.")
@@ -84,9 +87,9 @@ class Endpoint:
             raise ConnectionError(f"the judge at {self.url} did not answer like an OpenAI chat endpoint") from None
 
 
-def load_questions(path: str) -> list[str]:
-    from llm_jax.chat import check_messages
-
+def load_questions(path: str) -> list[list[dict]]:
+    """The conversations to judge: a question as one user turn, or chat messages without a trailing
+    assistant reply."""
     rows, path = [], Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"questions file {path} does not exist")
@@ -114,13 +117,10 @@ def answers(contestant: str, conversations: list[list[dict]], max_tokens: int) -
     """A run directory's greedy replies, or the 'answer' rows of a JSONL file."""
     path = Path(contestant).expanduser()
     if path.is_dir():
-        from llm_jax.cli import load_run
-        from llm_jax.evals.harness import generation
-
-        cfg, params, tokenizer, _ = load_run(contestant)
+        run = load_run(contestant)
         rows = [{"messages": c, "answer": "", "task": "all", "max_tokens": max_tokens, "stop": []}
                 for c in conversations]
-        return generation(cfg.model, params, tokenizer, rows, cfg.sample.system)[1]
+        return generation(run.cfg.model, run.params, run.tokenizer, rows, run.cfg.sample.system)[1]
     if not path.is_file():
         raise UserError(f"contestant {contestant} is neither a run directory nor an answers JSONL file")
     out = []

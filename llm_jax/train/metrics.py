@@ -63,14 +63,14 @@ class Progress:
         tok_s = steps * self.tokens_per_step / dt
         return {"tokens_per_s": tok_s, "step_s": dt / steps, "mfu": tok_s * self.flops_per_token / self.peak}
 
-    def line(self, step: int, metrics: dict) -> str:
+    def line(self, step: int, metrics: dict, extra: str = "") -> str:
+        """`extra`: what the objective adds (Objective.progress_extra)."""
         width, frac = 20, step / self.total
         bar = "#" * round(width * frac) + "-" * (width - round(width * frac))
         eta = (self.total - step) * metrics["step_s"]
         return (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {frac:4.0%} | loss {metrics['loss']:.4f} | "
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
-                f"ETA {_duration(eta)}" + (f" | reward acc {metrics['reward_accuracy']:.2f}, margin "
-                                           f"{metrics['reward_margin']:.3f}" if "reward_accuracy" in metrics else ""))
+                f"ETA {_duration(eta)}{extra}")
 
 
 def _duration(seconds: float) -> str:
@@ -111,7 +111,7 @@ class MetricsWriter:
 
 def plot_losses(run_dir: Path) -> Path:
     """loss.png: train and validation loss against step, from metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # 0.5 s to import, for the PNG only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,108 +1,249 @@
-"""Training objectives as sums over a batch, so that micro-batches and devices add up exactly:
-`sums(params, batch, rng, ref_params) -> (loss_sum, metric_sums)` and `count(batch)`, the divisor
-of both (target tokens for the language-model loss, preference pairs for DPO).
+"""The training objectives, one registry entry each: everything that differs between pretraining,
+SFT and DPO lives here, and nothing else in llm_jax branches on train.objective.
 
-- pretrain / sft: sum of weights * -log p(target); pretraining weighs every target 1, SFT only the
-  assistant tokens (the batch's `weights`), and packed SFT rows carry `segments`.
-- dpo: with sequence log-probs summed over response tokens, pi and ref for the chosen (c) and
-  rejected (r) response, margin m = (pi_c - ref_c) - (pi_r - ref_r):
-      sigmoid: -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (eps: label smoothing)
-      ipo:     (m - 1 / (2 beta))^2
-  plus, with dpo.chosen_nll = a > 0, a x the chosen response's mean token NLL (RPO), which keeps DPO
-  from lowering the likelihood of the chosen answers while it widens the margin.
-  Rewards are beta (pi - ref); reward accuracy is the share of pairs with chosen reward > rejected.
+An entry says how its data is prepared (and, for DPO, completed before training), what the train
+step sums (llm_jax/train/losses.py) and the eval step sums, how those sums become metrics and
+metric lines, and how a sample prompt is rendered. Adding an objective is adding an entry to
+OBJECTIVES (CONTRIBUTING.md walks through it).
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
+import math
+import time
+from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from llm_jax.config import Config, DPOConfig
+from llm_jax import run
+from llm_jax.config import Config, ModelConfig
+from llm_jax.data.chat_data import ExampleRows, prepare_chat, save_array
+from llm_jax.data.chat_template import prompt_ids
+from llm_jax.data.loader import PreparedData, eval_batches
+from llm_jax.data.prepare import prepare_text
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import UserError
 from llm_jax.model.transformer import Transformer
+from llm_jax.parallel.sharding import Layout, abstract_params
+from llm_jax.train import losses
 
-DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logps_chosen",
-               "logps_rejected")
-
-
-def _hidden(model: Transformer, params, batch: dict, rng) -> jax.Array:
-    """tokens [B, L+1] (+ segments [B, L+1]) -> final hidden states of the L inputs [B, L, D]."""
-    segments = batch["segments"][:, :-1] if "segments" in batch else None
-    rngs = {"dropout": rng} if rng is not None else None
-    hidden, _ = model.apply({"params": params}, batch["tokens"][:, :-1], segments=segments, rngs=rngs)
-    return hidden
+Sums = Callable  # (params, batch, rng=None, ref_params=None) -> (loss sum [], {metric: sum []})
 
 
-def lm_sums(model: Transformer, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
-    tokens = batch["tokens"]
-    weights = batch.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    nll = model.apply({"params": params}, _hidden(model, params, batch, rng), tokens[:, 1:], weights,
-                      method=Transformer.nll_sum)
-    return nll, {}
+class Objective(abc.ABC):
+    """The interface, with the defaults most objectives share: nothing pinned, no extra checks, no
+    step before training, no frozen reference in the train state."""
+
+    pinned: tuple[str, ...] = ()  # config keys a checkpoint of this objective pins (beyond run.CHECKPOINT_KEYS)
+
+    def problems(self, cfg: Config) -> list[str]:
+        return []
+
+    @abc.abstractmethod
+    def prepare(self, cfg: Config, run_dir: Path, log) -> PreparedData:
+        ...
+
+    def before_training(self, cfg: Config, layout: Layout, data: PreparedData, log) -> PreparedData:
+        return data
+
+    def in_step_reference(self, cfg: Config) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def train_sums(self, cfg: Config, train_model: Transformer, eval_model: Transformer) -> tuple[Sums, Callable]:
+        """(sums, count): count(batch) is the divisor of the loss and metric sums."""
+        ...
+
+    @abc.abstractmethod
+    def eval_sums(self, cfg: Config, model: Transformer, bytes_table: jax.Array) -> Callable:
+        """(params, batch) -> {name: sum over the batch}; eval_metrics turns the totals into metrics."""
+        ...
+
+    @abc.abstractmethod
+    def eval_metrics(self, sums: dict) -> dict:
+        ...
+
+    @abc.abstractmethod
+    def val_line(self, metrics: dict) -> str:
+        ...
+
+    def progress_extra(self, metrics: dict) -> str:
+        """What the progress line adds to loss, lr, tokens/s and MFU."""
+        return ""
+
+    @abc.abstractmethod
+    def sample(self, tokenizer: Tokenizer, prompt: str, system: str | None) -> tuple[list[int], tuple[int, ...]]:
+        """A sample.prompts entry -> (prompt ids, ids that end the sample)."""
+        ...
+
+    @abc.abstractmethod
+    def show_sample(self, prompt: str, reply: str) -> str:
+        ...
 
 
-def lm_count(batch: dict) -> jax.Array:
-    if "weights" in batch:
-        return jnp.sum(batch["weights"])
-    tokens = batch["tokens"]
-    return jnp.float32(tokens.shape[0] * (tokens.shape[1] - 1))
+class _LanguageModel(Objective):
+    """The weighted next-token loss: every target (pretrain) or the assistant tokens (sft)."""
 
-
-def sequence_logps(model: Transformer, params, tokens: jax.Array, weights: jax.Array, rng=None) -> jax.Array:
-    """tokens [..., L+1], weights [..., L] -> sum of weights * log p(target) per sequence [...]."""
-    lead = tokens.shape[:-1]
-    flat = {"tokens": tokens.reshape(-1, tokens.shape[-1])}
-    hidden = _hidden(model, params, flat, rng)
-    logps = model.apply({"params": params}, hidden, flat["tokens"][:, 1:], method=Transformer.token_logps)
-    return jnp.sum(logps * weights.reshape(logps.shape), axis=-1).reshape(lead)
-
-
-def dpo_loss(logps: jax.Array, ref_logps: jax.Array, cfg: DPOConfig,
-             chosen_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """logps, ref_logps [B, 2] (chosen, rejected) -> per-pair loss [B], rewards [B, 2].
-    With cfg.chosen_nll > 0, adds that weight x the chosen response's mean token NLL (chosen_tokens [B])."""
-    rewards = cfg.beta * (logps - ref_logps)
-    margin = (logps[:, 0] - ref_logps[:, 0]) - (logps[:, 1] - ref_logps[:, 1])
-    if cfg.loss == "ipo":
-        loss = (margin - 1 / (2 * cfg.beta)) ** 2
-    else:
-        eps, z = cfg.label_smoothing, cfg.beta * margin
-        loss = -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-    if cfg.chosen_nll:
-        loss = loss - cfg.chosen_nll * logps[:, 0] / jnp.maximum(chosen_tokens, 1.0)
-    return loss, rewards
-
-
-def pair_mask(batch: dict) -> jax.Array:
-    """[B] 1 for real pairs, 0 for the padding rows of an eval batch."""
-    return (jnp.sum(batch["weights"][:, 0], axis=-1) > 0).astype(jnp.float32)
-
-
-def dpo_sums(model: Transformer, ref_model: Transformer, cfg: DPOConfig, params, batch: dict, rng=None,
-             ref_params=None) -> tuple[jax.Array, dict]:
-    """batch: tokens [B, 2, L+1], weights [B, 2, L], and ref_logps [B, 2] unless ref_params are given."""
-    logps = sequence_logps(model, params, batch["tokens"], batch["weights"], rng)
-    if "ref_logps" in batch:
-        ref = batch["ref_logps"]
-    else:
-        ref = jax.lax.stop_gradient(sequence_logps(ref_model, ref_params, batch["tokens"], batch["weights"]))
-    losses, rewards = dpo_loss(logps, ref, cfg, jnp.sum(batch["weights"][:, 0], axis=-1))
-    mask = pair_mask(batch)
-    per_pair = {"reward_accuracy": rewards[:, 0] > rewards[:, 1], "reward_margin": rewards[:, 0] - rewards[:, 1],
-                "chosen_reward": rewards[:, 0], "rejected_reward": rewards[:, 1], "logps_chosen": logps[:, 0],
-                "logps_rejected": logps[:, 1]}
-    return jnp.sum(losses * mask), {k: jnp.sum(v * mask) for k, v in per_pair.items()}
-
-
-def objective(cfg: Config, train_model: Transformer, eval_model: Transformer) -> tuple[Callable, Callable]:
-    """(sums, count) of cfg.train.objective; sums(params, batch, rng=None, ref_params=None)."""
-    if cfg.train.objective == "dpo":
+    def train_sums(self, cfg, train_model, eval_model):
         def sums(params, batch, rng=None, ref_params=None):
-            return dpo_sums(train_model, eval_model, cfg.dpo, params, batch, rng, ref_params)
-        return sums, lambda batch: jnp.sum(pair_mask(batch))
+            return losses.lm_sums(train_model, params, batch, rng)
+        return sums, losses.lm_count
 
-    def sums(params, batch, rng=None, ref_params=None):
-        return lm_sums(train_model, params, batch, rng)
-    return sums, lm_count
+    def eval_sums(self, cfg, model, bytes_table):
+        def eval_sums(params, batch):
+            """Weighted nll (nats), target tokens and the UTF-8 bytes they stand for."""
+            w = batch["weights"]
+            return {"nll": losses.lm_sums(model, params, batch)[0], "tokens": jnp.sum(w),
+                    "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
+        return eval_sums
+
+    def eval_metrics(self, sums):
+        loss = sums["nll"] / sums["tokens"]
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": sums["nll"] / math.log(2) / sums["bytes"]}
+
+    def val_line(self, m):
+        return f"  val | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | bpb {m['bpb']:.4f}"
+
+
+class Pretrain(_LanguageModel):
+    def prepare(self, cfg, run_dir, log):
+        return prepare_text(cfg, run.data_dir(run_dir), run.tokenizer_path(run_dir), log)
+
+    def sample(self, tokenizer, prompt, system):
+        return [tokenizer.eos_id] + tokenizer.encode(prompt), (tokenizer.eos_id,)
+
+    def show_sample(self, prompt, reply):
+        return prompt + reply
+
+
+def _chat_sample(tokenizer: Tokenizer, prompt: str, system: str | None):
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)
+
+
+def _chat_data(cfg: Config, run_dir: Path, log, kind: str) -> PreparedData:
+    """sft / dpo examples, with the tokenizer of the run the parameters come from."""
+    if cfg.train.init_from:
+        source = run.tokenizer_path(cfg.train.init_from)
+    elif cfg.data.tokenizer:
+        source = Path(cfg.data.tokenizer).expanduser()
+    else:
+        raise UserError(f"train.objective={kind} needs a tokenizer: set train.init_from to a pretrained run "
+                        "directory (or data.tokenizer to its tokenizer.model)")
+    return prepare_chat(cfg, kind, run.data_dir(run_dir), source, run.tokenizer_path(run_dir), log)
+
+
+class SFT(_LanguageModel):
+    def prepare(self, cfg, run_dir, log):
+        return _chat_data(cfg, run_dir, log, "sft")
+
+    sample = staticmethod(_chat_sample)
+
+    def show_sample(self, prompt, reply):
+        return f"user: {prompt}\nassistant: {reply}"
+
+
+class DPO(Objective):
+    """Preference pairs against the frozen starting model (train.init_from), llm_jax/train/losses.py."""
+
+    pinned = ("dpo.reference",)
+
+    def problems(self, cfg):
+        return [] if cfg.train.init_from else [
+            "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"]
+
+    def prepare(self, cfg, run_dir, log):
+        return _chat_data(cfg, run_dir, log, "dpo")
+
+    def before_training(self, cfg, layout, data, log):
+        return reference_logps(cfg, layout, data, log)
+
+    def in_step_reference(self, cfg):
+        return cfg.dpo.reference == "in_step"
+
+    def train_sums(self, cfg, train_model, eval_model):
+        def sums(params, batch, rng=None, ref_params=None):
+            return losses.dpo_sums(train_model, eval_model, cfg.dpo, params, batch, rng, ref_params)
+        return sums, lambda batch: jnp.sum(losses.pair_mask(batch))
+
+    def eval_sums(self, cfg, model, bytes_table):
+        def eval_sums(params, batch):
+            """The loss and metrics summed over the real pairs, and their number."""
+            loss, aux = losses.dpo_sums(model, model, cfg.dpo, params, batch)
+            return {"loss": loss, "pairs": jnp.sum(losses.pair_mask(batch))} | aux
+        return eval_sums
+
+    def eval_metrics(self, sums):
+        return {k: v / sums["pairs"] for k, v in sums.items() if k != "pairs"}
+
+    def val_line(self, m):
+        return (f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | "
+                f"margin {m['reward_margin']:.3f} | rewards chosen {m['chosen_reward']:.3f} "
+                f"rejected {m['rejected_reward']:.3f}")
+
+    def progress_extra(self, m):
+        return f" | reward acc {m['reward_accuracy']:.2f}, margin {m['reward_margin']:.3f}"
+
+    sample = staticmethod(_chat_sample)
+
+    def show_sample(self, prompt, reply):
+        return f"user: {prompt}\nassistant: {reply}"
+
+
+OBJECTIVES: dict[str, Objective] = {"pretrain": Pretrain(), "sft": SFT(), "dpo": DPO()}
+
+
+def objective_of(cfg: Config) -> Objective:
+    """cfg's objective, checked: an unknown name or a config it cannot train with is a UserError."""
+    entry = OBJECTIVES.get(cfg.train.objective)
+    problems = ([f"train.objective={cfg.train.objective!r} must be one of {', '.join(OBJECTIVES)}"]
+                if entry is None else entry.problems(cfg))
+    if problems:
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+    return entry
+
+
+def prepare_data(cfg: Config, run_dir: str | Path, log=print) -> PreparedData:
+    """The objective's data for a run directory: built once, then read."""
+    return objective_of(cfg).prepare(cfg, run.run_path(run_dir), log)
+
+
+def pair_scorer(cfg: ModelConfig, layout: Layout) -> Callable:
+    """(params, {tokens [B, 2, L+1], weights [B, 2, L]}) -> summed response log-probs [B, 2], on
+    every device: the reference scores of DPO pairs. Call under layout.activate()."""
+    model = Transformer(cfg)
+    return jax.jit(lambda p, b: losses.sequence_logps(model, p, b["tokens"], b["weights"]),
+                   out_shardings=layout.replicated())
+
+
+def reference_logps(cfg: Config, layout: Layout, data: PreparedData, log) -> PreparedData:
+    """dpo: the starting model's sequence log-probs [N, 2] of every pair, saved beside the data as
+    <split>.ref_logps.npy (computed once; the val split always, the train split unless
+    dpo.reference=in_step) and from then on part of each example."""
+    directory = run.data_dir(cfg.run_dir)
+    splits = ("train", "val") if cfg.dpo.reference == "precomputed" else ("val",)
+    missing = [s for s in splits if not (directory / f"{s}.ref_logps.npy").is_file()]
+    if missing:
+        params, _ = run.newest_params(cfg.train.init_from, abstract_params(cfg.model, layout),
+                                      f"train.init_from={cfg.train.init_from}")
+        score = pair_scorer(cfg.model, layout)
+        micro, pi, pc = cfg.train.batch_size // cfg.train.grad_accum, jax.process_index(), jax.process_count()
+        began = time.perf_counter()
+        for split in missing:
+            source = getattr(data, split)
+            out = np.zeros((len(source), 2), np.float32)
+            for start, batch in zip(range(0, len(source), micro), eval_batches(source, micro, len(source), pi, pc)):
+                with layout.activate():
+                    logps = np.asarray(score(params, layout.put_batch(batch)))
+                # global row j is host j // per_host's (j % per_host)-th row: source row start + host + k * hosts
+                index = [start + j // (micro // pc) + (j % (micro // pc)) * pc for j in range(micro)]
+                keep = [j for j, i in enumerate(index) if i < len(source)]
+                out[[index[j] for j in keep]] = logps[keep]
+            save_array(directory / f"{split}.ref_logps.npy", out)
+        log(f"reference log-probs of {', '.join(missing)} pairs from {cfg.train.init_from} "
+            f"in {time.perf_counter() - began:.0f} s -> {directory}/<split>.ref_logps.npy")
+    return dataclasses.replace(data, train=ExampleRows(directory, "train"), val=ExampleRows(directory, "val"))

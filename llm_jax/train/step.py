@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,10 +12,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from llm_jax import sharding
-from llm_jax.train import objectives
-from llm_jax.config import Config, ModelConfig
+from llm_jax.config import Config
 from llm_jax.model.transformer import Transformer
+from llm_jax.parallel.sharding import Layout
+from llm_jax.train.objectives import objective_of
 
 
 class TrainState(struct.PyTreeNode):
@@ -34,7 +33,7 @@ class Steps:
     Calls run under the layout's mesh and rules; `compile_train()` gives the compiled step itself
     (memory_analysis(), cost_analysis(), as_text()) without running it.
     """
-    layout: sharding.Layout
+    layout: Layout
     state_sharding: Any
     abstract_state: TrainState
     abstract_batch: dict
@@ -59,13 +58,14 @@ class Steps:
             return self.jit_train.lower(self.abstract_state, self.abstract_batch).compile()
 
 
-def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransformation,
+def make_steps(cfg: Config, layout: Layout, tx: optax.GradientTransformation,
                token_bytes: np.ndarray | None = None, example: dict | None = None) -> Steps:
     """`example` is one row of the training data ({name: array}); default: a pretraining window."""
     pipeline = (cfg.mesh.pipeline, cfg.mesh.pipeline_microbatches)
     train_model, eval_model = Transformer(cfg.model, True, pipeline), Transformer(cfg.model, False, pipeline)
-    sums, count = objectives.objective(cfg, train_model, eval_model)
-    in_step_reference = cfg.train.objective == "dpo" and cfg.dpo.reference == "in_step"
+    objective = objective_of(cfg)
+    sums, count = objective.train_sums(cfg, train_model, eval_model)
+    in_step_reference = objective.in_step_reference(cfg)
     accum = cfg.train.grad_accum
     if example is None:
         example = {"tokens": np.zeros(cfg.model.seq_len + 1, np.int32)}
@@ -109,16 +109,7 @@ def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransform
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     bytes_table = jnp.asarray(token_bytes if token_bytes is not None else np.ones(cfg.model.vocab_size), jnp.float32)
-
-    def eval_step(params, batch: dict) -> dict:
-        """Sums over the batch. Language models: weighted nll (nats), target tokens and the UTF-8
-        bytes they stand for; dpo: the loss and metrics summed over the real pairs, and their number."""
-        if cfg.train.objective == "dpo":
-            loss, aux = objectives.dpo_sums(eval_model, eval_model, cfg.dpo, params, batch)
-            return {"loss": loss, "pairs": jnp.sum(objectives.pair_mask(batch))} | aux
-        w = batch["weights"]
-        return {"nll": objectives.lm_sums(eval_model, params, batch)[0], "tokens": jnp.sum(w),
-                "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
+    eval_step = objective.eval_sums(cfg, eval_model, bytes_table)  # sums over the batch
 
     batch_sharding = {k: layout.sharding(("batch",) + (None,) * v.ndim) for k, v in example.items()}
     replicated = layout.replicated()
@@ -131,29 +122,3 @@ def make_steps(cfg: Config, layout: sharding.Layout, tx: optax.GradientTransform
     abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=batch_sharding[k])
                       for k, v in example.items()}
     return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval)
-
-
-def pair_scorer(cfg: ModelConfig, layout: sharding.Layout) -> Callable:
-    """(params, {tokens [B, 2, L+1], weights [B, 2, L]}) -> summed response log-probs [B, 2], on
-    every device: the reference scores of DPO pairs. Call under layout.activate()."""
-    model = Transformer(cfg)
-    return jax.jit(lambda p, b: objectives.sequence_logps(model, p, b["tokens"], b["weights"]),
-                   out_shardings=layout.replicated())
-
-
-def abstract_params(cfg: ModelConfig, layout: sharding.Layout):
-    """Shapes, dtypes and mesh shardings of the parameters, without allocating them."""
-    model = Transformer(cfg)
-    with layout.activate():
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32)))
-    shardings = layout.tree_shardings(boxed["params"])
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  nn.meta.unbox(boxed["params"]), shardings)
-
-
-def eval_metrics(sums: dict) -> dict:
-    """Summed eval outputs -> loss (nats/token), perplexity, bits per byte; dpo: means per pair."""
-    if "pairs" in sums:
-        return {k: v / sums["pairs"] for k, v in sums.items() if k != "pairs"}
-    loss = sums["nll"] / sums["tokens"]
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": sums["nll"] / math.log(2) / sums["bytes"]}

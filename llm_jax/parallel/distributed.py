@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax.config import DistributedConfig
 from llm_jax.errors import UserError
@@ -93,8 +94,6 @@ def code_digest() -> bytes:
 
 def check_same_code() -> None:
     """All processes run the same llm_jax source, or every one of them stops naming the odd ones."""
-    from jax.experimental import multihost_utils
-
     mine = np.frombuffer(code_digest(), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
     odd = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]

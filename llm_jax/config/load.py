@@ -1,6 +1,10 @@
-"""Typed configuration: configs/base.yaml holds every default and its documentation; a preset and
-`section.key=value` overrides are layered on top, typed by the dataclasses below (which hold no
-defaults, so there is one place for them) and validated before anything compiles."""
+"""Loading a config: configs/base.yaml (every default, documented) <- a preset <- `section.key=value`
+overrides, each key checked against the schema (llm_jax/config/schema.py), each value typed by its
+annotation, and the whole config validated (llm_jax/config/checks.py) before anything compiles.
+
+The config layer also owns the config files a run keeps: a run saves its resolved config as
+RUN_CONFIG in its directory, which is how train.init_from finds the starting run's model.
+"""
 
 from __future__ import annotations
 
@@ -8,168 +12,20 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from llm_jax.config_checks import validate
+from llm_jax.config.checks import validate
+from llm_jax.config.schema import Config
 from llm_jax.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Quality rules of `curate.rules` (llm_jax/data/filters.py implements each).
-CURATE_RULES = ("markup", "words", "mean_word_length", "alpha_words", "symbols", "bullet_lines", "ellipsis_lines",
-                "dup_lines", "dup_ngrams", "code")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    mlp_dim: int
-    seq_len: int
-    rope_theta: float
-    norm_eps: float
-    tie_embeddings: bool
-    init_std: float
-    dropout: float
-    dtype: str
-    remat: str
-    attention: str
-    quant: str
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    sources: tuple[str, ...]
-    text_field: str
-    cache_dir: str
-    val_fraction: float
-    tokenizer: str | None
-    tokenizer_sample_bytes: int
-    val_sources: tuple[str, ...]
-    bad_rows: str
-    tfds_data_dir: str | None
-    shard_mb: float
-    workers: int
-    loader_workers: int
-
-
-@dataclass(frozen=True)
-class CurateConfig:
-    rules: tuple[str, ...]
-    normalize: str
-    strip_markup: bool
-    max_markup: float
-    min_words: int
-    max_words: int
-    min_mean_word_length: float
-    max_mean_word_length: float
-    min_alpha_words: float
-    max_symbol_ratio: float
-    max_bullet_lines: float
-    max_ellipsis_lines: float
-    max_dup_lines: float
-    max_dup_line_chars: float
-    max_top_ngram: tuple[float, ...]
-    max_dup_ngram: tuple[float, ...]
-    max_code_lines: float
-    exact_dedup: bool
-    near_dedup: float | None
-    shingle_words: int
-    minhash_perms: int
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float
-    min_lr_ratio: float
-    warmup_steps: int
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
-    grad_clip: float
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    objective: str
-    init_from: str | None
-    steps: int
-    batch_size: int
-    grad_accum: int
-    log_every: int
-    eval_every: int
-    eval_batches: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    checkpoint_dir: str | None
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float
-    loss: str
-    label_smoothing: float
-    chosen_nll: float
-    reference: str
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    data: int
-    pipeline: int
-    fsdp: int
-    tensor: int
-    dcn_data: int
-    rules: str
-    microbatches: int
-
-    @property
-    def pipeline_microbatches(self) -> int:
-        return self.microbatches or self.pipeline
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    coordinator: str | None
-    num_processes: int | None
-    process_id: int | None
-    timeout_s: int
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    prompts: tuple[str, ...]
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    system: str | None
-
-
-@dataclass(frozen=True)
-class Config:
-    run_dir: str
-    seed: int
-    model: ModelConfig
-    data: DataConfig
-    curate: CurateConfig
-    optim: OptimConfig
-    train: TrainConfig
-    dpo: DPOConfig
-    mesh: MeshConfig
-    distributed: DistributedConfig
-    sample: SampleConfig
+# The presets: inside the package when installed from a wheel (pyproject.toml ships configs/ as
+# llm_jax/configs), else the checkout's top-level configs/.
+_PACKAGED = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+RUN_CONFIG = "config.yaml"  # a run directory's resolved config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +54,19 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
 
 def _inherit_model(tree: dict, init_run: Path, explicit: set[str]) -> None:
     """train.init_from: model keys the preset and overrides leave unset come from the starting run."""
-    saved = init_run / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"train.init_from={str(init_run)!r} is not a run directory (no config.yaml); "
+    saved = saved_tree(init_run)
+    if saved is None:
+        raise UserError(f"train.init_from={str(init_run)!r} is not a run directory (no {RUN_CONFIG}); "
                         "train the starting model first, or point init_from at its run_dir")
-    model = _read_yaml(saved).get("model", {})
-    for key, value in model.items():
+    for key, value in saved.get("model", {}).items():
         if key in tree["model"] and key not in explicit:
             tree["model"][key] = value
+
+
+def saved_tree(run_dir: str | Path) -> dict | None:
+    """The raw config tree a run was made with (its RUN_CONFIG), or None where there is none."""
+    path = Path(run_dir).expanduser() / RUN_CONFIG
+    return _read_yaml(path) if path.is_file() else None
 
 
 def resolve_preset(preset: str | Path) -> Path:

@@ -1,20 +1,16 @@
 """Config constraints: every violated one listed at once, each with the numbers involved and the
-fix. Pure Python, run before JAX is imported (llm_jax/config.py calls it on every load)."""
+fix. Pure Python, run before JAX is imported (llm_jax/config/load.py calls it on every load).
+What depends on train.objective is checked by that objective (llm_jax/train/objectives.py)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from llm_jax.config.rules import rules_table
+from llm_jax.config.schema import CURATE_RULES, Config
 from llm_jax.errors import UserError
-from llm_jax.rules import rules_table
-
-if TYPE_CHECKING:
-    from llm_jax.config import Config
 
 
 def validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
-    from llm_jax.config import CURATE_RULES
     m, o, t, d, s, p, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo, cfg.curate
     checks = [
         (all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
@@ -54,9 +50,6 @@ def validate(cfg: Config) -> None:
          "curate.max_top_ngram needs 3 values (2- to 4-grams), max_dup_ngram 6 (5- to 10-grams)"),
         (c.near_dedup is None or 0 < c.near_dedup <= 1, f"curate.near_dedup={c.near_dedup} must be in (0, 1] or null"),
         (c.shingle_words > 0 and c.minhash_perms >= 8, "curate.shingle_words must be positive, minhash_perms >= 8"),
-        (t.objective in ("pretrain", "sft", "dpo"), f"train.objective={t.objective!r} must be pretrain, sft or dpo"),
-        (t.objective != "dpo" or bool(t.init_from),
-         "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"),
         (p.beta > 0, f"dpo.beta={p.beta} must be positive"),
         (p.loss in ("sigmoid", "ipo"), f"dpo.loss={p.loss!r} must be sigmoid or ipo"),
         (0 <= p.label_smoothing < 0.5, f"dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)"),

@@ -14,6 +14,7 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.evals.harness import generation
 from llm_jax.evals.tasks import load_task
+from llm_jax.run import load_run
 
 
 def load_questions(path: Path, limit: int | None = None) -> list[dict]:
@@ -33,3 +34,14 @@ def exact_match(model_cfg: ModelConfig, params, tokenizer: Tokenizer, rows: list
     rows = [row | {"max_tokens": max_new_tokens} for row in rows]
     scores, _ = generation(model_cfg, params, tokenizer, rows, system)
     return {task: s["exact_match"] for task, s in scores.items()}
+
+
+def run_eval_chat(run_dir: str, data: str, limit: int | None, system: str | None, log=print) -> dict[str, float]:
+    """`llm-jax eval-chat`: exact match of a run on a questions file, printed per task."""
+    run = load_run(run_dir)
+    rows = load_questions(data, limit)
+    scores = exact_match(run.cfg.model, run.params, run.tokenizer, rows, system=system)
+    log(f"exact match of {run_dir} ({run.step} steps) on {len(rows)} questions of {data}:")
+    for task, acc in scores.items():
+        log(f"  {task:<14} {acc:6.1%}")
+    return scores

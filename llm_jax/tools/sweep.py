@@ -20,10 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llm_jax import sharding
 from llm_jax.config import Config, load_config
 from llm_jax.errors import UserError
 from llm_jax.model.transformer import flops_per_token
+from llm_jax.parallel.sharding import make_layout, parse_meshes
 from llm_jax.train.metrics import peak_flops
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
@@ -32,30 +32,11 @@ COLUMNS = ("mesh", "batch_size", "compile_s", "step_ms", "tokens_per_s", "mfu", 
            "peak_bytes", "bubble_theory", "bubble_measured", "error")
 
 
-def parse_meshes(text: str) -> list[tuple[int, ...]]:
-    """'8,1,1;2,2,1,2,4' -> [(8, 1, 1, 1, 0), (2, 2, 1, 2, 4)]: (data, fsdp, tensor, pipeline,
-    microbatches) per layout; pipeline defaults to 1 and microbatches to 0 (one per stage)."""
-    meshes = []
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        try:
-            sizes = tuple(int(s) for s in item.split(","))
-        except ValueError:
-            sizes = ()
-        if not 3 <= len(sizes) <= 5 or any(s == 0 or s < -1 for s in sizes[:3]) or sizes[:3].count(-1) > 1 \
-                or any(s < 1 for s in sizes[3:4]) or any(s < 0 for s in sizes[4:]):
-            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
-                            f"integers; one of the first three may be -1, microbatches 0 means one per stage)")
-        meshes.append(sizes + (1, 0)[len(sizes) - 3:])
-    if not meshes:
-        raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
-    return meshes
-
-
 def measure(cfg: Config, steps_timed: int) -> dict:
     """Compiles cfg's train step on its mesh and times `steps_timed` steps after one warm-up step."""
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.grad_accum={cfg.train.grad_accum} must divide the batch size {cfg.train.batch_size}")
-    layout = sharding.make_layout(cfg.mesh)
+    layout = make_layout(cfg.mesh)
     layout.check(cfg)
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     t0 = time.perf_counter()
@@ -146,7 +127,7 @@ def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
 
 
 def _plot(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # 0.5 s to import, for the PNG only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

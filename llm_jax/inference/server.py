@@ -1,8 +1,8 @@
 """`llm-jax serve`: an OpenAI-compatible HTTP server for a run (standard library only).
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of llm_jax/chat.py),
-both with "stream": true as server-sent events; GET /v1/models; GET /health. Requests go through the
-batching engine (llm_jax/engine.py). Errors are OpenAI-shaped, {"error": {"message", "type",
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
+llm_jax/data/chat_template.py), both with "stream": true as server-sent events; GET /v1/models;
+GET /health. Requests go through the batching engine (llm_jax/inference/engine.py). Errors are OpenAI-shaped, {"error": {"message", "type",
 "param", "code"}}, with a 4xx status; the server keeps serving after any of them.
 
 Sampling fields: max_tokens (or max_completion_tokens; default 16 for completions, the rest of
@@ -23,10 +23,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
-from llm_jax.chat import ROLES, check_messages, prompt_ids
-from llm_jax.engine import Engine, QueueFull, Request
+import jax
+
+from llm_jax.config import Config, MeshConfig
+from llm_jax.data.chat_template import ROLES, check_messages, prompt_ids
 from llm_jax.errors import UserError
-from llm_jax.generate import Generator, stream_text
+from llm_jax.inference.engine import Engine, QueueFull, Request
+from llm_jax.inference.generate import Generator, stream_text
+from llm_jax.parallel.sharding import Layout, check_fit, make_layout, parse_meshes
+from llm_jax.run import load_run
 
 MAX_BODY = 1 << 20  # bytes of a request body
 
@@ -284,39 +289,30 @@ class Handler(BaseHTTPRequestHandler):
         print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
 
 
-def serve_layout(cfg, mesh: str):
+def serve_layout(cfg: Config, mesh: str) -> Layout | None:
     """--mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of this host's devices,
     with the run's rules (None for 1,1,1: one device)."""
-    from llm_jax import sharding
-    from llm_jax.config import MeshConfig
-    from llm_jax.sweep import parse_meshes
-
     layouts = parse_meshes(mesh)
     if len(layouts) != 1 or layouts[0][3:] != (1, 0):
         raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages when serving)")
     data, fsdp, tensor = layouts[0][:3]
     if (data, fsdp, tensor) == (1, 1, 1):
         return None
-    import jax
-
     devices = jax.local_devices()
     if data * fsdp * tensor > len(devices):
         raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
-    layout = sharding.make_layout(MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1,
-                                             rules=cfg.mesh.rules, microbatches=0), devices[:data * fsdp * tensor])
-    sharding.check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
+    layout = make_layout(MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1,
+                                    rules=cfg.mesh.rules, microbatches=0), devices[:data * fsdp * tensor])
+    check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
     return layout
 
 
 def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, max_batch: int,
           max_queue: int, api_key: str | None, mesh: str = "1,1,1", ready=print) -> None:
-    from pathlib import Path
-
-    from llm_jax.cli import load_run
-
-    cfg, params, tokenizer, step_dir = load_run(run_dir)
-    name = model_name or Path(run_dir).expanduser().resolve().name
-    service = Service(cfg, params, tokenizer, name, max_tokens, max_batch, max_queue, serve_layout(cfg, mesh))
+    run = load_run(run_dir)
+    cfg = run.cfg
+    name = model_name or run.path.resolve().name
+    service = Service(cfg, run.params, run.tokenizer, name, max_tokens, max_batch, max_queue, serve_layout(cfg, mesh))
     service.warm_up()
     handler = type("BoundHandler", (Handler,), {"service": service, "api_key": api_key})
     try:
@@ -325,7 +321,7 @@ def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one)") from None
     httpd.daemon_threads = True
     weights = "float" if cfg.model.quant == "none" else cfg.model.quant
-    ready(f"serving {run_dir} ({step_dir.name} steps, {weights} weights, mesh {mesh}) as '{name}' on "
+    ready(f"serving {run_dir} ({run.step} steps, {weights} weights, mesh {mesh}) as '{name}' on "
           f"http://{host}:{httpd.server_address[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
           f"batch {max_batch}, queue {max_queue})", flush=True)
     try:

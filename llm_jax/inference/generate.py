@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.transformer import Transformer, init_cache
-from llm_jax.sharding import Layout
-from llm_jax.train.step import abstract_params
+from llm_jax.parallel.sharding import Layout, abstract_params
 
 
 def sample_token(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -86,7 +85,7 @@ class Generator:
     own cache position, sampling settings and seed, so a row produces exactly the tokens its prompt
     produces alone (row r's step-i key is fold_in(PRNGKey(seed_r), i) either way).
 
-    With a layout (llm_jax/sharding.py), parameters are split over its mesh as in training and the
+    With a layout (llm_jax/parallel/sharding.py), parameters are split over its mesh as in training and the
     KV cache like the activations: rows over the batch axes, kv heads over tensor (CACHE_AXES); a
     batch gets idle rows up to a multiple of the batch shards."""
 

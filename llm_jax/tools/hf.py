@@ -23,10 +23,18 @@ import math
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from llm_jax.config import load_config
+from llm_jax.data.chat_template import special_ids
+from llm_jax.data.tokenizer import EOS, PAD, Tokenizer
 from llm_jax.errors import UserError
-from llm_jax.quantize import IN_DIMS
+from llm_jax.model.dense import IN_DIMS
+from llm_jax.parallel.sharding import abstract_params, single_device_layout
+from llm_jax.run import load_run, write_params_run
 
 LAYER_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
                "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
@@ -128,8 +136,6 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
 
 def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
     """model.safetensors, or the shards its index lists -> float32 numpy arrays (bf16/f16 upcast)."""
-    from safetensors import safe_open
-
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -150,8 +156,6 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
 
 def write_safetensors(tensors: dict[str, np.ndarray], out: Path, shard_bytes: int) -> None:
     """One model.safetensors, or model-0000i-of-0000n.safetensors + an index above shard_bytes."""
-    from safetensors.numpy import save_file
-
     shards, size = [{}], 0
     for name, w in tensors.items():
         if size and size + w.nbytes > shard_bytes:
@@ -172,11 +176,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path, shard_bytes: in
 
 
 def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, log=print) -> Path:
-    from llm_jax.chat import special_ids
-    from llm_jax.cli import load_run
-    from llm_jax.data.tokenizer import EOS, PAD
-
-    cfg, params, tokenizer, step_dir = load_run(run_dir)
+    run = load_run(run_dir)
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} holds {cfg.model.quant} weights; export the float run it was quantized from")
     out = Path(out_dir).expanduser()
@@ -198,7 +199,7 @@ def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, log=pri
                   "pad_token_id": pad_id, "do_sample": s.temperature > 0, "temperature": s.temperature or None,
                   "top_k": s.top_k or None, "top_p": s.top_p}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # Hugging Face's name for it
     specials = {i: tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)
                 if tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)}
     tok_config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False, "add_eos_token": False,
@@ -214,18 +215,12 @@ def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, log=pri
         tok_config["chat_template"] = CHAT_TEMPLATE
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     tmp.rename(out)
-    log(f"exported {run_dir} ({step_dir.name} steps) -> {out} (LlamaForCausalLM, "
+    log(f"exported {run_dir} ({run.step} steps) -> {out} (LlamaForCausalLM, "
         f"{sum(w.size for w in to_hf_tensors(params, cfg.model.n_layers).values()):,} parameters)")
     return out
 
 
 def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) -> Path:
-    from llm_jax import sharding
-    from llm_jax.config import load_config
-    from llm_jax.data.tokenizer import Tokenizer
-    from llm_jax.train.checkpoint import write_params_run
-    from llm_jax.train.step import abstract_params
-
     src, out = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a Hugging Face model directory (no config.json)")
@@ -240,8 +235,7 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) 
                         "Llama 3 are not supported yet)")
     Tokenizer(src / "tokenizer.model")  # a clear error now if it is not a usable sentencepiece model
     cfg = load_config(None, [f"run_dir={out}", *model_overrides(config, src / "config.json", seq_len)])
-    shapes = abstract_params(cfg.model, sharding.single_device_layout())
-    shapes = __import__("jax").tree_util.tree_map(lambda a: a.shape, shapes)
+    shapes = jax.tree_util.tree_map(lambda a: a.shape, abstract_params(cfg.model, single_device_layout()))
     tensors = read_safetensors(src)
     if cfg.model.tie_embeddings:
         tensors.pop("lm_head.weight", None)
@@ -251,7 +245,7 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) 
     if unexpected:
         raise UserError(f"{src}: tensors llm_jax's Llama has no place for: {', '.join(unexpected[:8])}"
                         + (" ..." if len(unexpected) > 8 else ""))
-    write_params_run(out, cfg, params, "0", [src / "tokenizer.model"])
+    write_params_run(out, cfg, params, "0", src)  # takes the tokenizer.model along
     log(f"imported {src} -> {out} ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, context "
         f"{cfg.model.seq_len}); use it with generate, chat, serve or train.init_from={out}")
     return out

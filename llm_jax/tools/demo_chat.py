@@ -14,18 +14,21 @@ import sys
 import time
 from pathlib import Path
 
+from llm_jax import run
+from llm_jax.config import load_config
+from llm_jax.data import synth
+from llm_jax.errors import UserError
+from llm_jax.evals.chat_eval import exact_match, load_questions
+from llm_jax.train.loop import train
+
 SFT_EXAMPLES, DPO_EXAMPLES, SEED = 20000, 4000, 0  # the same seed: DPO's held-out questions are SFT's
 MAX_REPLY_TOKENS = 16  # the answers are at most 4 tokens; a reply that runs on is wrong anyway
 RUNS = Path("runs")
 
 
 def _stage(name: str, log=print):
-    from llm_jax.config import load_config
-    from llm_jax.train.checkpoint import checkpoint_dir, latest_checkpoint
-    from llm_jax.train.loop import train
-
     cfg = load_config(name)
-    done = latest_checkpoint(checkpoint_dir(cfg.run_dir, cfg.train.checkpoint_dir))
+    done = run.latest_checkpoint(run.checkpoint_dir(cfg.run_dir, cfg.train.checkpoint_dir))
     if done is not None and int(done.name) >= cfg.train.steps:
         log(f"== {name}: complete in {cfg.run_dir} ({done.name} steps), reused")
     else:
@@ -35,10 +38,6 @@ def _stage(name: str, log=print):
 
 
 def main() -> dict:
-    from llm_jax.chat_eval import exact_match, load_questions
-    from llm_jax.cli import load_run
-    from llm_jax.data import synth
-
     began = time.perf_counter()
     base = _stage("shakespeare")
     data = RUNS / "chat-data"  # where configs/sft_shakespeare.yaml and dpo_shakespeare.yaml read it
@@ -50,8 +49,9 @@ def main() -> dict:
     questions = load_questions(data / "sft" / "test.jsonl")  # every held-out question (~2,000)
     results = {}
     for label, cfg in (("base", base), ("sft", sft), ("dpo", dpo)):
-        run_cfg, params, tokenizer, _ = load_run(cfg.run_dir)
-        results[label] = exact_match(run_cfg.model, params, tokenizer, questions, MAX_REPLY_TOKENS, sft.sample.system)
+        loaded = run.load_run(cfg.run_dir)
+        results[label] = exact_match(loaded.cfg.model, loaded.params, loaded.tokenizer, questions, MAX_REPLY_TOKENS,
+                                     sft.sample.system)
     val = [json.loads(line) for line in (Path(dpo.run_dir) / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in val if r["split"] == "val"][-1]
     summary = {"exact_match": results, "dpo_heldout": {k: final[k] for k in ("reward_accuracy", "reward_margin",
@@ -77,8 +77,6 @@ def _table(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    from llm_jax.errors import UserError
-
     try:
         main()
     except UserError as e:

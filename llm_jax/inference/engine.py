@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Iterator
 
-from llm_jax.generate import Generator
+from llm_jax.inference.generate import Generator
 
 
 class QueueFull(Exception):

@@ -1,4 +1,5 @@
-"""The device mesh and the one table that maps the model's logical axis names onto it.
+"""The device mesh, the layout (mesh + the rules table that maps the model's logical axis names onto
+it), and what follows from a layout: parameter shardings, batch placement, fit checks.
 
 Layers name their axes (embed, heads, mlp, vocab, batch, ...); a rules table says which mesh axes
 each name is split over. A name whose mesh axis is already taken by an earlier dimension of the
@@ -15,13 +16,16 @@ from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llm_jax.config import Config, MeshConfig, ModelConfig
+from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
 from llm_jax.errors import UserError
-from llm_jax.rules import MESH_AXES, Rules, as_tuple, rules_table
+from llm_jax.model.transformer import Transformer
+
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
     """(data, pipeline, fsdp, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
@@ -135,3 +139,32 @@ def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
     return make_layout(MeshConfig(data=1, pipeline=1, fsdp=1, tensor=1, dcn_data=1, rules=rules, microbatches=0),
                        jax.devices()[:1])
+
+
+def abstract_params(cfg: ModelConfig, layout: Layout):
+    """Shapes, dtypes and mesh shardings of the parameters, without allocating them."""
+    model = Transformer(cfg)
+    with layout.activate():
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32)))
+    shardings = layout.tree_shardings(boxed["params"])
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  nn.meta.unbox(boxed["params"]), shardings)
+
+
+def parse_meshes(text: str) -> list[tuple[int, ...]]:
+    """'8,1,1;2,2,1,2,4' -> [(8, 1, 1, 1, 0), (2, 2, 1, 2, 4)]: (data, fsdp, tensor, pipeline,
+    microbatches) per layout; pipeline defaults to 1 and microbatches to 0 (one per stage)."""
+    meshes = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        try:
+            sizes = tuple(int(s) for s in item.split(","))
+        except ValueError:
+            sizes = ()
+        if not 3 <= len(sizes) <= 5 or any(s == 0 or s < -1 for s in sizes[:3]) or sizes[:3].count(-1) > 1 \
+                or any(s < 1 for s in sizes[3:4]) or any(s < 0 for s in sizes[4:]):
+            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
+                            f"integers; one of the first three may be -1, microbatches 0 means one per stage)")
+        meshes.append(sizes + (1, 0)[len(sizes) - 3:])
+    if not meshes:
+        raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
+    return meshes

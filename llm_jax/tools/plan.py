@@ -24,8 +24,8 @@ from llm_jax.config import Config, ModelConfig, load_config
 from llm_jax.errors import UserError
 from llm_jax.model.loss import ACCELERATOR_CHUNK_BYTES, chunk_rows
 from llm_jax.model.transformer import Transformer
-from llm_jax.rules import Rules, as_tuple, rules_table
-from llm_jax.sharding import MESH_AXES, check_fit, mesh_shape, shards
+from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
+from llm_jax.parallel.sharding import check_fit, mesh_shape, shards
 
 GiB = 2**30
 HEADROOM = 0.85  # plan to use at most 85% of HBM: XLA temporaries, fragmentation, runtime reserve

@@ -1,0 +1,162 @@
+"""The config schema: one frozen dataclass per section of configs/base.yaml.
+
+The dataclasses hold no defaults: configs/base.yaml holds every default and its documentation, so
+there is one place for them. Pure Python: a config is typed and checked before JAX is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Quality rules of `curate.rules` (llm_jax/data/filters.py implements each).
+CURATE_RULES = ("markup", "words", "mean_word_length", "alpha_words", "symbols", "bullet_lines", "ellipsis_lines",
+                "dup_lines", "dup_ngrams", "code")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_dim: int
+    seq_len: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    dropout: float
+    dtype: str
+    remat: str
+    attention: str
+    quant: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...]
+    text_field: str
+    cache_dir: str
+    val_fraction: float
+    tokenizer: str | None
+    tokenizer_sample_bytes: int
+    val_sources: tuple[str, ...]
+    bad_rows: str
+    tfds_data_dir: str | None
+    shard_mb: float
+    workers: int
+    loader_workers: int
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    rules: tuple[str, ...]
+    normalize: str
+    strip_markup: bool
+    max_markup: float
+    min_words: int
+    max_words: int
+    min_mean_word_length: float
+    max_mean_word_length: float
+    min_alpha_words: float
+    max_symbol_ratio: float
+    max_bullet_lines: float
+    max_ellipsis_lines: float
+    max_dup_lines: float
+    max_dup_line_chars: float
+    max_top_ngram: tuple[float, ...]
+    max_dup_ngram: tuple[float, ...]
+    max_code_lines: float
+    exact_dedup: bool
+    near_dedup: float | None
+    shingle_words: int
+    minhash_perms: int
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str
+    init_from: str | None
+    steps: int
+    batch_size: int
+    grad_accum: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    checkpoint_dir: str | None
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float
+    loss: str
+    label_smoothing: float
+    chosen_nll: float
+    reference: str
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int
+    pipeline: int
+    fsdp: int
+    tensor: int
+    dcn_data: int
+    rules: str
+    microbatches: int
+
+    @property
+    def pipeline_microbatches(self) -> int:
+        return self.microbatches or self.pipeline
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    timeout_s: int
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    system: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    curate: CurateConfig
+    optim: OptimConfig
+    train: TrainConfig
+    dpo: DPOConfig
+    mesh: MeshConfig
+    distributed: DistributedConfig
+    sample: SampleConfig

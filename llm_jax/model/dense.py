@@ -1,0 +1,84 @@
+"""Linear layers and the formats of their weights: float32, or weight-only int8 / int4.
+
+The quantized formats (model.quant) are written by `quantize` and read by `dense`:
+- int8: a scale per layer and output channel, max |w| over the inputs / 127;
+- int4: a scale per layer, group of INT4_GROUP inputs and output channel, max |w| over the group / 7
+  (symmetric, [-7, 7]; stored as jnp.int4, half a byte each).
+Each scale is set so its largest weight lands on the largest integer. Norms and the embedding /
+LM head stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+INT4_GROUP = 32  # model.quant=int4: weights share a scale in groups of this many inputs
+IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}  # each weight's contracted axes
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None):
+    init = nn.initializers.ones if std is None else nn.initializers.normal(std)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
+    """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w: `dtype` inputs,
+    float32 accumulation, result in `dtype`.
+
+    Both sides are flattened to one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot about
+    1.6x faster than that of the equivalent 3-D einsum (measured: SwiGLU MLP fwd+bwd, 8 x 256 x 384,
+    128 ms vs 208 ms); on accelerators the reshapes are free.
+    """
+    lead, k = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:])
+    out = w.shape[in_dims:]
+    y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype).reshape(*lead, *out)
+
+
+def dense(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...],
+           std: float, in_dims: int) -> jax.Array:
+    """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. Quantized weights
+    (quantize below) are stored as `name` plus a float32 `name_scale`:
+    - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
+    - int4: a scale per group of INT4_GROUP inputs and output channel [K / group, *out]; the weight
+      is dequantized to float for the matmul."""
+    cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
+    if cfg.quant == "none":
+        return matmul(x, param(module, name, shape, axes, std), in_dims, dt)
+    out_shape, out_axes = shape[in_dims:], axes[in_dims:]
+    dtype = jnp.int8 if cfg.quant == "int8" else jnp.int4
+    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, dtype)
+    if cfg.quant == "int8":
+        scale = param(module, f"{name}_scale", out_shape, out_axes, None)
+        y = matmul(x, q, in_dims, dt)  # int8 values are exact in bf16 and f32
+        return (y.astype(jnp.float32) * scale).astype(y.dtype)
+    groups = math.prod(shape[:in_dims]) // INT4_GROUP
+    scale = param(module, f"{name}_scale", (groups, *out_shape), (None, *out_axes), None)
+    w = q.astype(jnp.float32).reshape(groups, INT4_GROUP, -1) * scale.reshape(groups, 1, -1)
+    return matmul(x, w.reshape(shape), in_dims, dt)
+
+
+def quantize(params: dict, mode: str) -> dict:
+    """f32 params -> the tree of model.quant=mode: each layer weight [L, *in, *out] -> integers of the
+    same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, K = the inputs)."""
+    layers = dict(params["layers"])
+    for name, in_dims in IN_DIMS.items():
+        w = jnp.asarray(layers.pop(name), jnp.float32)
+        lead, out = w.shape[:1 + in_dims], w.shape[1 + in_dims:]
+        group, top, dtype = (math.prod(lead[1:]), 127, jnp.int8) if mode == "int8" else (INT4_GROUP, 7, jnp.int4)
+        grouped = w.reshape(w.shape[0], -1, group, math.prod(out))         # [L, groups, group, N]
+        scale = jnp.max(jnp.abs(grouped), axis=2, keepdims=True) / top
+        scale = jnp.where(scale > 0, scale, 1.0)
+        q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8)
+        layers[name] = q.reshape(w.shape).astype(dtype)
+        scale = scale.reshape(w.shape[0], -1, *out)
+        layers[f"{name}_scale"] = scale[:, 0] if mode == "int8" else scale
+    return {**params, "layers": layers}
+
+
+def param_bytes(params) -> int:
+    return sum(x.size * (0.5 if x.dtype == jnp.int4 else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))

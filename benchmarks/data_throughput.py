@@ -1,6 +1,7 @@
 """Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
-dedup + shard writing, default curate settings) by number of worker processes, tokenize+pack tokens/s, and the grain loader's
-tokens/s against what the training step consumes (the loader must never be the bottleneck).
+dedup + shard writing, default curate settings) by number of worker processes, tokenize+pack
+tokens/s, and the grain loader's tokens/s against what the training step consumes (the loader must
+never be the bottleneck).
 
 Corpus: the builtin Shakespeare works cut into paragraph documents (JSONL), plus an HTML-wrapped
 copy of every tenth and an exact copy of every twentieth, so every stage has work to do.
@@ -31,8 +32,11 @@ def build_corpus(out: Path, megabytes: float) -> Path:
     with open(path, "w") as f:
         while size < megabytes * 2**20:
             text = paragraphs[i % len(paragraphs)]
-            rows = [text] + ([f"<html><body><p>{text}</p><div>menu</div></body></html>"] if i % 10 == 0 else []) \
+            rows = (
+                [text]
+                + ([f"<html><body><p>{text}</p><div>menu</div></body></html>"] if i % 10 == 0 else [])
                 + ([text] if i % 20 == 0 else [])
+            )
             for row in rows:
                 line = json.dumps({"text": row}) + "\n"
                 f.write(line)
@@ -66,11 +70,17 @@ def main() -> None:
             data = prepare_data(cfg, run, log=lambda *_: None)
             t = json.loads((run / "data" / "report.json").read_text())["throughput"]
             out[f"curation_mb_s_{workers}w"] = t["curation_mb_per_s"]
-            rows.append((f"curation, {workers} process{'es' if workers > 1 else ''}",
-                         f"{t['curation_mb_per_s']:.2f} MB/s", f"{t['curation_seconds']:.1f} s for {args.mb:g} MB"))
+            rows.append(
+                (
+                    f"curation, {workers} process{'es' if workers > 1 else ''}",
+                    f"{t['curation_mb_per_s']:.2f} MB/s",
+                    f"{t['curation_seconds']:.1f} s for {args.mb:g} MB",
+                )
+            )
         out["tokenize_pack_tokens_s"] = t["tokenize_pack_tokens_per_s"]
-        rows.append(("tokenize + pack", f"{t['tokenize_pack_tokens_per_s']:,} tokens/s",
-                     f"{t['tokenize_pack_seconds']:.1f} s"))
+        rows.append(
+            ("tokenize + pack", f"{t['tokenize_pack_tokens_per_s']:,} tokens/s", f"{t['tokenize_pack_seconds']:.1f} s")
+        )
 
         batch, tokens_per_batch = cfg.train.batch_size, cfg.train.batch_size * cfg.model.seq_len
         for workers in (0, 2):

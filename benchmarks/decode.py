@@ -1,7 +1,7 @@
 """Decode speed of a trained run: time to first token (prefill of the prompt) and decode tokens/s
 at batch 1 and batch 16 (16 rows decoded together), for float32 weights, bfloat16 compute, and
-int8 / int4 weights (llm_jax/quantize.py); with --hf, also Hugging Face transformers' PyTorch
-`generate` on the same weights (exported by llm_jax/hf.py), prompts and token counts.
+int8 / int4 weights (llm_jax/model/dense.py); with --hf, also Hugging Face transformers' PyTorch
+`generate` on the same weights (exported by llm_jax/tools/hf.py), prompts and token counts.
 
     python benchmarks/decode.py [--run runs/shakespeare] [--new-tokens 100] [--repeats 3] [--hf]
 
@@ -35,19 +35,29 @@ def main() -> None:
     run = load_run(args.run)
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     prompt = tokenizer.encode("Enter KING LEAR, with his daughters and attendants.\n")
-    variants = [("float32", cfg.model, params),
-                ("bfloat16 compute", dataclasses.replace(cfg.model, dtype="bfloat16"), params),
-                ("int8 weights", dataclasses.replace(cfg.model, quant="int8"), quantize(params, "int8")),
-                ("int4 weights", dataclasses.replace(cfg.model, quant="int4"), quantize(params, "int4"))]
+    variants = [
+        ("float32", cfg.model, params),
+        ("bfloat16 compute", dataclasses.replace(cfg.model, dtype="bfloat16"), params),
+        ("int8 weights", dataclasses.replace(cfg.model, quant="int8"), quantize(params, "int8")),
+        ("int4 weights", dataclasses.replace(cfg.model, quant="int4"), quantize(params, "int4")),
+    ]
     print(f"{args.run}: prompt {len(prompt)} tokens, {args.new_tokens} new, greedy")
-    print(f"{'weights':<18} | {'MiB':>6} | {'first token ms':>14} | {'tokens/s, batch 1':>17} | "
-          f"{'tokens/s, batch 16':>18}")
+    print(
+        f"{'weights':<18} | {'MiB':>6} | {'first token ms':>14} | {'tokens/s, batch 1':>17} | "
+        f"{'tokens/s, batch 16':>18}"
+    )
     for name, model_cfg, p in variants:
         gen = Generator(model_cfg, p)
         firsts, rates = [], {1: [], 16: []}
         for batch in (1, 16):
-            args_b = ([prompt] * batch, [args.new_tokens] * batch, [0.0] * batch, [0] * batch, [1.0] * batch,
-                      list(range(batch)))
+            args_b = (
+                [prompt] * batch,
+                [args.new_tokens] * batch,
+                [0.0] * batch,
+                [0] * batch,
+                [1.0] * batch,
+                list(range(batch)),
+            )
             list(gen.stream_batch(*args_b))  # compile prefill and decode for this batch size
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
@@ -58,8 +68,10 @@ def main() -> None:
                 rates[batch].append(batch * (n - 1) / (time.perf_counter() - t1))
                 if batch == 1:
                     firsts.append(1e3 * (t1 - t0))
-        print(f"{name:<18} | {param_bytes(p) / 2**20:>6.2f} | {statistics.median(firsts):>14.1f} | "
-              f"{statistics.median(rates[1]):>17.1f} | {statistics.median(rates[16]):>18.1f}")
+        print(
+            f"{name:<18} | {param_bytes(p) / 2**20:>6.2f} | {statistics.median(firsts):>14.1f} | "
+            f"{statistics.median(rates[1]):>17.1f} | {statistics.median(rates[16]):>18.1f}"
+        )
     if args.hf:
         hf_row(args, prompt)
 
@@ -75,7 +87,8 @@ def hf_row(args, prompt: list[int]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = transformers.LlamaForCausalLM.from_pretrained(
-            export_hf(args.run, f"{tmp}/hf", log=lambda *_: None), dtype=torch.float32).eval()
+            export_hf(args.run, f"{tmp}/hf", log=lambda *_: None), dtype=torch.float32
+        ).eval()
 
     def generate(batch: int, new: int) -> float:
         ids = torch.tensor([prompt] * batch)
@@ -94,8 +107,10 @@ def hf_row(args, prompt: list[int]) -> None:
             if batch == 1:
                 firsts.append(1e3 * first)
     name = f"HF transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-    print(f"{'HF float32':<18} | {'':>6} | {statistics.median(firsts):>14.1f} | "
-          f"{statistics.median(rates[1]):>17.1f} | {statistics.median(rates[16]):>18.1f}   <- {name}")
+    print(
+        f"{'HF float32':<18} | {'':>6} | {statistics.median(firsts):>14.1f} | "
+        f"{statistics.median(rates[1]):>17.1f} | {statistics.median(rates[16]):>18.1f}   <- {name}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHAPE = ["model.n_layers=6", "model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6", "model.mlp_dim=1024",
-         "model.tie_embeddings=true", "model.seq_len=256", "model.vocab_size=50304", "train.batch_size=8",
-         "mesh.data=-1"]
+SHAPE = [
+    "model.n_layers=6",
+    "model.d_model=384",
+    "model.n_heads=6",
+    "model.n_kv_heads=6",
+    "model.mlp_dim=1024",
+    "model.tie_embeddings=true",
+    "model.seq_len=256",
+    "model.vocab_size=50304",
+    "train.batch_size=8",
+    "mesh.data=-1",
+]
 
 
 def main() -> None:
@@ -48,9 +57,16 @@ def main() -> None:
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state = steps.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batches = [layout.put_batch({"tokens": rng.integers(0, cfg.model.vocab_size,
-                                                                (cfg.train.batch_size, cfg.model.seq_len + 1),
-                                                                dtype=np.int32)}) for _ in range(2)]
+    batches = [
+        layout.put_batch(
+            {
+                "tokens": rng.integers(
+                    0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1), dtype=np.int32
+                )
+            }
+        )
+        for _ in range(2)
+    ]
     for i in range(2):
         state, metrics = steps.train(state, batches[i])
     jax.block_until_ready(metrics)
@@ -63,8 +79,11 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     tokens = cfg.train.batch_size * cfg.model.seq_len
-    result = {"tokens_per_s": tokens / step_s, "ms_per_step": 1e3 * step_s,
-              "mfu": tokens / step_s * flops_per_token(cfg.model) / peak}
+    result = {
+        "tokens_per_s": tokens / step_s,
+        "ms_per_step": 1e3 * step_s,
+        "mfu": tokens / step_s * flops_per_token(cfg.model) / peak,
+    }
     if args.json:
         print(json.dumps(result))
         return

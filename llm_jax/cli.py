@@ -48,10 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (capped by the context)")
     p.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor over this host's devices (the run's rules "
-                   "place params and the KV cache); 1,1,1: one device")
-    p.add_argument("--api-key", default=os.environ.get("LLM_JAX_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)")
+    p.add_argument(
+        "--mesh",
+        default="1,1,1",
+        help="data,fsdp,tensor over this host's devices (the run's rules "
+        "place params and the KV cache); 1,1,1: one device",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)",
+    )
 
     p = sub.add_parser("export-hf", help="write a run as a Hugging Face Llama checkpoint (safetensors + tokenizer)")
     p.add_argument("--run", required=True, help="a float run directory")
@@ -65,9 +72,14 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("eval", help="perplexity, multiple-choice and generation tasks on a run: table + JSON")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--tasks", required=True, nargs="+", metavar="TASK",
-                   help="bundled names (shakespeare_speaker, shakespeare_cloze, shakespeare_next_word), JSONL files, "
-                   "or ppl:<text source>")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        nargs="+",
+        metavar="TASK",
+        help="bundled names (shakespeare_speaker, shakespeare_cloze, shakespeare_next_word), JSONL files, "
+        "or ppl:<text source>",
+    )
     p.add_argument("--limit", type=int, help="rows per task (spread over the file); ppl: windows")
     p.add_argument("--out", help="the JSON record (default: <run>/eval/step<N>.json)")
     p.add_argument("--system", help="system prompt for chat rows (default: the run's sample.system)")
@@ -87,8 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("sweep", help="time a few train steps per mesh layout: table, CSV and PNG")
     p.add_argument("--config", required=True)
-    p.add_argument("--meshes", required=True, help='data,fsdp,tensor[,pipeline[,microbatches]] layouts separated by ";", '
-                   'e.g. "8,1,1;2,4,1;4,1,1,2,8"')
+    p.add_argument(
+        "--meshes",
+        required=True,
+        help='data,fsdp,tensor[,pipeline[,microbatches]] layouts separated by ";", e.g. "8,1,1;2,4,1;4,1,1,2,8"',
+    )
     p.add_argument("--batch-sizes", help="comma-separated global batch sizes (default: train.batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one untimed)")
     p.add_argument("--out", help="directory for sweep.csv and sweep.png (default: <run_dir>/sweep)")
@@ -176,8 +191,13 @@ def _data(args) -> None:
 
 
 def _sampling(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
 
 
 def _generate(args) -> None:
@@ -211,8 +231,9 @@ def _judge(args) -> None:
 
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
-    judge(args.questions, args.a, args.b, endpoint_from_env(args.judge_url, args.judge_model), args.out,
-          args.max_tokens)
+    judge(
+        args.questions, args.a, args.b, endpoint_from_env(args.judge_url, args.judge_model), args.out, args.max_tokens
+    )
 
 
 def _quantize(args) -> None:
@@ -226,8 +247,17 @@ def _serve(args) -> None:
         raise UserError("need --max-tokens, --max-batch, --max-queue >= 1 and 0 <= --port < 65536")
     from llm_jax.inference.server import serve
 
-    serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.max_batch, args.max_queue,
-          args.api_key, args.mesh)
+    serve(
+        args.run,
+        args.host,
+        args.port,
+        args.model_name,
+        args.max_tokens,
+        args.max_batch,
+        args.max_queue,
+        args.api_key,
+        args.mesh,
+    )
 
 
 def _export_hf(args) -> None:
@@ -258,9 +288,22 @@ def _plan(args) -> None:
     plan(args)
 
 
-COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "eval-chat": _eval_chat, "config": _config,
-            "sweep": _sweep, "plan": _plan, "data": _data, "quantize": _quantize, "serve": _serve,
-            "export-hf": _export_hf, "import-hf": _import_hf, "eval": _eval, "judge": _judge}
+COMMANDS = {
+    "train": _train,
+    "generate": _generate,
+    "chat": _chat,
+    "eval-chat": _eval_chat,
+    "config": _config,
+    "sweep": _sweep,
+    "plan": _plan,
+    "data": _data,
+    "quantize": _quantize,
+    "serve": _serve,
+    "export-hf": _export_hf,
+    "import-hf": _import_hf,
+    "eval": _eval,
+    "judge": _judge,
+}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@
       checkpoints/<step>/  orbax: state (params, AdamW state, step, rng), data (grain iterator), meta (config);
                            under train.checkpoint_dir instead when that is set (a gs:// path works the same,
                            through etils.epath)
-      metrics.jsonl, tb/, loss.png, samples.txt, eval/   written by training and evaluation
+      metrics.jsonl, tb/, loss.png, samples.txt     written by training
+      eval/step<N>.json    llm-jax eval's records
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash never
 leaves a half-written checkpoint behind; the newest complete step is the one restored. Saves are
@@ -37,9 +38,21 @@ TOKENIZER = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER, "tokenizer.vocab")  # what a copy of a run's tokenizer takes along
 # Keys a run directory pins: its prepared data was built from the first group, its checkpoints
 # (model shapes, data order) from both; an objective may pin more (llm_jax/train/objectives.py).
-DATA_KEYS = ("seed", "model.vocab_size", "data.sources", "data.text_field", "data.val_fraction", "data.tokenizer",
-             "data.tokenizer_sample_bytes", "data.val_sources", "data.bad_rows", "data.shard_mb", "curate.",
-             "train.objective", "train.init_from")
+DATA_KEYS = (
+    "seed",
+    "model.vocab_size",
+    "data.sources",
+    "data.text_field",
+    "data.val_fraction",
+    "data.tokenizer",
+    "data.tokenizer_sample_bytes",
+    "data.val_sources",
+    "data.bad_rows",
+    "data.shard_mb",
+    "curate.",
+    "train.objective",
+    "train.init_from",
+)
 CHECKPOINT_KEYS = DATA_KEYS + ("model.", "train.batch_size")
 
 # Reading a step's state alone (restore_params) makes orbax warn that the step-level metadata file is
@@ -57,6 +70,26 @@ def tokenizer_path(run_dir: str | Path) -> Path:
 
 def data_dir(run_dir: str | Path) -> Path:
     return run_path(run_dir) / "data"
+
+
+def metrics_path(run_dir: str | Path) -> Path:
+    return run_path(run_dir) / "metrics.jsonl"  # one JSON object per logged step and split
+
+
+def tensorboard_dir(run_dir: str | Path) -> Path:
+    return run_path(run_dir) / "tb"
+
+
+def loss_plot_path(run_dir: str | Path) -> Path:
+    return run_path(run_dir) / "loss.png"
+
+
+def samples_path(run_dir: str | Path) -> Path:
+    return run_path(run_dir) / "samples.txt"
+
+
+def eval_record_path(run_dir: str | Path, step: int) -> Path:
+    return run_path(run_dir) / "eval" / f"step{step}.json"
 
 
 def checkpoint_dir(run_dir: str | Path, configured: str | None) -> epath.Path:
@@ -82,8 +115,12 @@ def restore_params(step_dir: epath.Path, abstract: Any) -> Any:
     _check_shapes(step_dir, abstract)
     restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+        out = ckptr.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
+            ),
+        )
     return out["params"]
 
 
@@ -93,19 +130,22 @@ def newest_params(run_dir: str | Path, abstract: Any, what: str) -> tuple[Any, e
     directory = saved_checkpoint_dir(run_dir)
     step_dir = latest_checkpoint(directory)
     if step_dir is None:
-        raise UserError(f"{what}: no checkpoint in {directory}; train that run first "
-                        f"(llm-jax train --config {run_path(run_dir) / RUN_CONFIG})")
+        raise UserError(
+            f"{what}: no checkpoint in {directory}; train that run first "
+            f"(llm-jax train --config {run_path(run_dir) / RUN_CONFIG})"
+        )
     return restore_params(step_dir, abstract), step_dir
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A trained run, loaded: what inference, evaluation and the tools read."""
+
     path: Path
     cfg: Config
-    params: Any            # the newest checkpoint's parameters, placed by the layout it was loaded with
+    params: Any  # the newest checkpoint's parameters, placed by the layout it was loaded with
     tokenizer: Tokenizer
-    step_dir: epath.Path   # checkpoints/<step>: its name is the step
+    step_dir: epath.Path  # checkpoints/<step>: its name is the step
 
     @property
     def step(self) -> int:
@@ -116,8 +156,9 @@ def load_config_of(run_dir: str | Path) -> Config:
     """The config a run was made with; a clear error where run_dir holds no run."""
     tree = saved_tree(run_dir)
     if tree is None:
-        raise UserError(f"{run_path(run_dir)} is not a run directory (no {RUN_CONFIG}); train one with "
-                        "`llm-jax train --config ...`")
+        raise UserError(
+            f"{run_path(run_dir)} is not a run directory (no {RUN_CONFIG}); train one with `llm-jax train --config ...`"
+        )
     return config_from_dict(tree)
 
 
@@ -135,15 +176,22 @@ def check_resumable(cfg: Config, run_dir: str | Path, pinned: tuple[str, ...] = 
     saved = saved_tree(run_dir)
     if saved is None:
         return
-    keys = CHECKPOINT_KEYS + pinned if latest_checkpoint(checkpoint_dir(run_dir, cfg.train.checkpoint_dir)) \
-        else DATA_KEYS
+    keys = (
+        CHECKPOINT_KEYS + pinned if latest_checkpoint(checkpoint_dir(run_dir, cfg.train.checkpoint_dir)) else DATA_KEYS
+    )
     saved, current = _flatten(saved), _flatten(to_dict(cfg))
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
-               if k.startswith(keys) and k in saved and saved[k] != current[k]]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {current[k]!r}"
+        for k in current
+        if k.startswith(keys) and k in saved and saved[k] != current[k]
+    ]
     if changed:
-        raise UserError(f"{run_path(run_dir)} holds a run with a different config:\n  " + "\n  ".join(changed)
-                        + f"\nresume with the original values, or start a new run with run_dir=<new dir> "
-                          f"(or delete {run_path(run_dir)})")
+        raise UserError(
+            f"{run_path(run_dir)} holds a run with a different config:\n  "
+            + "\n  ".join(changed)
+            + f"\nresume with the original values, or start a new run with run_dir=<new dir> "
+            f"(or delete {run_path(run_dir)})"
+        )
 
 
 def save_run_config(cfg: Config, run_dir: str | Path) -> None:
@@ -182,24 +230,36 @@ class Checkpointer:
 
     def __init__(self, cfg: Config):
         self.directory = checkpoint_dir(cfg.run_dir, cfg.train.checkpoint_dir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, create=True,
-                                               enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.train.keep_checkpoints, create=True, enable_async_checkpointing=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> tuple[Any, dict]:
         """Restores state (with the shardings in `abstract_state`) and the iterator's position."""
         _check_shapes(self.directory / str(step), abstract_state.params)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return out.state, out.meta
 
     def wait(self) -> None:
@@ -216,11 +276,17 @@ def _check_shapes(step_dir: epath.Path, abstract: Any) -> None:
         meta = ckptr.metadata(step_dir / "state").item_metadata
     saved = _shapes(getattr(meta, "tree", meta)["params"])
     wanted = _shapes(abstract)
-    diffs = [f"{k}: checkpoint {saved.get(k, 'absent')} vs config {wanted.get(k, 'absent')}"
-             for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k, 'absent')} vs config {wanted.get(k, 'absent')}"
+        for k in sorted(saved.keys() | wanted.keys())
+        if saved.get(k) != wanted.get(k)
+    ]
     if diffs:
-        raise UserError(f"checkpoint {step_dir} does not match the model config:\n  " + "\n  ".join(diffs[:8])
-                        + "\nuse the config the run was trained with, or a new run_dir")
+        raise UserError(
+            f"checkpoint {step_dir} does not match the model config:\n  "
+            + "\n  ".join(diffs[:8])
+            + "\nuse the config the run was trained with, or a new run_dir"
+        )
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:

@@ -4,12 +4,12 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from llm_jax.config import load_config  # noqa: E402
+from llm_jax.config import load_config
 
 # Three works (modern + First Folio editions: 5 files, ~0.6 MB) of the builtin corpus.
 SLICE = ("hamlet_gut", "hamlet_gut_f", "lear_gut", "lear_gut_f", "sonnets_gut")

@@ -18,8 +18,18 @@ overrides = sys.argv[5:]
 from llm_jax.cli import main  # noqa: E402
 
 try:
-    main(["train", "--config", "tiny", f"run_dir={run_dir}", f"distributed.coordinator={coordinator}",
-          "distributed.num_processes=2", f"distributed.process_id={process_id}", *overrides])
+    main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            f"run_dir={run_dir}",
+            f"distributed.coordinator={coordinator}",
+            "distributed.num_processes=2",
+            f"distributed.process_id={process_id}",
+            *overrides,
+        ]
+    )
 except SystemExit as e:
     if e.code:
         raise
@@ -34,5 +44,13 @@ cfg = load_config("tiny", [f"run_dir={run_dir}", *overrides])
 data = prepare_data(cfg, Path(run_dir), log=lambda *_: None)
 rows = next(train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count()))
 with open(out, "w") as f:
-    json.dump({"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
-               "local_devices": jax.local_device_count(), "first_rows": rows["tokens"].tolist()}, f)
+    json.dump(
+        {
+            "process": jax.process_index(),
+            "count": jax.process_count(),
+            "devices": jax.device_count(),
+            "local_devices": jax.local_device_count(),
+            "first_rows": rows["tokens"].tolist(),
+        },
+        f,
+    )

@@ -7,15 +7,19 @@ import re
 
 import pytest
 
-from llm_jax.data.chat_template import check_messages, fit_example, render, special_ids
 from llm_jax.cli import main
+from llm_jax.data.chat_template import check_messages, fit_example, render, special_ids
 from llm_jax.data.synth import examples
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
-                {"role": "assistant", "content": "8"}]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "8"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +31,18 @@ def test_template_layout_and_weights_only_on_assistant_turns(tokenizer):
     sp = special_ids(tokenizer)
     ids, weights = render(tokenizer, CONVERSATION)
     assert len(ids) == len(weights) and ids[0] == tokenizer.eos_id
-    assert [i for i in ids if i in sp.values()] == [sp["system"], sp["end_of_turn"], sp["user"], sp["end_of_turn"],
-                                                    sp["assistant"], sp["end_of_turn"], sp["user"], sp["end_of_turn"],
-                                                    sp["assistant"], sp["end_of_turn"]]
+    assert [i for i in ids if i in sp.values()] == [
+        sp["system"],
+        sp["end_of_turn"],
+        sp["user"],
+        sp["end_of_turn"],
+        sp["assistant"],
+        sp["end_of_turn"],
+        sp["user"],
+        sp["end_of_turn"],
+        sp["assistant"],
+        sp["end_of_turn"],
+    ]
     trained = [i for i, w in zip(ids, weights) if w]
     assert trained == tokenizer.encode("5") + [sp["end_of_turn"]] + tokenizer.encode("8") + [sp["end_of_turn"]]
     assert tokenizer.decode([i for i in ids if i not in sp.values()]).endswith("Be brief.What is 2 + 3?5And 4 + 4?8")
@@ -46,15 +59,18 @@ def test_long_examples_keep_their_beginning_or_are_dropped(tokenizer):
     ids, weights = render(tokenizer, CONVERSATION)
     first_trained = weights.index(1.0)
     kept = fit_example(ids, weights, first_trained + 1)
-    assert kept == (ids[:first_trained + 1], weights[:first_trained + 1])
+    assert kept == (ids[: first_trained + 1], weights[: first_trained + 1])
     assert fit_example(ids, weights, first_trained) is None  # nothing left to learn from
 
 
-@pytest.mark.parametrize("messages,message", [
-    ([], "'messages' must be a non-empty list"),
-    ([{"role": "robot", "content": "x"}], "message 0 must be"),
-    ([{"role": "user", "content": 3}], "message 0 must be"),
-])
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([], "'messages' must be a non-empty list"),
+        ([{"role": "robot", "content": "x"}], "message 0 must be"),
+        ([{"role": "user", "content": 3}], "message 0 must be"),
+    ],
+)
 def test_malformed_messages_are_named(messages, message):
     with pytest.raises(UserError, match=re.escape(f"data.jsonl:3: {message}")):
         check_messages(messages, "data.jsonl:3")

@@ -11,8 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from llm_jax.data.chat_template import render, special_ids
 from llm_jax.data.chat_data import ExampleRows, dpo_example, load_examples, pack_sft, pad_dpo, save_array, sft_example
+from llm_jax.data.chat_template import special_ids
 from llm_jax.data.loader import eval_batches, train_iterator
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
@@ -63,9 +63,13 @@ def _expected(tok, sp, messages):
 
 
 def test_sft_examples_weight_exactly_the_assistant_text_and_its_end_of_turn(tmp_path, tok, sp):
-    multi = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-             {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
-             {"role": "assistant", "content": "It is 8."}]
+    multi = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "It is 8."},
+    ]
     examples, counts = _load(tmp_path, tok, [{"messages": QA}, {"messages": multi, "id": 7}])
     assert dict(counts) == {"lines": 2, "examples": 2}
     assert examples == [_expected(tok, sp, QA), _expected(tok, sp, multi)]
@@ -77,8 +81,10 @@ def test_sft_examples_weight_exactly_the_assistant_text_and_its_end_of_turn(tmp_
     assert not any(w for i, w in zip(ids, weights) if i in (sp["assistant"], sp["user"], sp["system"], tok.eos_id))
     # the QA example, spelled out: EOS <|user|> Q <|end_of_turn|> <|assistant|> 5 <|end_of_turn|>
     q = tok.encode(Q)
-    assert examples[0] == ([tok.eos_id, sp["user"], *q, sp["end_of_turn"], sp["assistant"], *tok.encode(A),
-                            sp["end_of_turn"]], [0.0] * (len(q) + 4) + [1.0] * (len(tok.encode(A)) + 1))
+    assert examples[0] == (
+        [tok.eos_id, sp["user"], *q, sp["end_of_turn"], sp["assistant"], *tok.encode(A), sp["end_of_turn"]],
+        [0.0] * (len(q) + 4) + [1.0] * (len(tok.encode(A)) + 1),
+    )
     assert sft_example(tok, {"messages": multi}, "x.jsonl:1") == examples[1]
 
 
@@ -97,8 +103,9 @@ def test_sft_sources_are_read_in_order_and_blank_lines_are_not_rows(tmp_path, to
 
 def test_invalid_utf8_in_a_row_is_replaced_not_fatal(tmp_path, tok, sp):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xff"}, '
-                     b'{"role": "assistant", "content": "ok"}]}\n')
+    path.write_bytes(
+        b'{"messages": [{"role": "user", "content": "caf\xff"}, {"role": "assistant", "content": "ok"}]}\n'
+    )
     examples, counts = load_examples([str(path)], "sft", tok, 65, "strict", "unused")
     assert dict(counts) == {"lines": 1, "examples": 1}
     msgs = [{"role": "user", "content": "caf\ufffd"}, {"role": "assistant", "content": "ok"}]
@@ -115,38 +122,51 @@ def _fake(n, first_trained, start):
 
 
 def test_pack_sft_fills_rows_in_order_and_numbers_segments():
-    examples = [_fake(5, 3, 100), _fake(4, 2, 200), _fake(6, 4, 300), _fake(3, 1, 400), _fake(8, 5, 500),
-                _fake(2, 1, 600)]
+    examples = [
+        _fake(5, 3, 100),
+        _fake(4, 2, 200),
+        _fake(6, 4, 300),
+        _fake(3, 1, 400),
+        _fake(8, 5, 500),
+        _fake(2, 1, 600),
+    ]
     packed = pack_sft(examples, 10)
     # 5 + 4 = 9 (the 6 does not fit) | 6 + 3 = 9 (the 8 does not fit) | 8 + 2 = 10 exactly
     assert set(packed) == {"tokens", "segments", "weights"}
     assert packed["tokens"].dtype == np.int32 and packed["segments"].dtype == np.int32
     assert packed["weights"].dtype == np.float32
     assert packed["tokens"].shape == packed["segments"].shape == (3, 10) and packed["weights"].shape == (3, 9)
-    np.testing.assert_array_equal(packed["segments"], [[1] * 5 + [2] * 4 + [0],
-                                                       [1] * 6 + [2] * 3 + [0],
-                                                       [1] * 8 + [2] * 2])
+    np.testing.assert_array_equal(
+        packed["segments"], [[1] * 5 + [2] * 4 + [0], [1] * 6 + [2] * 3 + [0], [1] * 8 + [2] * 2]
+    )
     rows = [[0, 1], [2, 3], [4, 5]]
     for r, members in enumerate(rows):
         at = 0
         for k, e in enumerate(members, start=1):
             ids, w = examples[e]
-            assert packed["tokens"][r, at:at + len(ids)].tolist() == ids
-            assert (packed["segments"][r, at:at + len(ids)] == k).all()
+            assert packed["tokens"][r, at : at + len(ids)].tolist() == ids
+            assert (packed["segments"][r, at : at + len(ids)] == k).all()
             # weights[:, j] is the weight of target tokens[:, j + 1]
             if at == 0:
-                assert packed["weights"][r, :len(ids) - 1].tolist() == w[1:]
+                assert packed["weights"][r, : len(ids) - 1].tolist() == w[1:]
             else:  # the target at the boundary is this example's EOS: weight 0
-                assert packed["weights"][r, at - 1:at + len(ids) - 1].tolist() == w and w[0] == 0
+                assert packed["weights"][r, at - 1 : at + len(ids) - 1].tolist() == w and w[0] == 0
             at += len(ids)
         assert (packed["tokens"][r, at:] == 0).all() and (packed["segments"][r, at:] == 0).all()
-        assert (packed["weights"][r, at - 1:] == 0).all()
+        assert (packed["weights"][r, at - 1 :] == 0).all()
     assert packed["weights"].sum() == sum(sum(w) for _, w in examples) == 2 + 2 + 2 + 2 + 3 + 1
 
 
 def test_pack_sft_of_real_examples_never_trains_a_target_across_examples(tmp_path, tok):
-    rows = [{"messages": [{"role": "user", "content": f"Count {'x ' * i}"},
-                          {"role": "assistant", "content": "word " * (i % 4 + 1)}]} for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Count {'x ' * i}"},
+                {"role": "assistant", "content": "word " * (i % 4 + 1)},
+            ]
+        }
+        for i in range(12)
+    ]
     examples, counts = _load(tmp_path, tok, rows, length=48)
     assert counts["examples"] == 12 and "truncated to the context" not in counts
     packed = pack_sft(examples, 48)
@@ -164,8 +184,7 @@ def test_pack_sft_of_real_examples_never_trains_a_target_across_examples(tmp_pat
     starts[:, 0] = True
     starts[:, 1:] = boundary & (segments[:, 1:] > 0)
     assert (tokens[starts] == tok.eos_id).all() and starts.sum() == 12
-    assert sorted(tokens[:, 1:][trained].tolist()) == sorted(
-        i for ids, w in examples for i, x in zip(ids, w) if x)
+    assert sorted(tokens[:, 1:][trained].tolist()) == sorted(i for ids, w in examples for i, x in zip(ids, w) if x)
     assert weights.sum() == sum(sum(w) for _, w in examples)
     # an example that does not fit the current row starts the next: no row could have held the next one
     for r in range(len(tokens) - 1):
@@ -188,11 +207,16 @@ def test_pack_sft_exact_fit_and_single_example_rows():
 
 
 def test_dpo_prompt_as_text_or_messages_and_response_as_text_or_one_message(tmp_path, tok, sp):
-    rows = [{"prompt": Q, "chosen": "5", "rejected": "6"},
-            {"messages": [QA[0]], "chosen": "5", "rejected": "6"},
-            {"prompt": Q, "chosen": [{"role": "assistant", "content": "5"}],
-             "rejected": [{"role": "assistant", "content": "6"}]},
-            {"prompt": "  ", "messages": [QA[0]], "chosen": "5", "rejected": "6"}]  # blank prompt: messages used
+    rows = [
+        {"prompt": Q, "chosen": "5", "rejected": "6"},
+        {"messages": [QA[0]], "chosen": "5", "rejected": "6"},
+        {
+            "prompt": Q,
+            "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "6"}],
+        },
+        {"prompt": "  ", "messages": [QA[0]], "chosen": "5", "rejected": "6"},
+    ]  # blank prompt: messages used
     examples, counts = _load(tmp_path, tok, rows, kind="dpo")
     assert dict(counts) == {"lines": 4, "examples": 4}
     assert examples[0] == examples[1] == examples[2] == examples[3]
@@ -206,22 +230,28 @@ def test_dpo_prompt_as_text_or_messages_and_response_as_text_or_one_message(tmp_
 
 
 def test_dpo_pairs_share_a_multi_turn_prompt_and_differ_only_in_the_response(tmp_path, tok, sp):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Which is larger, 3 or 9?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Which is larger, 3 or 9?"},
+    ]
     row = {"messages": messages, "chosen": "9", "rejected": "Well, I think it is 9 of course."}
     [((c_ids, c_w), (r_ids, r_w))], _ = _load(tmp_path, tok, [row], kind="dpo")
     prefix = [tok.eos_id] + [i for m in messages for i in _turn(tok, sp, m["role"], m["content"])] + [sp["assistant"]]
-    assert c_ids[:len(prefix)] == r_ids[:len(prefix)] == prefix
-    assert c_ids[len(prefix):] == tok.encode("9") + [sp["end_of_turn"]]
-    assert r_ids[len(prefix):] == tok.encode(row["rejected"]) + [sp["end_of_turn"]]
+    assert c_ids[: len(prefix)] == r_ids[: len(prefix)] == prefix
+    assert c_ids[len(prefix) :] == tok.encode("9") + [sp["end_of_turn"]]
+    assert r_ids[len(prefix) :] == tok.encode(row["rejected"]) + [sp["end_of_turn"]]
     # the assistant turn inside the prompt is context only: weight 1 on the response and its end of turn only
     assert c_w == [0.0] * len(prefix) + [1.0] * (len(c_ids) - len(prefix))
     assert r_w == [0.0] * len(prefix) + [1.0] * (len(r_ids) - len(prefix))
 
 
 def test_pad_dpo_zero_pads_and_shifts_weights_to_targets(tmp_path, tok, sp):
-    rows = [{"prompt": Q, "chosen": "5", "rejected": "The answer is six."},
-            {"prompt": "Which is larger, 3 or 9?", "chosen": "9", "rejected": "3"}]
+    rows = [
+        {"prompt": Q, "chosen": "5", "rejected": "The answer is six."},
+        {"prompt": "Which is larger, 3 or 9?", "chosen": "9", "rejected": "3"},
+    ]
     examples, _ = _load(tmp_path, tok, rows, kind="dpo")
     length = max(len(ids) for pair in examples for ids, _ in pair) + 3
     arrays = pad_dpo(examples, length)
@@ -236,7 +266,7 @@ def test_pad_dpo_zero_pads_and_shifts_weights_to_targets(tmp_path, tok, sp):
             assert arrays["weights"][i, j].tolist() == w[1:] + [0.0] * (length - n)
             first = w.index(1.0)  # the first response token, predicted from the <|assistant|> marker
             assert ids[first - 1] == sp["assistant"] and arrays["weights"][i, j, first - 1] == 1.0
-            assert arrays["weights"][i, j, :first - 1].sum() == 0
+            assert arrays["weights"][i, j, : first - 1].sum() == 0
             assert arrays["weights"][i, j].sum() == sum(w) == n - first
     # chosen and rejected of a pair share the prompt tokens
     first = examples[0][0][1].index(1.0)
@@ -249,28 +279,48 @@ def test_pad_dpo_zero_pads_and_shifts_weights_to_targets(tmp_path, tok, sp):
 
 BAD = [  # (row, kind, what the message says, the skip counter)
     ('{"messages": [', "sft", "malformed JSON", "malformed JSON"),
-    ('[1, 2]', "sft", "expected a JSON object", "invalid row"),
+    ("[1, 2]", "sft", "expected a JSON object", "invalid row"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "sft", "message 0 must be", "invalid row"),
     ({"messages": [QA[0], {"role": "assistant", "content": 5}]}, "sft", "message 1 must be", "invalid row"),
     ({"text": "no messages"}, "sft", "'messages' must be a non-empty list", "invalid row"),
     ({"messages": []}, "sft", "'messages' must be a non-empty list", "invalid row"),
     ({"messages": [QA[0]]}, "sft", "no assistant message, so nothing to learn", "invalid row"),
-    ({"messages": [QA[0], {"role": "assistant", "content": "  "}]}, "sft", "an assistant message is empty",
-     "empty response"),
+    (
+        {"messages": [QA[0], {"role": "assistant", "content": "  "}]},
+        "sft",
+        "an assistant message is empty",
+        "empty response",
+    ),
     ('{"prompt": "Q?", "chosen": "5", "rejected": 6', "dpo", "malformed JSON", "malformed JSON"),
     ({"chosen": "5", "rejected": "6"}, "dpo", "needs a non-empty 'prompt' text or a 'messages' list", "invalid row"),
     ({"prompt": "", "chosen": "5", "rejected": "6"}, "dpo", "needs a non-empty 'prompt'", "invalid row"),
-    ({"messages": [{"role": "robot", "content": "Q?"}], "chosen": "5", "rejected": "6"}, "dpo", "message 0 must be",
-     "invalid row"),
+    (
+        {"messages": [{"role": "robot", "content": "Q?"}], "chosen": "5", "rejected": "6"},
+        "dpo",
+        "message 0 must be",
+        "invalid row",
+    ),
     ({"prompt": "Q?", "chosen": 5, "rejected": "6"}, "dpo", "'chosen' must be the response text", "invalid row"),
     ({"prompt": "Q?", "chosen": "5"}, "dpo", "'rejected' must be the response text", "invalid row"),
-    ({"prompt": "Q?", "chosen": "5", "rejected": "5"}, "dpo", "chosen and rejected are the same text",
-     "chosen equals rejected"),
-    ({"prompt": "Q?", "chosen": " 5\n", "rejected": "5"}, "dpo", "chosen and rejected are the same text",
-     "chosen equals rejected"),
+    (
+        {"prompt": "Q?", "chosen": "5", "rejected": "5"},
+        "dpo",
+        "chosen and rejected are the same text",
+        "chosen equals rejected",
+    ),
+    (
+        {"prompt": "Q?", "chosen": " 5\n", "rejected": "5"},
+        "dpo",
+        "chosen and rejected are the same text",
+        "chosen equals rejected",
+    ),
     ({"prompt": "Q?", "chosen": "", "rejected": "5"}, "dpo", "'chosen' is empty", "empty response"),
-    ({"prompt": "Q?", "chosen": "5", "rejected": [{"role": "assistant", "content": " "}]}, "dpo",
-     "'rejected' is empty", "empty response"),
+    (
+        {"prompt": "Q?", "chosen": "5", "rejected": [{"role": "assistant", "content": " "}]},
+        "dpo",
+        "'rejected' is empty",
+        "empty response",
+    ),
 ]
 
 
@@ -291,14 +341,27 @@ def test_bad_rows_stop_naming_file_and_line_or_are_skipped_and_counted(tmp_path,
 
 
 def test_strict_stops_at_the_first_bad_row_and_skip_counts_every_kind(tmp_path, tok):
-    rows = [GOOD["dpo"], "{oops", {"prompt": "Q?", "chosen": "5", "rejected": "5"}, GOOD["dpo"],
-            {"prompt": "Q?", "chosen": "", "rejected": "5"}, {"chosen": "5", "rejected": "6"}, "nope",
-            {"prompt": "Q?", "chosen": "5", "rejected": " 5"}]
+    rows = [
+        GOOD["dpo"],
+        "{oops",
+        {"prompt": "Q?", "chosen": "5", "rejected": "5"},
+        GOOD["dpo"],
+        {"prompt": "Q?", "chosen": "", "rejected": "5"},
+        {"chosen": "5", "rejected": "6"},
+        "nope",
+        {"prompt": "Q?", "chosen": "5", "rejected": " 5"},
+    ]
     with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'd.jsonl'}:2: malformed JSON (")):
         _load(tmp_path, tok, rows, kind="dpo")
-    examples, counts = _load(tmp_path, tok, rows, kind="dpo", bad_rows="skip")
-    assert dict(counts) == {"lines": 8, "examples": 2, "skipped: malformed JSON": 2, "skipped: invalid row": 1,
-                            "skipped: empty response": 1, "skipped: chosen equals rejected": 2}
+    _, counts = _load(tmp_path, tok, rows, kind="dpo", bad_rows="skip")
+    assert dict(counts) == {
+        "lines": 8,
+        "examples": 2,
+        "skipped: malformed JSON": 2,
+        "skipped: invalid row": 1,
+        "skipped: empty response": 1,
+        "skipped: chosen equals rejected": 2,
+    }
     # the same file as SFT data: the DPO rows lack 'messages' (or are malformed)
     _, sft_counts = _load(tmp_path, tok, rows, kind="sft", bad_rows="skip")
     assert dict(sft_counts) == {"lines": 8, "examples": 0, "skipped: malformed JSON": 2, "skipped: invalid row": 6}
@@ -306,8 +369,10 @@ def test_strict_stops_at_the_first_bad_row_and_skip_counts_every_kind(tmp_path, 
 
 @pytest.mark.parametrize("bad_rows", ["strict", "skip"])
 def test_lone_surrogate_text_is_a_bad_row(tmp_path, tok, bad_rows):
-    rows = [GOOD["sft"],
-            r'{"messages": [{"role": "user", "content": "a\ud800"}, {"role": "assistant", "content": "5"}]}']
+    rows = [
+        GOOD["sft"],
+        r'{"messages": [{"role": "user", "content": "a\ud800"}, {"role": "assistant", "content": "5"}]}',
+    ]
     if bad_rows == "strict":
         with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'd.jsonl'}:2: text that is not valid Unicode")):
             _load(tmp_path, tok, rows)
@@ -331,8 +396,12 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tmp_path, tok, sp):
     late = {"messages": [{"role": "user", "content": "word " * 80}, QA[1]]}  # the answer starts past 65 tokens
     long = {"messages": [QA[0], {"role": "assistant", "content": "word " * 80}]}
     examples, counts = _load(tmp_path, tok, [short, late, long, late])
-    assert dict(counts) == {"lines": 4, "examples": 2, "truncated to the context": 1,
-                            "dropped: no response token within the context": 2}
+    assert dict(counts) == {
+        "lines": 4,
+        "examples": 2,
+        "truncated to the context": 1,
+        "dropped: no response token within the context": 2,
+    }
     full_ids, full_w = _expected(tok, sp, long["messages"])
     assert len(full_ids) > 65
     assert examples == [_expected(tok, sp, QA), (full_ids[:65], full_w[:65])]
@@ -341,9 +410,11 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tmp_path, tok, sp):
 def test_truncation_boundary_is_the_first_response_token(tmp_path, tok, sp):
     ids, weights = _expected(tok, sp, QA)
     first = weights.index(1.0)  # the answer's first token
-    cases = {len(ids): ([(ids, weights)], {}),  # fits exactly: not truncated
-             first + 1: ([(ids[:first + 1], weights[:first + 1])], {"truncated to the context": 1}),
-             first: ([], {"dropped: no response token within the context": 1})}
+    cases = {
+        len(ids): ([(ids, weights)], {}),  # fits exactly: not truncated
+        first + 1: ([(ids[: first + 1], weights[: first + 1])], {"truncated to the context": 1}),
+        first: ([], {"dropped: no response token within the context": 1}),
+    }
     for length, (expected, extra) in cases.items():
         examples, counts = _load(tmp_path, tok, [{"messages": QA}], length=length)
         assert examples == expected, length
@@ -352,12 +423,18 @@ def test_truncation_boundary_is_the_first_response_token(tmp_path, tok, sp):
 
 def test_dpo_truncation_keeps_the_pair_or_drops_it(tmp_path, tok, sp):
     prefix = [tok.eos_id, *_turn(tok, sp, "user", Q), sp["assistant"]]
-    rows = [{"prompt": Q, "chosen": "5", "rejected": "word " * 80},  # the rejected one is cut
-            {"prompt": "word " * 80, "chosen": "5", "rejected": "6"}]  # the prompt fills the context
+    rows = [
+        {"prompt": Q, "chosen": "5", "rejected": "word " * 80},  # the rejected one is cut
+        {"prompt": "word " * 80, "chosen": "5", "rejected": "6"},
+    ]  # the prompt fills the context
     examples, counts = _load(tmp_path, tok, rows, kind="dpo", length=40)
-    assert dict(counts) == {"lines": 2, "examples": 1, "truncated to the context": 1,
-                            "dropped: no response token within the context": 1}
-    [((c_ids, c_w), (r_ids, r_w))] = examples
+    assert dict(counts) == {
+        "lines": 2,
+        "examples": 1,
+        "truncated to the context": 1,
+        "dropped: no response token within the context": 1,
+    }
+    [((c_ids, _), (r_ids, r_w))] = examples
     assert c_ids == prefix + tok.encode("5") + [sp["end_of_turn"]]
     full = prefix + tok.encode("word " * 80) + [sp["end_of_turn"]]
     assert r_ids == full[:40] and r_w == [0.0] * len(prefix) + [1.0] * (40 - len(prefix))
@@ -370,9 +447,11 @@ def test_dpo_truncation_keeps_the_pair_or_drops_it(tmp_path, tok, sp):
 def _write_split(data_dir, split, n):
     """Arrays whose every value encodes its row index, so rows can be traced through batches."""
     rows = np.arange(n)
-    arrays = {"tokens": (rows[:, None] * 10 + np.arange(5)).astype(np.int32),
-              "segments": np.repeat(rows[:, None] % 3 + 1, 5, axis=1).astype(np.int32),
-              "weights": np.repeat(rows[:, None] + 0.5, 4, axis=1).astype(np.float32)}
+    arrays = {
+        "tokens": (rows[:, None] * 10 + np.arange(5)).astype(np.int32),
+        "segments": np.repeat(rows[:, None] % 3 + 1, 5, axis=1).astype(np.int32),
+        "weights": np.repeat(rows[:, None] + 0.5, 4, axis=1).astype(np.float32),
+    }
     for name, a in arrays.items():
         save_array(data_dir / f"{split}.{name}.npy", a)
     return arrays
@@ -382,7 +461,8 @@ def test_example_rows_serve_row_i_of_every_array_of_the_split(tmp_path):
     train = _write_split(tmp_path, "train", 10)
     _write_split(tmp_path, "val", 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{s}.{n}.npy" for s in ("train", "val") for n in ("tokens", "segments", "weights"))  # no temp files left
+        f"{s}.{n}.npy" for s in ("train", "val") for n in ("tokens", "segments", "weights")
+    )  # no temp files left
     rows = ExampleRows(tmp_path, "train")
     assert len(rows) == 10 and len(ExampleRows(tmp_path, "val")) == 3
     for i in range(10):
@@ -425,8 +505,9 @@ def test_train_iterator_batches_example_rows_deterministically(tmp_path):
     assert one == order(a)  # the stream does not depend on the batch size
     with pytest.raises(UserError, match=re.escape("train.batch_size=5 must be divisible by the 2 hosts")):
         train_iterator(rows, 5, seed=1, process_index=0, process_count=2)
-    with pytest.raises(UserError, match=re.escape(f"the training split has 10 rows ({rows!r}), fewer than "
-                                                  "train.batch_size=11")):
+    with pytest.raises(
+        UserError, match=re.escape(f"the training split has 10 rows ({rows!r}), fewer than train.batch_size=11")
+    ):
         train_iterator(rows, 11, seed=1)
 
 
@@ -453,8 +534,9 @@ def test_eval_batches_pad_the_last_batch_with_zero_rows(tmp_path):
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_chat_sources_must_be_jsonl(tmp_path, tok, kind):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'notes.txt'}: {kind} data must be .jsonl "
-                                                  "(one JSON object per line)")):
+    with pytest.raises(
+        UserError, match=re.escape(f"{tmp_path / 'notes.txt'}: {kind} data must be .jsonl (one JSON object per line)")
+    ):
         load_examples([str(tmp_path / "notes.txt")], kind, tok, 65, "strict", "unused")
     # a directory holding a .txt next to the .jsonl is refused too, naming the .txt
     _jsonl(tmp_path / "a.jsonl", [GOOD[kind]])

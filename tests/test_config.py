@@ -9,8 +9,17 @@ from llm_jax.model.transformer import Transformer
 
 
 def test_overrides_are_typed_by_the_schema():
-    cfg = load_config("tiny", ["optim.lr=3e-4", "model.n_layers=3", "model.tie_embeddings=false",
-                               "data.sources=a.txt,b/", "sample.prompts=[\"x\", \"y z\"]", "data.tokenizer=null"])
+    cfg = load_config(
+        "tiny",
+        [
+            "optim.lr=3e-4",
+            "model.n_layers=3",
+            "model.tie_embeddings=false",
+            "data.sources=a.txt,b/",
+            'sample.prompts=["x", "y z"]',
+            "data.tokenizer=null",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.model.n_layers == 3 and cfg.model.tie_embeddings is False
     assert cfg.data.sources == ("a.txt", "b/") and cfg.sample.prompts == ("x", "y z")
@@ -62,17 +71,25 @@ def test_base_yaml_documents_every_key_once():
         elif m := re.match(r"\s+(\w+):", line):
             seen.setdefault(f"{section}.{m.group(1)}", []).append(line)
     for section, value in to_dict(load_config()).items():
-        for key in ([f"{section}.{k}" for k in value] if isinstance(value, dict) else [section]):
+        for key in [f"{section}.{k}" for k in value] if isinstance(value, dict) else [section]:
             assert len(seen.get(key, [])) == 1, f"{key}: {len(seen.get(key, []))} entries in base.yaml"
             assert "#" in seen[key][0], f"{key} has no comment in base.yaml"
 
 
-@pytest.mark.parametrize("preset, low, high", [("tiny", 0.05e6, 0.2e6), ("shakespeare", 6e6, 14e6),
-                                                ("gpt2-124m", 120e6, 130e6), ("llama-1b", 1.0e9, 1.4e9),
-                                                ("llama-7b", 6.5e9, 7.0e9)])
+@pytest.mark.parametrize(
+    "preset, low, high",
+    [
+        ("tiny", 0.05e6, 0.2e6),
+        ("shakespeare", 6e6, 14e6),
+        ("gpt2-124m", 120e6, 130e6),
+        ("llama-1b", 1.0e9, 1.4e9),
+        ("llama-7b", 6.5e9, 7.0e9),
+    ],
+)
 def test_presets_resolve_to_their_sizes(preset, low, high):
     cfg = load_config(preset)
-    shapes = jax.eval_shape(lambda: Transformer(cfg.model).init(jax.random.PRNGKey(0),
-                                                                jax.numpy.zeros((1, 8), jax.numpy.int32)))
+    shapes = jax.eval_shape(
+        lambda: Transformer(cfg.model).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
+    )
     n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     assert low <= n <= high, f"{preset}: {n:,} parameters"

@@ -13,23 +13,51 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import tiny_config
+
 from llm_jax.data.corpus import ReadStats, read_documents
 from llm_jax.data.loader import train_iterator
-from llm_jax.train.objectives import prepare_data
 from llm_jax.errors import UserError
+from llm_jax.train.objectives import prepare_data
 
-WORDS = ("time river stone light music paper garden window silver morning winter letter story mountain forest "
-         "market harbour engine shadow question answer number market kitchen doctor village summer island").split()
+WORDS = [
+    "time",
+    "river",
+    "stone",
+    "light",
+    "music",
+    "paper",
+    "garden",
+    "window",
+    "silver",
+    "morning",
+    "winter",
+    "letter",
+    "story",
+    "mountain",
+    "forest",
+    "market",
+    "harbour",
+    "engine",
+    "shadow",
+    "question",
+    "answer",
+    "number",
+    "market",
+    "kitchen",
+    "doctor",
+    "village",
+    "summer",
+    "island",
+]
 
 
 def prose(seed: int, n_words: int = 120) -> str:
     """Ordinary-looking sentences that pass every default quality rule, different for each seed."""
     rng = random.Random(seed)
     words = [f"{rng.choice(WORDS)}{rng.randrange(1000)}" if i % 7 == 3 else rng.choice(WORDS) for i in range(n_words)]
-    sentences = [" ".join(words[i:i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
-    return "\n".join(" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3))
+    sentences = [" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
+    return "\n".join(" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3))
 
 
 def _read(sources, bad_rows="skip"):
@@ -46,8 +74,9 @@ def test_compressed_jsonl_and_parquet_are_streamed_row_by_row(tmp_path):
     lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    pq.write_table(pa.table({"text": [r["text"] for r in rows], "n": list(range(5))}), tmp_path / "c.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"text": [r["text"] for r in rows], "n": list(range(5))}), tmp_path / "c.parquet", row_group_size=2
+    )
     texts, stats = _read([str(tmp_path)])
     assert texts == [r["text"] for r in rows] * 3 and stats.files == 3 and stats.skipped_files == 0
     with pytest.raises(UserError, match=r"c.parquet has no column 'body' \(columns: text, n\); set data.text_field"):
@@ -65,7 +94,10 @@ def test_binary_files_are_skipped_and_counted_broken_rows_listed(tmp_path):
     assert texts[-3:] == ["fine text", "a", "c"] and set(texts[:-3]) == {"first"}  # the lines before the cut
     assert stats.skipped_files == 3
     assert sorted(e.split(": ", 1)[1] for e in stats.examples["skipped_files"]) == [
-        "binary", "binary, or not .jsonl.gz data", "binary, or not .txt data"]
+        "binary",
+        "binary, or not .jsonl.gz data",
+        "binary, or not .txt data",
+    ]
     bad = stats.examples["bad_rows"]
     assert stats.bad_rows == 3 and any("rows.jsonl:2: malformed JSON" in b for b in bad)
     assert any("rows.jsonl:3: expected an object with a string field 'text'" in b for b in bad)
@@ -88,12 +120,25 @@ def _corpus(root: Path) -> dict:
         words = good[i].split(" ")
         words[len(words) // 2] = "changed"
         near.append(" ".join(words))
-    bad = {"words": "Too short to keep.",
-           "alpha_words": " ".join(["123 456 789 000"] * 20),
-           "symbols": prose(100).replace(".", " ###."),
-           "code": "\n".join(["import numpy as np;", "def compute(values, offset, scale):", "    total = numpy.sum(values);",
-                              "    return total;", "class Engine extends Base {", "    public void run() { start(); }"] * 8),
-           "markup": "<html><body><div><p>hi</p></div>" + "<div class='nav'><a href='#'>x</a></div>" * 80 + "</body></html>"}
+    bad = {
+        "words": "Too short to keep.",
+        "alpha_words": " ".join(["123 456 789 000"] * 20),
+        "symbols": prose(100).replace(".", " ###."),
+        "code": "\n".join(
+            [
+                "import numpy as np;",
+                "def compute(values, offset, scale):",
+                "    total = numpy.sum(values);",
+                "    return total;",
+                "class Engine extends Base {",
+                "    public void run() { start(); }",
+            ]
+            * 8
+        ),
+        "markup": "<html><body><div><p>hi</p></div>"
+        + "<div class='nav'><a href='#'>x</a></div>" * 80
+        + "</body></html>",
+    }
     rows = good + exact + near + list(bad.values()) + ["   \n\t "]
     with open(root / "web.jsonl", "w") as f:
         for text in rows:
@@ -105,9 +150,17 @@ def _corpus(root: Path) -> dict:
 def _prepare(tmp_path, name, *overrides, corpus=None):
     corpus = corpus or tmp_path / "corpus"
     run = tmp_path / name
-    cfg = tiny_config(run, "curate.rules=[markup, words, alpha_words, symbols, code]", "curate.exact_dedup=true",
-                      "curate.near_dedup=0.7", "curate.min_words=20", "model.seq_len=16",
-                      "data.val_fraction=0.2", *overrides, sources=[str(corpus)])
+    cfg = tiny_config(
+        run,
+        "curate.rules=[markup, words, alpha_words, symbols, code]",
+        "curate.exact_dedup=true",
+        "curate.near_dedup=0.7",
+        "curate.min_words=20",
+        "model.seq_len=16",
+        "data.val_fraction=0.2",
+        *overrides,
+        sources=[str(corpus)],
+    )
     lines = []
     data = prepare_data(cfg, run, log=lines.append)
     return run, data, json.loads((run / "data" / "report.json").read_text()), lines
@@ -121,10 +174,18 @@ def curated(tmp_path_factory):
 
 
 def test_every_removed_document_is_attributed_to_the_first_rule_and_reported(curated):
-    tmp, planted, (run, data, report, lines) = curated
+    _, planted, (run, data, report, lines) = curated
     removed = {rule: n for rule, (n, _) in report["removed"].items()}
-    assert removed == {"empty": 1, "markup": 1, "words": 1, "alpha_words": 1, "symbols": 1, "code": 1,
-                       "exact_dup": 10, "near_dup": 10}
+    assert removed == {
+        "empty": 1,
+        "markup": 1,
+        "words": 1,
+        "alpha_words": 1,
+        "symbols": 1,
+        "code": 1,
+        "exact_dup": 10,
+        "near_dup": 10,
+    }
     assert report["read"]["documents"] == 56 and report["read"]["bad_rows"] == 1 and report["kept"]["documents"] == 30
     assert report["removed_examples"]["code"][0]["text"].startswith("import numpy as np;")
     assert report["near_dup_clusters"]["clusters"] == 10 and report["near_dup_clusters"]["largest"] == 2
@@ -135,11 +196,13 @@ def test_every_removed_document_is_attributed_to_the_first_rule_and_reported(cur
     # What was kept is exactly the good documents, cleaned, split between train and val.
     docs = (run / "data" / "documents").glob("*.array_record")
     from llm_jax.data.shards import read_documents as records
+
     assert sorted(r["text"] for r in records(sorted(docs))) == sorted(planted["good"])
     split = report["splits"]
     assert split["train"]["documents"] + split["val"]["documents"] == 30 and split["val"]["documents"] >= 1
     assert data.meta["train_tokens"] + data.meta["val_tokens"] == sum(
-        p.stat().st_size // 2 for p in (run / "data").glob("*.bin"))
+        p.stat().st_size // 2 for p in (run / "data").glob("*.bin")
+    )
 
 
 def test_rerun_is_byte_identical_whatever_the_workers_and_survives_an_interruption(curated, tmp_path):
@@ -149,10 +212,12 @@ def test_rerun_is_byte_identical_whatever_the_workers_and_survives_an_interrupti
         _prepare(tmp, "again", "data.bad_rows=strict", "data.workers=2", "data.shard_mb=0.001")
     assert not (tmp / "again" / "data").exists() and (tmp / "again" / "data.partial").exists()
     again, *_ = _prepare(tmp, "again", "data.workers=2")
-    files = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name not in ("report.json",
-                                                                                                  "report.png"))
-    assert files == sorted(p.relative_to(again) for p in again.rglob("*")
-                           if p.is_file() and p.name not in ("report.json", "report.png"))
+    files = sorted(
+        p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.name not in ("report.json", "report.png")
+    )
+    assert files == sorted(
+        p.relative_to(again) for p in again.rglob("*") if p.is_file() and p.name not in ("report.json", "report.png")
+    )
     for f in files:
         assert (run / f).read_bytes() == (again / f).read_bytes(), f
     assert not (again / "data.partial").exists()
@@ -166,20 +231,29 @@ def test_validation_sources_win_over_training_copies(tmp_path):
     (val / "v.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:2]))
     copy = docs[1].split(" ")
     copy[3] = "edited"
-    (corpus / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[2:] + [docs[0], " ".join(copy)]))
-    _, data, report, _ = _prepare(tmp_path, "run", f"data.val_sources=[{val}]", corpus=corpus)
+    (corpus / "c.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in docs[2:] + [docs[0], " ".join(copy)])
+    )
+    _, _, report, _ = _prepare(tmp_path, "run", f"data.val_sources=[{val}]", corpus=corpus)
     assert report["removed"]["contamination"][0] == 2  # the exact and the near copy of the val documents
     assert report["splits"]["val"]["documents"] == 2 and report["splits"]["train"]["documents"] == 10
-    assert report["contamination_check"] == {"checked": True, "val_documents": 2, "with_a_train_near_copy": 0,
-                                             "threshold": 0.7}
+    assert report["contamination_check"] == {
+        "checked": True,
+        "val_documents": 2,
+        "with_a_train_near_copy": 0,
+        "threshold": 0.7,
+    }
 
 
 def test_nothing_left_after_filtering_names_the_rule(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "short.jsonl").write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(5)))
-    with pytest.raises(UserError, match=r"curation kept none of the 5 documents \(words: 5\); 'words' removed "
-                                        r"the most: relax its threshold in the curate section, or drop 'words'"):
+    with pytest.raises(
+        UserError,
+        match=r"curation kept none of the 5 documents \(words: 5\); 'words' removed "
+        r"the most: relax its threshold in the curate section, or drop 'words'",
+    ):
         _prepare(tmp_path, "run", corpus=corpus)
 
 
@@ -187,6 +261,7 @@ def test_nothing_left_after_filtering_names_the_rule(tmp_path):
 # The loader over the shards
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume_exactly(curated):
     _, _, (_, data, _, _) = curated
     plain = train_iterator(data.train, 4, seed=1)
@@ -211,10 +286,12 @@ def test_hosts_cover_every_window_once_per_epoch(curated):
     assert len(seen) == n and len(set(seen)) == len(seen) and set(seen) <= set(epoch)
 
 
+@pytest.mark.slow
 def test_attention_never_crosses_a_document_boundary():
     """A packed window's second document gets exactly the logits it gets alone (after its EOS)."""
-    from llm_jax.model.transformer import Transformer
     from conftest import tiny_config as _cfg
+
+    from llm_jax.model.transformer import Transformer
 
     cfg = _cfg("unused", "model.seq_len=16").model
     model = Transformer(cfg)
@@ -224,6 +301,6 @@ def test_attention_never_crosses_a_document_boundary():
     params = model.init(jax.random.PRNGKey(0), window)["params"]
     packed, _ = model.apply({"params": params}, window, segments=segments)
     alone, _ = model.apply({"params": params}, np.array([[eos] + b]))
-    np.testing.assert_allclose(packed[0, len(a):len(a) + 1 + len(b)], alone[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, len(a) : len(a) + 1 + len(b)], alone[0], atol=1e-5)
     leaky, _ = model.apply({"params": params}, window)  # without segments the first document leaks in
-    assert np.abs(leaky[0, len(a) + 1:len(a) + 1 + len(b)] - alone[0, 1:]).max() > 1e-3
+    assert np.abs(leaky[0, len(a) + 1 : len(a) + 1 + len(b)] - alone[0, 1:]).max() > 1e-3

@@ -12,8 +12,10 @@ from llm_jax.data.shards import TokenShards, TokenWriter, token_dtype
 from llm_jax.data.tokenizer import CHAT_TOKENS, EOS, Tokenizer, train_tokenizer
 from llm_jax.errors import UserError
 
-TEXT = ("Kent.\nI thought the King had more affected the Duke of Albany than\nCornwall.\n\n"
-        "   Glou. It did always seem so to us; but now, in the division\n") * 40
+TEXT = (
+    "Kent.\nI thought the King had more affected the Duke of Albany than\nCornwall.\n\n"
+    "   Glou. It did always seem so to us; but now, in the division\n"
+) * 40
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +195,26 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert stats.replaced_bytes == 3
 
 
-@pytest.mark.parametrize("setup, source, message", [
-    (lambda p: None, "missing.txt", "does not exist; set data.sources"),
-    (lambda p: (p / "d").mkdir(), "d", "has no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files"),
-    (lambda p: (p / "f.csv").write_text("x"), "f.csv", "unsupported file type '.csv'"),
-    (lambda p: (p / "g.jsonl").write_text('{"text": "ok"}\n{"text": broken\n'), "g.jsonl",
-     r"g.jsonl:2: malformed JSON .*set data.bad_rows=skip"),
-    (lambda p: (p / "h.jsonl").write_text('{"body": "x"}\n'), "h.jsonl", "h.jsonl:1: expected an object with a string"),
-    (lambda p: None, "nomatch*.txt", "glob 'nomatch\\*.txt' has no"),
-    (lambda p: None, "builtin:wikipedia", "unknown builtin corpus"),
-])
+@pytest.mark.parametrize(
+    "setup, source, message",
+    [
+        (lambda p: None, "missing.txt", "does not exist; set data.sources"),
+        (lambda p: (p / "d").mkdir(), "d", "has no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files"),
+        (lambda p: (p / "f.csv").write_text("x"), "f.csv", "unsupported file type '.csv'"),
+        (
+            lambda p: (p / "g.jsonl").write_text('{"text": "ok"}\n{"text": broken\n'),
+            "g.jsonl",
+            r"g.jsonl:2: malformed JSON .*set data.bad_rows=skip",
+        ),
+        (
+            lambda p: (p / "h.jsonl").write_text('{"body": "x"}\n'),
+            "h.jsonl",
+            "h.jsonl:1: expected an object with a string",
+        ),
+        (lambda p: None, "nomatch*.txt", "glob 'nomatch\\*.txt' has no"),
+        (lambda p: None, "builtin:wikipedia", "unknown builtin corpus"),
+    ],
+)
 def test_bad_sources_name_the_problem(tmp_path, monkeypatch, setup, source, message):
     monkeypatch.chdir(tmp_path)
     setup(tmp_path)

@@ -21,7 +21,7 @@ def cur():
 
 def shingles(text: str, k: int) -> set[tuple[str, ...]]:
     words = text.lower().split()
-    return {tuple(words[i:i + k]) for i in range(max(len(words) - k + 1, 1))}
+    return {tuple(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
 
 
 def jaccard(a: str, b: str, k: int) -> float:
@@ -86,8 +86,8 @@ def test_estimated_jaccard_within_0_1(cur, shared, tail, true_j):
     rng = random.Random(shared)
     tokens = [f"w{i}" for i in range(shared + 2 * tail)]
     rng.shuffle(tokens)
-    a = " ".join(tokens[:shared + tail])
-    b = " ".join(tokens[:shared] + tokens[shared + tail:])
+    a = " ".join(tokens[: shared + tail])
+    b = " ".join(tokens[:shared] + tokens[shared + tail :])
     j = jaccard(a, b, cur.shingle_words)
     assert abs(j - true_j) < 0.01
     m = MinHasher(cur.minhash_perms, cur.shingle_words, seed=3)
@@ -135,7 +135,7 @@ def test_match_returns_lowest_index_and_query_adds_nothing(cur):
     b = a.copy()
     b[:38] = rng.integers(0, 2**32, 38, dtype=np.uint32)  # Jaccard(a, b) = 90/128 < 0.8
     c = a.copy()
-    c[:19] = b[:19]                                       # 109/128 with a and with b
+    c[:19] = b[:19]  # 109/128 with a and with b
     index = NearDedup(0.8, 128, cur.shingle_words, seed=0)
     assert index.check_and_add(a) is None and index.check_and_add(b) is None and len(index) == 2
     assert index.query(c) == 0 and index.query(c) == 0 and len(index) == 2
@@ -209,8 +209,10 @@ def test_planted_duplicates_precision_recall(cur):
             true_pos += partner.get(doc_id) == kept_ids[match] and partner[doc_id] in seen
         seen.add(doc_id)
     precision, recall = true_pos / max(flagged, 1), true_pos / len(near_js)
-    print(f"planted near-duplicates: {len(near_js)} (Jaccard {min(near_js):.2f}-{max(near_js):.2f}), "
-          f"distractors: {len(far_js)} (max Jaccard {max(far_js):.2f}); flagged {flagged}, "
-          f"precision {precision:.3f}, recall {recall:.3f}")
+    print(
+        f"planted near-duplicates: {len(near_js)} (Jaccard {min(near_js):.2f}-{max(near_js):.2f}), "
+        f"distractors: {len(far_js)} (max Jaccard {max(far_js):.2f}); flagged {flagged}, "
+        f"precision {precision:.3f}, recall {recall:.3f}"
+    )
     assert precision >= 0.95 and recall >= 0.95
     assert index.signatures().shape == (len(kept_ids), cur.minhash_perms)

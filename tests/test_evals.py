@@ -6,16 +6,16 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from llm_jax.cli import main
-from llm_jax.run import load_run
 from llm_jax.errors import UserError
 from llm_jax.evals import judge as J
 from llm_jax.evals.harness import run_eval
 from llm_jax.evals.tasks import bundled_names, load_task
 from llm_jax.inference.generate import Generator
 from llm_jax.model.transformer import Transformer
+from llm_jax.run import load_run
 from llm_jax.train.loop import train
 
 
@@ -23,8 +23,10 @@ from llm_jax.train.loop import train
 def run(tmp_path_factory, corpus_slice):
     """The tiny model with a 512-token context, so that a judge prompt with two answers fits."""
     run = tmp_path_factory.mktemp("evals") / "run"
-    train(tiny_config(run, "model.seq_len=512", "train.steps=30", "train.eval_every=30", sources=corpus_slice),
-          log=lambda *_: None)
+    train(
+        tiny_config(run, "model.seq_len=512", "train.steps=30", "train.eval_every=30", sources=corpus_slice),
+        log=lambda *_: None,
+    )
     return run
 
 
@@ -45,12 +47,14 @@ def test_bundled_tasks_load_and_bad_rows_name_file_and_line(tmp_path):
     speaker = load_task("shakespeare_speaker")
     assert speaker.kind == "choice" and len(speaker.rows) == 200 and len(load_task("shakespeare_cloze", 10).rows) == 10
     assert load_task("shakespeare_next_word").kind == "generate"
-    bad = [('{"context": "a", "choices": ["x"], "gold": 0}', ":1: 'choices' must be a list of at least 2"),
-           ('{"context": "a", "choices": ["x", "y"], "gold": 2}', ":1: 'gold' must be the index"),
-           ('{"prompt": "a"}', ":1: a row needs 'choices' and 'gold'"),
-           ('{"prompt": "a", "answer": "b", "regex": "("}', ":1: bad 'regex'"),
-           ('{"messages": [{"role": "robot", "content": "x"}], "answer": "b"}', ":1: message 0 must be"),
-           ('{"prompt": "a", "answer": "b", "max_tokens": 0}', ":1: 'max_tokens' must be a positive integer")]
+    bad = [
+        ('{"context": "a", "choices": ["x"], "gold": 0}', ":1: 'choices' must be a list of at least 2"),
+        ('{"context": "a", "choices": ["x", "y"], "gold": 2}', ":1: 'gold' must be the index"),
+        ('{"prompt": "a"}', ":1: a row needs 'choices' and 'gold'"),
+        ('{"prompt": "a", "answer": "b", "regex": "("}', ":1: bad 'regex'"),
+        ('{"messages": [{"role": "robot", "content": "x"}], "answer": "b"}', ":1: message 0 must be"),
+        ('{"prompt": "a", "answer": "b", "max_tokens": 0}', ":1: 'max_tokens' must be a positive integer"),
+    ]
     for i, (row, message) in enumerate(bad):
         with pytest.raises(UserError, match=f"t{i}.jsonl{message}"):
             load_task(_write(tmp_path / f"t{i}.jsonl", [row]))
@@ -59,10 +63,15 @@ def test_bundled_tasks_load_and_bad_rows_name_file_and_line(tmp_path):
     with pytest.raises(UserError, match="neither a bundled task"):
         load_task("no_such_task")
     with pytest.raises(UserError, match="mixes multiple-choice and generation"):
-        load_task(_write(tmp_path / "x.jsonl", ['{"prompt": "a", "answer": "b"}',
-                                                 '{"context": "a", "choices": ["x", "y"], "gold": 0}']))
+        load_task(
+            _write(
+                tmp_path / "x.jsonl",
+                ['{"prompt": "a", "answer": "b"}', '{"context": "a", "choices": ["x", "y"], "gold": 0}'],
+            )
+        )
 
 
+@pytest.mark.slow
 def test_scores_match_direct_computation(run, tmp_path):
     loaded = load_run(str(run))
     cfg, params, tok, step_dir = loaded.cfg, loaded.params, loaded.tokenizer, loaded.step_dir
@@ -72,7 +81,7 @@ def test_scores_match_direct_computation(run, tmp_path):
     best, worst = [], []
     for c in contexts:
         ctx = [tok.eos_id] + tok.encode(c)
-        scores = [_logp(model, params, ctx + tok.encode(ch))[-len(tok.encode(ch)):].sum() for ch in choices]
+        scores = [_logp(model, params, ctx + tok.encode(ch))[-len(tok.encode(ch)) :].sum() for ch in choices]
         best.append(int(np.argmax(scores)))
         worst.append(int(np.argmin(scores)))
     mc = [{"context": c, "choices": choices, "gold": g, "task": "best"} for c, g in zip(contexts, best)]
@@ -84,23 +93,35 @@ def test_scores_match_direct_computation(run, tmp_path):
     rows = [{"prompt": p, "answer": o, "max_tokens": 6, "task": "own"} for p, o in zip(prompts, own)]
     rows += [{"prompt": p, "answer": "zzz", "max_tokens": 6, "task": "wrong"} for p in prompts]
     first_word = [next(iter(o.split()), "") for o in own]
-    rows += [{"prompt": p, "answer": w, "max_tokens": 6, "regex": r"(\S+)", "task": "regex"}
-             for p, w in zip(prompts, first_word)]
+    rows += [
+        {"prompt": p, "answer": w, "max_tokens": 6, "regex": r"(\S+)", "task": "regex"}
+        for p, w in zip(prompts, first_word)
+    ]
 
     text = "Good morrow, cousin. " * 150  # longer than one 512-token window
     (tmp_path / "doc.txt").write_text(text)
-    record = run_eval(str(run), [_write(tmp_path / "mc.jsonl", mc), _write(tmp_path / "gen.jsonl", rows),
-                                 f"ppl:{tmp_path / 'doc.txt'}"], out=str(tmp_path / "r.json"), log=lambda *_: None)
+    record = run_eval(
+        str(run),
+        [_write(tmp_path / "mc.jsonl", mc), _write(tmp_path / "gen.jsonl", rows), f"ppl:{tmp_path / 'doc.txt'}"],
+        out=str(tmp_path / "r.json"),
+        log=lambda *_: None,
+    )
     res = record["results"]
     assert (res["mc"]["best"]["acc"], res["mc"]["worst"]["acc"], res["mc"]["all"]["n"]) == (1.0, 0.0, 6)
-    assert (res["gen"]["own"]["exact_match"], res["gen"]["wrong"]["exact_match"], res["gen"]["regex"]["exact_match"]) \
-        == (1.0, 0.0, 1.0)
+    assert (
+        res["gen"]["own"]["exact_match"],
+        res["gen"]["wrong"]["exact_match"],
+        res["gen"]["regex"]["exact_match"],
+    ) == (1.0, 0.0, 1.0)
     ids = [tok.eos_id] + tok.encode(text)
     assert len(ids) > cfg.model.seq_len + 1
     ppl = res[f"ppl:{tmp_path / 'doc.txt'}"]["all"]
     assert ppl["tokens"] == len(ids) - 1
     # windows of seq_len + 1 overlapping by one token: each token scored once, with its window's context
-    nll = -sum(_logp(model, params, ids[s:s + cfg.model.seq_len + 1]).sum() for s in range(0, len(ids) - 1, cfg.model.seq_len))
+    nll = -sum(
+        _logp(model, params, ids[s : s + cfg.model.seq_len + 1]).sum()
+        for s in range(0, len(ids) - 1, cfg.model.seq_len)
+    )
     assert math.isclose(ppl["loss"], nll / (len(ids) - 1), rel_tol=1e-4)
     assert math.isclose(ppl["bpb"], nll / math.log(2) / len(text.encode()), rel_tol=1e-4)
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -118,8 +139,12 @@ def test_eval_cli_table_and_bad_input(run, tmp_path, capsys):
 
 
 def test_verdicts_position_swap_and_summary():
-    assert [J.parse_verdict(r) for r in ("Verdict: A", "verdict: [[B]]", "Verdict: tie.", "I like A")] == \
-        ["A", "B", "tie", None]
+    assert [J.parse_verdict(r) for r in ("Verdict: A", "verdict: [[B]]", "Verdict: tie.", "I like A")] == [
+        "A",
+        "B",
+        "tie",
+        None,
+    ]
     assert [J.parse_rating(r) for r in ("Rating: [[7]]", "Rating: [[10]]", "seven")] == [7, 10, None]
     # first: A shown first; swapped: B shown first, so its "B" means our A
     assert J.pairwise_outcome("A", "B") == "A" and J.pairwise_outcome("B", "A") == "B"
@@ -129,6 +154,7 @@ def test_verdicts_position_swap_and_summary():
     assert J.summarize(rows, "pairwise") == {"n": 5, "A": 2, "B": 1, "tie": 1, "invalid": 1, "win_rate_a": 0.625}
 
 
+@pytest.mark.slow
 def test_judge_against_llm_jax_serve_keeps_partial_results(run, tmp_path):
     from test_server import _start
 
@@ -138,8 +164,9 @@ def test_judge_against_llm_jax_serve_keeps_partial_results(run, tmp_path):
     try:
         endpoint = J.Endpoint(f"http://127.0.0.1:{port}/v1", "tiny-chat", None, max_tokens=16)
         lines = []
-        summary = J.judge(questions, str(run), other, endpoint, str(tmp_path / "j.jsonl"), max_tokens=8,
-                          log=lines.append)
+        summary = J.judge(
+            questions, str(run), other, endpoint, str(tmp_path / "j.jsonl"), max_tokens=8, log=lines.append
+        )
         single = J.judge(questions, other, None, endpoint, str(tmp_path / "s.jsonl"), log=lambda *_: None)
     finally:
         proc.terminate()
@@ -152,8 +179,14 @@ def test_judge_against_llm_jax_serve_keeps_partial_results(run, tmp_path):
     more = _write(tmp_path / "q5.jsonl", [{"question": f"Who is Kent? ({i})"} for i in range(5)])
     dead = J.Endpoint(f"http://127.0.0.1:{port}/v1", "tiny-chat", None, timeout=5)
     with pytest.raises(UserError, match=rf"127.0.0.1:{port}/v1/chat/completions is unreachable.*3 of 5 questions"):
-        J.judge(more, str(run), _write(tmp_path / "b5.jsonl", [{"answer": "A lord."}] * 5), dead,
-                str(tmp_path / "j.jsonl"), max_tokens=8)
+        J.judge(
+            more,
+            str(run),
+            _write(tmp_path / "b5.jsonl", [{"answer": "A lord."}] * 5),
+            dead,
+            str(tmp_path / "j.jsonl"),
+            max_tokens=8,
+        )
     assert len((tmp_path / "j.jsonl").read_text().splitlines()) == 3
     with pytest.raises(UserError, match="has 3 answers for 5 questions"):
         J.judge(more, other, None, dead, str(tmp_path / "x.jsonl"))

@@ -1,23 +1,25 @@
 """Document cleaning and the heuristic quality rules (llm_jax/data/filters.py)."""
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
 from llm_jax.config import CURATE_RULES, load_config
 from llm_jax.data.filters import clean, failing_rule
 
-PROSE = ("The old harbor town wakes slowly in winter. Fishing boats leave before dawn, and the bakery on the corner "
-         "opens its doors while the streets are still dark. By nine o'clock the market square fills with farmers "
-         "selling apples, cheese and fresh bread. Children walk to school along the sea wall, stopping to watch the "
-         "gulls fight over scraps.\n\nIn the afternoon the wind usually rises, so most people stay indoors, reading "
-         "or repairing nets by the fire. When the boats return at dusk, half the town gathers at the pier to hear "
-         "what the sea has given them today.")
+PROSE = (
+    "The old harbor town wakes slowly in winter. Fishing boats leave before dawn, and the bakery on the corner "
+    "opens its doors while the streets are still dark. By nine o'clock the market square fills with farmers "
+    "selling apples, cheese and fresh bread. Children walk to school along the sea wall, stopping to watch the "
+    "gulls fight over scraps.\n\nIn the afternoon the wind usually rises, so most people stay indoors, reading "
+    "or repairing nets by the fire. When the boats return at dusk, half the town gathers at the pier to hear "
+    "what the sea has given them today."
+)
 WORDS = PROSE.split()
 SENTENCES = [s.strip() + "." for s in PROSE.replace("\n\n", " ").split(".") if s.strip()]
 
 
-@lru_cache(maxsize=None)
+@cache
 def cfg(*overrides: str):
     """The curate config with `curate.` overrides, e.g. cfg("rules=[code]", "max_code_lines=0.5")."""
     return load_config(None, [f"curate.{o}" for o in overrides]).curate
@@ -45,24 +47,40 @@ def test_prose_passes_every_default_rule():
 
 SCRIPT = "<script>" + "var counter = 0; function tick() { counter += 1; }\n" * 40 + "</script>"
 FAIL_AND_PASS = {
-    "markup": (f"<html><head>{SCRIPT}</head><body><p>{PROSE}</p></body></html>",
-               f"<html><body><p>{PROSE}</p></body></html>"),
+    "markup": (
+        f"<html><head>{SCRIPT}</head><body><p>{PROSE}</p></body></html>",
+        f"<html><body><p>{PROSE}</p></body></html>",
+    ),
     "words": (" ".join(WORDS[:12]), " ".join(WORDS[:50])),
     "mean_word_length": (" ".join(w * 3 for w in WORDS), " ".join(w * 2 for w in WORDS)),
-    "alpha_words": (" ".join(f"{w} {1000 + i}" if i % 3 == 0 else w for i, w in enumerate(WORDS)),
-                    " ".join(f"{w} {1000 + i}" if i % 5 == 0 else w for i, w in enumerate(WORDS))),
-    "symbols": (PROSE + "\n" + " ".join(f"#{w.strip('.,')}" for w in WORDS[::8]),
-                PROSE + "\n" + " ".join(f"#{w.strip('.,')}" for w in WORDS[::12])),
-    "bullet_lines": ("\n".join(f"• {s}" for s in SENTENCES),
-                     "\n".join(f"- {s}" if i % 2 else s for i, s in enumerate(SENTENCES))),
-    "ellipsis_lines": ("\n".join(s[:-1] + "..." if i % 2 else s for i, s in enumerate(SENTENCES)),
-                       "\n".join(s[:-1] + "…" if i == 2 else s for i, s in enumerate(SENTENCES))),
-    "dup_lines": ("\n".join(x for s in SENTENCES for x in (s, "Read more")),
-                  "\n".join(x for i, s in enumerate(SENTENCES) for x in ((s, "Read more") if i < 2 else (s,)))),
-    "dup_ngrams": ("\n".join(s[:-1] + ", as the old captain told us." for s in SENTENCES),
-                   "\n".join(s[:-1] + ", as the old captain told us." if i < 2 else s for i, s in enumerate(SENTENCES))),
-    "code": ("\n".join(SENTENCES[:5]) + "\nimport os\ndef main(path):\n    return os.listdir(path)\nconst x = f(path);",
-             "\n".join(SENTENCES) + "\nimport os\ndef main(path):\n    print(os.listdir(path))"),
+    "alpha_words": (
+        " ".join(f"{w} {1000 + i}" if i % 3 == 0 else w for i, w in enumerate(WORDS)),
+        " ".join(f"{w} {1000 + i}" if i % 5 == 0 else w for i, w in enumerate(WORDS)),
+    ),
+    "symbols": (
+        PROSE + "\n" + " ".join(f"#{w.strip('.,')}" for w in WORDS[::8]),
+        PROSE + "\n" + " ".join(f"#{w.strip('.,')}" for w in WORDS[::12]),
+    ),
+    "bullet_lines": (
+        "\n".join(f"• {s}" for s in SENTENCES),
+        "\n".join(f"- {s}" if i % 2 else s for i, s in enumerate(SENTENCES)),
+    ),
+    "ellipsis_lines": (
+        "\n".join(s[:-1] + "..." if i % 2 else s for i, s in enumerate(SENTENCES)),
+        "\n".join(s[:-1] + "…" if i == 2 else s for i, s in enumerate(SENTENCES)),
+    ),
+    "dup_lines": (
+        "\n".join(x for s in SENTENCES for x in (s, "Read more")),
+        "\n".join(x for i, s in enumerate(SENTENCES) for x in ((s, "Read more") if i < 2 else (s,))),
+    ),
+    "dup_ngrams": (
+        "\n".join(s[:-1] + ", as the old captain told us." for s in SENTENCES),
+        "\n".join(s[:-1] + ", as the old captain told us." if i < 2 else s for i, s in enumerate(SENTENCES)),
+    ),
+    "code": (
+        "\n".join(SENTENCES[:5]) + "\nimport os\ndef main(path):\n    return os.listdir(path)\nconst x = f(path);",
+        "\n".join(SENTENCES) + "\nimport os\ndef main(path):\n    print(os.listdir(path))",
+    ),
 }
 
 
@@ -145,8 +163,10 @@ def test_dup_ngrams_repeated_long_ngrams_cover_characters_once():
     no_top = ("rules=[dup_ngrams]", "max_top_ngram=[1.9, 9, 9]")
     assert rule("la " * 12, *no_top, "max_dup_ngram=[1, 1, 1, 1, 1, 1]") is None
     assert rule("la " * 12, *no_top, "max_dup_ngram=[0.99, 1, 1, 1, 1, 1]") == "dup_ngrams"
-    assert rule("la " * 12, "rules=[dup_ngrams]", "max_top_ngram=[1.8, 9, 9]", "max_dup_ngram=[1, 1, 1, 1, 1, 1]") \
+    assert (
+        rule("la " * 12, "rules=[dup_ngrams]", "max_top_ngram=[1.8, 9, 9]", "max_dup_ngram=[1, 1, 1, 1, 1, 1]")
         == "dup_ngrams"
+    )
 
 
 def test_dup_ngrams_handles_a_long_document():
@@ -191,14 +211,17 @@ def test_code_fires_on_code(snippet):
     assert rule(snippet, "rules=[code]") == "code"
 
 
-@pytest.mark.parametrize("text", [
-    PROSE,
-    "\n".join(SENTENCES),
-    # hard-wrapped prose whose lines start with keywords that are English words too
-    "We asked the guide to\nlet us explain the plan, as it is simple and\nclass these ideas as old; the\n"
-    "import duties are high, so the parts\nfunction well in the cold (mostly), and\n"
-    "public transport is free while\nprivate cars pay a toll (see the map).",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        PROSE,
+        "\n".join(SENTENCES),
+        # hard-wrapped prose whose lines start with keywords that are English words too
+        "We asked the guide to\nlet us explain the plan, as it is simple and\nclass these ideas as old; the\n"
+        "import duties are high, so the parts\nfunction well in the cold (mostly), and\n"
+        "public transport is free while\nprivate cars pay a toll (see the map).",
+    ],
+)
 def test_code_does_not_fire_on_prose(text):
     assert rule(text, "rules=[code]", "max_code_lines=0") is None
 
@@ -208,9 +231,11 @@ def test_code_does_not_fire_on_prose(text):
 
 
 def test_clean_strips_html():
-    page = ("<!DOCTYPE html><html><head><title>Menu</title><style>p { color: red; }</style>"
-            "<script>var x = '<p>not text</p>';</script></head><body><!-- a comment -->"
-            "<p>Fish &amp; chips &lt;3</p><div>Second<br>line with <b>bold</b> &eacute;</div></body></html>")
+    page = (
+        "<!DOCTYPE html><html><head><title>Menu</title><style>p { color: red; }</style>"
+        "<script>var x = '<p>not text</p>';</script></head><body><!-- a comment -->"
+        "<p>Fish &amp; chips &lt;3</p><div>Second<br>line with <b>bold</b> &eacute;</div></body></html>"
+    )
     text, share = clean(page, cfg())
     assert text == "Menu\n\nFish & chips <3\n\nSecond\nline with bold é"
     assert share == pytest.approx(1 - len(text) / len(page)) and 0.6 < share < 1

@@ -52,12 +52,14 @@ def test_streamed_text_never_splits_a_character(tmp_path):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_greedy_decoding_without_a_cache():
     cfg = load_config("tiny", ["model.seq_len=48"]).model
     model = Transformer(cfg)
     init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, init(),
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.tree_util.tree_map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x, init(), is_leaf=lambda x: hasattr(x, "unbox")
+    )
     # Larger weights make the greedy path depend on the prompt instead of collapsing to one token.
     params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim > 1 else x, params)
     prompt = [3, 17, 99, 5, 250, 42, 7]
@@ -72,27 +74,32 @@ def test_cached_generation_equals_greedy_decoding_without_a_cache():
     ids = list(prompt)
     for _ in range(20):
         ids.append(int(next_token(jnp.asarray([ids + [0] * (48 - len(ids))]), len(ids))))
-    assert got == ids[len(prompt):] and len(set(got)) > 3
+    assert got == ids[len(prompt) :] and len(set(got)) > 3
 
 
+@pytest.mark.slow
 def test_generation_stops_at_a_stop_id():
     cfg = load_config("tiny", ["model.seq_len=32"]).model
     model = Transformer(cfg)
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])()
-    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.tree_util.tree_map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox")
+    )
     gen = Generator(cfg, params)
     free = list(gen.stream([1, 2, 3], 10, temperature=1.0, seed=3))
     stopped = list(gen.stream([1, 2, 3], 10, temperature=1.0, seed=3, stop_ids=(free[4],)))
-    assert stopped == free[:free.index(free[4])]
+    assert stopped == free[: free.index(free[4])]
     with pytest.raises(ValueError, match="use fit_prompt"):
         list(gen.stream(list(range(30)), 10))
 
 
 # lengths 3, 21 and 9 (prompt buckets 16 and 32 alone, 32 together), greedy and sampled rows, each
 # with its own budget, settings and seed: (prompt, max_new, temperature, top_k, top_p, seed)
-ROWS = [([5, 9, 7], 12, 0.0, 0, 1.0, 0), (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
-        ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2)]
+ROWS = [
+    ([5, 9, 7], 12, 0.0, 0, 1.0, 0),
+    (list(range(3, 24)), 20, 1.0, 5, 0.9, 1),
+    ([44, 2, 8, 31, 6, 6, 7, 100, 3], 7, 0.7, 0, 1.0, 2),
+]
 
 
 def _sharp_model():
@@ -100,10 +107,12 @@ def _sharp_model():
     cfg = load_config("tiny", ["model.seq_len=48"]).model
     model = Transformer(cfg)
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"])()
-    return cfg, jax.tree_util.tree_map(lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params,
-                                       is_leaf=lambda x: hasattr(x, "unbox"))
+    return cfg, jax.tree_util.tree_map(
+        lambda x: x.unbox() * 8 if x.unbox().ndim > 1 else x.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox")
+    )
 
 
+@pytest.mark.slow
 def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
     cfg, params = _sharp_model()
     gen = Generator(cfg, params)
@@ -135,20 +144,27 @@ def test_stop_strings_end_the_text_before_them_and_stop_drawing(tmp_path):
     assert "".join(stream_text(tok, iter(ids), stop=("more",))) == "the cat sat. THE END and "
 
 
+@pytest.mark.slow
 def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
     from llm_jax.config import MeshConfig
     from llm_jax.parallel.sharding import make_layout
 
     cfg, params = _sharp_model()
-    layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
-                                    microbatches=0), jax.devices()[:8])
+    layout = make_layout(
+        MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0), jax.devices()[:8]
+    )
     one, mesh = Generator(cfg, params), Generator(cfg, params, layout)
     assert tuple(mesh.params["layers"]["wq"].sharding.spec) == ("pipeline", "fsdp", "tensor", None)  # pipeline: 1
     # 3 rows: one idle row makes 4 batch shards
     steps = [list(gen.stream_batch(*map(list, zip(*ROWS)))) for gen in (one, mesh)]
     assert steps[0] == steps[1] and len(steps[0][0]) == 3
     with layout.activate():
-        _, cache = mesh._prefill(mesh.params, jnp.zeros((4, 16), jnp.int32), jnp.full((4,), 3), jnp.zeros(4, jnp.uint32),
-                                 (jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4)))
+        _, cache = mesh._prefill(
+            mesh.params,
+            jnp.zeros((4, 16), jnp.int32),
+            jnp.full((4,), 3),
+            jnp.zeros(4, jnp.uint32),
+            (jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4)),
+        )
     # [layers, batch, seq_len, kv_heads, head_dim]: rows over data x fsdp, kv heads over tensor
     assert {s.data.shape for s in cache["k"].addressable_shards} == {(2, 1, 48, 1, 16)}

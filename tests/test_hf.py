@@ -8,15 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.data.chat_template import prompt_ids
-from llm_jax.run import load_run
 from llm_jax.config import load_config
+from llm_jax.data.chat_template import prompt_ids
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import Generator
-from llm_jax.tools.hf import export_hf, import_hf
 from llm_jax.model.transformer import Transformer
-from llm_jax.run import write_params_run
+from llm_jax.run import load_run, write_params_run
+from llm_jax.tools.hf import export_hf, import_hf
 
 # (n_heads, n_kv_heads, tie_embeddings, rope_theta): MHA tied, GQA untied, MQA with a large theta
 CONFIGS = [(4, 4, True, 10000.0), (4, 2, False, 500000.0), (8, 1, False, 1e6)]
@@ -24,13 +23,23 @@ CONFIGS = [(4, 4, True, 10000.0), (4, 2, False, 500000.0), (8, 1, False, 1e6)]
 
 def _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta, name="run"):
     """A run directory with random (scaled-up, so logits are far from uniform) float parameters."""
-    cfg = load_config("tiny", [f"run_dir={tmp_path / name}", "model.vocab_size=520", "model.seq_len=48",
-                               f"model.n_heads={heads}", f"model.n_kv_heads={kv_heads}",
-                               f"model.tie_embeddings={str(tie).lower()}", f"model.rope_theta={theta}"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"run_dir={tmp_path / name}",
+            "model.vocab_size=520",
+            "model.seq_len=48",
+            f"model.n_heads={heads}",
+            f"model.n_kv_heads={kv_heads}",
+            f"model.tie_embeddings={str(tie).lower()}",
+            f"model.rope_theta={theta}",
+        ],
+    )
     model = Transformer(cfg.model)
     boxed = jax.jit(lambda: model.init(jax.random.PRNGKey(heads + kv_heads), jnp.zeros((1, 8), jnp.int32)))()
-    params = jax.tree_util.tree_map(lambda x: x.unbox() * (4 if x.unbox().ndim > 1 else 1), boxed["params"],
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.tree_util.tree_map(
+        lambda x: x.unbox() * (4 if x.unbox().ndim > 1 else 1), boxed["params"], is_leaf=lambda x: hasattr(x, "unbox")
+    )
     write_params_run(tmp_path / name, cfg, params, "7", tokenizer_path.parent)
     return tmp_path / name
 
@@ -83,8 +92,11 @@ def test_bad_checkpoints_name_the_problem(tmp_path, tokenizer_path):
 
     with pytest.raises(UserError, match=r"missing tensor model.layers.1.mlp.up_proj.weight"):
         attempt(lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"}, name="b1")
-    with pytest.raises(UserError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(32, 64\), expected "
-                                        r"\(64, 64\)"):
+    with pytest.raises(
+        UserError,
+        match=r"model.layers.0.self_attn.k_proj.weight has shape \(32, 64\), expected "
+        r"\(64, 64\)",
+    ):
         attempt(lambda t: t | {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 64), np.float32)}, name="b2")
     with pytest.raises(UserError, match="hidden_act='gelu' is not supported"):
         attempt(change_config=lambda c: c | {"hidden_act": "gelu"}, name="b3")
@@ -109,8 +121,10 @@ def hf_libs():
 
 
 @pytest.mark.parametrize("heads, kv_heads, tie, theta", CONFIGS)
-def test_exported_runs_match_transformers_logits_and_greedy_tokens(tmp_path, tokenizer_path, hf_libs, heads, kv_heads,
-                                                                    tie, theta):
+@pytest.mark.slow
+def test_exported_runs_match_transformers_logits_and_greedy_tokens(
+    tmp_path, tokenizer_path, hf_libs, heads, kv_heads, tie, theta
+):
     transformers, torch = hf_libs
     run = _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta)
     hf = export_hf(str(run), str(tmp_path / "hf"), log=lambda *_: None)
@@ -122,8 +136,9 @@ def test_exported_runs_match_transformers_logits_and_greedy_tokens(tmp_path, tok
 
     prompt = [int(t) for t in tokens[0, :9]]
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     loaded = load_run(str(run))
     cfg, params = loaded.cfg, loaded.params
     assert list(Generator(cfg.model, params).stream(prompt, 20)) == out[0, 9:].tolist()
@@ -133,10 +148,19 @@ def test_transformers_checkpoints_import_with_the_same_logits(tmp_path, tokenize
     transformers, torch = hf_libs
     for i, (heads, kv_heads, tie, theta) in enumerate(CONFIGS):
         torch.manual_seed(i)
-        config = transformers.LlamaConfig(vocab_size=520, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                          tie_word_embeddings=tie, rope_theta=theta, max_position_embeddings=64,
-                                          rms_norm_eps=1e-5, initializer_range=0.1)
+        config = transformers.LlamaConfig(
+            vocab_size=520,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            tie_word_embeddings=tie,
+            rope_theta=theta,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+        )
         model = transformers.LlamaForCausalLM(config).eval()
         src = tmp_path / f"hf{i}"
         model.save_pretrained(src)

@@ -9,8 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "llm_jax"
 # Bottom to top; a module belongs to the first entry whose name is it or a package above it.
-LAYERS = ("llm_jax.errors", "llm_jax.config", "llm_jax.data", "llm_jax.model", "llm_jax.parallel", "llm_jax.run",
-          "llm_jax.inference", "llm_jax.train", "llm_jax.evals", "llm_jax.tools", "llm_jax.cli")
+LAYERS = (
+    "llm_jax.errors",
+    "llm_jax.config",
+    "llm_jax.data",
+    "llm_jax.model",
+    "llm_jax.parallel",
+    "llm_jax.run",
+    "llm_jax.inference",
+    "llm_jax.train",
+    "llm_jax.evals",
+    "llm_jax.tools",
+    "llm_jax.cli",
+)
 TOP = {"llm_jax.cli", "llm_jax.__main__"}  # the command line: argument parsing and dispatch
 
 
@@ -28,8 +39,13 @@ MODULES = _modules()
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(imported llm_jax module, imported inside a function?) for every import in the file."""
     tree = ast.parse(path.read_text())
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    local = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llm_jax"):
@@ -68,7 +84,7 @@ def test_the_import_graph_has_no_cycle():
         state[module] = "open"
         for dep in GRAPH.get(module, []):
             if state.get(dep) == "open":
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[module] = "done"

@@ -9,8 +9,9 @@ from llm_jax.model.transformer import Transformer, apply_rope, init_cache, rope_
 
 def _init(model):
     init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    return jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, init(),
-                                  is_leaf=lambda x: hasattr(x, "unbox"))
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x, init(), is_leaf=lambda x: hasattr(x, "unbox")
+    )
 
 
 def _model(*overrides):
@@ -34,14 +35,17 @@ _CACHE = {}
 def _jitted_logits(model):
     """One compiled forward per (model, shapes): eager op-by-op dispatch would dominate test time."""
     if model not in _CACHE:
+
         def forward(params, tokens, cache=None, cache_index=0):
             hidden, cache = model.apply({"params": params}, tokens, cache=cache, cache_index=cache_index)
             return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+
         _CACHE[model] = jax.jit(forward)
     return _CACHE[model]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.slow
 def test_changing_a_future_token_leaves_earlier_logits_unchanged(kv_heads):
     cfg, model, params = _model(f"model.n_kv_heads={kv_heads}")
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, cfg.vocab_size)
@@ -78,7 +82,7 @@ def test_kv_cache_decode_matches_the_full_forward(kv_heads):
     logits, cache = _logits(model, params, tokens[:, :12], cache=init_cache(cfg, 2))
     steps = [logits]
     for i in range(12, 20):
-        logits, cache = _logits(model, params, tokens[:, i:i + 1], cache=cache, cache_index=i)
+        logits, cache = _logits(model, params, tokens[:, i : i + 1], cache=cache, cache_index=i)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
     assert cache["k"].shape == (cfg.n_layers, 2, cfg.seq_len, kv_heads, cfg.head_dim)
@@ -97,8 +101,10 @@ def test_untied_head_and_bf16_compute():
 def test_parameters_carry_logical_axis_names():
     cfg = load_config("tiny").model
     boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    names = {"/".join(k.key for k in path): leaf.names for path, leaf in
-             jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]}
+    names = {
+        "/".join(k.key for k in path): leaf.names
+        for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]
+    }
     assert names["embedding"] == ("vocab", "embed")
     assert names["layers/wq"] == ("layers", "embed", "heads", "head_dim")
     assert names["layers/wk"] == ("layers", "embed", "kv_heads", "head_dim")
@@ -123,8 +129,11 @@ def test_attention_kernels_compute_the_same_function(t, kv_heads, packed):
     keys = jax.random.split(jax.random.PRNGKey(t), 3)
     q = jax.random.normal(keys[0], (2, t, 4, 16))
     k, v = (jax.random.normal(key, (2, t, kv_heads, 16)) for key in keys[1:])
-    segments = jnp.asarray(np.repeat([[0, 1, 2]], 2, axis=0).repeat([t // 3, t // 2, t - t // 3 - t // 2], axis=1)) \
-        if packed else None
+    segments = (
+        jnp.asarray(np.repeat([[0, 1, 2]], 2, axis=0).repeat([t // 3, t // 2, t - t // 3 - t // 2], axis=1))
+        if packed
+        else None
+    )
     loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, impl, segments)))  # noqa: E731
     impls = ("xla", "blocked") + (("splash",) if t % 128 == 0 else ())
     (a, grads_a), *others = [jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))(q, k, v) for impl in impls]
@@ -139,16 +148,19 @@ def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
     from llm_jax.model.attention import causal_attention
     from llm_jax.parallel.sharding import make_layout
 
-    layout = make_layout(MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp",
-                                    microbatches=0), jax.devices()[:8])
+    layout = make_layout(
+        MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0), jax.devices()[:8]
+    )
     keys = jax.random.split(jax.random.PRNGKey(5), 3)
     q = jax.random.normal(keys[0], (4, 128, 4, 16))
     k, v = (jax.random.normal(key, (4, 128, 2, 16)) for key in keys[1:])
     segments = jnp.asarray(np.repeat([[0] * 50 + [1] * 78], 4, axis=0))
     want = causal_attention(q, k, v, "xla", segments)
     with layout.activate():
-        q_s, kv_s = layout.sharding(("batch", "length", "heads", "head_dim")), layout.sharding(
-            ("batch", "length", "kv_heads", "head_dim"))
+        q_s, kv_s = (
+            layout.sharding(("batch", "length", "heads", "head_dim")),
+            layout.sharding(("batch", "length", "kv_heads", "head_dim")),
+        )
         args = jax.device_put((q, k, v), (q_s, kv_s, kv_s))
         got = jax.jit(lambda q, k, v: causal_attention(q, k, v, "splash", segments))(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)

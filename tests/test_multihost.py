@@ -13,8 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from llm_jax.config import load_config
 from llm_jax.data.loader import train_iterator
 from llm_jax.errors import UserError
@@ -23,10 +23,20 @@ from llm_jax.run import load_run
 from llm_jax.train.loop import train
 from llm_jax.train.objectives import prepare_data
 
+pytestmark = pytest.mark.slow  # every test here starts processes or compiles several steps
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 # data spans the two processes (one "slice" each, over DCN); fsdp stays inside a process.
-MESH = ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "mesh.rules=fsdp", "train.log_every=1",
-        "train.eval_every=1000", "train.checkpoint_every=4", "sample.max_new_tokens=4"]
+MESH = [
+    "mesh.data=2",
+    "mesh.fsdp=4",
+    "mesh.tensor=1",
+    "mesh.rules=fsdp",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=4",
+    "sample.max_new_tokens=4",
+]
 
 
 def _free_port() -> int:
@@ -37,9 +47,15 @@ def _free_port() -> int:
 
 def _two_processes(run: Path, tmp: Path, *overrides: str) -> list[dict]:
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, str(i), str(run), str(tmp / f"p{i}.json"),
-                               *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), coordinator, str(i), str(run), str(tmp / f"p{i}.json"), *overrides],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
@@ -72,11 +88,11 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared_t
     sources = f"data.sources=[{','.join(corpus_slice)}]"
     common = [sources, *MESH, "mesh.dcn_data=2"]
 
-    first = _two_processes(run, tmp_path, *common, "train.steps=4")   # checkpoint at 4, written by both
+    first = _two_processes(run, tmp_path, *common, "train.steps=4")  # checkpoint at 4, written by both
     assert [r["process"] for r in first] == [0, 1] and {r["devices"] for r in first} == {8}
     assert {r["local_devices"] for r in first} == {4}
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
-    _two_processes(run, tmp_path, *common, "train.steps=6")           # resumes from 4 in both processes
+    _two_processes(run, tmp_path, *common, "train.steps=6")  # resumes from 4 in both processes
 
     want, got = _losses(ref_run), _losses(run)
     assert sorted(got) == list(range(1, 7))
@@ -94,11 +110,16 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared_t
     np.testing.assert_array_equal(halves[1], whole[1::2])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["distributed.coordinator=127.0.0.1:1234"], "also set distributed.num_processes and distributed.process_id"),
-    (["distributed.coordinator=127.0.0.1:1234", "distributed.num_processes=2", "distributed.process_id=2"],
-     r"distributed.process_id=2 must be in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distributed.coordinator=127.0.0.1:1234"], "also set distributed.num_processes and distributed.process_id"),
+        (
+            ["distributed.coordinator=127.0.0.1:1234", "distributed.num_processes=2", "distributed.process_id=2"],
+            r"distributed.process_id=2 must be in \[0, 2\)",
+        ),
+    ],
+)
 def test_an_explicit_coordinator_needs_a_valid_rank(overrides, message):
     with pytest.raises(UserError, match=message):
         initialize(load_config("tiny", overrides).distributed)
@@ -107,10 +128,16 @@ def test_an_explicit_coordinator_needs_a_valid_rank(overrides, message):
 def _launch(run: Path, tmp: Path, coordinator: str, *overrides: str, env1: dict | None = None):
     import os
 
-    return [subprocess.Popen([sys.executable, str(WORKER), coordinator, str(i), str(run), str(tmp / f"p{i}.json"),
-                              *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, **(env1 or {})} if i == 1 else None)
-            for i in range(2)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), coordinator, str(i), str(run), str(tmp / f"p{i}.json"), *overrides],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env1 or {})} if i == 1 else None,
+        )
+        for i in range(2)
+    ]
 
 
 def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path, prepared_template, corpus_slice):
@@ -129,8 +156,9 @@ def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path, pre
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [143, 143], [o[-2000:] for o in outs]
     stopped = [int(o.split("stopped by SIGTERM at step ")[1].split(":")[0]) for o in outs]
-    assert stopped[0] == stopped[1] and [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == \
-        [str(stopped[0])]
+    assert stopped[0] == stopped[1] and [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == [
+        str(stopped[0])
+    ]
     assert "topology: 2 processes x 4 cpu devices" in outs[1] and "feeds global batch rows 1::2" in outs[1]
     again = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *common, f"train.steps={stopped[0] + 2}")
     outs = [p.communicate(timeout=300)[0] for p in again]
@@ -144,12 +172,18 @@ def test_hosts_running_different_code_stop_at_start(tmp_path, prepared_template)
     alt = tmp_path / "alt"
     for part in ("llm_jax", "configs"):  # the package finds configs/ beside it
         shutil.copytree(Path(__file__).parent.parent / part, alt / part, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(alt / "llm_jax" / "rules.py", "a") as f:
+    with open(alt / "llm_jax" / "config" / "rules.py", "a") as f:  # outside parallel/, the digest's own
         f.write("# an older checkout\n")
     run = tmp_path / "run"
     shutil.copytree(prepared_template, run)
-    procs = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *MESH, "distributed.timeout_s=60",
-                    env1={"PYTHONPATH": f"{alt}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    procs = _launch(
+        run,
+        tmp_path,
+        f"127.0.0.1:{_free_port()}",
+        *MESH,
+        "distributed.timeout_s=60",
+        env1={"PYTHONPATH": f"{alt}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], [o[-2000:] for o in outs]
     assert all("processes [1] run different llm_jax code from process 0" in o for o in outs)
@@ -157,11 +191,27 @@ def test_hosts_running_different_code_stop_at_start(tmp_path, prepared_template)
 
 def test_an_unreachable_coordinator_is_named(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"  # nobody listens: process 1 waits for a process 0 that never comes
-    out = subprocess.run([sys.executable, "-m", "llm_jax", "train", "--config", "tiny", f"run_dir={tmp_path / 'r'}",
-                          f"distributed.coordinator={coordinator}", "distributed.num_processes=2",
-                          "distributed.process_id=1", "distributed.timeout_s=3"],
-                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                            "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_jax",
+            "train",
+            "--config",
+            "tiny",
+            f"run_dir={tmp_path / 'r'}",
+            f"distributed.coordinator={coordinator}",
+            "distributed.num_processes=2",
+            "distributed.process_id=1",
+            "distributed.timeout_s=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert f"error: process 1 could not reach the coordinator {coordinator} within distributed.timeout_s=3 s " \
-           "(Connection refused)" in out.stderr
+    assert (
+        f"error: process 1 could not reach the coordinator {coordinator} within distributed.timeout_s=3 s "
+        "(Connection refused)" in out.stderr
+    )

@@ -19,22 +19,48 @@ def _run(*args, timeout=600):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_slice):
     run = tmp_path_factory.mktemp("pipeline") / "run"
-    cmd = ["train.py", "--config", "configs/tiny.yaml", f"run_dir={run}", f"data.sources=[{','.join(corpus_slice)}]",
-           "train.steps=40", "train.eval_every=20", "train.checkpoint_every=20", "model.vocab_size=1024"]
+    cmd = [
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"run_dir={run}",
+        f"data.sources=[{','.join(corpus_slice)}]",
+        "train.steps=40",
+        "train.eval_every=20",
+        "train.checkpoint_every=20",
+        "model.vocab_size=1024",
+    ]
     proc = _run(*cmd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run, cmd, proc.stdout
 
 
+@pytest.mark.slow
 def test_training_writes_the_documented_run_directory(trained_run):
     run, _, out = trained_run
-    for name in ("config.yaml", "tokenizer.model", "tokenizer.vocab", "data/train-00000.bin", "data/val-00000.bin",
-                 "data/documents/documents-00000.array_record", "data/meta.json", "data/report.json", "metrics.jsonl", "samples.txt", "checkpoints/40", "checkpoints/20"):
+    for name in (
+        "config.yaml",
+        "tokenizer.model",
+        "tokenizer.vocab",
+        "data/train-00000.bin",
+        "data/val-00000.bin",
+        "data/documents/documents-00000.array_record",
+        "data/meta.json",
+        "data/report.json",
+        "metrics.jsonl",
+        "samples.txt",
+        "checkpoints/40",
+        "checkpoints/20",
+    ):
         assert (run / name).exists(), name
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["documents"] == {"read": 5, "kept": 5, "val": 1} and meta["train_tokens"] > 100_000 and meta["val_tokens"] > 1_000
+    assert (
+        meta["documents"] == {"read": 5, "kept": 5, "val": 1}
+        and meta["train_tokens"] > 100_000
+        and meta["val_tokens"] > 1_000
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -46,6 +72,7 @@ def test_training_writes_the_documented_run_directory(trained_run):
     assert (run / "samples.txt").read_text().startswith("--- sample 1 ---\nRomeo.\n")
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_changes_nothing(trained_run):
     run, cmd, _ = trained_run
     before = (run / "metrics.jsonl").read_text()
@@ -55,10 +82,22 @@ def test_rerunning_a_finished_run_changes_nothing(trained_run):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_generate_streams_a_deterministic_continuation(trained_run):
     run, _, _ = trained_run
-    args = ["-m", "llm_jax", "generate", "--run", str(run), "--prompt", "Ham.\n", "--max-new-tokens", "30",
-            "--temperature", "0"]
+    args = [
+        "-m",
+        "llm_jax",
+        "generate",
+        "--run",
+        str(run),
+        "--prompt",
+        "Ham.\n",
+        "--max-new-tokens",
+        "30",
+        "--temperature",
+        "0",
+    ]
     first, second = _run(*args), _run(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("[40 steps] Ham.\n") and len(first.stdout) > len("[40 steps] Ham.\n") + 10
@@ -69,19 +108,33 @@ def test_generate_streams_a_deterministic_continuation(trained_run):
 
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trained_run):
     run, _, _ = trained_run
-    proc = _run("-m", "llm_jax", "generate", "--run", str(run), "--prompt", "To be, or not to be. " * 40,
-                "--max-new-tokens", "8")
+    proc = _run(
+        "-m",
+        "llm_jax",
+        "generate",
+        "--run",
+        str(run),
+        "--prompt",
+        "To be, or not to be. " * 40,
+        "--max-new-tokens",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "note: prompt has" in proc.stderr and "kept its last 56" in proc.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "llm_jax", "generate", "--run", "no/such/run", "--prompt", "x"], "is not a run directory"),
-    (["train.py", "--config", "tiny", "data.sources=[no/such/file.txt]", "run_dir=/tmp/llm_jax_bad"],
-     "corpus path 'no/such/file.txt' does not exist"),
-    (["train.py", "--config", "tiny", "model.n_layer=3"], "did you mean 'model.n_layers'"),
-    (["train.py", "--config", "tiny", "model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "llm_jax", "generate", "--run", "no/such/run", "--prompt", "x"], "is not a run directory"),
+        (
+            ["train.py", "--config", "tiny", "data.sources=[no/such/file.txt]", "run_dir=/tmp/llm_jax_bad"],
+            "corpus path 'no/such/file.txt' does not exist",
+        ),
+        (["train.py", "--config", "tiny", "model.n_layer=3"], "did you mean 'model.n_layers'"),
+        (["train.py", "--config", "tiny", "model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
+    ],
+)
 def test_bad_input_gets_one_clear_line_not_a_traceback(args, message):
     proc = _run(*args)
     assert proc.returncode == 2

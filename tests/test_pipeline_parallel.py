@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from llm_jax.parallel import sharding
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
+from llm_jax.parallel import sharding
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
+
+pytestmark = pytest.mark.slow  # every test here starts processes or compiles several steps
 
 BATCH, STEPS = 16, 3
 
@@ -42,12 +44,15 @@ def unpipelined():
     return _run("mesh.data=8")
 
 
-@pytest.mark.parametrize("mesh, microbatches, remat", [
-    ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 2, "none"),
-    ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4, "full"),
-    ("mesh.data=2 mesh.pipeline=4", 4, "dots"),
-    ("mesh.data=2 mesh.pipeline=4", 8, "full"),
-])
+@pytest.mark.parametrize(
+    "mesh, microbatches, remat",
+    [
+        ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 2, "none"),
+        ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4, "full"),
+        ("mesh.data=2 mesh.pipeline=4", 4, "dots"),
+        ("mesh.data=2 mesh.pipeline=4", 8, "full"),
+    ],
+)
 def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbatches, remat):
     losses, norms, params = _run(*mesh.split(), f"mesh.microbatches={microbatches}", f"model.remat={remat}")
     want_losses, want_norms, want_params = unpipelined
@@ -57,24 +62,27 @@ def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbat
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh, microbatches", [("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4),
-                                                ("mesh.data=2 mesh.pipeline=4", 8)])
+@pytest.mark.parametrize(
+    "mesh, microbatches", [("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4), ("mesh.data=2 mesh.pipeline=4", 8)]
+)
 def test_pipelined_gradients_equal_the_unpipelined_ones(mesh, microbatches):
     from llm_jax.model.transformer import Transformer
     from llm_jax.train.losses import lm_sums
 
-    cfg = tiny_config("unused", "model.n_layers=4", "model.remat=full", *mesh.split(),
-                      f"mesh.microbatches={microbatches}")
+    cfg = tiny_config(
+        "unused", "model.n_layers=4", "model.remat=full", *mesh.split(), f"mesh.microbatches={microbatches}"
+    )
     layout = sharding.make_layout(cfg.mesh)
     tokens = np.random.default_rng(1).integers(3, cfg.model.vocab_size, (BATCH, cfg.model.seq_len + 1))
-    batch = layout.put_batch({"tokens": tokens.astype(np.int32),
-                              "segments": np.cumsum(tokens == 1, axis=1).astype(np.int32)})
+    batch = layout.put_batch(
+        {"tokens": tokens.astype(np.int32), "segments": np.cumsum(tokens == 1, axis=1).astype(np.int32)}
+    )
     grads = {}
     for stages in (1, cfg.mesh.pipeline):
         model = Transformer(cfg.model, pipeline=(stages, microbatches))
         with layout.activate():
             params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]
-            grads[stages] = jax.device_get(jax.jit(jax.grad(lambda p: lm_sums(model, p, batch)[0]))(params))
+            grads[stages] = jax.device_get(jax.jit(jax.grad(lambda p, m=model: lm_sums(m, p, batch)[0]))(params))
     for got, want in zip(jax.tree_util.tree_leaves(grads[cfg.mesh.pipeline]), jax.tree_util.tree_leaves(grads[1])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -94,11 +102,19 @@ def _metrics(run):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("first, then", [("mesh.pipeline=2", "mesh.pipeline=1"),
-                                         ("mesh.pipeline=1", "mesh.pipeline=2")])
+@pytest.mark.parametrize(
+    "first, then", [("mesh.pipeline=2", "mesh.pipeline=1"), ("mesh.pipeline=1", "mesh.pipeline=2")]
+)
 def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, corpus_slice, first, then):
-    overrides = ("model.n_layers=4", "mesh.data=-1", "train.steps=4", "train.log_every=1", "train.eval_every=4",
-                 "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    overrides = (
+        "model.n_layers=4",
+        "mesh.data=-1",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=3",
+    )
     train(tiny_config(prepared_run, *overrides, first, sources=corpus_slice), log=lambda *_: None)
     uninterrupted = _metrics(prepared_run)
     shutil.rmtree(prepared_run / "checkpoints" / "4")  # resume from step 2 on the other layout
@@ -107,24 +123,33 @@ def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, c
     np.testing.assert_allclose([resumed[s] for s in (3, 4)], [uninterrupted[s] for s in (3, 4)], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.n_layers=6", "mesh.pipeline=4"],
-     "model.n_layers=6 does not split into mesh.pipeline=4 equal stages"),
-    (["model.n_layers=4", "mesh.pipeline=4", "mesh.microbatches=2"],
-     "mesh.microbatches=2 is fewer than the mesh.pipeline=4 stages"),
-    (["model.n_layers=4", "mesh.pipeline=2", "mesh.microbatches=3", "train.batch_size=8"],
-     r"the 8 sequences of each step \(train.batch_size / train.grad_accum\) do not split into 3 pipeline "
-     r"micro-batches \(mesh.microbatches=3\)"),
-    (["model.n_layers=3", "mesh.pipeline=3", "train.batch_size=8"],
-     r"do not split into 3 pipeline micro-batches \(mesh.microbatches=0, i.e. one per stage\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.n_layers=6", "mesh.pipeline=4"], "model.n_layers=6 does not split into mesh.pipeline=4 equal stages"),
+        (
+            ["model.n_layers=4", "mesh.pipeline=4", "mesh.microbatches=2"],
+            "mesh.microbatches=2 is fewer than the mesh.pipeline=4 stages",
+        ),
+        (
+            ["model.n_layers=4", "mesh.pipeline=2", "mesh.microbatches=3", "train.batch_size=8"],
+            r"the 8 sequences of each step \(train.batch_size / train.grad_accum\) do not split into 3 pipeline "
+            r"micro-batches \(mesh.microbatches=3\)",
+        ),
+        (
+            ["model.n_layers=3", "mesh.pipeline=3", "train.batch_size=8"],
+            r"do not split into 3 pipeline micro-batches \(mesh.microbatches=0, i.e. one per stage\)",
+        ),
+    ],
+)
 def test_bad_pipeline_settings_name_the_numbers(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config("tiny", overrides)
 
 
 def test_a_micro_batch_too_small_for_the_batch_shards_is_named():
-    cfg = tiny_config("unused", "model.n_layers=4", "mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4",
-                      "train.batch_size=8")
+    cfg = tiny_config(
+        "unused", "model.n_layers=4", "mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4", "train.batch_size=8"
+    )
     with pytest.raises(UserError, match="batch=2 is split over mesh data=4 x fsdp=1 = 4 shards"):
         sharding.make_layout(cfg.mesh).check(cfg)

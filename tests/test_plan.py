@@ -7,12 +7,12 @@ import dataclasses
 import jax
 import pytest
 
-from llm_jax.parallel import sharding
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.errors import UserError
-from llm_jax.tools.plan import CHIPS, GiB, activation_bytes, param_bytes, parse_topology, plan_for, suggest
 from llm_jax.config.rules import rules_table
+from llm_jax.errors import UserError
+from llm_jax.parallel import sharding
+from llm_jax.tools.plan import CHIPS, GiB, activation_bytes, param_bytes, parse_topology, plan_for, suggest
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
@@ -20,14 +20,21 @@ LLAMA2_7B = 6_738_415_616  # parameters of Llama 2 7B (untied, vocab 32000)
 NORMS_7B = 32 * 2 * 4096 + 4096  # attn_norm + mlp_norm per layer, final_norm: split over fsdp only
 
 
-@pytest.mark.parametrize("name,kind,chips", [("v5p-256", "v5p", 128), ("v5e-256", "v5e", 256),
-                                             ("v5litepod-16", "v5e", 16), ("h100-8", "h100", 8)])
+@pytest.mark.parametrize(
+    "name,kind,chips",
+    [("v5p-256", "v5p", 128), ("v5e-256", "v5e", 256), ("v5litepod-16", "v5e", 16), ("h100-8", "h100", 8)],
+)
 def test_topologies_count_chips(name, kind, chips):
     assert parse_topology(name) == (CHIPS[kind], chips)
 
 
-@pytest.mark.parametrize("name,message", [("tpu-8", "unknown topology 'tpu-8': use <kind>-<size> with kind one of v4"),
-                                          ("v5p-255", "v5p slice names count TensorCores")])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("tpu-8", "unknown topology 'tpu-8': use <kind>-<size> with kind one of v4"),
+        ("v5p-255", "v5p slice names count TensorCores"),
+    ],
+)
 def test_bad_topologies_are_named(name, message):
     with pytest.raises(UserError, match=message):
         parse_topology(name)
@@ -39,7 +46,9 @@ def test_parameter_bytes_match_hand_arithmetic():
     assert param_bytes(cfg.model, fsdp, rules_table("fsdp")) == LLAMA2_7B * 4 // 128
     # fsdp_tp 32 x 4: every matrix is split 128 ways, the norm scales only 32 ways (embed).
     split = {"data": 1, "fsdp": 32, "tensor": 4}
-    assert param_bytes(cfg.model, split, rules_table("fsdp_tp")) == (LLAMA2_7B - NORMS_7B) * 4 // 128 + NORMS_7B * 4 // 32
+    assert (
+        param_bytes(cfg.model, split, rules_table("fsdp_tp")) == (LLAMA2_7B - NORMS_7B) * 4 // 128 + NORMS_7B * 4 // 32
+    )
     assert param_bytes(cfg.model, {"data": 8, "fsdp": 1, "tensor": 1}, rules_table("dp")) == LLAMA2_7B * 4
 
 
@@ -56,11 +65,20 @@ def test_activation_bytes_follow_the_remat_policy():
     assert act["logits chunk"] == 4096 * 32000 * (4 + 4 + 2)
 
 
+@pytest.mark.slow
 def test_state_bytes_equal_the_compiled_step_arguments():
     """XLA's memory analysis of the real train step on 8 devices: params + 2 AdamW moments + batch."""
     for rules, mesh in (("dp", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("fsdp_tp", (1, 2, 4))):
-        cfg = load_config("tiny", ["model.n_kv_heads=4", f"mesh.rules={rules}", f"mesh.data={mesh[0]}",
-                                   f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"])
+        cfg = load_config(
+            "tiny",
+            [
+                "model.n_kv_heads=4",
+                f"mesh.rules={rules}",
+                f"mesh.data={mesh[0]}",
+                f"mesh.fsdp={mesh[1]}",
+                f"mesh.tensor={mesh[2]}",
+            ],
+        )
         layout = sharding.make_layout(cfg.mesh, jax.devices())
         compiled = make_steps(cfg, layout, make_optimizer(cfg.optim, 10)).compile_train()
         params = param_bytes(cfg.model, dict(layout.mesh.shape), layout.rules)

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.parallel import sharding
 from llm_jax.config import DPOConfig, load_config, save_config
 from llm_jax.model.transformer import Transformer
+from llm_jax.parallel import sharding
 from llm_jax.train import losses
-from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.objectives import pair_scorer
+from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
 BASE = ["model.n_kv_heads=4", "model.dtype=float32", "train.batch_size=8", "optim.warmup_steps=1", "optim.lr=1e-4"]
@@ -33,6 +33,7 @@ def _per_token_nll(model, params, tokens, segments=None):
     return -model.apply({"params": params}, hidden, tokens[:, 1:], method=Transformer.token_logps)
 
 
+@pytest.mark.slow
 def test_sft_loss_and_gradients_ignore_prompt_tokens(model_and_params):
     cfg, model, params = model_and_params
     rng = np.random.default_rng(0)
@@ -56,6 +57,7 @@ def test_sft_loss_and_gradients_ignore_prompt_tokens(model_and_params):
     assert losses.lm_count(batch) == 14
 
 
+@pytest.mark.slow
 def test_packed_examples_do_not_attend_across(model_and_params):
     cfg, model, params = model_and_params
     rng = np.random.default_rng(1)
@@ -69,8 +71,9 @@ def test_packed_examples_do_not_attend_across(model_and_params):
     np.testing.assert_allclose(nll[0, 21:32], alone_b[0], atol=1e-5)
     # and B's second token is predicted exactly as at the start of a sequence (positions restart)
     changed = packed.at[0, :21].set(jnp.asarray(rng.integers(1, cfg.vocab_size, 21), jnp.int32))
-    np.testing.assert_allclose(_per_token_nll(model, params, changed, segments[:, :-1])[0, 21:32], nll[0, 21:32],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _per_token_nll(model, params, changed, segments[:, :-1])[0, 21:32], nll[0, 21:32], atol=1e-5
+    )
 
 
 def test_dpo_loss_by_hand():
@@ -80,8 +83,7 @@ def test_dpo_loss_by_hand():
     np.testing.assert_allclose(sigmoid, [math.log1p(math.exp(-0.2)), math.log1p(math.exp(0.1))], rtol=1e-6)
     np.testing.assert_allclose(rewards, [[0.1, -0.1], [0.0, 0.1]], atol=1e-7)
     smooth, _ = losses.dpo_loss(logps, ref, DPOConfig(0.1, "sigmoid", 0.2, 0.0, "precomputed"))
-    np.testing.assert_allclose(smooth[0], 0.8 * math.log1p(math.exp(-0.2)) + 0.2 * math.log1p(math.exp(0.2)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(smooth[0], 0.8 * math.log1p(math.exp(-0.2)) + 0.2 * math.log1p(math.exp(0.2)), rtol=1e-6)
     ipo, _ = losses.dpo_loss(logps, ref, DPOConfig(0.1, "ipo", 0.0, 0.0, "precomputed"))
     np.testing.assert_allclose(ipo, [(2 - 5) ** 2, (-1 - 5) ** 2], rtol=1e-6)
     # RPO: + 0.5 x the chosen mean token NLL (chosen responses of 2 and 4 tokens)
@@ -118,6 +120,7 @@ def _dpo_run(cfg, devices, batches):
 
 
 @pytest.mark.parametrize("reference", ["in_step", "precomputed"])
+@pytest.mark.slow
 def test_dpo_starts_at_log2_with_the_policy_as_reference(tmp_path, reference):
     cfg = _dpo_config(tmp_path, f"dpo.reference={reference}")
     batch = _pairs(cfg)
@@ -136,11 +139,19 @@ def test_dpo_starts_at_log2_with_the_policy_as_reference(tmp_path, reference):
 
 
 @pytest.mark.parametrize("rules,data,fsdp,tensor,accum", [("fsdp_tp", 2, 2, 2, 2), ("dp", 8, 1, 1, 1)])
+@pytest.mark.slow
 def test_sharded_dpo_step_equals_one_device(tmp_path, rules, data, fsdp, tensor, accum):
     batches = [_pairs(_dpo_config(tmp_path), seed=s) for s in range(2)]
     one, one_state, _ = _dpo_run(_dpo_config(tmp_path, "dpo.reference=in_step"), jax.devices()[:1], batches)
-    cfg = _dpo_config(tmp_path, "dpo.reference=in_step", f"mesh.rules={rules}", f"mesh.data={data}",
-                      f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"train.grad_accum={accum}")
+    cfg = _dpo_config(
+        tmp_path,
+        "dpo.reference=in_step",
+        f"mesh.rules={rules}",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
+        f"mesh.tensor={tensor}",
+        f"train.grad_accum={accum}",
+    )
     many, many_state, steps = _dpo_run(cfg, jax.devices(), batches)
     for step, (a, b) in enumerate(zip(one, many)):
         for k in a:
@@ -149,10 +160,12 @@ def test_sharded_dpo_step_equals_one_device(tmp_path, rules, data, fsdp, tensor,
     for a, b in zip(jax.tree_util.tree_leaves(one_state.params), jax.tree_util.tree_leaves(many_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     # the reference copy is sharded like the parameters
-    assert (jax.tree_util.tree_leaves(steps.state_sharding.ref_params)
-            == jax.tree_util.tree_leaves(steps.state_sharding.params))
+    assert jax.tree_util.tree_leaves(steps.state_sharding.ref_params) == jax.tree_util.tree_leaves(
+        steps.state_sharding.params
+    )
 
 
+@pytest.mark.slow
 def test_pretrain_then_sft_then_dpo_runs_and_chat(tmp_path, prepared_run, capsys, monkeypatch):
     """The whole chain on the tiny preset: each stage starts from the previous run's checkpoint and
     tokenizer; DPO's first step scores log 2; the chat CLI and eval-chat read the result."""
@@ -160,6 +173,7 @@ def test_pretrain_then_sft_then_dpo_runs_and_chat(tmp_path, prepared_run, capsys
     import json
 
     from conftest import tiny_config
+
     from llm_jax.cli import main as cli
     from llm_jax.data import synth
     from llm_jax.train.loop import train
@@ -168,10 +182,20 @@ def test_pretrain_then_sft_then_dpo_runs_and_chat(tmp_path, prepared_run, capsys
     sft_data, dpo_data = synth.write_sft(tmp_path / "sft", 300, 0), synth.write_dpo(tmp_path / "dpo", 300, 0)
 
     def stage(name, start, data, *extra):
-        return load_config("tiny", [f"run_dir={tmp_path / name}", f"train.objective={name}",
-                                    f"train.init_from={start}", f"data.sources=[{data['train']}]",
-                                    f"data.val_sources=[{data['test']}]", "train.steps=3", "train.log_every=1",
-                                    "train.eval_every=3", *extra])
+        return load_config(
+            "tiny",
+            [
+                f"run_dir={tmp_path / name}",
+                f"train.objective={name}",
+                f"train.init_from={start}",
+                f"data.sources=[{data['train']}]",
+                f"data.val_sources=[{data['test']}]",
+                "train.steps=3",
+                "train.log_every=1",
+                "train.eval_every=3",
+                *extra,
+            ],
+        )
 
     logs = []
     sft_val = train(stage("sft", prepared_run, sft_data, "sample.prompts=What is 2 + 3?"), log=logs.append)

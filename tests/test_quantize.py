@@ -1,5 +1,5 @@
-"""int8 weight-only quantization: the rounding bound, a quantized run that generate reads, and its
-held-out loss next to the float run's."""
+"""int8 and int4 weight-only quantization: the rounding bound, a quantized run that generate reads,
+and its held-out loss next to the float run's."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from llm_jax.run import load_run
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import Generator
 from llm_jax.model.dense import IN_DIMS, quantize
+from llm_jax.run import load_run
 from llm_jax.tools.quantize import quantize_run
 from llm_jax.train.loop import train
 
@@ -18,16 +18,20 @@ from llm_jax.train.loop import train
 @pytest.mark.parametrize("mode, top, group", [("int8", 127, None), ("int4", 7, 32)])
 def test_each_weight_is_within_half_a_step_of_its_integer(mode, top, group):
     rng = np.random.default_rng(0)
-    params = {"layers": {name: rng.normal(size=(2, 64, 3, 4) if name == "wo" else (2, 64, 12)).astype(np.float32)
-                         for name in IN_DIMS}, "embedding": np.ones((5, 8), np.float32)}
+    params = {
+        "layers": {
+            name: rng.normal(size=(2, 64, 3, 4) if name == "wo" else (2, 64, 12)).astype(np.float32) for name in IN_DIMS
+        },
+        "embedding": np.ones((5, 8), np.float32),
+    }
     q = quantize(params, mode)
     for name, in_dims in IN_DIMS.items():
         w = params["layers"][name]
         values = np.asarray(q["layers"][name]).astype(np.int8)
         scale = np.asarray(q["layers"][f"{name}_scale"])
-        k = int(np.prod(w.shape[1:1 + in_dims]))
+        k = int(np.prod(w.shape[1 : 1 + in_dims]))
         n_groups = 1 if group is None else k // group
-        assert scale.shape == (2,) + ((n_groups,) if group else ()) + w.shape[1 + in_dims:]
+        assert scale.shape == (2,) + ((n_groups,) if group else ()) + w.shape[1 + in_dims :]
         per_weight = np.repeat(scale.reshape(2, n_groups, -1), k // n_groups, axis=1).reshape(w.shape)
         assert np.all(np.abs(values * per_weight - w) <= per_weight / 2 + 1e-7)
         assert np.abs(values).max() == top  # each group's largest weight uses the full range
@@ -45,14 +49,16 @@ def float_run(tmp_path_factory, prepared_template, corpus_slice):
 
 
 @pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10)])
+@pytest.mark.slow
 def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, tolerance):
     lines = []
     out = quantize_run(str(float_run), mode, log=lines.append)
     assert out == float_run.with_name(f"run-{mode}")
-    ppl = {line.split(":")[0].split()[1]: float(line.split("ppl")[1].split("|")[0]) for line in lines
-           if "held-out" in line}
+    ppl = {
+        line.split(":")[0].split()[1]: float(line.split("ppl")[1].split("|")[0]) for line in lines if "held-out" in line
+    }
     assert set(ppl) == {"float32", "bfloat16", mode}
-    assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # the issue's targets
+    assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # int8 within 1%, int4 10%
     quantized = load_run(str(out))
     cfg, params, tokenizer = quantized.cfg, quantized.params, quantized.tokenizer
     assert cfg.model.quant == mode and params["layers"]["wq"].dtype == {"int8": np.int8, "int4": jnp.int4}[mode]

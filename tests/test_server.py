@@ -13,11 +13,11 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from conftest import tiny_config
+
 from llm_jax.data.chat_template import prompt_ids
-from llm_jax.run import load_run
 from llm_jax.inference.generate import Generator, stream_text
+from llm_jax.run import load_run
 from llm_jax.train.loop import train
 
 MODEL = "tiny-chat"
@@ -33,8 +33,12 @@ def run(tmp_path_factory, prepared_template, corpus_slice) -> Path:
 
 def _start(run: Path, log: Path, *flags: str):
     """A server process on a free port -> (process, port), once it says it is serving."""
-    proc = subprocess.Popen([sys.executable, "-m", "llm_jax", "serve", "--run", str(run), "--port", "0",
-                             "--model-name", MODEL, *flags], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_jax", "serve", "--run", str(run), "--port", "0", "--model-name", MODEL, *flags],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
     line = proc.stdout.readline()
     assert "serving" in line, (line, log.read_text()[-2000:])
     return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
@@ -55,7 +59,9 @@ def _client(port, **kw):
 
 def _post(port, path, body, raw=False, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+    conn.request(
+        "POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json", **(headers or {})}
+    )
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read())
 
@@ -67,6 +73,7 @@ def _get(port, path):
     return resp.status, json.loads(resp.read())
 
 
+@pytest.mark.slow
 def test_openai_client_completions_chat_and_streams_match_the_generator(run, server):
     _, port = server
     client = _client(port)
@@ -83,21 +90,22 @@ def test_openai_client_completions_chat_and_streams_match_the_generator(run, ser
     assert out.choices[0].text == expected and len(expected) > 0
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 24
     assert out.choices[0].finish_reason == "length"
-    streamed = list(client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0,
-                                              stream=True))
+    streamed = list(
+        client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected
     assert streamed[-1].choices[0].finish_reason == "length"
 
     # a stop string ends the text just before it
-    cut = expected[len(expected) // 2:][:3]
+    cut = expected[len(expected) // 2 :][:3]
     out = client.completions.create(model=MODEL, prompt="Romeo.\n", max_tokens=24, temperature=0, stop=[cut])
-    assert out.choices[0].text == expected[:expected.index(cut)] and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == expected[: expected.index(cut)] and out.choices[0].finish_reason == "stop"
 
     # chat through the template, plain and streamed; a seed makes sampling repeatable
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Kent?"}]
     chat_ids, _ = prompt_ids(tok, messages)
     expected = "".join(stream_text(tok, gen.stream(chat_ids, 20, 1.0, 0, 0.9, 7, stop_ids)))
-    kw = dict(model=MODEL, messages=messages, max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    kw = {"model": MODEL, "messages": messages, "max_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 7}
     out = client.chat.completions.create(**kw)
     assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(chat_ids)
@@ -119,8 +127,12 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "'n' must be an integer in [1, 1]"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "'stop' must be"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "'messages' must be a non-empty list"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
-     "unsupported role 'tool'"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "unsupported role 'tool'",
+    ),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "message 0 must be"),
     ("/v1/embeddings", {"model": MODEL, "input": "x"}, 404, "no endpoint POST /v1/embeddings"),
 ]
@@ -147,8 +159,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     before = _get(port, "/health")[1]["cancelled"]
     body = json.dumps({"model": MODEL, "prompt": "Romeo.\n", "max_tokens": 56, "temperature": 0, "stream": True})
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        sock.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
         assert b"200 OK" in sock.recv(200)
     for _ in range(100):
         if _get(port, "/health")[1]["cancelled"] > before:
@@ -163,6 +177,7 @@ def _rss_mib(pid: int) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.slow
 def test_200_requests_from_16_clients_are_all_answered_in_bounded_memory(server):
     proc, port = server
     client = _client(port, max_retries=0)
@@ -171,8 +186,9 @@ def test_200_requests_from_16_clients_are_all_answered_in_bounded_memory(server)
         r = random.Random(i)
         n, stream = r.randint(1, 40), i % 3 == 0
         if i % 2:
-            out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
-                                                 max_tokens=n, seed=i, stream=stream)
+            out = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=n, seed=i, stream=stream
+            )
             text = "".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content
         else:
             out = client.completions.create(model=MODEL, prompt=f"{i}. ", max_tokens=n, seed=i, stream=stream)
@@ -220,7 +236,11 @@ def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
     cfg = load_run(str(run)).cfg
     assert serve_layout(cfg, "1,1,1") is None
     assert dict(serve_layout(cfg, "4,1,2").mesh.shape) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}
-    for mesh, message in [("4,1,4", "needs 16 devices; this host has 8"), ("1,1,8", "kv_heads=2 is split over"),
-                          ("2,1,1,2", "no pipeline stages when serving"), ("two", "must be data,fsdp,tensor")]:
+    for mesh, message in [
+        ("4,1,4", "needs 16 devices; this host has 8"),
+        ("1,1,8", "kv_heads=2 is split over"),
+        ("2,1,1,2", "no pipeline stages when serving"),
+        ("two", "must be data,fsdp,tensor"),
+    ]:
         with pytest.raises(UserError, match=message):
             serve_layout(cfg, mesh)

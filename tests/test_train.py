@@ -4,17 +4,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
+from llm_jax.errors import UserError
 from llm_jax.parallel import sharding
 from llm_jax.run import load_run
-from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
 from llm_jax.train.step import make_steps
@@ -28,8 +27,14 @@ def _batch(cfg, seed=0, rows=None):
 
 
 def test_a_tiny_model_overfits_one_batch(tmp_path):
-    cfg = tiny_config(tmp_path, "optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=60", "optim.weight_decay=0",
-                      "train.batch_size=2")
+    cfg = tiny_config(
+        tmp_path,
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "train.steps=60",
+        "optim.weight_decay=0",
+        "train.batch_size=2",
+    )
     layout = sharding.single_device_layout()
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
     state = steps.init(jax.random.PRNGKey(0))
@@ -42,6 +47,7 @@ def test_a_tiny_model_overfits_one_batch(tmp_path):
     assert losses[-1] < 0.05, losses[::10]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     results = []
     for accum in (1, 4):
@@ -68,8 +74,11 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_skips_norm_scales():
     params = {"embedding": 0, "final_norm": 0, "layers": {"attn_norm": 0, "mlp_norm": 0, "wq": 0, "w_down": 0}}
-    assert decay_mask(params) == {"embedding": True, "final_norm": False,
-                                  "layers": {"attn_norm": False, "mlp_norm": False, "wq": True, "w_down": True}}
+    assert decay_mask(params) == {
+        "embedding": True,
+        "final_norm": False,
+        "layers": {"attn_norm": False, "mlp_norm": False, "wq": True, "w_down": True},
+    }
 
 
 def _metrics(run: Path, split="train") -> dict[int, dict]:
@@ -78,11 +87,17 @@ def _metrics(run: Path, split="train") -> dict[int, dict]:
 
 
 @pytest.mark.parametrize("elsewhere", [False, True], ids=["run_dir", "checkpoint_dir"])
+@pytest.mark.slow
 def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpus_slice, tmp_path, elsewhere):
     # train.checkpoint_dir: any path etils.epath opens (gs:// on TPU VMs); here a directory outside the run
     ckpts = tmp_path / "bucket" / "ckpts" if elsewhere else prepared_run / "checkpoints"
-    overrides = ("train.steps=16", "train.log_every=1", "train.eval_every=8", "train.checkpoint_every=8",
-                 "train.keep_checkpoints=5") + ((f"train.checkpoint_dir={ckpts}",) if elsewhere else ())
+    overrides = (
+        "train.steps=16",
+        "train.log_every=1",
+        "train.eval_every=8",
+        "train.checkpoint_every=8",
+        "train.keep_checkpoints=5",
+    ) + ((f"train.checkpoint_dir={ckpts}",) if elsewhere else ())
     cfg = tiny_config(prepared_run, *overrides, sources=corpus_slice)
     final = train(cfg, log=lambda *_: None)
     full = _metrics(prepared_run)
@@ -95,24 +110,30 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(prepared_run, corpu
     for step in range(9, 17):
         assert resumed[step]["loss"] == full[step]["loss"], step
     assert resumed_final == final
-    jax.tree_util.tree_map(np.testing.assert_array_equal, full_params, jax.device_get(_restore_params(ckpts / "16", cfg)))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, full_params, jax.device_get(_restore_params(ckpts / "16", cfg))
+    )
     assert (prepared_run / "checkpoints").exists() != elsewhere
     assert load_run(str(prepared_run)).step == 16  # generate, serve, eval find them through config.yaml
 
 
 def _restore_params(step_dir, cfg):
-    from llm_jax.run import restore_params
     from llm_jax.parallel.sharding import abstract_params
+    from llm_jax.run import restore_params
 
     layout = sharding.single_device_layout()
     return restore_params(step_dir, abstract_params(cfg.model, layout))
 
 
+@pytest.mark.slow
 def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
     train(tiny_config(prepared_run, "train.steps=2", sources=corpus_slice), log=lambda *_: None)
     with pytest.raises(UserError, match=r"(?s)different config:\n  model.d_model: 64 -> 96\n.*run_dir=<new dir>"):
         train(tiny_config(prepared_run, "train.steps=4", "model.d_model=96", sources=corpus_slice))
-    with pytest.raises(UserError, match=r"does not match the model config:\n  layers/w_down: checkpoint \(2, 128, 64\) vs config \(2, 96, 64\)"):
+    with pytest.raises(
+        UserError,
+        match=r"does not match the model config:\n  layers/w_down: checkpoint \(2, 128, 64\) vs config \(2, 96, 64\)",
+    ):
         _restore_params(prepared_run / "checkpoints" / "2", tiny_config(prepared_run, "model.mlp_dim=96"))
 
 
@@ -123,10 +144,20 @@ def test_mesh_must_match_the_devices(prepared_run, corpus_slice):
         train(tiny_config(prepared_run, "train.batch_size=4", sources=corpus_slice))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(prepared_run, corpus_slice):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", f"run_dir={prepared_run}",
-           f"data.sources=[{','.join(corpus_slice)}]", "train.steps=100000", "train.log_every=1",
-           "train.checkpoint_every=100000", "mesh.data=1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        "tiny",
+        f"run_dir={prepared_run}",
+        f"data.sources=[{','.join(corpus_slice)}]",
+        "train.steps=100000",
+        "train.log_every=1",
+        "train.checkpoint_every=100000",
+        "mesh.data=1",
+    ]
     env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     lines = []
@@ -142,13 +173,20 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(prepared_run, corpus_s
     assert len(saved) == 1 and saved[0] >= 3
     assert "Traceback" not in out
 
-    rerun = subprocess.run(cmd[:-4] + [f"train.steps={saved[0] + 2}", "mesh.data=1"], capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=300)
+    rerun = subprocess.run(
+        cmd[:-4] + [f"train.steps={saved[0] + 2}", "mesh.data=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from {prepared_run / 'checkpoints' / str(saved[0])} (step {saved[0]})" in rerun.stdout
     assert f"step {saved[0] + 2}/{saved[0] + 2}" in rerun.stdout
 
 
+@pytest.mark.slow
 def test_a_sharded_train_step_with_splash_attention_equals_xla(prepared_template, corpus_slice, tmp_path):
     """The TPU Pallas kernel (interpret mode here) inside the scanned, rematerialised layers on a
     2 x 2 x 2 mesh, through shard_map: the same losses as the XLA kernel."""
@@ -156,8 +194,21 @@ def test_a_sharded_train_step_with_splash_attention_equals_xla(prepared_template
     for impl in ("xla", "splash"):
         run = tmp_path / impl
         shutil.copytree(prepared_template, run)
-        train(tiny_config(run, "model.seq_len=128", f"model.attention={impl}", "model.remat=full", "train.steps=3",
-                          "train.log_every=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sample.max_new_tokens=2",
-                          sources=corpus_slice), log=lambda *_: None)
+        train(
+            tiny_config(
+                run,
+                "model.seq_len=128",
+                f"model.attention={impl}",
+                "model.remat=full",
+                "train.steps=3",
+                "train.log_every=1",
+                "mesh.data=2",
+                "mesh.fsdp=2",
+                "mesh.tensor=2",
+                "sample.max_new_tokens=2",
+                sources=corpus_slice,
+            ),
+            log=lambda *_: None,
+        )
         losses[impl] = [r["loss"] for r in _metrics(run).values()]
     np.testing.assert_allclose(losses["splash"], losses["xla"], rtol=1e-5)

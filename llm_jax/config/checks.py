@@ -13,41 +13,61 @@ def validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
     m, o, t, d, s, p, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo, cfg.curate
     checks = [
-        (all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
-         "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive"),
-        (m.n_heads > 0 and m.d_model % m.n_heads == 0,
-         f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}"),
-        (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
-         f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}"),
-        (m.n_heads <= 0 or m.head_dim % 2 == 0,
-         f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE"),
+        (
+            all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
+            "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive",
+        ),
+        (
+            m.n_heads > 0 and m.d_model % m.n_heads == 0,
+            f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}",
+        ),
+        (
+            m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}",
+        ),
+        (
+            m.n_heads <= 0 or m.head_dim % 2 == 0,
+            f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE",
+        ),
         (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
         (m.quant in ("none", "int8", "int4"), f"model.quant={m.quant!r} must be none, int8 or int4"),
-        (m.quant != "int4" or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),
-         f"model.quant=int4 scales groups of 32 inputs: d_model={m.d_model} and mlp_dim={m.mlp_dim} must be "
-         "multiples of 32"),
+        (
+            m.quant != "int4" or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),
+            f"model.quant=int4 scales groups of 32 inputs: d_model={m.d_model} and mlp_dim={m.mlp_dim} must be "
+            "multiples of 32",
+        ),
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
         (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),
         (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),
         (m.dtype in ("bfloat16", "float32"), f"model.dtype={m.dtype!r} must be bfloat16 or float32"),
         (m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} must be none, full or dots"),
-        (m.attention in ("auto", "xla", "cudnn", "blocked", "splash"),
-         f"model.attention={m.attention!r} must be auto, xla, cudnn, blocked or splash"),
+        (
+            m.attention in ("auto", "xla", "cudnn", "blocked", "splash"),
+            f"model.attention={m.attention!r} must be auto, xla, cudnn, blocked or splash",
+        ),
         (cfg.distributed.timeout_s > 0, f"distributed.timeout_s={cfg.distributed.timeout_s} must be positive"),
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
         (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
-        (d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0,
-         "data.shard_mb must be positive; data.workers and data.loader_workers >= 0"),
-        (not (bad := sorted(set(c.rules) - set(CURATE_RULES))),
-         f"curate.rules has unknown rules {bad}; known: {', '.join(CURATE_RULES)}"),
+        (
+            d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0,
+            "data.shard_mb must be positive; data.workers and data.loader_workers >= 0",
+        ),
+        (
+            not (bad := sorted(set(c.rules) - set(CURATE_RULES))),
+            f"curate.rules has unknown rules {bad}; known: {', '.join(CURATE_RULES)}",
+        ),
         (c.normalize in ("NFC", "NFKC", "none"), f"curate.normalize={c.normalize!r} must be NFC, NFKC or none"),
         (0 < c.min_words <= c.max_words, f"curate.min_words={c.min_words} must be in 1 .. max_words={c.max_words}"),
-        (0 < c.min_mean_word_length <= c.max_mean_word_length,
-         "curate.min_mean_word_length must be positive and at most max_mean_word_length"),
-        (len(c.max_top_ngram) == 3 and len(c.max_dup_ngram) == 6,
-         "curate.max_top_ngram needs 3 values (2- to 4-grams), max_dup_ngram 6 (5- to 10-grams)"),
+        (
+            0 < c.min_mean_word_length <= c.max_mean_word_length,
+            "curate.min_mean_word_length must be positive and at most max_mean_word_length",
+        ),
+        (
+            len(c.max_top_ngram) == 3 and len(c.max_dup_ngram) == 6,
+            "curate.max_top_ngram needs 3 values (2- to 4-grams), max_dup_ngram 6 (5- to 10-grams)",
+        ),
         (c.near_dedup is None or 0 < c.near_dedup <= 1, f"curate.near_dedup={c.near_dedup} must be in (0, 1] or null"),
         (c.shingle_words > 0 and c.minhash_perms >= 8, "curate.shingle_words must be positive, minhash_perms >= 8"),
         (p.beta > 0, f"dpo.beta={p.beta} must be positive"),
@@ -57,33 +77,47 @@ def validate(cfg: Config) -> None:
         (p.reference in ("precomputed", "in_step"), f"dpo.reference={p.reference!r} must be precomputed or in_step"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),
-        (0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
         (0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)"),
         (o.eps > 0, f"optim.eps={o.eps} must be positive"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
         (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)"),
         (t.steps > 0, f"train.steps={t.steps} must be positive"),
         (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
-        (t.grad_accum <= 0 or t.batch_size % t.grad_accum == 0,
-         f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}"),
-        (min(t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every, t.keep_checkpoints) > 0,
-         "train.log_every, eval_every, eval_batches, checkpoint_every and keep_checkpoints must be positive"),
-        (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1
-         and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
-         "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)"),
+        (
+            t.grad_accum <= 0 or t.batch_size % t.grad_accum == 0,
+            f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}",
+        ),
+        (
+            min(t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every, t.keep_checkpoints) > 0,
+            "train.log_every, eval_every, eval_batches, checkpoint_every and keep_checkpoints must be positive",
+        ),
+        (
+            sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1
+            and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
+            "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)",
+        ),
         (cfg.mesh.dcn_data > 0, f"mesh.dcn_data={cfg.mesh.dcn_data} must be positive"),
         (cfg.mesh.pipeline > 0, f"mesh.pipeline={cfg.mesh.pipeline} must be a positive number of stages (no -1)"),
-        (cfg.mesh.pipeline <= 0 or m.n_layers % cfg.mesh.pipeline == 0,
-         f"model.n_layers={m.n_layers} does not split into mesh.pipeline={cfg.mesh.pipeline} equal stages: "
-         f"make n_layers a multiple of the stage count"),
-        (cfg.mesh.microbatches == 0 or cfg.mesh.microbatches >= cfg.mesh.pipeline,
-         f"mesh.microbatches={cfg.mesh.microbatches} is fewer than the mesh.pipeline={cfg.mesh.pipeline} stages: "
-         f"every stage needs a micro-batch in flight (0 means one per stage)"),
-        (t.grad_accum <= 0 or cfg.mesh.pipeline_microbatches <= 0
-         or (t.batch_size // t.grad_accum) % cfg.mesh.pipeline_microbatches == 0,
-         f"the {t.batch_size // max(t.grad_accum, 1)} sequences of each step (train.batch_size / train.grad_accum) do "
-         f"not split into {cfg.mesh.pipeline_microbatches} pipeline micro-batches (mesh.microbatches="
-         f"{cfg.mesh.microbatches}{', i.e. one per stage' if not cfg.mesh.microbatches else ''})"),
+        (
+            cfg.mesh.pipeline <= 0 or m.n_layers % cfg.mesh.pipeline == 0,
+            f"model.n_layers={m.n_layers} does not split into mesh.pipeline={cfg.mesh.pipeline} equal stages: "
+            f"make n_layers a multiple of the stage count",
+        ),
+        (
+            cfg.mesh.microbatches == 0 or cfg.mesh.microbatches >= cfg.mesh.pipeline,
+            f"mesh.microbatches={cfg.mesh.microbatches} is fewer than the mesh.pipeline={cfg.mesh.pipeline} stages: "
+            f"every stage needs a micro-batch in flight (0 means one per stage)",
+        ),
+        (
+            t.grad_accum <= 0
+            or cfg.mesh.pipeline_microbatches <= 0
+            or (t.batch_size // t.grad_accum) % cfg.mesh.pipeline_microbatches == 0,
+            f"the {t.batch_size // max(t.grad_accum, 1)} sequences of each step (train.batch_size / "
+            f"train.grad_accum) do not split into {cfg.mesh.pipeline_microbatches} pipeline micro-batches "
+            f"(mesh.microbatches="
+            f"{cfg.mesh.microbatches}{', i.e. one per stage' if not cfg.mesh.microbatches else ''})",
+        ),
         (s.max_new_tokens > 0, f"sample.max_new_tokens={s.max_new_tokens} must be positive"),
         (s.temperature >= 0, f"sample.temperature={s.temperature} must be >= 0 (0 is greedy)"),
         (s.top_k >= 0, f"sample.top_k={s.top_k} must be >= 0 (0 disables)"),

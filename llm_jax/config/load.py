@@ -12,8 +12,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -56,8 +57,10 @@ def _inherit_model(tree: dict, init_run: Path, explicit: set[str]) -> None:
     """train.init_from: model keys the preset and overrides leave unset come from the starting run."""
     saved = saved_tree(init_run)
     if saved is None:
-        raise UserError(f"train.init_from={str(init_run)!r} is not a run directory (no {RUN_CONFIG}); "
-                        "train the starting model first, or point init_from at its run_dir")
+        raise UserError(
+            f"train.init_from={str(init_run)!r} is not a run directory (no {RUN_CONFIG}); "
+            "train the starting model first, or point init_from at its run_dir"
+        )
     for key, value in saved.get("model", {}).items():
         if key in tree["model"] and key not in explicit:
             tree["model"][key] = value
@@ -193,8 +196,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
             except yaml.YAMLError:
-                raise UserError(f"{key}={value}: not a valid list; quote items that hold YAML syntax, e.g. "
-                                f"{key}='[\"first item?\", \"second\"]', or give a, b, c") from None
+                raise UserError(
+                    f"{key}={value}: not a valid list; quote items that hold YAML syntax, e.g. "
+                    f'{key}=\'["first item?", "second"]\', or give a, b, c'
+                ) from None
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):

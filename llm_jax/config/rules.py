@@ -20,9 +20,9 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 _BATCH = {"batch": ("data", "fsdp"), "layers": "pipeline"}  # layers: a stage's layers on its devices
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PRESETS: dict[str, dict] = {
-    "dp": _BATCH,                                    # replicated parameters (but for pipeline stages), batch over data x fsdp
-    "fsdp": {**_BATCH, "embed": "fsdp"},             # + parameters and optimizer state split over fsdp
-    "tp": {**_BATCH, **_TENSOR},                     # + heads, kv_heads, mlp, vocab split over tensor
+    "dp": _BATCH,  # replicated parameters (but for pipeline stages), batch over data x fsdp
+    "fsdp": {**_BATCH, "embed": "fsdp"},  # + parameters and optimizer state split over fsdp
+    "tp": {**_BATCH, **_TENSOR},  # + heads, kv_heads, mlp, vocab split over tensor
     "fsdp_tp": {**_BATCH, "embed": "fsdp", **_TENSOR},
 }
 
@@ -49,8 +49,9 @@ def rules_table(spec: str) -> Rules:
             raise UserError(f"{origin}: unknown logical axis {name!r}; the model's axes are {', '.join(LOGICAL_AXES)}")
         for axis in as_tuple(axes):
             if axis not in MESH_AXES:
-                raise UserError(f"{origin}: {name} maps to unknown mesh axis {axis!r}; mesh axes are "
-                                f"{', '.join(MESH_AXES)}")
+                raise UserError(
+                    f"{origin}: {name} maps to unknown mesh axis {axis!r}; mesh axes are {', '.join(MESH_AXES)}"
+                )
         rules.append((name, tuple(axes) if isinstance(axes, list) else axes))
     return tuple(rules) + tuple((n, None) for n in LOGICAL_AXES if n not in table)
 

@@ -9,8 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Quality rules of `curate.rules` (llm_jax/data/filters.py implements each).
-CURATE_RULES = ("markup", "words", "mean_word_length", "alpha_words", "symbols", "bullet_lines", "ellipsis_lines",
-                "dup_lines", "dup_ngrams", "code")
+CURATE_RULES = (
+    "markup",
+    "words",
+    "mean_word_length",
+    "alpha_words",
+    "symbols",
+    "bullet_lines",
+    "ellipsis_lines",
+    "dup_lines",
+    "dup_ngrams",
+    "code",
+)
 
 
 @dataclass(frozen=True)

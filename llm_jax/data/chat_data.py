@@ -90,8 +90,9 @@ def dpo_example(tokenizer: Tokenizer, row: dict, where: str) -> Example:
     return tuple(pair)
 
 
-def load_examples(sources, kind: str, tokenizer: Tokenizer, length: int, bad_rows: str,
-                  cache_dir: str) -> tuple[list[Example], Counter]:
+def load_examples(
+    sources, kind: str, tokenizer: Tokenizer, length: int, bad_rows: str, cache_dir: str
+) -> tuple[list[Example], Counter]:
     """Every usable example of the JSONL sources (kind: sft or dpo), fitted to `length` tokens, and the counts."""
     make = sft_example if kind == "sft" else dpo_example
     counts, examples = Counter(), []
@@ -117,7 +118,9 @@ def load_examples(sources, kind: str, tokenizer: Tokenizer, length: int, bad_row
                         raise _BadRow("invalid row", f"{where}: text that is not valid Unicode") from None
                 except _BadRow as e:
                     if bad_rows == "strict":
-                        raise UserError(f"{e}; fix that line, or set data.bad_rows=skip to drop and count such rows")
+                        raise UserError(
+                            f"{e}; fix that line, or set data.bad_rows=skip to drop and count such rows"
+                        ) from None
                     counts[f"skipped: {e.kind}"] += 1
                     continue
                 parts = [example] if kind == "sft" else list(example)
@@ -149,7 +152,7 @@ def pack_sft(examples: list[Example], length: int) -> dict[str, np.ndarray]:
     for r, row in enumerate(rows):
         at = 0
         for k, (ids, w) in enumerate(row, start=1):
-            tokens[r, at:at + len(ids)], segments[r, at:at + len(ids)], weights[r, at:at + len(ids)] = ids, k, w
+            tokens[r, at : at + len(ids)], segments[r, at : at + len(ids)], weights[r, at : at + len(ids)] = ids, k, w
             at += len(ids)
     return {"tokens": tokens, "segments": segments, "weights": weights[:, 1:]}  # weights of targets tokens[:, 1:]
 
@@ -160,7 +163,7 @@ def pad_dpo(examples: list[Example], length: int) -> dict[str, np.ndarray]:
     weights = np.zeros((len(examples), 2, length), np.float32)
     for i, pair in enumerate(examples):
         for j, (ids, w) in enumerate(pair):
-            tokens[i, j, :len(ids)], weights[i, j, :len(ids)] = ids, w
+            tokens[i, j, : len(ids)], weights[i, j, : len(ids)] = ids, w
     return {"tokens": tokens, "weights": weights[:, :, 1:]}
 
 
@@ -191,8 +194,9 @@ def save_array(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def prepare_chat(cfg: Config, kind: str, data_dir: Path, tokenizer_source: Path, tokenizer_path: Path,
-                 log=print) -> PreparedData:
+def prepare_chat(
+    cfg: Config, kind: str, data_dir: Path, tokenizer_source: Path, tokenizer_path: Path, log=print
+) -> PreparedData:
     """Builds (once) and opens the `kind` (sft or dpo) example arrays in data_dir; see the module
     docstring. The tokenizer is copied from tokenizer_source to tokenizer_path (so the run directory
     is self-contained), and must hold the chat tokens."""
@@ -206,8 +210,9 @@ def _tokenizer(cfg: Config, source: Path, path: Path) -> Tokenizer:
     tokenizer = Tokenizer(source)
     special_ids(tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"tokenizer {source} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
-                        f"{cfg.model.vocab_size}")
+        raise UserError(
+            f"tokenizer {source} has {tokenizer.vocab_size} pieces, more than model.vocab_size={cfg.model.vocab_size}"
+        )
     shutil.copyfile(source, path)
     return Tokenizer(path)
 
@@ -233,8 +238,10 @@ def _build(cfg: Config, kind: str, data_dir: Path, tokenizer: Tokenizer, log) ->
         arrays = {"train": pack_sft(train, length), "val": pack_sft(val, length)}
     else:
         longest = max(len(ids) for ex in train + val for ids, _ in ex)
-        arrays = {"train": pad_dpo(train, min(length, -(-longest // 8) * 8)),
-                  "val": pad_dpo(val, min(length, -(-longest // 8) * 8))}
+        arrays = {
+            "train": pad_dpo(train, min(length, -(-longest // 8) * 8)),
+            "val": pad_dpo(val, min(length, -(-longest // 8) * 8)),
+        }
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = {"objective": kind, "train_counts": dict(counts), "val_counts": dict(val_counts)}
     for split, named in arrays.items():
@@ -244,7 +251,9 @@ def _build(cfg: Config, kind: str, data_dir: Path, tokenizer: Tokenizer, log) ->
         meta[f"{split}_trained_tokens"] = int(named["weights"].sum())
         report = ", ".join(f"{v:,} {k}" for k, v in sorted((counts if split == "train" else val_counts).items()))
         fill = (named["tokens"] != 0).mean()
-        log(f"{kind} {split}: {report} -> {len(named['tokens']):,} rows of {named['tokens'].shape[1:]} tokens "
-            f"({100 * fill:.0f}% filled), {meta[f'{split}_trained_tokens']:,} trained tokens")
+        log(
+            f"{kind} {split}: {report} -> {len(named['tokens']):,} rows of {named['tokens'].shape[1:]} tokens "
+            f"({100 * fill:.0f}% filled), {meta[f'{split}_trained_tokens']:,} trained tokens"
+        )
     write_meta(data_dir / "meta.json", meta)  # written last: its presence means the data is whole
     return meta

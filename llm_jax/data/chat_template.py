@@ -11,7 +11,7 @@ stop) and 0 elsewhere. A generation prompt ends with <|assistant|>; decoding sto
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from llm_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 from llm_jax.errors import UserError
@@ -25,8 +25,10 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     ids = {tok.strip("<|>"): tokenizer.sp.piece_to_id(tok) for tok in CHAT_TOKENS}
     missing = [tok for tok in CHAT_TOKENS if tokenizer.sp.id_to_piece(ids[tok.strip("<|>")]) != tok]
     if missing:
-        raise UserError(f"tokenizer {tokenizer.path} lacks the chat tokens {', '.join(missing)}; chat models need a "
-                        "tokenizer trained by llm_jax (or one with these control symbols)")
+        raise UserError(
+            f"tokenizer {tokenizer.path} lacks the chat tokens {', '.join(missing)}; chat models need a "
+            "tokenizer trained by llm_jax (or one with these control symbols)"
+        )
     return ids
 
 
@@ -35,12 +37,14 @@ def check_messages(messages: Sequence[Message], where: str) -> None:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: message {i} must be {{\"role\": {' | '.join(ROLES)}, \"content\": text}}, "
-                            f"got {m!r:.80}")
+            raise UserError(
+                f'{where}: message {i} must be {{"role": {" | ".join(ROLES)}, "content": text}}, got {m!r:.80}'
+            )
 
 
-def render(tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt: bool = False
-           ) -> tuple[list[int], list[float]]:
+def render(
+    tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt: bool = False
+) -> tuple[list[int], list[float]]:
     """Messages -> (token ids, per-token training weight). With generation_prompt the ids end with
     <|assistant|>, ready for the model to write the next turn."""
     sp = special_ids(tokenizer)
@@ -64,8 +68,9 @@ def fit_example(ids: list[int], weights: list[float], length: int) -> tuple[list
     return (ids, weights) if any(weights) else None
 
 
-def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], system: str | None = None
-               ) -> tuple[list[int], tuple[int, ...]]:
+def prompt_ids(
+    tokenizer: Tokenizer, messages: Sequence[Message], system: str | None = None
+) -> tuple[list[int], tuple[int, ...]]:
     """A generation prompt (with `system` first if given and the messages have none) and the ids
     that end the reply: <|end_of_turn|>, and EOS should a model produce it."""
     if system and not any(m["role"] == "system" for m in messages):

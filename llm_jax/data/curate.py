@@ -19,11 +19,11 @@ import hashlib
 import multiprocessing
 import os
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -33,22 +33,22 @@ from llm_jax.data.corpus import Document, ReadStats, read_documents
 from llm_jax.data.shards import DocumentWriter
 from llm_jax.errors import UserError
 
-EXAMPLES_PER_RULE = 3   # removed documents quoted in the report, per rule
+EXAMPLES_PER_RULE = 3  # removed documents quoted in the report, per rule
 EXAMPLE_CHARS = 300
 _BATCH_BYTES = 1 << 20  # text handed to a worker at a time
-_AHEAD = 4              # batches in flight per worker: bounds memory, keeps workers busy
+_AHEAD = 4  # batches in flight per worker: bounds memory, keeps workers busy
 
 
 @dataclass
 class Curated:
-    paths: list[Path]                 # document shards
-    scores: np.ndarray                # [kept] float64: group hash in [0, 1); -1 for a data.val_sources document
-    sizes: np.ndarray                 # [kept, 2] int64: UTF-8 bytes, words of each kept document
+    paths: list[Path]  # document shards
+    scores: np.ndarray  # [kept] float64: group hash in [0, 1); -1 for a data.val_sources document
+    sizes: np.ndarray  # [kept, 2] int64: UTF-8 bytes, words of each kept document
     read: ReadStats
-    removed: dict[str, list[int]]     # rule -> [documents, bytes]
-    examples: dict[str, list[dict]]   # rule -> a few removed documents
-    clusters: dict                    # near-duplicate clusters
-    signatures: np.ndarray | None     # [kept, perms] MinHash signatures (None without near dedup)
+    removed: dict[str, list[int]]  # rule -> [documents, bytes]
+    examples: dict[str, list[dict]]  # rule -> a few removed documents
+    clusters: dict  # near-duplicate clusters
+    signatures: np.ndarray | None  # [kept, perms] MinHash signatures (None without near dedup)
     seconds: float
 
 
@@ -102,13 +102,26 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
         raise UserError(f"the corpus {list(d.sources)} holds no documents: every file is empty, binary or skipped")
     if not scores:
         worst = max(removed, key=lambda r: removed[r][0])
-        raise UserError(f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
-                        f"{worst!r} removed the most: {_fix_hint(worst)}")
-    clusters = {"clusters": len(cluster_sizes), "largest": max(cluster_sizes.values(), default=-1) + 1,
-                "examples": pairs}
-    return Curated(paths, np.asarray(scores, np.float64), np.asarray(sizes, np.int64).reshape(-1, 2), stats,
-                   dict(removed), dict(examples), clusters, near.signatures() if near else None,
-                   time.perf_counter() - began)
+        raise UserError(
+            f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
+            f"{worst!r} removed the most: {_fix_hint(worst)}"
+        )
+    clusters = {
+        "clusters": len(cluster_sizes),
+        "largest": max(cluster_sizes.values(), default=-1) + 1,
+        "examples": pairs,
+    }
+    return Curated(
+        paths,
+        np.asarray(scores, np.float64),
+        np.asarray(sizes, np.int64).reshape(-1, 2),
+        stats,
+        dict(removed),
+        dict(examples),
+        clusters,
+        near.signatures() if near else None,
+        time.perf_counter() - began,
+    )
 
 
 def _summary(removed: dict) -> str:
@@ -119,7 +132,9 @@ def _fix_hint(rule: str) -> str:
     if rule == "empty":
         return "the documents hold no text after cleaning (is data.text_field right? is it markup only?)"
     if rule in ("exact_dup", "near_dup", "contamination"):
-        return "the documents copy each other or data.val_sources; set curate.exact_dedup=false / curate.near_dedup=null"
+        return (
+            "the documents copy each other or data.val_sources; set curate.exact_dedup=false / curate.near_dedup=null"
+        )
     return f"relax its threshold in the curate section, or drop {rule!r} from curate.rules"
 
 
@@ -127,8 +142,10 @@ def _scored(cfg: Config, stats: ReadStats) -> Iterator[tuple[Document, float]]:
     """Validation sources first (score -1), then the sources (score: the group's hash, or 1 when
     data.val_sources decide validation)."""
     d = cfg.data
-    for sources, score in ((d.val_sources, lambda g: -1.0),
-                           (d.sources, (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g)))):
+    for sources, score in (
+        (d.val_sources, lambda g: -1.0),
+        (d.sources, (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g))),
+    ):
         for doc in read_documents(sources, d.text_field, d.cache_dir, d.bad_rows, d.tfds_data_dir, stats):
             yield doc, score(doc.group)
 
@@ -156,8 +173,10 @@ def _processed(cfg: Config, docs, log) -> Iterator[tuple[Document, float, tuple]
             try:
                 pool.submit(_work, []).result()  # workers that cannot start fail here, not mid-run
             except BrokenProcessPool:
-                log("note: curation worker processes could not start (is the main program a file? spawned "
-                    "workers re-import it); curating in this process")
+                log(
+                    "note: curation worker processes could not start (is the main program a file? spawned "
+                    "workers re-import it); curating in this process"
+                )
             else:
                 pending = collections.deque()
                 for batch in batches:

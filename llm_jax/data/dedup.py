@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 import zlib
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
 _32 = np.uint64(32)
-_CHUNK = 1024                # shingles per [num_perm, chunk] block: bounds memory (1 MiB at 128 perms)
+_CHUNK = 1024  # shingles per [num_perm, chunk] block: bounds memory (1 MiB at 128 perms)
 
 
 class _PunctSymbols(dict):
@@ -68,7 +68,7 @@ class MinHasher:
         n = max(len(words) - self.shingle_words + 1, 1) if words else 0
         h = np.full(n, self._coef[-1], np.uint64)
         for j in range(min(self.shingle_words, len(words))):
-            h += w[j:j + n] * self._coef[j]  # wraps mod 2**64
+            h += w[j : j + n] * self._coef[j]  # wraps mod 2**64
         return h >> _32
 
     def signature(self, text: str) -> np.ndarray:
@@ -80,15 +80,15 @@ class MinHasher:
         best = np.full(self.num_perm, 2**64 - 1, np.uint64)
         x = np.empty((self.num_perm, min(len(h), _CHUNK)), np.uint64)  # [P, C]
         for start in range(0, len(h), _CHUNK):
-            chunk = h[start:start + _CHUNK]
-            xc = x[:, :len(chunk)]
+            chunk = h[start : start + _CHUNK]
+            xc = x[:, : len(chunk)]
             np.multiply(self._a, chunk, out=xc)  # wraps mod 2**64
             xc += self._b
             np.minimum(best, xc.min(axis=1), out=best)
         return (best >> _32).astype(np.uint32)  # the shift keeps order: min of the top bits
 
 
-@lru_cache(maxsize=None)
+@cache
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows), bands * rows <= num_perm, minimizing the false-positive area of the S-curve
     1 - (1 - s**rows)**bands below the threshold plus the false-negative area above it (equal
@@ -124,11 +124,11 @@ class NearDedup:
 
     def signatures(self) -> np.ndarray:
         """[added, num_perm] uint32 signatures of the added documents (a view)."""
-        return self._sigs[:self._n]
+        return self._sigs[: self._n]
 
     def _keys(self, sig: np.ndarray) -> list[int]:
         """One deterministic 64-bit key per band: a multilinear hash of its rows."""
-        rows = sig[:self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)  # [B, R]
+        rows = sig[: self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)  # [B, R]
         return (rows * self._key_coef).sum(axis=1, dtype=np.uint64).tolist()  # wraps mod 2**64
 
     def _match(self, sig: np.ndarray, keys: list[int]) -> int | None:

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from collections import Counter
 from functools import cached_property
-from itertools import compress, filterfalse
+from itertools import compress, filterfalse, pairwise
 
 from llm_jax.config import CURATE_RULES
 
@@ -29,11 +29,15 @@ _ATTRS = r"""(?:\s+[\w:.-]+\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))*\s*"""
 _LOOKS_MARKUP = re.compile(
     r"<(?:/[a-z][\w:.-]*\s*>|!--|!doctype\b|\?xml\b|[a-z][\w:.-]*" + _ATTRS + "/>"
     r"|(?:html|head|body|title|meta|link|p|div|span|a|b|i|em|strong|br|hr|img|ul|ol|li|table|tr|td|th"
-    r"|h[1-6]|script|style|section|article|header|footer|nav)" + _ATTRS + ">)", re.I)
+    r"|h[1-6]|script|style|section|article|header|footer|nav)" + _ATTRS + ">)",
+    re.I,
+)
 _INVISIBLE = re.compile(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[!?][^>]*>", re.I | re.S)
 _BLOCK_TAG = re.compile(
     r"</?(?:html|head|body|title|p|div|br|hr|ul|ol|li|dl|dt|dd|table|thead|tbody|tr|td|th|h[1-6]|section"
-    r"|article|header|footer|nav|aside|main|blockquote|pre|form|figure|figcaption|address)\b[^<>]*>", re.I)
+    r"|article|header|footer|nav|aside|main|blockquote|pre|form|figure|figcaption|address)\b[^<>]*>",
+    re.I,
+)
 _TAG = re.compile(r"</?[a-z][^<>]*>", re.I)
 
 # Unicode category Cc is exactly U+0000-001F and U+007F-009F: all are dropped but \t and \n (\r ends a line).
@@ -144,11 +148,11 @@ def _dup_ngrams(d: _Doc, cfg) -> bool:
     starts = range(len(words) - 1)
     for n in range(2, 11):
         if n == 2:
-            grams = list(zip(words, words[1:]))
+            grams = list(pairwise(words))
         else:
             previous = set(starts)
             starts = [i for i in starts if i + 1 in previous]
-            grams = [tuple(words[i:i + n]) for i in starts]
+            grams = [tuple(words[i : i + n]) for i in starts]
         counts = Counter(grams)
         if len(counts) == len(grams):  # no n-gram repeats, so no longer one does either
             return False
@@ -162,7 +166,7 @@ def _dup_ngrams(d: _Doc, cfg) -> bool:
         if n >= 5:
             covered = bytearray(len(words))
             for i in starts:
-                covered[i:i + n] = b"\1" * n
+                covered[i : i + n] = b"\1" * n
             if sum(compress(lens, covered)) > cfg.max_dup_ngram[n - 5] * total:
                 return True
     return False
@@ -175,22 +179,35 @@ _CODE_ENDS = ("{", "}", ";", ");")
 _CODE_START = re.compile(
     r"def \w+\s*\(|class \w+\s*[:(]|import [\w.]+(?:\s+as\s+\w+)?;?$|from [\w.]+ import |#include\b"
     r"|function\b\s*[\w$]*\s*\(|(?:var|let|const)\s+[\w$]+\s*[=;,:]|return\b"
-    r"|(?:public|private|protected)\s+(?:static\s+|final\s+)*(?:class|void|int|[A-Z][\w<>\[\]]*)\s")
+    r"|(?:public|private|protected)\s+(?:static\s+|final\s+)*(?:class|void|int|[A-Z][\w<>\[\]]*)\s"
+)
 _CODE_SYMBOLS = "{}[]();=<>"
 
 
 def _looks_like_code(line: str) -> bool:
-    return (line.endswith(_CODE_ENDS) or _CODE_START.match(line) is not None
-            or 10 * sum(map(line.count, _CODE_SYMBOLS)) > 3 * len(line))
+    return (
+        line.endswith(_CODE_ENDS)
+        or _CODE_START.match(line) is not None
+        or 10 * sum(map(line.count, _CODE_SYMBOLS)) > 3 * len(line)
+    )
 
 
 def _code(d: _Doc, cfg) -> bool:
     return sum(map(_looks_like_code, d.lines)) > cfg.max_code_lines * len(d.lines)
 
 
-_RULES = {"markup": _markup, "words": _words, "mean_word_length": _mean_word_length, "alpha_words": _alpha_words,
-          "symbols": _symbols, "bullet_lines": _bullet_lines, "ellipsis_lines": _ellipsis_lines,
-          "dup_lines": _dup_lines, "dup_ngrams": _dup_ngrams, "code": _code}
+_RULES = {
+    "markup": _markup,
+    "words": _words,
+    "mean_word_length": _mean_word_length,
+    "alpha_words": _alpha_words,
+    "symbols": _symbols,
+    "bullet_lines": _bullet_lines,
+    "ellipsis_lines": _ellipsis_lines,
+    "dup_lines": _dup_lines,
+    "dup_ngrams": _dup_ngrams,
+    "code": _code,
+}
 assert tuple(_RULES) == CURATE_RULES, "filters._RULES and config.CURATE_RULES must name the same rules"
 
 

@@ -8,8 +8,9 @@ fixed, evenly spread subset of the validation rows."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -26,13 +27,15 @@ class PreparedData:
     val: Any
     meta: dict  # what the data was built from and its counts (<data dir>/meta.json)
 
+
 # Windows are memory-mapped and a batch is a few KB: reading them in the training thread is cheaper
 # than handing them over from worker threads (grain's advice for in-memory sources).
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-def train_iterator(source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
-                   workers: int = 0) -> grain.DatasetIterator:
+def train_iterator(
+    source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1, workers: int = 0
+) -> grain.DatasetIterator:
     """Batches {name: [global_batch / process_count, ...]}: this host's rows of each global batch.
 
     Host p reads global rows p, p + P, p + 2P, ... of the shuffled stream, so the hosts together see
@@ -42,8 +45,10 @@ def train_iterator(source, global_batch: int, seed: int, process_index: int = 0,
     if global_batch % process_count:
         raise UserError(f"train.batch_size={global_batch} must be divisible by the {process_count} hosts")
     if len(source) < global_batch:
-        raise UserError(f"the training split has {len(source)} rows ({source!r}), fewer than "
-                        f"train.batch_size={global_batch}: add data, or lower train.batch_size or model.seq_len")
+        raise UserError(
+            f"the training split has {len(source)} rows ({source!r}), fewer than "
+            f"train.batch_size={global_batch}: add data, or lower train.batch_size or model.seq_len"
+        )
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     ds = ds.to_iter_dataset(_READ)
@@ -54,16 +59,19 @@ def train_iterator(source, global_batch: int, seed: int, process_index: int = 0,
     return iter(ds)
 
 
-def eval_batches(source, batch: int, max_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    source, batch: int, max_batches: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """min(len, batch * max_batches) validation rows spread evenly over the split (every len // n-th
     row, so a subset still samples every held-out document), in order, as this host's rows, with
     per-target `weights` (1 for every target of a pretraining window). The last batch is padded with
     all-zero rows (weight 0), so every chosen row counts once.
     """
     if len(source) == 0:
-        raise UserError("the validation split has no rows (fewer than model.seq_len + 1 tokens): "
-                        "raise data.val_fraction or add documents")
+        raise UserError(
+            "the validation split has no rows (fewer than model.seq_len + 1 tokens): "
+            "raise data.val_fraction or add documents"
+        )
     n = min(len(source), batch * max_batches)
     stride = len(source) // n
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -34,8 +34,12 @@ def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -
     if meta is None or "shards" not in meta:  # none yet, or data without token shards: rebuilt
         meta = _build(cfg, data_dir, tokenizer_path, log)
     tokenizer = Tokenizer(tokenizer_path)
-    splits = {split: TokenShards([data_dir / name for name in meta["shards"][split]], meta["dtype"],
-                                 cfg.model.seq_len, tokenizer.eos_id) for split in ("train", "val")}
+    splits = {
+        split: TokenShards(
+            [data_dir / name for name in meta["shards"][split]], meta["dtype"], cfg.model.seq_len, tokenizer.eos_id
+        )
+        for split in ("train", "val")
+    }
     return PreparedData(tokenizer, splits["train"], splits["val"], meta)
 
 
@@ -48,8 +52,10 @@ def val_threshold(scores: np.ndarray, val_fraction: float, val_sources: bool) ->
         return 0.0
     groups = np.unique(scores)
     if len(groups) < 2:
-        raise UserError(f"need at least 2 documents (groups) after curation to hold one out for validation, "
-                        f"found {len(groups)}: add files, use .jsonl with one document per line, or set data.val_sources")
+        raise UserError(
+            f"need at least 2 documents (groups) after curation to hold one out for validation, "
+            f"found {len(groups)}: add files, use .jsonl with one document per line, or set data.val_sources"
+        )
     n_val = int(np.clip((groups < val_fraction).sum(), 1, len(groups) - 1))
     return float(groups[n_val - 1])
 
@@ -64,17 +70,22 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
 
     tokenizer = _tokenizer(cfg, tokenizer_path, cur, is_val, log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
-                        f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (or more)")
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
+            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (or more)"
+        )
     began = time.perf_counter()
     dtype = token_dtype(cfg.model.vocab_size)
-    writers = {split: TokenWriter(partial, split, dtype, tokenizer.eos_id, int(cfg.data.shard_mb * 2**20))
-               for split in ("train", "val")}
+    writers = {
+        split: TokenWriter(partial, split, dtype, tokenizer.eos_id, int(cfg.data.shard_mb * 2**20))
+        for split in ("train", "val")
+    }
     doc_tokens = np.zeros(len(cur.scores), np.int64)
     wanted = {pair["kept"]: pair for pair in cur.clusters["examples"]}
     for start, records in _chunks(read_documents(cur.paths)):
-        for i, (record, ids) in enumerate(zip(records, tokenizer.encode_batch([r["text"] for r in records])),
-                                          start=start):
+        for i, (record, ids) in enumerate(
+            zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
+        ):
             writers["val" if is_val[i] else "train"].add(ids)
             doc_tokens[i] = len(ids)
             if i in wanted:
@@ -83,15 +94,24 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
     for split in ("train", "val"):
         if writers[split].tokens < cfg.model.seq_len + 1:
-            raise UserError(f"the {split} split holds {writers[split].tokens} tokens, fewer than model.seq_len + 1 = "
-                            f"{cfg.model.seq_len + 1}: add documents, raise data.val_fraction or lower model.seq_len")
+            raise UserError(
+                f"the {split} split holds {writers[split].tokens} tokens, fewer than model.seq_len + 1 = "
+                f"{cfg.model.seq_len + 1}: add documents, raise data.val_fraction or lower model.seq_len"
+            )
 
-    meta = {"dtype": dtype.name, "shards": shards,
-            "documents": {"read": cur.read.documents, "kept": len(cur.scores), "val": int(is_val.sum())},
-            **{f"{split}_{unit}": int(value) for split, mask in (("train", ~is_val), ("val", is_val))
-               for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", writers[split].tokens))}}
-    report = write_report(partial, cfg, cur, is_val, doc_tokens, _contamination(cfg, cur, is_val), meta,
-                          tokenize_seconds, log)
+    meta = {
+        "dtype": dtype.name,
+        "shards": shards,
+        "documents": {"read": cur.read.documents, "kept": len(cur.scores), "val": int(is_val.sum())},
+        **{
+            f"{split}_{unit}": int(value)
+            for split, mask in (("train", ~is_val), ("val", is_val))
+            for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", writers[split].tokens))
+        },
+    }
+    report = write_report(
+        partial, cfg, cur, is_val, doc_tokens, _contamination(cfg, cur, is_val), meta, tokenize_seconds, log
+    )
     meta["report"] = {"removed": {rule: n for rule, (n, _) in report["removed"].items()}}
     write_meta(partial / "meta.json", meta)
     partial.rename(data_dir)  # the dataset appears whole or not at all
@@ -103,8 +123,14 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -
         shutil.copyfile(Tokenizer(cfg.data.tokenizer).path, path)  # the run directory is self-contained
     elif not path.is_file():
         texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
-        tokenizer = train_tokenizer(texts, cfg.model.vocab_size, path.with_suffix(""),
-                                    cfg.data.tokenizer_sample_bytes, cfg.seed, int(cur.sizes[~is_val, 0].sum()))
+        tokenizer = train_tokenizer(
+            texts,
+            cfg.model.vocab_size,
+            path.with_suffix(""),
+            cfg.data.tokenizer_sample_bytes,
+            cfg.seed,
+            int(cur.sizes[~is_val, 0].sum()),
+        )
         log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
     return Tokenizer(path)
 
@@ -132,6 +158,9 @@ def _contamination(cfg: Config, cur: Curated, is_val: np.ndarray) -> dict:
     for sig in cur.signatures[~is_val]:
         index.check_and_add(sig)
     hits = sum(index.query(sig) is not None for sig in cur.signatures[is_val])
-    return {"checked": True, "val_documents": int(is_val.sum()), "with_a_train_near_copy": int(hits),
-            "threshold": c.near_dedup}
-
+    return {
+        "checked": True,
+        "val_documents": int(is_val.sum()),
+        "with_a_train_near_copy": int(hits),
+        "threshold": c.near_dedup,
+    }

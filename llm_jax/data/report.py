@@ -16,26 +16,49 @@ from llm_jax.data.curate import Curated
 _BEFORE, _AFTER = ("empty",), ("exact_dup", "near_dup", "contamination")
 
 
-def write_report(out_dir: Path, cfg: Config, cur: Curated, is_val: np.ndarray, doc_tokens: np.ndarray,
-                 contamination: dict, meta: dict, tokenize_seconds: float, log=print) -> dict:
+def write_report(
+    out_dir: Path,
+    cfg: Config,
+    cur: Curated,
+    is_val: np.ndarray,
+    doc_tokens: np.ndarray,
+    contamination: dict,
+    meta: dict,
+    tokenize_seconds: float,
+    log=print,
+) -> dict:
     order = [r for r in _BEFORE + tuple(cfg.curate.rules) + _AFTER if r in cur.removed]
     read = cur.read
     report = {
-        "read": {"files": read.files, "documents": read.documents, "bytes": read.bytes,
-                 "invalid_utf8_replaced": read.replaced_bytes, "skipped_files": read.skipped_files,
-                 "bad_rows": read.bad_rows, "examples": read.examples},
+        "read": {
+            "files": read.files,
+            "documents": read.documents,
+            "bytes": read.bytes,
+            "invalid_utf8_replaced": read.replaced_bytes,
+            "skipped_files": read.skipped_files,
+            "bad_rows": read.bad_rows,
+            "examples": read.examples,
+        },
         "removed": {rule: cur.removed[rule] for rule in order},  # rule -> [documents, bytes]
         "removed_examples": {rule: cur.examples[rule] for rule in order},
         "kept": {"documents": len(cur.scores), "bytes": int(cur.sizes[:, 0].sum())},
         "near_dup_clusters": cur.clusters,
         "contamination_check": contamination,
-        "splits": {split: {"documents": int(mask.sum()), "bytes": meta[f"{split}_bytes"],
-                           "tokens": meta[f"{split}_tokens"], "shards": len(meta["shards"][split])}
-                   for split, mask in (("train", ~is_val), ("val", is_val))},
-        "throughput": {"curation_seconds": round(cur.seconds, 3),
-                       "curation_mb_per_s": round(read.bytes / 2**20 / max(cur.seconds, 1e-9), 3),
-                       "tokenize_pack_seconds": round(tokenize_seconds, 3),
-                       "tokenize_pack_tokens_per_s": round(int(doc_tokens.sum()) / max(tokenize_seconds, 1e-9))},
+        "splits": {
+            split: {
+                "documents": int(mask.sum()),
+                "bytes": meta[f"{split}_bytes"],
+                "tokens": meta[f"{split}_tokens"],
+                "shards": len(meta["shards"][split]),
+            }
+            for split, mask in (("train", ~is_val), ("val", is_val))
+        },
+        "throughput": {
+            "curation_seconds": round(cur.seconds, 3),
+            "curation_mb_per_s": round(read.bytes / 2**20 / max(cur.seconds, 1e-9), 3),
+            "tokenize_pack_seconds": round(tokenize_seconds, 3),
+            "tokenize_pack_tokens_per_s": round(int(doc_tokens.sum()) / max(tokenize_seconds, 1e-9)),
+        },
         "histograms": "report.png",
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -47,25 +70,44 @@ def write_report(out_dir: Path, cfg: Config, cur: Curated, is_val: np.ndarray, d
 
 def table(report: dict) -> list[str]:
     read, kept = report["read"], report["kept"]
-    lines = [f"read {read['documents']:,} documents, {read['bytes'] / 2**20:,.1f} MB from {read['files']} files"
-             + (f"; skipped {read['skipped_files']} files (binary / unsupported)" if read["skipped_files"] else "")
-             + (f"; {read['bad_rows']} bad rows" if read["bad_rows"] else "")
-             + (f"; {read['invalid_utf8_replaced']} invalid UTF-8 sequences replaced" if read["invalid_utf8_replaced"]
-                else ""),
-             f"{'removed by':<16}{'documents':>11}{'share':>8}{'MB':>9}"]
+    lines = [
+        f"read {read['documents']:,} documents, {read['bytes'] / 2**20:,.1f} MB from {read['files']} files"
+        + (f"; skipped {read['skipped_files']} files (binary / unsupported)" if read["skipped_files"] else "")
+        + (f"; {read['bad_rows']} bad rows" if read["bad_rows"] else "")
+        + (
+            f"; {read['invalid_utf8_replaced']} invalid UTF-8 sequences replaced"
+            if read["invalid_utf8_replaced"]
+            else ""
+        ),
+        f"{'removed by':<16}{'documents':>11}{'share':>8}{'MB':>9}",
+    ]
     for rule, (n, n_bytes) in report["removed"].items():
         lines.append(f"{rule:<16}{n:>11,}{n / read['documents']:>8.1%}{n_bytes / 2**20:>9.2f}")
-    lines.append(f"{'kept':<16}{kept['documents']:>11,}{kept['documents'] / read['documents']:>8.1%}"
-                 f"{kept['bytes'] / 2**20:>9.2f}")
+    lines.append(
+        f"{'kept':<16}{kept['documents']:>11,}{kept['documents'] / read['documents']:>8.1%}"
+        f"{kept['bytes'] / 2**20:>9.2f}"
+    )
     c, t = report["contamination_check"], report["throughput"]
-    lines.append(f"near-duplicate clusters: {report['near_dup_clusters']['clusters']} "
-                 f"(largest {report['near_dup_clusters']['largest']}); contamination check: "
-                 + (f"{c['with_a_train_near_copy']} of {c['val_documents']} val documents have a train near copy"
-                    if c["checked"] else f"off ({c['why']})"))
-    lines.append("splits: " + ", ".join(f"{s} {v['documents']:,} documents / {v['tokens']:,} tokens in {v['shards']} "
-                                        "shards" for s, v in report["splits"].items()))
-    lines.append(f"throughput: curation {t['curation_mb_per_s']:.2f} MB/s, tokenize+pack "
-                 f"{t['tokenize_pack_tokens_per_s']:,} tokens/s")
+    lines.append(
+        f"near-duplicate clusters: {report['near_dup_clusters']['clusters']} "
+        f"(largest {report['near_dup_clusters']['largest']}); contamination check: "
+        + (
+            f"{c['with_a_train_near_copy']} of {c['val_documents']} val documents have a train near copy"
+            if c["checked"]
+            else f"off ({c['why']})"
+        )
+    )
+    lines.append(
+        "splits: "
+        + ", ".join(
+            f"{s} {v['documents']:,} documents / {v['tokens']:,} tokens in {v['shards']} shards"
+            for s, v in report["splits"].items()
+        )
+    )
+    lines.append(
+        f"throughput: curation {t['curation_mb_per_s']:.2f} MB/s, tokenize+pack "
+        f"{t['tokenize_pack_tokens_per_s']:,} tokens/s"
+    )
     return lines
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
@@ -110,7 +110,7 @@ class TokenWriter(_Rotating):
         self.dtype, self.eos_id, self.tokens = dtype, eos_id, 0
 
     def _open(self, tmp):
-        self._file = open(tmp, "wb")
+        self._file = open(tmp, "wb")  # noqa: SIM115 (open across writes; _close closes it)
 
     def _write(self, data):
         data.tofile(self._file)
@@ -145,7 +145,7 @@ class TokenShards:
         if shard not in self._maps:
             self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
         start = (i - self._starts[shard]) * self.seq_len
-        tokens = np.asarray(self._maps[shard][start:start + self.seq_len + 1], dtype=np.int32)
+        tokens = np.asarray(self._maps[shard][start : start + self.seq_len + 1], dtype=np.int32)
         return {"tokens": tokens, "segments": np.cumsum(tokens == self.eos_id, dtype=np.int32)}
 
     def __getstate__(self):
@@ -156,8 +156,10 @@ class TokenShards:
         return sum(os.path.getsize(p) // self.dtype.itemsize for p in self.paths)
 
     def __repr__(self) -> str:  # grain logs sources by repr; keep it short and stable
-        return f"TokenShards({len(self.paths)} shards from {self.paths[0] if self.paths else None!r}, " \
-               f"seq_len={self.seq_len})"
+        return (
+            f"TokenShards({len(self.paths)} shards from {self.paths[0] if self.paths else None!r}, "
+            f"seq_len={self.seq_len})"
+        )
 
 
 def write_meta(path: Path, meta: dict) -> None:

@@ -18,11 +18,58 @@ import random
 import zlib
 from pathlib import Path
 
-WORDS = (
-    "apple bread chair dance eagle flame grape house island jewel knife lemon money night ocean paper queen "
-    "river stone table uncle voice water youth zebra bird cloud dream earth field glass heart light music "
-    "north plant quiet round sheep tiger under value wheel yellow storm crown sword honey salt tower"
-).split()
+WORDS = [
+    "apple",
+    "bread",
+    "chair",
+    "dance",
+    "eagle",
+    "flame",
+    "grape",
+    "house",
+    "island",
+    "jewel",
+    "knife",
+    "lemon",
+    "money",
+    "night",
+    "ocean",
+    "paper",
+    "queen",
+    "river",
+    "stone",
+    "table",
+    "uncle",
+    "voice",
+    "water",
+    "youth",
+    "zebra",
+    "bird",
+    "cloud",
+    "dream",
+    "earth",
+    "field",
+    "glass",
+    "heart",
+    "light",
+    "music",
+    "north",
+    "plant",
+    "quiet",
+    "round",
+    "sheep",
+    "tiger",
+    "under",
+    "value",
+    "wheel",
+    "yellow",
+    "storm",
+    "crown",
+    "sword",
+    "honey",
+    "salt",
+    "tower",
+]
 
 
 def _add(rng):
@@ -79,9 +126,16 @@ def examples(n: int, seed: int, held_out: float = 0.1) -> tuple[list[dict], list
         if (task, key) in seen:
             continue
         seen.add((task, key))
-        row = {"task": task, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
-                                          {"role": "assistant", "content": answer}], "answer": answer,
-               "rejected": _wrong(task, answer, rng)}
+        row = {
+            "task": task,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ],
+            "answer": answer,
+            "rejected": _wrong(task, answer, rng),
+        }
         held = zlib.crc32(repr((seed, task, key)).encode()) / 2**32 < held_out  # stable across processes
         (test if held else train).append(row)
     return train, test
@@ -94,8 +148,18 @@ def write_sft(out: Path, n: int, seed: int) -> dict[str, Path]:
 
 def write_dpo(out: Path, n: int, seed: int) -> dict[str, Path]:
     """train.jsonl / test.jsonl of {"task", "messages" (without the answer), "chosen", "rejected", "answer"}."""
-    return _write(out, n, seed, lambda r: {"task": r["task"], "messages": r["messages"][:-1], "chosen": r["answer"],
-                                           "rejected": r["rejected"], "answer": r["answer"]})
+    return _write(
+        out,
+        n,
+        seed,
+        lambda r: {
+            "task": r["task"],
+            "messages": r["messages"][:-1],
+            "chosen": r["answer"],
+            "rejected": r["rejected"],
+            "answer": r["answer"],
+        },
+    )
 
 
 def _write(out: Path, n: int, seed: int, shape) -> dict[str, Path]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import os
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -30,8 +30,9 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"tokenizer {path} does not exist; set data.tokenizer to a sentencepiece .model "
-                            "or to null to train one")
+            raise UserError(
+                f"tokenizer {path} does not exist; set data.tokenizer to a sentencepiece .model or to null to train one"
+            )
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -83,26 +84,52 @@ def sample_lines(texts: Iterable[str], sample_bytes: int, seed: int, total_bytes
     return sample
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: Path, sample_bytes: int, seed: int,
-                    total_bytes: int | None = None) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_prefix: Path,
+    sample_bytes: int,
+    seed: int,
+    total_bytes: int | None = None,
+) -> Tokenizer:
     """Trains a BPE model on a seeded sample of whole lines (at most `sample_bytes`) of `texts`."""
     if vocab_size < _N_RESERVED + 64:
-        raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
-                        f"{_N_RESERVED} ids are reserved; use at least {_N_RESERVED + 64}")
+        raise UserError(
+            f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
+            f"{_N_RESERVED} ids are reserved; use at least {_N_RESERVED + 64}"
+        )
     sample = sample_lines(texts, sample_bytes, seed, total_bytes)
     model = io.BytesIO()  # trained in memory: a model_prefix would embed the run's path in the .model file
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-            character_coverage=0.9995, max_sentence_length=1 << 16, seed_sentencepiece_size=1_000_000,
-            unk_id=0, bos_id=-1, eos_id=1, pad_id=2, eos_piece=EOS, pad_piece=PAD,
-            control_symbols=list(CHAT_TOKENS), num_threads=2, minloglevel=2)
+            sentence_iterator=iter(sample),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            max_sentence_length=1 << 16,
+            seed_sentencepiece_size=1_000_000,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=1,
+            pad_id=2,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            control_symbols=list(CHAT_TOKENS),
+            num_threads=2,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         if "Vocabulary size is too high" in str(e) or "vocab_size" in str(e):
-            raise UserError(f"the corpus is too small for model.vocab_size={vocab_size} ({e}); "
-                            "lower model.vocab_size or add text") from None
+            raise UserError(
+                f"the corpus is too small for model.vocab_size={vocab_size} ({e}); lower model.vocab_size or add text"
+            ) from None
         raise
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))

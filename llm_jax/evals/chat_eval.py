@@ -28,8 +28,14 @@ def load_questions(path: Path, limit: int | None = None) -> list[dict]:
     return task.rows
 
 
-def exact_match(model_cfg: ModelConfig, params, tokenizer: Tokenizer, rows: list[dict],
-                max_new_tokens: int = 32, system: str | None = None) -> dict[str, float]:
+def exact_match(
+    model_cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    rows: list[dict],
+    max_new_tokens: int = 32,
+    system: str | None = None,
+) -> dict[str, float]:
     """{"all": accuracy, <task>: accuracy, ...} over the rows (greedy replies, 16 at a time)."""
     rows = [row | {"max_tokens": max_new_tokens} for row in rows]
     scores, _ = generation(model_cfg, params, tokenizer, rows, system)

@@ -25,7 +25,7 @@ from llm_jax.errors import UserError
 from llm_jax.evals.tasks import Task, extract, load_task
 from llm_jax.inference.generate import Generator, first_stop, fit_prompt
 from llm_jax.model.transformer import Transformer
-from llm_jax.run import load_run
+from llm_jax.run import eval_record_path, load_run
 
 
 class Scorer:
@@ -45,14 +45,14 @@ class Scorer:
         """[(tokens, segment ids) of at most seq_len + 1] -> log p of each token after the first."""
         out = []
         for start in range(0, len(windows), self.batch):
-            chunk = windows[start:start + self.batch]
+            chunk = windows[start : start + self.batch]
             tokens = np.zeros((self.batch, self.width), np.int32)
             segments = np.zeros((self.batch, self.width), np.int32)
             for r, (ids, seg) in enumerate(chunk):
-                tokens[r, :len(ids)], segments[r, :len(ids)] = ids, seg
-                segments[r, len(ids):] = -1  # padding: its own segment
+                tokens[r, : len(ids)], segments[r, : len(ids)] = ids, seg
+                segments[r, len(ids) :] = -1  # padding: its own segment
             logps = np.asarray(self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments)))
-            out += [logps[r, :len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
+            out += [logps[r, : len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
         return out
 
 
@@ -63,7 +63,7 @@ def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
         context = [tokenizer.eos_id] + tokenizer.encode(row["context"])
         for choice in row["choices"]:
             ids = tokenizer.encode(choice)
-            full = (context + ids)[-scorer.width:]
+            full = (context + ids)[-scorer.width :]
             windows.append((full, [0] * len(full)))
             spans.append(min(len(ids), len(full) - 1))
     logps = scorer(windows)
@@ -71,24 +71,33 @@ def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
     k = 0
     for row in rows:
         n = len(row["choices"])
-        scores = [float(logps[k + i][-spans[k + i]:].sum()) for i in range(n)]
+        scores = [float(logps[k + i][-spans[k + i] :].sum()) for i in range(n)]
         per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, row["choices"])]
         k += n
         for key in {"all", row["task"]}:
             right[key] += int(np.argmax(scores) == row["gold"])
             right_norm[key] += int(np.argmax(per_byte) == row["gold"])
             total[key] += 1
-    return {key: {"acc": right[key] / total[key], "acc_norm": right_norm[key] / total[key], "n": total[key]}
-            for key in _keys(total)}
+    return {
+        key: {"acc": right[key] / total[key], "acc_norm": right_norm[key] / total[key], "n": total[key]}
+        for key in _keys(total)
+    }
 
 
-def generation(cfg, params, tokenizer, rows: list[dict], system: str | None = None, batch: int = 16,
-               generator: Generator | None = None) -> tuple[dict, list[str]]:
+def generation(
+    cfg,
+    params,
+    tokenizer,
+    rows: list[dict],
+    system: str | None = None,
+    batch: int = 16,
+    generator: Generator | None = None,
+) -> tuple[dict, list[str]]:
     """Greedy outputs, batched; exact match of the extracted output, overall and per sub-task."""
     generator = generator or Generator(cfg, params)
     outputs = []
     for start in range(0, len(rows), batch):
-        chunk, prompts, budgets, stops = rows[start:start + batch], [], [], set()
+        chunk, prompts, budgets, stops = rows[start : start + batch], [], [], set()
         for row in chunk:
             if "messages" in row:
                 ids, stop_ids = prompt_ids(tokenizer, row["messages"], system)
@@ -129,8 +138,8 @@ def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -
     if len(stream) < 2:
         raise UserError(f"ppl:{source} holds no text")
     step = scorer.width - 1
-    starts = list(range(0, len(stream) - 1, step))[:limit or None]
-    windows = [(stream[s:s + scorer.width], segs[s:s + scorer.width]) for s in starts]
+    starts = list(range(0, len(stream) - 1, step))[: limit or None]
+    windows = [(stream[s : s + scorer.width], segs[s : s + scorer.width]) for s in starts]
     token_bytes = tokenizer.token_bytes(cfg.model.vocab_size)
     nll = tokens = nbytes = 0
     for (ids, seg), logps in zip(windows, scorer(windows)):
@@ -139,16 +148,28 @@ def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -
         tokens += int(same.sum())
         nbytes += int(token_bytes[np.asarray(ids[1:])[same]].sum())
     loss = nll / tokens
-    return {"all": {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": nll / math.log(2) / nbytes,
-                    "tokens": tokens}}
+    return {
+        "all": {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bpb": nll / math.log(2) / nbytes,
+            "tokens": tokens,
+        }
+    }
 
 
 def _keys(total: dict) -> list[str]:
     return sorted(total, key=lambda k: (k != "all", k))
 
 
-def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str | None = None,
-             system: str | None = None, log=print) -> dict:
+def run_eval(
+    run_dir: str,
+    specs: list[str],
+    limit: int | None = None,
+    out: str | None = None,
+    system: str | None = None,
+    log=print,
+) -> dict:
     tasks: list[Task] = [load_task(spec, limit) for spec in specs]  # bad task files fail before the model loads
     run = load_run(run_dir)
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
@@ -160,12 +181,20 @@ def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str 
         elif task.kind == "choice":
             results[task.name] = multiple_choice(scorer, tokenizer, task.rows)
         else:
-            results[task.name] = generation(cfg.model, params, tokenizer, task.rows,
-                                            cfg.sample.system if system is None else system)[0]
-    record = {"run": str(run_dir), "step": run.step, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "seconds": round(time.time() - t0, 1), "tasks": specs, "limit": limit, "results": results,
-              "config": to_dict(cfg)}
-    path = Path(out).expanduser() if out else run.path / "eval" / f"step{run.step}.json"
+            results[task.name] = generation(
+                cfg.model, params, tokenizer, task.rows, cfg.sample.system if system is None else system
+            )[0]
+    record = {
+        "run": str(run_dir),
+        "step": run.step,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.time() - t0, 1),
+        "tasks": specs,
+        "limit": limit,
+        "results": results,
+        "config": to_dict(cfg),
+    }
+    path = Path(out).expanduser() if out else eval_record_path(run.path, run.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     log(format_table(record))
@@ -174,8 +203,10 @@ def run_eval(run_dir: str, specs: list[str], limit: int | None = None, out: str 
 
 
 def format_table(record: dict) -> str:
-    lines = [f"{record['run']} at step {record['step']} ({record['seconds']} s)",
-             f"{'task':<32} {'metric':<12} {'value':>9} {'n':>7}"]
+    lines = [
+        f"{record['run']} at step {record['step']} ({record['seconds']} s)",
+        f"{'task':<32} {'metric':<12} {'value':>9} {'n':>7}",
+    ]
     for task, by_key in record["results"].items():
         for key, metrics in by_key.items():
             if key != "all" and len(by_key) == 2:  # one sub-task: its rows repeat the totals

@@ -23,12 +23,18 @@ from llm_jax.errors import UserError
 from llm_jax.evals.harness import generation
 from llm_jax.run import load_run
 
-SYSTEM = ("You are a strict, impartial judge of answers to a user's question. Judge correctness first, then "
-          "helpfulness and clarity. Ignore the length of the answers and the order in which they are shown.")
-PAIRWISE = ("[Question]\n{question}\n\n[Answer A]\n{a}\n\n[Answer B]\n{b}\n\n"
-            'Which answer is better? Reply with exactly one line: "Verdict: A", "Verdict: B" or "Verdict: tie".')
-SINGLE = ("[Question]\n{question}\n\n[Answer]\n{a}\n\n"
-          'Rate the answer from 1 (useless) to 10 (perfect). Reply with exactly one line: "Rating: [[N]]".')
+SYSTEM = (
+    "You are a strict, impartial judge of answers to a user's question. Judge correctness first, then "
+    "helpfulness and clarity. Ignore the length of the answers and the order in which they are shown."
+)
+PAIRWISE = (
+    "[Question]\n{question}\n\n[Answer A]\n{a}\n\n[Answer B]\n{b}\n\n"
+    'Which answer is better? Reply with exactly one line: "Verdict: A", "Verdict: B" or "Verdict: tie".'
+)
+SINGLE = (
+    "[Question]\n{question}\n\n[Answer]\n{a}\n\n"
+    'Rate the answer from 1 (useless) to 10 (perfect). Reply with exactly one line: "Rating: [[N]]".'
+)
 _VERDICT = re.compile(r"verdict\s*:\s*\[*\s*(a|b|tie)\b", re.IGNORECASE)
 _RATING = re.compile(r"\[\[\s*(10|[1-9])\s*\]\]")
 
@@ -55,8 +61,12 @@ def pairwise_outcome(first: str | None, swapped: str | None) -> str:
 def summarize(rows: list[dict], mode: str) -> dict:
     if mode == "single":
         ratings = [r["rating"] for r in rows if r["rating"] is not None]
-        return {"n": len(rows), "rated": len(ratings), "invalid": len(rows) - len(ratings),
-                "mean_rating": sum(ratings) / len(ratings) if ratings else None}
+        return {
+            "n": len(rows),
+            "rated": len(ratings),
+            "invalid": len(rows) - len(ratings),
+            "mean_rating": sum(ratings) / len(ratings) if ratings else None,
+        }
     counts = {k: sum(r["outcome"] == k for r in rows) for k in ("A", "B", "tie", "invalid")}
     valid = len(rows) - counts["invalid"]
     return {"n": len(rows), **counts, "win_rate_a": (counts["A"] + counts["tie"] / 2) / valid if valid else None}
@@ -68,10 +78,15 @@ class Endpoint:
         self.model, self.api_key, self.max_tokens, self.timeout = model, api_key, max_tokens, timeout
 
     def ask(self, prompt: str) -> str:
-        body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+        }
         headers = {"Content-Type": "application/json"} | (
-            {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+            {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        )
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -81,8 +96,10 @@ class Endpoint:
             raise ConnectionError(f"the judge at {self.url} answered HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ConnectionError(f"the judge at {self.url} is unreachable ({reason}); check --judge-url / "
-                                  "$LLM_JAX_JUDGE_URL and that the server is up") from None
+            raise ConnectionError(
+                f"the judge at {self.url} is unreachable ({reason}); check --judge-url / "
+                "$LLM_JAX_JUDGE_URL and that the server is up"
+            ) from None
         except (KeyError, IndexError, json.JSONDecodeError):
             raise ConnectionError(f"the judge at {self.url} did not answer like an OpenAI chat endpoint") from None
 
@@ -118,8 +135,9 @@ def answers(contestant: str, conversations: list[list[dict]], max_tokens: int) -
     path = Path(contestant).expanduser()
     if path.is_dir():
         run = load_run(contestant)
-        rows = [{"messages": c, "answer": "", "task": "all", "max_tokens": max_tokens, "stop": []}
-                for c in conversations]
+        rows = [
+            {"messages": c, "answer": "", "task": "all", "max_tokens": max_tokens, "stop": []} for c in conversations
+        ]
         return generation(run.cfg.model, run.params, run.tokenizer, rows, run.cfg.sample.system)[1]
     if not path.is_file():
         raise UserError(f"contestant {contestant} is neither a run directory nor an answers JSONL file")
@@ -129,18 +147,19 @@ def answers(contestant: str, conversations: list[list[dict]], max_tokens: int) -
             try:
                 out.append(json.loads(line)["answer"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno}: expected {{\"answer\": text}}") from None
+                raise UserError(f'{path}:{lineno}: expected {{"answer": text}}') from None
     if len(out) != len(conversations):
         raise UserError(f"{path} has {len(out)} answers for {len(conversations)} questions")
     return out
 
 
-def judge(questions: str, a: str, b: str | None, endpoint: Endpoint, out: str, max_tokens: int = 64,
-          log=print) -> dict:
+def judge(questions: str, a: str, b: str | None, endpoint: Endpoint, out: str, max_tokens: int = 64, log=print) -> dict:
     mode = "pairwise" if b else "single"
     conversations = load_questions(questions)
     out_path = Path(out).expanduser()
-    done = [json.loads(line) for line in out_path.read_text().splitlines() if line.strip()] if out_path.is_file() else []
+    done = (
+        [json.loads(line) for line in out_path.read_text().splitlines() if line.strip()] if out_path.is_file() else []
+    )
     if done and done[0].get("mode") != mode:
         raise UserError(f"{out_path} holds {done[0].get('mode')} judgments; use another --out for {mode}")
     answers_a = answers(a, conversations, max_tokens)
@@ -156,11 +175,17 @@ def judge(questions: str, a: str, b: str | None, endpoint: Endpoint, out: str, m
                 else:
                     first = endpoint.ask(PAIRWISE.format(question=question, a=answers_a[i], b=answers_b[i]))
                     swapped = endpoint.ask(PAIRWISE.format(question=question, a=answers_b[i], b=answers_a[i]))
-                    row = {"mode": mode, "index": i, "replies": [first, swapped],
-                           "outcome": pairwise_outcome(parse_verdict(first), parse_verdict(swapped))}
+                    row = {
+                        "mode": mode,
+                        "index": i,
+                        "replies": [first, swapped],
+                        "outcome": pairwise_outcome(parse_verdict(first), parse_verdict(swapped)),
+                    }
             except ConnectionError as e:
-                raise UserError(f"{e}. {len(done)} of {len(conversations)} questions judged; they are kept in "
-                                f"{out_path} and a rerun with the same --out resumes after them") from None
+                raise UserError(
+                    f"{e}. {len(done)} of {len(conversations)} questions judged; they are kept in "
+                    f"{out_path} and a rerun with the same --out resumes after them"
+                ) from None
             f.write(json.dumps(row | {"question": question}) + "\n")
             f.flush()
             done.append(row)
@@ -174,15 +199,24 @@ def format_summary(s: dict, mode: str, a: str, b: str | None) -> str:
         mean = "n/a" if s["mean_rating"] is None else f"{s['mean_rating']:.2f}"
         return f"{a}: mean rating {mean} over {s['rated']} of {s['n']} answers ({s['invalid']} unparsed)"
     rate = "n/a" if s["win_rate_a"] is None else f"{s['win_rate_a']:.1%}"
-    return "\n".join([f"{'':<10} {'count':>6}", f"{'A wins':<10} {s['A']:>6}   A = {a}", f"{'B wins':<10} {s['B']:>6}   "
-                      f"B = {b}", f"{'ties':<10} {s['tie']:>6}", f"{'invalid':<10} {s['invalid']:>6}",
-                      f"win rate of A (ties count half, invalid excluded): {rate} over {s['n']} questions"])
+    return "\n".join(
+        [
+            f"{'':<10} {'count':>6}",
+            f"{'A wins':<10} {s['A']:>6}   A = {a}",
+            f"{'B wins':<10} {s['B']:>6}   B = {b}",
+            f"{'ties':<10} {s['tie']:>6}",
+            f"{'invalid':<10} {s['invalid']:>6}",
+            f"win rate of A (ties count half, invalid excluded): {rate} over {s['n']} questions",
+        ]
+    )
 
 
 def endpoint_from_env(url: str | None, model: str | None) -> Endpoint:
     url = url or os.environ.get("LLM_JAX_JUDGE_URL")
     model = model or os.environ.get("LLM_JAX_JUDGE_MODEL")
     if not url or not model:
-        raise UserError("name the judge: --judge-url (or $LLM_JAX_JUDGE_URL, e.g. http://127.0.0.1:8000/v1) and "
-                        "--judge-model (or $LLM_JAX_JUDGE_MODEL); the key comes from $LLM_JAX_JUDGE_API_KEY")
+        raise UserError(
+            "name the judge: --judge-url (or $LLM_JAX_JUDGE_URL, e.g. http://127.0.0.1:8000/v1) and "
+            "--judge-model (or $LLM_JAX_JUDGE_MODEL); the key comes from $LLM_JAX_JUDGE_API_KEY"
+        )
     return Endpoint(url, model, os.environ.get("LLM_JAX_JUDGE_API_KEY"))

@@ -49,39 +49,61 @@ def build(texts_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     for play in PLAYS:
         spoken = speeches((texts_dir / f"{play}.txt").read_text(encoding="utf-8"))
         cast = [s for s, n in Counter(s for s, _ in spoken).most_common(8)]
-        lines = [(i, j, line) for i, (_, speech) in enumerate(spoken) for j, line in enumerate(speech.split("\n"))
-                 if 6 <= len(line.split()) <= 12 and i >= 2]
+        lines = [
+            (i, j, line)
+            for i, (_, speech) in enumerate(spoken)
+            for j, line in enumerate(speech.split("\n"))
+            if 6 <= len(line.split()) <= 12 and i >= 2
+        ]
         by_length = {}
         for _, _, line in lines:
             by_length.setdefault(len(line.split()), []).append(line)
 
-        for i in rng.sample([i for i in range(2, len(spoken)) if spoken[i][0] in cast and len(spoken[i][1]) < 300],
-                            per_play):
+        for i in rng.sample(
+            [i for i in range(2, len(spoken)) if spoken[i][0] in cast and len(spoken[i][1]) < 300], per_play
+        ):
             speaker, speech = spoken[i]
             others = rng.sample([s for s in cast if s != speaker], 3)
             choices = [speaker, *others]
             rng.shuffle(choices)
-            tasks["shakespeare_speaker"].append({
-                "context": _render(spoken[i - 2:i]), "choices": [f"{s}\n{speech}" for s in choices],
-                "gold": choices.index(speaker), "task": "shakespeare_speaker"})
+            tasks["shakespeare_speaker"].append(
+                {
+                    "context": _render(spoken[i - 2 : i]),
+                    "choices": [f"{s}\n{speech}" for s in choices],
+                    "gold": choices.index(speaker),
+                    "task": "shakespeare_speaker",
+                }
+            )
 
         for i, j, line in rng.sample(lines, per_play):
             speaker, speech = spoken[i]
             words = line.split()
             cut = len(words) // 2
-            before = _render(spoken[i - 2:i]) + f"{speaker}\n" + "".join(
-                f"{row}\n" for row in speech.split("\n")[:j]) + " ".join(words[:cut])
+            before = (
+                _render(spoken[i - 2 : i])
+                + f"{speaker}\n"
+                + "".join(f"{row}\n" for row in speech.split("\n")[:j])
+                + " ".join(words[:cut])
+            )
             ending = " " + " ".join(words[cut:])
             pool = [x for x in by_length[len(words)] if x != line]
             choices = [ending] + [" " + " ".join(x.split()[cut:]) for x in rng.sample(pool, 3)]
             rng.shuffle(choices)
-            tasks["shakespeare_cloze"].append({"context": before, "choices": choices, "gold": choices.index(ending),
-                                               "task": "shakespeare_cloze"})
+            tasks["shakespeare_cloze"].append(
+                {"context": before, "choices": choices, "gold": choices.index(ending), "task": "shakespeare_cloze"}
+            )
             nxt = re.match(r"[A-Za-z']+", words[cut])
             if nxt:
-                tasks["shakespeare_next_word"].append({
-                    "prompt": before, "answer": nxt.group(0), "regex": r"^\s*([A-Za-z']+)",
-                    "max_tokens": 8, "stop": ["\n"], "task": "shakespeare_next_word"})
+                tasks["shakespeare_next_word"].append(
+                    {
+                        "prompt": before,
+                        "answer": nxt.group(0),
+                        "regex": r"^\s*([A-Za-z']+)",
+                        "max_tokens": 8,
+                        "stop": ["\n"],
+                        "task": "shakespeare_next_word",
+                    }
+                )
     return tasks
 
 

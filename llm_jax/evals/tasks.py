@@ -49,8 +49,10 @@ def load_task(spec: str, limit: int | None = None) -> Task:
         return Task(spec, "ppl", [], spec[4:])
     path = BUNDLED / f"{spec}.jsonl" if (BUNDLED / f"{spec}.jsonl").is_file() else Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"task {spec!r} is neither a bundled task ({', '.join(bundled_names())}), a JSONL file, "
-                        "nor ppl:<text source>")
+        raise UserError(
+            f"task {spec!r} is neither a bundled task ({', '.join(bundled_names())}), a JSONL file, "
+            "nor ppl:<text source>"
+        )
     rows = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if line.strip():
@@ -61,7 +63,7 @@ def load_task(spec: str, limit: int | None = None) -> Task:
     if len(kinds) > 1:
         raise UserError(f"{path} mixes multiple-choice and generation rows; put each kind in its own file")
     if limit and limit < len(rows):
-        rows = rows[::len(rows) // limit][:limit]  # spread over the file, keeping its mix of sub-tasks
+        rows = rows[:: len(rows) // limit][:limit]  # spread over the file, keeping its mix of sub-tasks
     return Task(path.stem, kinds.pop(), rows)
 
 
@@ -79,14 +81,27 @@ def _check_row(line: str, where: str) -> dict:
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
             raise UserError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
         if not (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(choices)):
-            raise UserError(f"{where}: 'gold' must be the index of the right choice (0..{len(choices) - 1}), got {gold!r}")
-        return {"kind": "choice", "context": row["context"], "choices": choices, "gold": gold,
-                "task": str(row.get("task", "all"))}
+            raise UserError(
+                f"{where}: 'gold' must be the index of the right choice (0..{len(choices) - 1}), got {gold!r}"
+            )
+        return {
+            "kind": "choice",
+            "context": row["context"],
+            "choices": choices,
+            "gold": gold,
+            "task": str(row.get("task", "all")),
+        }
     if not isinstance(row.get("answer"), str):
-        raise UserError(f"{where}: a row needs 'choices' and 'gold' (multiple choice) or a string 'answer' "
-                        "(generation)")
-    out = {"kind": "generate", "answer": row["answer"], "task": str(row.get("task", "all")),
-           "max_tokens": row.get("max_tokens", 32), "stop": row.get("stop", [])}
+        raise UserError(
+            f"{where}: a row needs 'choices' and 'gold' (multiple choice) or a string 'answer' (generation)"
+        )
+    out = {
+        "kind": "generate",
+        "answer": row["answer"],
+        "task": str(row.get("task", "all")),
+        "max_tokens": row.get("max_tokens", 32),
+        "stop": row.get("stop", []),
+    }
     if "messages" in row:
         messages = row["messages"]
         check_messages(messages, where)

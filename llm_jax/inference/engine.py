@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from llm_jax.inference.generate import Generator
 
@@ -43,8 +43,9 @@ class Request:
 
 
 class Engine:
-    def __init__(self, generator: Generator, stop_ids: tuple[int, ...], max_batch: int = 16, max_queue: int = 64,
-                 pad_id: int = 0):
+    def __init__(
+        self, generator: Generator, stop_ids: tuple[int, ...], max_batch: int = 16, max_queue: int = 64, pad_id: int = 0
+    ):
         self.generator, self.stop_ids, self.max_batch, self.pad_id = generator, stop_ids, max_batch, pad_id
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.batches = self.rows = 0  # counters for /health
@@ -78,8 +79,10 @@ class Engine:
     def _generate(self, batch: list[Request]) -> None:
         rows = 1 << (len(batch) - 1).bit_length()
         pad = rows - len(batch)  # idle rows: a one-token prompt with no budget
-        columns = zip(*[(r.ids, r.max_new, r.temperature, r.top_k, r.top_p, r.seed) for r in batch],
-                      *[([self.pad_id], 0, 0.0, 0, 1.0, 0)] * pad)
+        columns = zip(
+            *[(r.ids, r.max_new, r.temperature, r.top_k, r.top_p, r.seed) for r in batch],
+            *[([self.pad_id], 0, 0.0, 0, 1.0, 0)] * pad,
+        )
         self.batches, self.rows = self.batches + 1, self.rows + len(batch)
         steps = self.generator.stream_batch(*map(list, columns), stop_ids=self.stop_ids)
         for step in steps:

@@ -9,7 +9,7 @@ most) and a note says how many were dropped; max_new_tokens is capped at seq_len
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,9 @@ def sample_token(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) 
 
     def sample(_):
         probs = jax.nn.softmax(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
-        floor = jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1), _filter_floor, lambda *_: jnp.zeros(b),
-                             probs, top_k, top_p)
+        floor = jax.lax.cond(
+            jnp.any(top_k > 0) | jnp.any(top_p < 1), _filter_floor, lambda *_: jnp.zeros(b), probs, top_k, top_p
+        )
         cdf = jnp.cumsum(jnp.where(probs >= floor[:, None], probs, 0.0), axis=-1)
         u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
         drawn = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), logits.shape[1] - 1)  # first index with cdf > u
@@ -57,8 +58,12 @@ def _filter_floor(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, halvings
         mid_k, mid_p = (lo_k + hi_k) / 2, (lo_p + hi_p) / 2
         ok_k = jnp.sum(probs >= mid_k[:, None], axis=-1) >= top_k
         ok_p = jnp.sum(jnp.where(probs >= mid_p[:, None], probs, 0.0), axis=-1) >= top_p
-        return (jnp.where(ok_k, mid_k, lo_k), jnp.where(ok_k, hi_k, mid_k),
-                jnp.where(ok_p, mid_p, lo_p), jnp.where(ok_p, hi_p, mid_p))
+        return (
+            jnp.where(ok_k, mid_k, lo_k),
+            jnp.where(ok_k, hi_k, mid_k),
+            jnp.where(ok_p, mid_p, lo_p),
+            jnp.where(ok_p, hi_p, mid_p),
+        )
 
     lo_k, _, lo_p, _ = jax.lax.fori_loop(0, halvings, halve, (zero, top, zero, top))
     return jnp.maximum(jnp.where(top_k > 0, lo_k, 0.0), jnp.where(top_p < 1, lo_p, 0.0))
@@ -72,8 +77,10 @@ def fit_prompt(ids: list[int], seq_len: int, max_new_tokens: int) -> tuple[list[
         max_new_tokens = seq_len - 1
     room = seq_len - max_new_tokens
     if len(ids) > room:
-        notes.append(f"prompt has {len(ids)} tokens; kept its last {room} so that {max_new_tokens} new tokens "
-                     f"fit the {seq_len}-token context (lower max_new_tokens to keep more)")
+        notes.append(
+            f"prompt has {len(ids)} tokens; kept its last {room} so that {max_new_tokens} new tokens "
+            f"fit the {seq_len}-token context (lower max_new_tokens to keep more)"
+        )
         ids = ids[-room:]
     return ids, max_new_tokens, "; ".join(notes) or None
 
@@ -120,33 +127,55 @@ class Generator:
         self._prefill = jax.jit(prefill)
         self._decode = jax.jit(decode, donate_argnums=1)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    def stream(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: tuple[int, ...] = (),
+    ) -> Iterator[int]:
         """Yields new token ids until max_new_tokens or a stop id (not yielded). Call fit_prompt first."""
-        for (tok,) in self.stream_batch([prompt_ids], [max_new_tokens], [temperature], [top_k], [top_p], [seed],
-                                        stop_ids):
+        for (tok,) in self.stream_batch(
+            [prompt_ids], [max_new_tokens], [temperature], [top_k], [top_p], [seed], stop_ids
+        ):
             if tok is None:
                 return
             yield tok
 
-    def stream_batch(self, prompts: list[list[int]], max_new_tokens: list[int], temperature: list[float],
-                     top_k: list[int], top_p: list[float], seeds: list[int],
-                     stop_ids: tuple[int, ...] = ()) -> Iterator[list[int | None]]:
+    def stream_batch(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        temperature: list[float],
+        top_k: list[int],
+        top_p: list[float],
+        seeds: list[int],
+        stop_ids: tuple[int, ...] = (),
+    ) -> Iterator[list[int | None]]:
         """Per step, each row's new token, or None once the row stopped (its budget or a stop id);
         ends when every row has stopped. Prompts must fit with their budgets (fit_prompt)."""
         for ids, new in zip(prompts, max_new_tokens):
-            if not (0 < len(ids) and len(ids) + new <= self.cfg.seq_len):
+            if not (len(ids) > 0 and len(ids) + new <= self.cfg.seq_len):
                 raise ValueError(f"prompt of {len(ids)} tokens + {new} new exceeds {self.cfg.seq_len}; use fit_prompt")
         rows = len(prompts)
         idle = -rows % self.row_multiple  # rows with a one-token prompt and no budget
         prompts, max_new_tokens, temperature, top_k, top_p, seeds = (
-            list(column) + [pad] * idle for column, pad in
-            zip((prompts, max_new_tokens, temperature, top_k, top_p, seeds), ([0], 0, 0.0, 0, 1.0, 0)))
+            list(column) + [pad] * idle
+            for column, pad in zip(
+                (prompts, max_new_tokens, temperature, top_k, top_p, seeds), ([0], 0, 0.0, 0, 1.0, 0)
+            )
+        )
         lengths = [len(ids) for ids in prompts]
         bucket = min(self.cfg.seq_len, 1 << max(4, (max(lengths) - 1).bit_length()))
         tokens = jnp.asarray([ids + [0] * (bucket - len(ids)) for ids in prompts], jnp.int32)
-        settings = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
-                    jnp.asarray(top_p, jnp.float32))
+        settings = (
+            jnp.asarray(temperature, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(top_p, jnp.float32),
+        )
         seeds_arr = jnp.asarray(seeds, jnp.uint32)
         lengths_arr = jnp.asarray(lengths, jnp.int32)
         with self._mesh():
@@ -184,7 +213,7 @@ def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -
             yield text[shown:end]
             return
         if len(text) - hold > shown:
-            yield text[shown:len(text) - hold]
+            yield text[shown : len(text) - hold]
             shown = len(text) - hold
     text = tokenizer.decode(ids)
     end = first_stop(text, stop, shown)

@@ -2,8 +2,9 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
 llm_jax/data/chat_template.py), both with "stream": true as server-sent events; GET /v1/models;
-GET /health. Requests go through the batching engine (llm_jax/inference/engine.py). Errors are OpenAI-shaped, {"error": {"message", "type",
-"param", "code"}}, with a 4xx status; the server keeps serving after any of them.
+GET /health. Requests go through the batching engine (llm_jax/inference/engine.py). Errors are
+OpenAI-shaped, {"error": {"message", "type", "param", "code"}}, with a 4xx status; the server keeps
+serving after any of them.
 
 Sampling fields: max_tokens (or max_completion_tokens; default 16 for completions, the rest of
 the context up to --max-tokens for chat), temperature (default 1), top_p, top_k (an extension;
@@ -19,9 +20,8 @@ import sys
 import threading
 import time
 import uuid
-from http import HTTPStatus
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 import jax
 
@@ -37,8 +37,14 @@ MAX_BODY = 1 << 20  # bytes of a request body
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -46,13 +52,16 @@ class ApiError(Exception):
 class Service:
     """Turns OpenAI request bodies into engine requests and engine tokens into response objects."""
 
-    def __init__(self, cfg, params, tokenizer, model_name: str, max_tokens: int, max_batch: int, max_queue: int,
-                 layout=None):
+    def __init__(
+        self, cfg, params, tokenizer, model_name: str, max_tokens: int, max_batch: int, max_queue: int, layout=None
+    ):
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
         _, self.chat_stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])  # checks the chat tokens
-        self.engine = Engine(Generator(cfg.model, params, layout), self.chat_stop_ids, max_batch, max_queue, tokenizer.eos_id)
+        self.engine = Engine(
+            Generator(cfg.model, params, layout), self.chat_stop_ids, max_batch, max_queue, tokenizer.eos_id
+        )
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away
 
     def warm_up(self) -> None:
@@ -61,12 +70,28 @@ class Service:
         list(request.tokens())
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "llm_jax", "context_length": self.seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "llm_jax",
+                    "context_length": self.seq_len,
+                }
+            ],
+        }
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "waiting": self.engine.waiting.qsize(),
-                "batches": self.engine.batches, "requests": self.engine.rows, "cancelled": self.cancelled}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "waiting": self.engine.waiting.qsize(),
+            "batches": self.engine.batches,
+            "requests": self.engine.rows,
+            "cancelled": self.cancelled,
+        }
 
     def parse(self, body, chat: bool) -> tuple[Request, list[str]]:
         """A validated request body -> (engine request, stop strings); raises ApiError."""
@@ -76,25 +101,41 @@ class Service:
         if model is None:
             raise ApiError(400, "missing required field 'model'", "model", "missing_required_parameter")
         if model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
-                                "(GET /v1/models)", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}' (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
         _integer(body, "n", 1, 1, 1, "one choice per request on this server")
         ids = self._chat_prompt(body) if chat else self._text_prompt(body)
         default = min(self.max_tokens, self.seq_len - len(ids)) if chat else min(16, self.max_tokens)
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        max_new = _integer(body, key, default, 1, self.max_tokens,
-                           f"at most {self.max_tokens} new tokens per request on this server")
+        max_new = _integer(
+            body, key, default, 1, self.max_tokens, f"at most {self.max_tokens} new tokens per request on this server"
+        )
         if len(ids) + max_new > self.seq_len:
-            raise ApiError(400, f"this model's maximum context length is {self.seq_len} tokens; the request needs "
-                                f"{len(ids) + max_new} ({len(ids)} in the prompt, {max_new} for the completion): "
-                                f"shorten the prompt or lower {key}", key, "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {self.seq_len} tokens; the request needs "
+                f"{len(ids) + max_new} ({len(ids)} in the prompt, {max_new} for the completion): "
+                f"shorten the prompt or lower {key}",
+                key,
+                "context_length_exceeded",
+            )
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop or []
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4", "stop")
         seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
-        request = Request(ids, max_new, _number(body, "temperature", 1.0, 0.0, 2.0), _integer(body, "top_k", 0, 0, None),
-                          _number(body, "top_p", 1.0, 1e-9, 1.0), secrets.randbits(32) if seed is None else seed % 2**32)
+        request = Request(
+            ids,
+            max_new,
+            _number(body, "temperature", 1.0, 0.0, 2.0),
+            _integer(body, "top_k", 0, 0, None),
+            _number(body, "top_p", 1.0, 1e-9, 1.0),
+            secrets.randbits(32) if seed is None else seed % 2**32,
+        )
         return request, stop
 
     def _text_prompt(self, body) -> list[int]:
@@ -102,8 +143,12 @@ class Service:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (or a list of one string)", "prompt",
-                           None if "prompt" in body else "missing_required_parameter")
+            raise ApiError(
+                400,
+                "'prompt' must be a string (or a list of one string)",
+                "prompt",
+                None if "prompt" in body else "missing_required_parameter",
+            )
         return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)  # a fresh document, as in pretraining
 
     def _chat_prompt(self, body) -> list[int]:
@@ -113,8 +158,9 @@ class Service:
         try:
             check_messages(messages, "messages")
         except UserError as e:
-            raise ApiError(400, str(e), "messages",
-                           None if "messages" in body else "missing_required_parameter") from None
+            raise ApiError(
+                400, str(e), "messages", None if "messages" in body else "missing_required_parameter"
+            ) from None
         return prompt_ids(self.tokenizer, messages, self.cfg.sample.system)[0]
 
     def run(self, request: Request, stop: list[str]) -> Iterator[str]:
@@ -142,8 +188,14 @@ class Service:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": _usage(request)}
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": _usage(request),
+        }
 
     def chunk(self, rid: str, chat: bool, text: str | None = None, finish: str | None = None, first=False) -> dict:
         if chat:
@@ -151,13 +203,21 @@ class Service:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+        }
 
 
 def _usage(request: Request) -> dict:
-    return {"prompt_tokens": len(request.ids), "completion_tokens": request.generated,
-            "total_tokens": len(request.ids) + request.generated}
+    return {
+        "prompt_tokens": len(request.ids),
+        "completion_tokens": request.generated,
+        "total_tokens": len(request.ids) + request.generated,
+    }
 
 
 def _plain_message(m):
@@ -167,8 +227,7 @@ def _plain_message(m):
     if isinstance(m.get("content"), list):
         parts = m["content"]
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-            raise ApiError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                           "messages")
+            raise ApiError(400, 'only text content parts ({"type": "text", "text": ...}) are supported', "messages")
         m["content"] = "".join(p["text"] for p in parts)
     if m.get("role") not in ROLES:
         raise ApiError(400, f"unsupported role {m.get('role')!r}: use system, user or assistant", "messages")
@@ -200,8 +259,12 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch({"/health": self.service.health, "/v1/models": self.service.models})
 
     def do_POST(self):
-        self._dispatch({"/v1/completions": lambda: self._complete(chat=False),
-                        "/v1/chat/completions": lambda: self._complete(chat=True)})
+        self._dispatch(
+            {
+                "/v1/completions": lambda: self._complete(chat=False),
+                "/v1/chat/completions": lambda: self._complete(chat=True),
+            }
+        )
 
     def _dispatch(self, routes: dict) -> None:
         try:
@@ -209,8 +272,12 @@ class Handler(BaseHTTPRequestHandler):
             if path not in routes:
                 raise ApiError(404, f"no endpoint {self.command} {self.path}", code="not_found")
             if self.api_key and path != "/health" and self.headers.get("Authorization") != f"Bearer {self.api_key}":
-                raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
-                               kind="authentication_error")
+                raise ApiError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    code="invalid_api_key",
+                    kind="authentication_error",
+                )
             result = routes[path]()
             if result is not None:
                 self._json(200, result)
@@ -301,14 +368,26 @@ def serve_layout(cfg: Config, mesh: str) -> Layout | None:
     devices = jax.local_devices()
     if data * fsdp * tensor > len(devices):
         raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
-    layout = make_layout(MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1,
-                                    rules=cfg.mesh.rules, microbatches=0), devices[:data * fsdp * tensor])
+    layout = make_layout(
+        MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
+        devices[: data * fsdp * tensor],
+    )
     check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
     return layout
 
 
-def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, max_batch: int,
-          max_queue: int, api_key: str | None, mesh: str = "1,1,1", ready=print) -> None:
+def serve(
+    run_dir: str,
+    host: str,
+    port: int,
+    model_name: str | None,
+    max_tokens: int,
+    max_batch: int,
+    max_queue: int,
+    api_key: str | None,
+    mesh: str = "1,1,1",
+    ready=print,
+) -> None:
     run = load_run(run_dir)
     cfg = run.cfg
     name = model_name or run.path.resolve().name
@@ -318,12 +397,17 @@ def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens
     try:
         httpd = ThreadingHTTPServer((host, port), handler)
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one)") from None
+        raise UserError(
+            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one)"
+        ) from None
     httpd.daemon_threads = True
     weights = "float" if cfg.model.quant == "none" else cfg.model.quant
-    ready(f"serving {run_dir} ({run.step} steps, {weights} weights, mesh {mesh}) as '{name}' on "
-          f"http://{host}:{httpd.server_address[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
-          f"batch {max_batch}, queue {max_queue})", flush=True)
+    ready(
+        f"serving {run_dir} ({run.step} steps, {weights} weights, mesh {mesh}) as '{name}' on "
+        f"http://{host}:{httpd.server_address[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
+        f"batch {max_batch}, queue {max_queue})",
+        flush=True,
+    )
     try:
         httpd.serve_forever()
     finally:

@@ -22,11 +22,23 @@ class Sampling:
     seed: int
 
     @classmethod
-    def resolve(cls, s: SampleConfig, max_new_tokens: int | None, temperature: float | None, top_k: int | None,
-                top_p: float | None, seed: int) -> Sampling:
+    def resolve(
+        cls,
+        s: SampleConfig,
+        max_new_tokens: int | None,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int,
+    ) -> Sampling:
         """Command-line settings over the run's sample.* defaults, checked."""
-        out = cls(max_new_tokens or s.max_new_tokens, s.temperature if temperature is None else temperature,
-                  s.top_k if top_k is None else top_k, s.top_p if top_p is None else top_p, seed)
+        out = cls(
+            max_new_tokens or s.max_new_tokens,
+            s.temperature if temperature is None else temperature,
+            s.top_k if top_k is None else top_k,
+            s.top_p if top_p is None else top_p,
+            seed,
+        )
         if out.max_new_tokens <= 0 or out.temperature < 0 or out.top_k < 0 or not 0 < out.top_p <= 1:
             raise UserError("need --max-new-tokens > 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
         return out
@@ -39,13 +51,13 @@ def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[s
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = sys.stdin.read() if prompt is None else prompt
     s = Sampling.resolve(cfg.sample, **settings)
-    ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len,
-                                    s.max_new_tokens)
+    ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len, s.max_new_tokens)
     if note:
         print(f"note: {note}", file=sys.stderr)
     print(f"[{run.step} steps] {prompt}", end="", flush=True)
-    tokens = Generator(cfg.model, run.params).stream(ids, max_new, s.temperature, s.top_k, s.top_p, s.seed,
-                                                     stop_ids=(tokenizer.eos_id,))
+    tokens = Generator(cfg.model, run.params).stream(
+        ids, max_new, s.temperature, s.top_k, s.top_p, s.seed, stop_ids=(tokenizer.eos_id,)
+    )
     for piece in stream_text(tokenizer, tokens, stop):
         print(piece, end="", flush=True)
     print()
@@ -59,8 +71,11 @@ def chat(run_dir: str, settings: dict, system: str | None) -> None:
     max_new = min(s.max_new_tokens, cfg.model.seq_len // 2)
     system = cfg.sample.system if system is None else system
     generator = Generator(cfg.model, run.params)
-    print(f"chat with {run_dir} ({run.step} steps, context {cfg.model.seq_len} tokens); "
-          "/reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    print(
+        f"chat with {run_dir} ({run.step} steps, context {cfg.model.seq_len} tokens); "
+        "/reset starts over, /exit or Ctrl-D quits",
+        file=sys.stderr,
+    )
     messages, turn = [], 0
     while True:
         try:
@@ -80,9 +95,11 @@ def chat(run_dir: str, settings: dict, system: str | None) -> None:
             print("(the conversation outgrew the context: dropped the oldest exchange)", file=sys.stderr)
             ids, stop = prompt_ids(tokenizer, messages, system)
         if len(ids) + max_new > cfg.model.seq_len:
-            print(f"(that message is {len(ids)} tokens with the template; at most {cfg.model.seq_len - max_new} "
-                  "fit the context with room for a reply: say less, or pass a lower --max-new-tokens)",
-                  file=sys.stderr)
+            print(
+                f"(that message is {len(ids)} tokens with the template; at most {cfg.model.seq_len - max_new} "
+                "fit the context with room for a reply: say less, or pass a lower --max-new-tokens)",
+                file=sys.stderr,
+            )
             messages.pop()
             continue
         print("bot> ", end="", flush=True)

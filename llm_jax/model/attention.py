@@ -37,8 +37,9 @@ def resolve(impl: str) -> str:
     return "blocked" if device.platform == "cpu" else "xla"
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
-                     segments: jax.Array | None = None) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segments: jax.Array | None = None
+) -> jax.Array:
     """q [B, T, N, H], k/v [B, T, K, H] (K divides N) -> [B, T, N, H]; token t sees tokens <= t.
 
     segments [B, T] int (packed examples): token t then sees only earlier tokens of its own segment.
@@ -67,13 +68,14 @@ def _blocked(q, k, v, segments):
     b, t, n, h = q.shape
     kv = k.shape[2]
     block = t if t % 64 else max(64, t // 8)  # at most 8 query blocks: compile time grows with their number
-    q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4) * jnp.asarray(h ** -0.5, q.dtype)  # [B,K,G,T,H]
+    q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4) * jnp.asarray(h**-0.5, q.dtype)  # [B,K,G,T,H]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     outs = []
     for start in range(0, t, block):
         end = start + block
-        scores = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end],
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum(
+            "bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32
+        )
         visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [block, end]
         if segments is not None:  # [B, 1, 1, block, end]
             visible = visible & (segments[:, start:end, None] == segments[:, None, :end])[:, None, None]
@@ -83,14 +85,22 @@ def _blocked(q, k, v, segments):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(t: int, group: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b = min(SPLASH_BLOCK, t)
-    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    sizes = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
     with jax.ensure_compile_time_eval():  # built once, often while tracing: its mask tables must be constants
         kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
@@ -107,7 +117,7 @@ def _splash(q, k, v, segments):
     def local(q, k, v, segments):  # this device's rows and heads: q [b, T, n, H], k/v [b, T, kv, H]
         b, _, n, _ = q.shape
         kv = k.shape[2]
-        qq = (q * jnp.asarray(h ** -0.5, q.dtype)).reshape(b, t, kv, group, h).transpose(0, 2, 3, 1, 4)
+        qq = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv, group, h).transpose(0, 2, 3, 1, 4)
         kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, T, H]
 
         def one(q1, k1, v1, s1):  # [group, T, H], [T, H], [T, H], [T]
@@ -125,8 +135,9 @@ def _splash(q, k, v, segments):
         raise ValueError("model.attention=splash needs whole sequences on each device: map `length` to no mesh axis")
     if not all(_divides(mesh, s, x.shape) for s, x in ((q_spec, q), (kv_spec, k))):
         return causal_attention(q, k, v, "xla", segments)  # a batch smaller than its shards (e.g. at init)
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")), out_specs=q_spec,
-                         check_vma=False)(q, k, v, segments)
+    return jax.shard_map(
+        local, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")), out_specs=q_spec, check_vma=False
+    )(q, k, v, segments)
 
 
 def _divides(mesh, spec, shape) -> bool:

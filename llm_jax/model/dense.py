@@ -33,14 +33,15 @@ def matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
     1.6x faster than that of the equivalent 3-D einsum (measured: SwiGLU MLP fwd+bwd, 8 x 256 x 384,
     128 ms vs 208 ms); on accelerators the reshapes are free.
     """
-    lead, k = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:])
+    lead, k = x.shape[: x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims :])
     out = w.shape[in_dims:]
     y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype), preferred_element_type=jnp.float32)
     return y.astype(dtype).reshape(*lead, *out)
 
 
-def dense(module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...],
-           std: float, in_dims: int) -> jax.Array:
+def dense(
+    module: nn.Module, name: str, x: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], std: float, in_dims: int
+) -> jax.Array:
     """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. Quantized weights
     (quantize below) are stored as `name` plus a float32 `name_scale`:
     - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
@@ -68,9 +69,9 @@ def quantize(params: dict, mode: str) -> dict:
     layers = dict(params["layers"])
     for name, in_dims in IN_DIMS.items():
         w = jnp.asarray(layers.pop(name), jnp.float32)
-        lead, out = w.shape[:1 + in_dims], w.shape[1 + in_dims:]
+        lead, out = w.shape[: 1 + in_dims], w.shape[1 + in_dims :]
         group, top, dtype = (math.prod(lead[1:]), 127, jnp.int8) if mode == "int8" else (INT4_GROUP, 7, jnp.int4)
-        grouped = w.reshape(w.shape[0], -1, group, math.prod(out))         # [L, groups, group, N]
+        grouped = w.reshape(w.shape[0], -1, group, math.prod(out))  # [L, groups, group, N]
         scale = jnp.max(jnp.abs(grouped), axis=2, keepdims=True) / top
         scale = jnp.where(scale > 0, scale, 1.0)
         q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8)

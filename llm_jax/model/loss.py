@@ -35,8 +35,9 @@ def chunk_rows(n: int, vocab: int, budget: int | None = None) -> int:
     return rows if rows >= 8 else n
 
 
-def cross_entropy_sum(hidden: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array,
-                      dtype, chunk: int | None = None) -> jax.Array:
+def cross_entropy_sum(
+    hidden: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array, dtype, chunk: int | None = None
+) -> jax.Array:
     """sum_i weights[i] * -log softmax(hidden[i] @ table.T)[targets[i]].
 
     hidden [N, D], table [V, D] (the embedding, or an untied head in the same layout), targets [N]
@@ -46,8 +47,9 @@ def cross_entropy_sum(hidden: jax.Array, table: jax.Array, targets: jax.Array, w
     return _ce(dtype, chunk or chunk_rows(hidden.shape[0], table.shape[0]), hidden, table, targets, weights)
 
 
-def token_log_probs(hidden: jax.Array, table: jax.Array, targets: jax.Array, dtype,
-                    chunk: int | None = None) -> jax.Array:
+def token_log_probs(
+    hidden: jax.Array, table: jax.Array, targets: jax.Array, dtype, chunk: int | None = None
+) -> jax.Array:
     """log softmax(hidden[i] @ table.T)[targets[i]] for every row: [N] float32.
 
     Per-row outputs (DPO sums them per sequence) rule out the fused gradient of `_ce`, so this is

@@ -22,7 +22,7 @@ keeps an equal share of every micro-batch and nothing moves between batch shards
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -32,8 +32,16 @@ from jax.sharding import PartitionSpec as P
 StageFn = Callable[..., jax.Array]  # (stage params, h [b, T, D], positions [b, T], segments [b, T] | None, rng) -> h
 
 
-def gpipe(stage_fn: StageFn, layer_params, x: jax.Array, positions: jax.Array, segments: jax.Array | None,
-          stages: int, microbatches: int, rng: jax.Array | None = None) -> jax.Array:
+def gpipe(
+    stage_fn: StageFn,
+    layer_params,
+    x: jax.Array,
+    positions: jax.Array,
+    segments: jax.Array | None,
+    stages: int,
+    microbatches: int,
+    rng: jax.Array | None = None,
+) -> jax.Array:
     """x [B, T, D] through all layers -> [B, T, D]; layer_params: leaves [n_layers, ...]."""
     S, M, B = stages, microbatches, x.shape[0]
     stage_axis = nn.logical_to_mesh_axes(("layers",))[0]  # the mesh axis the rules put the stages on
@@ -61,8 +69,10 @@ def gpipe(stage_fn: StageFn, layer_params, x: jax.Array, positions: jax.Array, s
     def tick(state, inputs):
         t, new = inputs
         # stage 0 takes the next micro-batch; stage s > 0 what stage s - 1 produced last tick
-        shifted = [jnp.where(first if s.ndim == 3 else first[..., None], n[None], jnp.roll(s, 1, axis=0))
-                   for s, n in zip(state, new)]
+        shifted = [
+            jnp.where(first if s.ndim == 3 else first[..., None], n[None], jnp.roll(s, 1, axis=0))
+            for s, n in zip(state, new)
+        ]
         h = nn.with_logical_constraint(shifted[0], ("layers", "batch", "length", "embed"))
         keys = jax.random.split(jax.random.fold_in(rng, t), S) if has_rng else jnp.zeros((S,), jnp.uint32)
         out = run_stages(params, h, shifted[1], shifted[2], keys)
@@ -70,5 +80,5 @@ def gpipe(stage_fn: StageFn, layer_params, x: jax.Array, positions: jax.Array, s
         return [out, *shifted[1:]], out[S - 1]
 
     _, outs = jax.lax.scan(tick, state, (jnp.arange(M + S - 1), feed))
-    y = outs[S - 1:]  # [M, B / M, T, D]: micro-batch m leaves the last stage at tick m + S - 1
+    y = outs[S - 1 :]  # [M, B / M, T, D]: micro-batch m leaves the last stage at tick m + S - 1
     return y.swapaxes(0, 1).reshape(B, *y.shape[2:])

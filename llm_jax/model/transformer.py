@@ -6,7 +6,7 @@ RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> LM head (tied to the embedding
 Parameters are float32; matmuls take `cfg.dtype` inputs and accumulate in float32
 (`preferred_element_type`), the fast path on bf16 hardware and exact on f32. Every parameter and
 key activation names its axes (embed, heads, kv_heads, head_dim, mlp, vocab, batch, length,
-layers); llm_jax/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
+layers); llm_jax/parallel/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
 compile time does not grow with depth. A KV cache is an explicit pytree in and out of `__call__`.
 """
 
@@ -74,8 +74,10 @@ class Block(nn.Module):
         else:  # decode: write this chunk at each row's cache_index, attend to every cached position <= own
             index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (x.shape[0],))
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
-            cache = {name: nn.with_logical_constraint(write(cache[name], new, index), CACHE_AXES[1:])
-                     for name, new in (("k", kk), ("v", v))}
+            cache = {
+                name: nn.with_logical_constraint(write(cache[name], new, index), CACHE_AXES[1:])
+                for name, new in (("k", kk), ("v", v))
+            }
             attn = cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), positions)
         x = x + self._dropout(dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -98,8 +100,12 @@ def scanned_blocks(cfg: ModelConfig, train: bool, n_layers: int, **kwargs) -> nn
     if cfg.remat != "none":
         block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     return nn.scan(
-        block, length=n_layers, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(0,) + (nn.broadcast,) * 4, metadata_params={nn.PARTITION_NAME: "layers"},
+        block,
+        length=n_layers,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0,) + (nn.broadcast,) * 4,
+        metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, train, **kwargs)
 
 
@@ -117,8 +123,14 @@ class Transformer(nn.Module):
             # [vocab, embed] like the embedding (and like Hugging Face's lm_head.weight)
             self.lm_head = param(self, "lm_head", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None,
-                 cache_index: jax.Array | int = 0, segments: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+        segments: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
         """tokens [B, T] -> final hidden states [B, T, D] (normed), and the updated cache.
 
         Without a cache, positions default to 0..T-1. With one, the T tokens are written at
@@ -130,7 +142,9 @@ class Transformer(nn.Module):
         if positions is None and segments is not None:
             positions = segment_positions(segments)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.asarray(cache_index)[..., None] + jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = jnp.broadcast_to(
+                jnp.asarray(cache_index)[..., None] + jnp.arange(tokens.shape[1]), tokens.shape
+            )
         # The lookup gathers rows from a table replicated for the occasion: a gather from a table
         # split over vocab and embed makes XLA's partitioner replicate anyway, with a warning.
         table = nn.with_logical_constraint(self.embedding, (None, None))
@@ -142,8 +156,9 @@ class Transformer(nn.Module):
         if stages > 1 and cache is None and not self.is_initializing():
             x = self._pipelined(x, positions, segments, stages, microbatches)
         else:
-            x, cache = self.layers(x, cache, rope_tables(positions, cfg.head_dim, cfg.rope_theta), positions,
-                                   cache_index, segments)
+            x, cache = self.layers(
+                x, cache, rope_tables(positions, cfg.head_dim, cfg.rope_theta), positions, cache_index, segments
+            )
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
 
     def _pipelined(self, x, positions, segments, stages: int, microbatches: int) -> jax.Array:
@@ -165,21 +180,31 @@ class Transformer(nn.Module):
         table = self.embedding if self.cfg.tie_embeddings else self.lm_head
         # a 2-D dot contracting both last axes: XLA:CPU runs it ~1.8x faster than the 3-D einsum
         # (16 x 256 by 8192 x 256: 0.30 vs 0.56 ms), which matters once per decoded token
-        out = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]).astype(dt), table.astype(dt),
-                                  (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        out = jax.lax.dot_general(
+            hidden.reshape(-1, hidden.shape[-1]).astype(dt),
+            table.astype(dt),
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         return nn.with_logical_constraint(out.reshape(*hidden.shape[:-1], -1), ("batch", "length", "vocab"))
 
     def nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
         """sum of weights * -log p(targets): hidden [B, T, D], targets [B, T], weights [B, T] -> [] float32."""
         table = self.embedding if self.cfg.tie_embeddings else self.lm_head
-        return cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1),
-                                 weights.reshape(-1), jnp.dtype(self.cfg.dtype))
+        return cross_entropy_sum(
+            hidden.reshape(-1, hidden.shape[-1]),
+            table,
+            targets.reshape(-1),
+            weights.reshape(-1),
+            jnp.dtype(self.cfg.dtype),
+        )
 
     def token_logps(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
         """log p(targets) per token: hidden [B, T, D], targets [B, T] -> [B, T] float32 (DPO)."""
         table = self.embedding if self.cfg.tie_embeddings else self.lm_head
-        logps = token_log_probs(hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1),
-                                jnp.dtype(self.cfg.dtype))
+        logps = token_log_probs(
+            hidden.reshape(-1, hidden.shape[-1]), table, targets.reshape(-1), jnp.dtype(self.cfg.dtype)
+        )
         return logps.reshape(targets.shape)
 
 

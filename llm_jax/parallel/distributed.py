@@ -43,21 +43,29 @@ def initialize(cfg: DistributedConfig) -> str | None:
         try:
             jax.distributed.initialize(initialization_timeout=cfg.timeout_s)
         except Exception as e:  # jax's runtime error type varies across versions
-            raise UserError(f"could not join the {how} job: {e}; set distributed.coordinator, "
-                            "distributed.num_processes and distributed.process_id explicitly") from None
+            raise UserError(
+                f"could not join the {how} job: {e}; set distributed.coordinator, "
+                "distributed.num_processes and distributed.process_id explicitly"
+            ) from None
     elif cfg.coordinator is not None:
         if cfg.num_processes is None or cfg.process_id is None:
-            raise UserError("distributed.coordinator is set: also set distributed.num_processes and "
-                            "distributed.process_id (this process's rank)")
+            raise UserError(
+                "distributed.coordinator is set: also set distributed.num_processes and "
+                "distributed.process_id (this process's rank)"
+            )
         if not 0 <= cfg.process_id < cfg.num_processes:
             raise UserError(f"distributed.process_id={cfg.process_id} must be in [0, {cfg.num_processes})")
         how = f"coordinator {cfg.coordinator}"
         if cfg.process_id != 0:
             _wait_for_coordinator(cfg)
-        print(f"process {cfg.process_id}: joining {cfg.num_processes} processes at {cfg.coordinator} (waiting up to "
-              f"distributed.timeout_s={cfg.timeout_s} s for all of them)", flush=True)
-        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
-                                   initialization_timeout=cfg.timeout_s)
+        print(
+            f"process {cfg.process_id}: joining {cfg.num_processes} processes at {cfg.coordinator} (waiting up to "
+            f"distributed.timeout_s={cfg.timeout_s} s for all of them)",
+            flush=True,
+        )
+        jax.distributed.initialize(
+            cfg.coordinator, cfg.num_processes, cfg.process_id, initialization_timeout=cfg.timeout_s
+        )
     else:
         return None
     check_same_code()
@@ -78,14 +86,16 @@ def _wait_for_coordinator(cfg: DistributedConfig) -> None:
         except OSError as e:
             error = e.strerror or str(e)
             time.sleep(0.5)
-    raise UserError(f"process {cfg.process_id} could not reach the coordinator {cfg.coordinator} within "
-                    f"distributed.timeout_s={cfg.timeout_s} s ({error}): check the address and port, that process 0 "
-                    "runs, and the firewall")
+    raise UserError(
+        f"process {cfg.process_id} could not reach the coordinator {cfg.coordinator} within "
+        f"distributed.timeout_s={cfg.timeout_s} s ({error}): check the address and port, that process 0 "
+        "runs, and the firewall"
+    )
 
 
 def code_digest() -> bytes:
     """sha256 of the llm_jax package's source files (names and contents), 16 bytes."""
-    root = Path(__file__).parent
+    root = Path(__file__).resolve().parents[1]  # the llm_jax package
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -98,5 +108,7 @@ def check_same_code() -> None:
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
     odd = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
     if odd:
-        raise UserError(f"processes {odd} run different llm_jax code from process 0 (source digests differ): "
-                        "install the same checkout on every host (tpu_setup/install.sh does) and relaunch")
+        raise UserError(
+            f"processes {odd} run different llm_jax code from process 0 (source digests differ): "
+            "install the same checkout on every host (tpu_setup/install.sh does) and relaunch"
+        )

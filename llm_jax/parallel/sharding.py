@@ -34,12 +34,15 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise UserError(f"mesh {named}: the fixed sizes multiply to {known}, which does not divide the "
-                            f"{n_devices} devices")
+            raise UserError(
+                f"mesh {named}: the fixed sizes multiply to {known}, which does not divide the {n_devices} devices"
+            )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise UserError(f"mesh {named} needs {math.prod(sizes)} devices but {n_devices} are present; make the "
-                        f"sizes multiply to {n_devices} or set one to -1")
+        raise UserError(
+            f"mesh {named} needs {math.prod(sizes)} devices but {n_devices} are present; make the "
+            f"sizes multiply to {n_devices} or set one to -1"
+        )
     if sizes[0] % cfg.dcn_data:
         raise UserError(f"mesh.dcn_data={cfg.dcn_data} slices must divide the data axis ({sizes[0]})")
     return tuple(sizes)
@@ -54,8 +57,9 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         ici = (shape[0] // cfg.dcn_data, *shape[1:])
         granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         try:
-            grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices,
-                                                        process_is_granule=granule)
+            grid = mesh_utils.create_hybrid_device_mesh(
+                ici, (cfg.dcn_data, 1, 1, 1), devices, process_is_granule=granule
+            )
         except (ValueError, AssertionError) as e:
             raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the slices present: {e}") from None
         return Mesh(grid, MESH_AXES)
@@ -69,6 +73,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 @dataclass(frozen=True)
 class Layout:
     """A mesh and the rules that place logical axes on it: everything that decides a sharding."""
+
     mesh: Mesh
     rules: Rules
 
@@ -94,8 +99,10 @@ class Layout:
 
     def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local rows -> global arrays split over the batch axis (every host passes its own rows)."""
-        return {k: jax.make_array_from_process_local_data(self.sharding(("batch",) + (None,) * (v.ndim - 1)), v)
-                for k, v in local.items()}
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding(("batch",) + (None,) * (v.ndim - 1)), v)
+            for k, v in local.items()
+        }
 
     def check(self, cfg: Config) -> None:
         """cfg's model and batch fit this mesh (the batch as the model sees it: one pipeline
@@ -113,20 +120,33 @@ def shards(mesh_shape: dict[str, int], rules: Rules, logical: str) -> int:
 def check_fit(mesh_shape: dict[str, int], rules: Rules, model: ModelConfig, micro_batch: int) -> None:
     """Every dimension a rule splits must divide by its shards, and every mesh axis > 1 must be used:
     one error listing each violation, before anything compiles."""
-    dims = {"batch": micro_batch, "length": model.seq_len, "embed": model.d_model, "heads": model.n_heads,
-            "kv_heads": model.n_kv_heads, "head_dim": model.head_dim, "mlp": model.mlp_dim,
-            "vocab": model.vocab_size, "layers": model.n_layers}
+    dims = {
+        "batch": micro_batch,
+        "length": model.seq_len,
+        "embed": model.d_model,
+        "heads": model.n_heads,
+        "kv_heads": model.n_kv_heads,
+        "head_dim": model.head_dim,
+        "mlp": model.mlp_dim,
+        "vocab": model.vocab_size,
+        "layers": model.n_layers,
+    }
     problems = []
     for name, size in dims.items():
         n = shards(mesh_shape, rules, name)
         if size % n:
             axes = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in as_tuple(dict(rules)[name]))
             fix = "train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size"
-            problems.append(f"{name}={size} is split over mesh {axes} = {n} shards, which does not divide "
-                            f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules")
+            problems.append(
+                f"{name}={size} is split over mesh {axes} = {n} shards, which does not divide "
+                f"it: change {fix}, the mesh, or map {name} to fewer axes in mesh.rules"
+            )
     unused = [a for a in MESH_AXES if mesh_shape.get(a, 1) > 1 and not any(a in as_tuple(axes) for _, axes in rules)]
-    problems += [f"mesh.{a}={mesh_shape[a]} but the rules split nothing over {a!r}: its devices would "
-                 f"repeat the same work; set mesh.{a}=1 or choose rules that use it" for a in unused]
+    problems += [
+        f"mesh.{a}={mesh_shape[a]} but the rules split nothing over {a!r}: its devices would "
+        f"repeat the same work; set mesh.{a}=1 or choose rules that use it"
+        for a in unused
+    ]
     if problems:
         raise UserError("the mesh does not fit the model:\n  - " + "\n  - ".join(problems))
 
@@ -137,8 +157,9 @@ def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:
 
 def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
-    return make_layout(MeshConfig(data=1, pipeline=1, fsdp=1, tensor=1, dcn_data=1, rules=rules, microbatches=0),
-                       jax.devices()[:1])
+    return make_layout(
+        MeshConfig(data=1, pipeline=1, fsdp=1, tensor=1, dcn_data=1, rules=rules, microbatches=0), jax.devices()[:1]
+    )
 
 
 def abstract_params(cfg: ModelConfig, layout: Layout):
@@ -147,8 +168,9 @@ def abstract_params(cfg: ModelConfig, layout: Layout):
     with layout.activate():
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32)))
     shardings = layout.tree_shardings(boxed["params"])
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  nn.meta.unbox(boxed["params"]), shardings)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed["params"]), shardings
+    )
 
 
 def parse_meshes(text: str) -> list[tuple[int, ...]]:
@@ -160,11 +182,18 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
             sizes = tuple(int(s) for s in item.split(","))
         except ValueError:
             sizes = ()
-        if not 3 <= len(sizes) <= 5 or any(s == 0 or s < -1 for s in sizes[:3]) or sizes[:3].count(-1) > 1 \
-                or any(s < 1 for s in sizes[3:4]) or any(s < 0 for s in sizes[4:]):
-            raise UserError(f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
-                            f"integers; one of the first three may be -1, microbatches 0 means one per stage)")
-        meshes.append(sizes + (1, 0)[len(sizes) - 3:])
+        if (
+            not 3 <= len(sizes) <= 5
+            or any(s == 0 or s < -1 for s in sizes[:3])
+            or sizes[:3].count(-1) > 1
+            or any(s < 1 for s in sizes[3:4])
+            or any(s < 0 for s in sizes[4:])
+        ):
+            raise UserError(
+                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
+                f"integers; one of the first three may be -1, microbatches 0 means one per stage)"
+            )
+        meshes.append(sizes + (1, 0)[len(sizes) - 3 :])
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes

@@ -50,13 +50,17 @@ def main() -> dict:
     results = {}
     for label, cfg in (("base", base), ("sft", sft), ("dpo", dpo)):
         loaded = run.load_run(cfg.run_dir)
-        results[label] = exact_match(loaded.cfg.model, loaded.params, loaded.tokenizer, questions, MAX_REPLY_TOKENS,
-                                     sft.sample.system)
-    val = [json.loads(line) for line in (Path(dpo.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        results[label] = exact_match(
+            loaded.cfg.model, loaded.params, loaded.tokenizer, questions, MAX_REPLY_TOKENS, sft.sample.system
+        )
+    val = [json.loads(line) for line in run.metrics_path(dpo.run_dir).read_text().splitlines()]
     final = [r for r in val if r["split"] == "val"][-1]
-    summary = {"exact_match": results, "dpo_heldout": {k: final[k] for k in ("reward_accuracy", "reward_margin",
-                                                                             "chosen_reward", "rejected_reward")},
-               "questions": len(questions), "minutes": (time.perf_counter() - began) / 60}
+    summary = {
+        "exact_match": results,
+        "dpo_heldout": {k: final[k] for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
+        "questions": len(questions),
+        "minutes": (time.perf_counter() - began) / 60,
+    }
     table = _table(summary)
     print(table)
     (RUNS / "chat-demo.json").write_text(json.dumps(summary, indent=2))
@@ -66,13 +70,20 @@ def main() -> dict:
 
 def _table(s: dict) -> str:
     tasks = list(s["exact_match"]["sft"])
-    lines = [f"held-out exact match ({s['questions']} questions, greedy):", "",
-             "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines = [
+        f"held-out exact match ({s['questions']} questions, greedy):",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
     for label, scores in s["exact_match"].items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * scores.get(t, 0):.1f}%" for t in tasks) + " |")
     d = s["dpo_heldout"]
-    lines += ["", f"DPO on held-out pairs: reward accuracy {100 * d['reward_accuracy']:.1f}%, margin "
-                  f"{d['reward_margin']:.3f} (chosen {d['chosen_reward']:.3f}, rejected {d['rejected_reward']:.3f})"]
+    lines += [
+        "",
+        f"DPO on held-out pairs: reward accuracy {100 * d['reward_accuracy']:.1f}%, margin "
+        f"{d['reward_margin']:.3f} (chosen {d['chosen_reward']:.3f}, rejected {d['rejected_reward']:.3f})",
+    ]
     return "\n".join(lines)
 
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config, ModelConfig, load_config
+from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
 from llm_jax.errors import UserError
 from llm_jax.model.loss import ACCELERATOR_CHUNK_BYTES, chunk_rows
 from llm_jax.model.transformer import Transformer
-from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
 from llm_jax.parallel.sharding import check_fit, mesh_shape, shards
 
 GiB = 2**30
@@ -33,10 +33,10 @@ HEADROOM = 0.85  # plan to use at most 85% of HBM: XLA temporaries, fragmentatio
 
 @dataclass(frozen=True)
 class Chip:
-    hbm: int              # bytes of HBM per chip
-    flops: float          # dense bf16 FLOP/s per chip
-    per_host: int         # chips that share a host's fast links (where tensor parallelism belongs)
-    cores_per_chip: int   # v4 and v5p slice names count TensorCores, two per chip
+    hbm: int  # bytes of HBM per chip
+    flops: float  # dense bf16 FLOP/s per chip
+    per_host: int  # chips that share a host's fast links (where tensor parallelism belongs)
+    cores_per_chip: int  # v4 and v5p slice names count TensorCores, two per chip
 
 
 # Vendor figures: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, nvidia.com H100/H200/A100 datasheets (SXM).
@@ -55,12 +55,16 @@ def parse_topology(name: str) -> tuple[Chip, int]:
     """'v5p-256' -> (v5p, 128 chips); 'v5e-64' -> (v5e, 64); 'h100-8' -> (h100, 8)."""
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.lower().replace("v5litepod", "v5e"))
     if not m or m.group(1) not in CHIPS:
-        raise UserError(f"unknown topology {name!r}: use <kind>-<size> with kind one of {', '.join(CHIPS)} "
-                        "(e.g. v5p-256, v5e-64, h100-8)")
+        raise UserError(
+            f"unknown topology {name!r}: use <kind>-<size> with kind one of {', '.join(CHIPS)} "
+            "(e.g. v5p-256, v5e-64, h100-8)"
+        )
     chip, size = CHIPS[m.group(1)], int(m.group(2))
     if size % chip.cores_per_chip or size == 0:
-        raise UserError(f"{name}: {m.group(1)} slice names count TensorCores ({chip.cores_per_chip} per chip); "
-                        f"the size must be a positive multiple of {chip.cores_per_chip}")
+        raise UserError(
+            f"{name}: {m.group(1)} slice names count TensorCores ({chip.cores_per_chip} per chip); "
+            f"the size must be a positive multiple of {chip.cores_per_chip}"
+        )
     return chip, size // chip.cores_per_chip
 
 
@@ -89,26 +93,28 @@ def activation_bytes(model: ModelConfig, micro_batch: int, mesh: dict[str, int],
     b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model
     L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
     #                                                       micro-batches: together the rows of one micro_batch)
-    q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")        # query width here
+    q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")  # query width here
     kv = model.n_kv_heads * model.head_dim // shards(mesh, rules, "kv_heads")
     f = model.mlp_dim // shards(mesh, rules, "mlp")
-    matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c                     # q, k, v, o, gate, up, down
-    others = b * t * (2 * d + q + 2 * f + 2 * d) * c                           # norms, attn out, silu*up, residuals
+    matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c  # q, k, v, o, gate, up, down
+    others = b * t * (2 * d + q + 2 * f + 2 * d) * c  # norms, attn out, silu*up, residuals
     scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * t * 4 if model.attention == "xla" else 0
-    layer = matmul_outs + others + scores                                      # one layer, nothing recomputed
+    layer = matmul_outs + others + scores  # one layer, nothing recomputed
     kept = {"full": b * t * d * c, "dots": b * t * d * c + matmul_outs, "none": layer}[model.remat]
     v = model.vocab_size // shards(mesh, rules, "vocab")
     rows = chunk_rows(b * t, model.vocab_size, ACCELERATOR_CHUNK_BYTES)
-    return {"saved across layers": L * kept,
-            "one layer's working set": 0 if model.remat == "none" else layer,
-            "logits chunk": rows * v * (4 + 4 + c),                          # logits, softmax, d_logits
-            "embedding table for the lookup": model.vocab_size * d * c}     # gathered whole (transformer.py)
+    return {
+        "saved across layers": L * kept,
+        "one layer's working set": 0 if model.remat == "none" else layer,
+        "logits chunk": rows * v * (4 + 4 + c),  # logits, softmax, d_logits
+        "embedding table for the lookup": model.vocab_size * d * c,
+    }  # gathered whole (transformer.py)
 
 
 @dataclass
 class Plan:
     mesh: dict[str, int]
-    rows: dict[str, int]      # what -> bytes per device
+    rows: dict[str, int]  # what -> bytes per device
     hbm: int
 
     @property
@@ -158,8 +164,10 @@ def _size(n: int) -> str:
 
 def format_plan(plan: Plan, title: str) -> str:
     lines = [title] + [f"  {k:32} {_size(v):>12}" for k, v in plan.rows.items()]
-    lines.append(f"  {'total':32} {_size(plan.total):>12}   of {plan.hbm / GiB:.0f} GiB HBM: "
-                 + ("fits" if plan.fits else f"does NOT fit (the plan keeps {1 - HEADROOM:.0%} headroom)"))
+    lines.append(
+        f"  {'total':32} {_size(plan.total):>12}   of {plan.hbm / GiB:.0f} GiB HBM: "
+        + ("fits" if plan.fits else f"does NOT fit (the plan keeps {1 - HEADROOM:.0%} headroom)")
+    )
     return "\n".join(lines)
 
 
@@ -168,17 +176,21 @@ def main(args) -> None:
     chip, chips = parse_topology(args.topology)
     mesh = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, chips)))
     m, t = cfg.model, cfg.train
-    print(f"{args.topology}: {chips} chips x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
-          f"seq {m.seq_len}, {m.dtype}, remat {m.remat} | batch {t.batch_size}, grad_accum {t.grad_accum} "
-          f"| rules {cfg.mesh.rules}")
+    print(
+        f"{args.topology}: {chips} chips x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
+        f"seq {m.seq_len}, {m.dtype}, remat {m.remat} | batch {t.batch_size}, grad_accum {t.grad_accum} "
+        f"| rules {cfg.mesh.rules}"
+    )
     try:
         print(format_plan(plan_for(cfg, chip, mesh), f"mesh {mesh} (the config's):"))
     except UserError as e:
         print(f"mesh {mesh} (the config's): {e}")
     found = suggest(cfg, chip, chips)
     if found is None:
-        print(f"suggested: nothing fits {chips} chips with rules {cfg.mesh.rules}, even one sequence per chip: "
-              "use more chips, model.remat=full, or rules that split more (fsdp_tp)")
+        print(
+            f"suggested: nothing fits {chips} chips with rules {cfg.mesh.rules}, even one sequence per chip: "
+            "use more chips, model.remat=full, or rules that split more (fsdp_tp)"
+        )
         return
     best, accum = found
     settings = " ".join(f"mesh.{k}={v}" for k, v in best.mesh.items()) + f" train.grad_accum={accum}"

@@ -34,13 +34,21 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
         raise UserError(f"{out} exists; remove it or give --out")
     m = cfg.model
     if mode == "int4" and (m.d_model % INT4_GROUP or m.mlp_dim % INT4_GROUP):
-        raise UserError(f"int4 scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
-                        f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8")
+        raise UserError(
+            f"int4 scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
+            f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8"
+        )
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
     qparams = quantize(params, mode)
     f32, bf16 = (dataclasses.replace(cfg, model=dataclasses.replace(m, dtype=d)) for d in ("float32", "bfloat16"))
-    metrics = {name: _held_out(c, p, run.path) for name, c, p in  # the quantized run computes in model.dtype
-               (("float32", f32, params), ("bfloat16", bf16, params), (f"{mode} ({m.dtype})", qcfg, qparams))}
+    metrics = {
+        name: _held_out(c, p, run.path)
+        for name, c, p in (  # the quantized run computes in model.dtype
+            ("float32", f32, params),
+            ("bfloat16", bf16, params),
+            (f"{mode} ({m.dtype})", qcfg, qparams),
+        )
+    }
 
     runs.write_params_run(out, qcfg, qparams, run.step_dir.name, run.path)
     before, after = param_bytes(params), param_bytes(qparams)
@@ -60,8 +68,13 @@ def _held_out(cfg: Config, params, run_dir: Path) -> dict | None:
     data = objective_of(cfg).prepare(cfg, run_dir, log=lambda *_: None)
     layout = single_device_layout()
     one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
-    steps = make_steps(one_device, layout, make_optimizer(cfg.optim, 1),
-                       data.tokenizer.token_bytes(cfg.model.vocab_size), data.train[0])
+    steps = make_steps(
+        one_device,
+        layout,
+        make_optimizer(cfg.optim, 1),
+        data.tokenizer.token_bytes(cfg.model.vocab_size),
+        data.train[0],
+    )
     with layout.activate():
         params = jax.device_put(params, layout.replicated())
     return evaluate(one_device, steps, params, data)

@@ -28,8 +28,20 @@ from llm_jax.train.metrics import peak_flops
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
-COLUMNS = ("mesh", "batch_size", "compile_s", "step_ms", "tokens_per_s", "mfu", "arg_bytes", "temp_bytes",
-           "peak_bytes", "bubble_theory", "bubble_measured", "error")
+COLUMNS = (
+    "mesh",
+    "batch_size",
+    "compile_s",
+    "step_ms",
+    "tokens_per_s",
+    "mfu",
+    "arg_bytes",
+    "temp_bytes",
+    "peak_bytes",
+    "bubble_theory",
+    "bubble_measured",
+    "error",
+)
 
 
 def measure(cfg: Config, steps_timed: int) -> dict:
@@ -45,7 +57,8 @@ def measure(cfg: Config, steps_timed: int) -> dict:
     mem = compiled.memory_analysis()
     state = steps.init(jax.random.PRNGKey(cfg.seed))
     tokens = np.random.default_rng(cfg.seed).integers(
-        0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1), dtype=np.int32)
+        0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1), dtype=np.int32
+    )
     batch = layout.put_batch({"tokens": tokens})
     times = []
     for i in range(steps_timed + 1):
@@ -57,25 +70,38 @@ def measure(cfg: Config, steps_timed: int) -> dict:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     tokens_per_s = cfg.train.batch_size * cfg.model.seq_len / step_s
-    return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * flops_per_token(cfg.model) / peak_flops(cfg.model.dtype),
-            "arg_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-            "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes}
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(cfg.model) / peak_flops(cfg.model.dtype),
+        "arg_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "peak_bytes": mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes,
+    }
 
 
-def run_sweep(cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int,
-              log=print) -> list[dict]:
+def run_sweep(
+    cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int, log=print
+) -> list[dict]:
     rows = []
     for data, fsdp, tensor, stages, microbatches in meshes:
         for batch_size in batch_sizes:
-            mesh = dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=stages,
-                                       microbatches=microbatches)
+            mesh = dataclasses.replace(
+                cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=stages, microbatches=microbatches
+            )
             run = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=batch_size))
             m = mesh.pipeline_microbatches
-            row = {"mesh": f"{data}x{fsdp}x{tensor}" + (f" p{stages}m{m}" if stages > 1 else ""),
-                   "batch_size": batch_size, "error": "", "stages": stages,
-                   "bubble_theory": (stages - 1) / (m + stages - 1)}
+            row = {
+                "mesh": f"{data}x{fsdp}x{tensor}" + (f" p{stages}m{m}" if stages > 1 else ""),
+                "batch_size": batch_size,
+                "error": "",
+                "stages": stages,
+                "bubble_theory": (stages - 1) / (m + stages - 1),
+            }
             try:
                 row |= measure(run, steps_timed)
             except UserError as e:
@@ -97,8 +123,9 @@ def _measured_bubbles(rows: list[dict]) -> None:
     padding); against the first unpipelined layout of the same batch, which does the useful work
     alone, the measured bubble is 1 - t(unpipelined) / t(pipelined)."""
     for row in rows:
-        ref = next((r for r in rows if r["stages"] == 1 and not r["error"] and r["batch_size"] == row["batch_size"]),
-                   None)
+        ref = next(
+            (r for r in rows if r["stages"] == 1 and not r["error"] and r["batch_size"] == row["batch_size"]), None
+        )
         if row["stages"] > 1 and not row["error"] and ref is not None:
             row["bubble_measured"] = 1 - ref["step_ms"] / row["step_ms"]
 
@@ -107,14 +134,18 @@ def _format_row(r: dict) -> str:
     head = f"| {r['mesh']:>15} | {r['batch_size']:>5} |"
     if r["error"]:
         return f"{head} skipped: {r['error']}"
-    return (f"{head} {r['compile_s']:>9.1f} | {r['step_ms']:>9.1f} | {r['tokens_per_s']:>10,.0f} | {r['mfu']:>6.1%} | "
-            f"{r['arg_bytes'] / 2**20:>9.2f} | {r['temp_bytes'] / 2**20:>9.2f} | {r['peak_bytes'] / 2**20:>9.2f} | "
-            f"{r['bubble_theory']:>6.1%} |")
+    return (
+        f"{head} {r['compile_s']:>9.1f} | {r['step_ms']:>9.1f} | {r['tokens_per_s']:>10,.0f} | {r['mfu']:>6.1%} | "
+        f"{r['arg_bytes'] / 2**20:>9.2f} | {r['temp_bytes'] / 2**20:>9.2f} | {r['peak_bytes'] / 2**20:>9.2f} | "
+        f"{r['bubble_theory']:>6.1%} |"
+    )
 
 
-HEADER = ("|            mesh | batch | compile s |   ms/step |   tokens/s |    MFU |  args MiB |  temp MiB |  peak MiB | "
-          "bubble |\n|-----------------|-------|-----------|-----------|------------|--------|-----------|-----------|"
-          "-----------|--------|")
+HEADER = (
+    "|            mesh | batch | compile s |   ms/step |   tokens/s |    MFU |  args MiB |  temp MiB |  peak MiB | "
+    "bubble |\n|-----------------|-------|-----------|-----------|------------|--------|-----------|-----------|"
+    "-----------|--------|"
+)
 
 
 def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
@@ -138,8 +169,11 @@ def _plot(rows: list[dict], path: Path) -> Path:
     ax1.bar_label(ax1.bar(labels, [r["tokens_per_s"] for r in ok], color="tab:blue"), fmt="{:,.0f}", fontsize=8)
     ax1.set_ylabel("tokens/s")
     ax1.set_title("throughput")
-    ax2.bar_label(ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak"),
-                  fmt="{:.2f}", fontsize=8)
+    ax2.bar_label(
+        ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak"),
+        fmt="{:.2f}",
+        fontsize=8,
+    )
     ax2.bar(labels, [r["arg_bytes"] / 2**20 for r in ok], color="tab:green", label="arguments (state + batch)")
     ax2.set_ylabel("MiB per device")
     ax2.set_title("memory (compiled)")
@@ -161,12 +195,17 @@ def main(args) -> None:
         raise UserError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated positive integers")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
-    print(f"{jax.device_count()} {jax.devices()[0].platform} devices, rules {cfg.mesh.rules}, "
-          f"{args.steps} timed steps per layout\n{HEADER}", flush=True)
+    print(
+        f"{jax.device_count()} {jax.devices()[0].platform} devices, rules {cfg.mesh.rules}, "
+        f"{args.steps} timed steps per layout\n{HEADER}",
+        flush=True,
+    )
     rows = run_sweep(cfg, meshes, batch_sizes, args.steps)
     csv_path, png_path = write_outputs(rows, Path(args.out or Path(cfg.run_dir) / "sweep").expanduser())
     for r in rows:
         if "bubble_measured" in r:
-            print(f"{r['mesh']}, batch {r['batch_size']}: bubble {r['bubble_theory']:.1%} in theory, "
-                  f"{r['bubble_measured']:.1%} measured against the unpipelined step")
+            print(
+                f"{r['mesh']}, batch {r['batch_size']}: bubble {r['bubble_theory']:.1%} in theory, "
+                f"{r['bubble_measured']:.1%} measured against the unpipelined step"
+            )
     print(f"-> {csv_path}, {png_path}")

@@ -35,18 +35,25 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     layout.check(cfg)
     data = objective.before_training(cfg, layout, data, log)
     example = data.train[0]
-    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps),
-                       data.tokenizer.token_bytes(cfg.model.vocab_size), example)
-    it = train_iterator(data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count(),
-                        cfg.data.loader_workers)
+    steps = make_steps(
+        cfg,
+        layout,
+        make_optimizer(cfg.optim, cfg.train.steps),
+        data.tokenizer.token_bytes(cfg.model.vocab_size),
+        example,
+    )
+    it = train_iterator(
+        data.train, cfg.train.batch_size, cfg.seed, jax.process_index(), jax.process_count(), cfg.data.loader_workers
+    )
     ckpt = run.Checkpointer(cfg)
 
     start = ckpt.latest_step()
     if start is None:
         start, state = 0, steps.init(jax.random.PRNGKey(cfg.seed))
         if cfg.train.init_from:
-            params, _ = run.newest_params(cfg.train.init_from, steps.abstract_state.params,
-                                          f"train.init_from={cfg.train.init_from}")
+            params, _ = run.newest_params(
+                cfg.train.init_from, steps.abstract_state.params, f"train.init_from={cfg.train.init_from}"
+            )
             ref = jax.tree_util.tree_map(lambda x: x.copy(), params) if state.ref_params is not None else None
             state = state.replace(params=params, ref_params=ref)
             log(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
@@ -55,12 +62,16 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
     n, i = jax.process_count(), jax.process_index()
     device = jax.local_devices()[0]
-    log(f"topology: {n} process{'es' if n > 1 else ''} x {jax.local_device_count()} {device.platform} devices "
+    log(
+        f"topology: {n} process{'es' if n > 1 else ''} x {jax.local_device_count()} {device.platform} devices "
         f"({device.device_kind}); process {i} on {socket.gethostname()} feeds global batch rows {i}::{n} "
-        f"({cfg.train.batch_size // n} of {cfg.train.batch_size} per step)")
-    log(f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
+        f"({cfg.train.batch_size // n} of {cfg.train.batch_size} per step)"
+    )
+    log(
+        f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
         f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
-        f"objective {cfg.train.objective}, {cfg.train.batch_size} x {example['tokens'].shape} tokens per step")
+        f"objective {cfg.train.objective}, {cfg.train.batch_size} x {example['tokens'].shape} tokens per step"
+    )
 
     writer = MetricsWriter(run_dir, start)
     meta = {"config": to_dict(cfg)}
@@ -73,7 +84,7 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
     finally:
         ckpt.close()
         writer.close()
-    if jax.process_index() == 0 and (run_dir / "metrics.jsonl").stat().st_size:
+    if jax.process_index() == 0 and run.metrics_path(run_dir).stat().st_size:
         log(f"loss curve -> {plot_losses(run_dir)}")
     print_samples(cfg, state.params, data.tokenizer, run_dir, log)
     return final
@@ -97,13 +108,29 @@ def prepare_run_data(cfg: Config, log=print) -> tuple[Path, PreparedData]:
     return run_dir, data
 
 
-def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: run.Checkpointer, writer: MetricsWriter,
-          meta: dict, start: int, example: dict, log) -> tuple:
+def _loop(
+    cfg: Config,
+    steps: Steps,
+    state,
+    it,
+    data: PreparedData,
+    ckpt: run.Checkpointer,
+    writer: MetricsWriter,
+    meta: dict,
+    start: int,
+    example: dict,
+    log,
+) -> tuple:
     t, objective = cfg.train, objective_of(cfg)
     schedule = lr_schedule(cfg.optim, t.steps)
     rows = example["tokens"].reshape(-1, example["tokens"].shape[-1])  # (a DPO example is 2 sequences)
-    progress = Progress(t.steps, start, t.batch_size * rows.shape[0] * (rows.shape[1] - 1),
-                        flops_per_token(cfg.model), peak_flops(cfg.model.dtype))
+    progress = Progress(
+        t.steps,
+        start,
+        t.batch_size * rows.shape[0] * (rows.shape[1] - 1),
+        flops_per_token(cfg.model),
+        peak_flops(cfg.model.dtype),
+    )
     final = {}
     began = time.perf_counter()
     with _StopSignals() as stop:
@@ -130,11 +157,15 @@ def _loop(cfg: Config, steps: Steps, state, it, data: PreparedData, ckpt: run.Ch
                 progress.mark(step)
             if stopping:
                 ckpt.close()
-                log(f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
-                    f"{ckpt.directory / str(step)}; run the same command to resume")
+                log(
+                    f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
+                    f"{ckpt.directory / str(step)}; run the same command to resume"
+                )
                 raise SystemExit(128 + stop.signum)
-    log(f"trained steps {start + 1}-{t.steps} in {(time.perf_counter() - began) / 60:.1f} min "
-        f"(compilation, evaluation and checkpoints included)")
+    log(
+        f"trained steps {start + 1}-{t.steps} in {(time.perf_counter() - began) / 60:.1f} min "
+        f"(compilation, evaluation and checkpoints included)"
+    )
     return state, final
 
 
@@ -165,7 +196,7 @@ def print_samples(cfg: Config, params, tokenizer, run_dir: Path, log) -> None:
         texts.append(objective.show_sample(prompt, "".join(stream_text(tokenizer, tokens))))
     if jax.process_index() == 0:
         out = "".join(f"--- sample {i + 1} ---\n{text}\n" for i, text in enumerate(texts))
-        (run_dir / "samples.txt").write_text(out)
+        run.samples_path(run_dir).write_text(out)
         log(out.rstrip())
 
 
@@ -192,8 +223,11 @@ class _StopSignals:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-              "(send it again to stop at once)", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+            "(send it again to stop at once)",
+            flush=True,
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

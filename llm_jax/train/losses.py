@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from llm_jax.config import DPOConfig
 from llm_jax.model.transformer import Transformer
 
-DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logps_chosen",
-               "logps_rejected")
+DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected")
 
 
 def _hidden(model: Transformer, params, batch: dict, rng) -> jax.Array:
@@ -37,8 +36,9 @@ def _hidden(model: Transformer, params, batch: dict, rng) -> jax.Array:
 def lm_sums(model: Transformer, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
     tokens = batch["tokens"]
     weights = batch.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    nll = model.apply({"params": params}, _hidden(model, params, batch, rng), tokens[:, 1:], weights,
-                      method=Transformer.nll_sum)
+    nll = model.apply(
+        {"params": params}, _hidden(model, params, batch, rng), tokens[:, 1:], weights, method=Transformer.nll_sum
+    )
     return nll, {}
 
 
@@ -58,8 +58,9 @@ def sequence_logps(model: Transformer, params, tokens: jax.Array, weights: jax.A
     return jnp.sum(logps * weights.reshape(logps.shape), axis=-1).reshape(lead)
 
 
-def dpo_loss(logps: jax.Array, ref_logps: jax.Array, cfg: DPOConfig,
-             chosen_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def dpo_loss(
+    logps: jax.Array, ref_logps: jax.Array, cfg: DPOConfig, chosen_tokens: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """logps, ref_logps [B, 2] (chosen, rejected) -> per-pair loss [B], rewards [B, 2].
     With cfg.chosen_nll > 0, adds that weight x the chosen response's mean token NLL (chosen_tokens [B])."""
     rewards = cfg.beta * (logps - ref_logps)
@@ -79,8 +80,9 @@ def pair_mask(batch: dict) -> jax.Array:
     return (jnp.sum(batch["weights"][:, 0], axis=-1) > 0).astype(jnp.float32)
 
 
-def dpo_sums(model: Transformer, ref_model: Transformer, cfg: DPOConfig, params, batch: dict, rng=None,
-             ref_params=None) -> tuple[jax.Array, dict]:
+def dpo_sums(
+    model: Transformer, ref_model: Transformer, cfg: DPOConfig, params, batch: dict, rng=None, ref_params=None
+) -> tuple[jax.Array, dict]:
     """batch: tokens [B, 2, L+1], weights [B, 2, L], and ref_logps [B, 2] unless ref_params are given."""
     logps = sequence_logps(model, params, batch["tokens"], batch["weights"], rng)
     if "ref_logps" in batch:
@@ -89,7 +91,12 @@ def dpo_sums(model: Transformer, ref_model: Transformer, cfg: DPOConfig, params,
         ref = jax.lax.stop_gradient(sequence_logps(ref_model, ref_params, batch["tokens"], batch["weights"]))
     losses, rewards = dpo_loss(logps, ref, cfg, jnp.sum(batch["weights"][:, 0], axis=-1))
     mask = pair_mask(batch)
-    per_pair = {"reward_accuracy": rewards[:, 0] > rewards[:, 1], "reward_margin": rewards[:, 0] - rewards[:, 1],
-                "chosen_reward": rewards[:, 0], "rejected_reward": rewards[:, 1], "logps_chosen": logps[:, 0],
-                "logps_rejected": logps[:, 1]}
+    per_pair = {
+        "reward_accuracy": rewards[:, 0] > rewards[:, 1],
+        "reward_margin": rewards[:, 0] - rewards[:, 1],
+        "chosen_reward": rewards[:, 0],
+        "rejected_reward": rewards[:, 1],
+        "logps_chosen": logps[:, 0],
+        "logps_rejected": logps[:, 1],
+    }
     return jnp.sum(losses * mask), {k: jnp.sum(v * mask) for k, v in per_pair.items()}

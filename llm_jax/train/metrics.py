@@ -11,14 +11,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from llm_jax import run
+
 # Dense bf16 peak FLOP/s per chip (vendor figures) for MFU on accelerators.
 _PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n x n matmul on the default device: `dtype` inputs, float32 accumulation (best of runs)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
@@ -68,9 +77,11 @@ class Progress:
         width, frac = 20, step / self.total
         bar = "#" * round(width * frac) + "-" * (width - round(width * frac))
         eta = (self.total - step) * metrics["step_s"]
-        return (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {frac:4.0%} | loss {metrics['loss']:.4f} | "
-                f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
-                f"ETA {_duration(eta)}{extra}")
+        return (
+            f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {frac:4.0%} | loss {metrics['loss']:.4f} | "
+            f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
+            f"ETA {_duration(eta)}{extra}"
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -89,11 +100,11 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run.metrics_path(run_dir)
         if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in keep))
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run.tensorboard_dir(run_dir)), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
@@ -116,7 +127,7 @@ def plot_losses(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in run.metrics_path(run_dir).read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("val", "o-")):
         pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split]
@@ -127,7 +138,7 @@ def plot_losses(run_dir: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
+    out = run.loss_plot_path(run_dir)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

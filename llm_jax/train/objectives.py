@@ -13,8 +13,8 @@ import abc
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,7 @@ class Objective(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def prepare(self, cfg: Config, run_dir: Path, log) -> PreparedData:
-        ...
+    def prepare(self, cfg: Config, run_dir: Path, log) -> PreparedData: ...
 
     def before_training(self, cfg: Config, layout: Layout, data: PreparedData, log) -> PreparedData:
         return data
@@ -65,12 +64,10 @@ class Objective(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def eval_metrics(self, sums: dict) -> dict:
-        ...
+    def eval_metrics(self, sums: dict) -> dict: ...
 
     @abc.abstractmethod
-    def val_line(self, metrics: dict) -> str:
-        ...
+    def val_line(self, metrics: dict) -> str: ...
 
     def progress_extra(self, metrics: dict) -> str:
         """What the progress line adds to loss, lr, tokens/s and MFU."""
@@ -82,8 +79,7 @@ class Objective(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def show_sample(self, prompt: str, reply: str) -> str:
-        ...
+    def show_sample(self, prompt: str, reply: str) -> str: ...
 
 
 class _LanguageModel(Objective):
@@ -92,14 +88,19 @@ class _LanguageModel(Objective):
     def train_sums(self, cfg, train_model, eval_model):
         def sums(params, batch, rng=None, ref_params=None):
             return losses.lm_sums(train_model, params, batch, rng)
+
         return sums, losses.lm_count
 
     def eval_sums(self, cfg, model, bytes_table):
         def eval_sums(params, batch):
             """Weighted nll (nats), target tokens and the UTF-8 bytes they stand for."""
             w = batch["weights"]
-            return {"nll": losses.lm_sums(model, params, batch)[0], "tokens": jnp.sum(w),
-                    "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w)}
+            return {
+                "nll": losses.lm_sums(model, params, batch)[0],
+                "tokens": jnp.sum(w),
+                "bytes": jnp.sum(bytes_table[batch["tokens"][:, 1:]] * w),
+            }
+
         return eval_sums
 
     def eval_metrics(self, sums):
@@ -132,8 +133,10 @@ def _chat_data(cfg: Config, run_dir: Path, log, kind: str) -> PreparedData:
     elif cfg.data.tokenizer:
         source = Path(cfg.data.tokenizer).expanduser()
     else:
-        raise UserError(f"train.objective={kind} needs a tokenizer: set train.init_from to a pretrained run "
-                        "directory (or data.tokenizer to its tokenizer.model)")
+        raise UserError(
+            f"train.objective={kind} needs a tokenizer: set train.init_from to a pretrained run "
+            "directory (or data.tokenizer to its tokenizer.model)"
+        )
     return prepare_chat(cfg, kind, run.data_dir(run_dir), source, run.tokenizer_path(run_dir), log)
 
 
@@ -153,8 +156,13 @@ class DPO(Objective):
     pinned = ("dpo.reference",)
 
     def problems(self, cfg):
-        return [] if cfg.train.init_from else [
-            "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"]
+        return (
+            []
+            if cfg.train.init_from
+            else [
+                "train.objective=dpo needs train.init_from: the run whose model is the policy's start and the reference"
+            ]
+        )
 
     def prepare(self, cfg, run_dir, log):
         return _chat_data(cfg, run_dir, log, "dpo")
@@ -168,6 +176,7 @@ class DPO(Objective):
     def train_sums(self, cfg, train_model, eval_model):
         def sums(params, batch, rng=None, ref_params=None):
             return losses.dpo_sums(train_model, eval_model, cfg.dpo, params, batch, rng, ref_params)
+
         return sums, lambda batch: jnp.sum(losses.pair_mask(batch))
 
     def eval_sums(self, cfg, model, bytes_table):
@@ -175,15 +184,18 @@ class DPO(Objective):
             """The loss and metrics summed over the real pairs, and their number."""
             loss, aux = losses.dpo_sums(model, model, cfg.dpo, params, batch)
             return {"loss": loss, "pairs": jnp.sum(losses.pair_mask(batch))} | aux
+
         return eval_sums
 
     def eval_metrics(self, sums):
         return {k: v / sums["pairs"] for k, v in sums.items() if k != "pairs"}
 
     def val_line(self, m):
-        return (f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | "
-                f"margin {m['reward_margin']:.3f} | rewards chosen {m['chosen_reward']:.3f} "
-                f"rejected {m['rejected_reward']:.3f}")
+        return (
+            f"  val | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.3f} | "
+            f"margin {m['reward_margin']:.3f} | rewards chosen {m['chosen_reward']:.3f} "
+            f"rejected {m['rejected_reward']:.3f}"
+        )
 
     def progress_extra(self, m):
         return f" | reward acc {m['reward_accuracy']:.2f}, margin {m['reward_margin']:.3f}"
@@ -200,8 +212,11 @@ OBJECTIVES: dict[str, Objective] = {"pretrain": Pretrain(), "sft": SFT(), "dpo":
 def objective_of(cfg: Config) -> Objective:
     """cfg's objective, checked: an unknown name or a config it cannot train with is a UserError."""
     entry = OBJECTIVES.get(cfg.train.objective)
-    problems = ([f"train.objective={cfg.train.objective!r} must be one of {', '.join(OBJECTIVES)}"]
-                if entry is None else entry.problems(cfg))
+    problems = (
+        [f"train.objective={cfg.train.objective!r} must be one of {', '.join(OBJECTIVES)}"]
+        if entry is None
+        else entry.problems(cfg)
+    )
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
     return entry
@@ -216,8 +231,9 @@ def pair_scorer(cfg: ModelConfig, layout: Layout) -> Callable:
     """(params, {tokens [B, 2, L+1], weights [B, 2, L]}) -> summed response log-probs [B, 2], on
     every device: the reference scores of DPO pairs. Call under layout.activate()."""
     model = Transformer(cfg)
-    return jax.jit(lambda p, b: losses.sequence_logps(model, p, b["tokens"], b["weights"]),
-                   out_shardings=layout.replicated())
+    return jax.jit(
+        lambda p, b: losses.sequence_logps(model, p, b["tokens"], b["weights"]), out_shardings=layout.replicated()
+    )
 
 
 def reference_logps(cfg: Config, layout: Layout, data: PreparedData, log) -> PreparedData:
@@ -228,8 +244,9 @@ def reference_logps(cfg: Config, layout: Layout, data: PreparedData, log) -> Pre
     splits = ("train", "val") if cfg.dpo.reference == "precomputed" else ("val",)
     missing = [s for s in splits if not (directory / f"{s}.ref_logps.npy").is_file()]
     if missing:
-        params, _ = run.newest_params(cfg.train.init_from, abstract_params(cfg.model, layout),
-                                      f"train.init_from={cfg.train.init_from}")
+        params, _ = run.newest_params(
+            cfg.train.init_from, abstract_params(cfg.model, layout), f"train.init_from={cfg.train.init_from}"
+        )
         score = pair_scorer(cfg.model, layout)
         micro, pi, pc = cfg.train.batch_size // cfg.train.grad_accum, jax.process_index(), jax.process_count()
         began = time.perf_counter()
@@ -244,6 +261,8 @@ def reference_logps(cfg: Config, layout: Layout, data: PreparedData, log) -> Pre
                 keep = [j for j, i in enumerate(index) if i < len(source)]
                 out[[index[j] for j in keep]] = logps[keep]
             save_array(directory / f"{split}.ref_logps.npy", out)
-        log(f"reference log-probs of {', '.join(missing)} pairs from {cfg.train.init_from} "
-            f"in {time.perf_counter() - began:.0f} s -> {directory}/<split>.ref_logps.npy")
+        log(
+            f"reference log-probs of {', '.join(missing)} pairs from {cfg.train.init_from} "
+            f"in {time.perf_counter() - began:.0f} s -> {directory}/<split>.ref_logps.npy"
+        )
     return dataclasses.replace(data, train=ExampleRows(directory, "train"), val=ExampleRows(directory, "val"))

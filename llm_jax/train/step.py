@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,10 +20,10 @@ from llm_jax.train.objectives import objective_of
 
 
 class TrainState(struct.PyTreeNode):
-    step: jax.Array       # [] int32: optimizer steps taken
-    params: Any           # float32 pytree, sharded by the logical axis rules
-    opt_state: Any        # AdamW moments, sharded like params
-    rng: jax.Array        # [] key: dropout noise is fold_in(rng, step, micro-batch)
+    step: jax.Array  # [] int32: optimizer steps taken
+    params: Any  # float32 pytree, sharded by the logical axis rules
+    opt_state: Any  # AdamW moments, sharded like params
+    rng: jax.Array  # [] key: dropout noise is fold_in(rng, step, micro-batch)
     ref_params: Any = None  # dpo.reference=in_step: the frozen starting parameters, sharded like params
 
 
@@ -33,6 +34,7 @@ class Steps:
     Calls run under the layout's mesh and rules; `compile_train()` gives the compiled step itself
     (memory_analysis(), cost_analysis(), as_text()) without running it.
     """
+
     layout: Layout
     state_sharding: Any
     abstract_state: TrainState
@@ -58,8 +60,13 @@ class Steps:
             return self.jit_train.lower(self.abstract_state, self.abstract_batch).compile()
 
 
-def make_steps(cfg: Config, layout: Layout, tx: optax.GradientTransformation,
-               token_bytes: np.ndarray | None = None, example: dict | None = None) -> Steps:
+def make_steps(
+    cfg: Config,
+    layout: Layout,
+    tx: optax.GradientTransformation,
+    token_bytes: np.ndarray | None = None,
+    example: dict | None = None,
+) -> Steps:
     """`example` is one row of the training data ({name: array}); default: a pretraining window."""
     pipeline = (cfg.mesh.pipeline, cfg.mesh.pipeline_microbatches)
     train_model, eval_model = Transformer(cfg.model, True, pipeline), Transformer(cfg.model, False, pipeline)
@@ -73,20 +80,30 @@ def make_steps(cfg: Config, layout: Layout, tx: optax.GradientTransformation,
     def init(rng):
         dummy = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
         params = eval_model.init(jax.random.fold_in(rng, 0), dummy)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.fold_in(rng, 1), ref_params=params if in_step_reference else None)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.fold_in(rng, 1),
+            ref_params=params if in_step_reference else None,
+        )
 
     with layout.activate():
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = layout.tree_shardings(boxed)
     abstract_state = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), state_sharding)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), state_sharding
+    )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # micro-batch a takes rows a, a + A, ... of every array (an even split per device)
-        micro = {k: jax.lax.with_sharding_constraint(
-                     v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1),
-                     layout.sharding((None, "batch") + (None,) * (v.ndim - 1))) for k, v in batch.items()}
+        micro = {
+            k: jax.lax.with_sharding_constraint(
+                v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1),
+                layout.sharding((None, "batch") + (None,) * (v.ndim - 1)),
+            )
+            for k, v in batch.items()
+        }
         step_rng = jax.random.fold_in(state.rng, state.step)
 
         def micro_loss(params, mb, i):
@@ -114,11 +131,17 @@ def make_steps(cfg: Config, layout: Layout, tx: optax.GradientTransformation,
     batch_sharding = {k: layout.sharding(("batch",) + (None,) * v.ndim) for k, v in example.items()}
     replicated = layout.replicated()
     jit_init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=state_sharding)
-    jit_train = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    jit_train = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
     # eval batches arrive placed by Layout.put_batch (batch-split), which jit takes as they are
     jit_eval = jax.jit(eval_step, in_shardings=(state_sharding.params, None), out_shardings=replicated)
 
-    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=batch_sharding[k])
-                      for k, v in example.items()}
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=batch_sharding[k])
+        for k, v in example.items()
+    }
     return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval)

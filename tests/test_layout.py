@@ -113,3 +113,13 @@ def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
     assert listed == packages | {"llm_jax.configs"}, "pyproject.toml's [tool.setuptools] packages must list them all"
+
+
+def test_the_pre_commit_hooks_pin_the_ruff_that_ci_runs():
+    import re
+
+    pins = {
+        name: set(re.findall(r"ruff==([\w.]+)", (ROOT.parent / name).read_text()))
+        for name in ("pyproject.toml", ".pre-commit-config.yaml")
+    }
+    assert len(pins["pyproject.toml"]) == 1 and pins[".pre-commit-config.yaml"] == pins["pyproject.toml"], pins

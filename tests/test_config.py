@@ -93,3 +93,18 @@ def test_presets_resolve_to_their_sizes(preset, low, high):
     )
     n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     assert low <= n <= high, f"{preset}: {n:,} parameters"
+
+
+def test_the_objective_is_checked_by_its_registry_entry(capsys):
+    from llm_jax.cli import main
+    from llm_jax.train.objectives import OBJECTIVES, objective_of
+
+    assert list(OBJECTIVES) == ["pretrain", "sft", "dpo"]
+    assert objective_of(load_config("tiny")) is OBJECTIVES["pretrain"]
+    with pytest.raises(UserError, match=r"train.objective='foo' must be one of pretrain, sft, dpo"):
+        objective_of(load_config("tiny", ["train.objective=foo"]))
+    for command in ("config", "train"):  # the command line says so before anything is prepared or compiled
+        with pytest.raises(SystemExit) as e:
+            main([command, "--config", "tiny", "train.objective=dpo", "run_dir=/nonexistent/never-made"])
+        assert e.value.code == 2
+        assert "train.objective=dpo needs train.init_from" in capsys.readouterr().err

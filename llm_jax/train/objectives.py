@@ -122,8 +122,14 @@ class Pretrain(_LanguageModel):
         return prompt + reply
 
 
-def _chat_sample(tokenizer: Tokenizer, prompt: str, system: str | None):
-    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)
+class _ChatSamples:
+    """Fine-tuned models are sampled through the chat template: each prompt is one user turn."""
+
+    def sample(self, tokenizer, prompt, system):
+        return prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)
+
+    def show_sample(self, prompt, reply):
+        return f"user: {prompt}\nassistant: {reply}"
 
 
 def _chat_data(cfg: Config, run_dir: Path, log, kind: str) -> PreparedData:
@@ -140,17 +146,12 @@ def _chat_data(cfg: Config, run_dir: Path, log, kind: str) -> PreparedData:
     return prepare_chat(cfg, kind, run.data_dir(run_dir), source, run.tokenizer_path(run_dir), log)
 
 
-class SFT(_LanguageModel):
+class SFT(_ChatSamples, _LanguageModel):
     def prepare(self, cfg, run_dir, log):
         return _chat_data(cfg, run_dir, log, "sft")
 
-    sample = staticmethod(_chat_sample)
 
-    def show_sample(self, prompt, reply):
-        return f"user: {prompt}\nassistant: {reply}"
-
-
-class DPO(Objective):
+class DPO(_ChatSamples, Objective):
     """Preference pairs against the frozen starting model (train.init_from), llm_jax/train/losses.py."""
 
     pinned = ("dpo.reference",)
@@ -199,11 +200,6 @@ class DPO(Objective):
 
     def progress_extra(self, m):
         return f" | reward acc {m['reward_accuracy']:.2f}, margin {m['reward_margin']:.3f}"
-
-    sample = staticmethod(_chat_sample)
-
-    def show_sample(self, prompt, reply):
-        return f"user: {prompt}\nassistant: {reply}"
 
 
 OBJECTIVES: dict[str, Objective] = {"pretrain": Pretrain(), "sft": SFT(), "dpo": DPO()}

@@ -139,3 +139,13 @@ def test_bad_input_gets_one_clear_line_not_a_traceback(args, message):
     proc = _run(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_reader_that_goes_away_stops_generate_quietly(trained_run):
+    """`llm-jax generate ... | head`: the closed pipe ends the command with 141, as cat's, and no traceback."""
+    run, _, _ = trained_run
+    args = ["-m", "llm_jax", "generate", "--run", str(run), "--prompt", "Ham.\n", "--max-new-tokens", "40"]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    proc.stdout.close()  # gone before the first token is written
+    err = proc.communicate(timeout=600)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err, err

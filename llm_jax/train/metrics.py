@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -13,18 +14,18 @@ import jax.numpy as jnp
 
 from llm_jax import run
 
-# Dense bf16 peak FLOP/s per chip (vendor figures) for MFU on accelerators.
-_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-}
+# Dense bf16 peak FLOP/s per chip (vendor figures), keyed by the device_kind JAX reports: TPUs by
+# the exact name (read off libtpu 0.0.42's topologies: v4 "TPU v4", v5e "TPU v5 lite", v5p "TPU v5",
+# v6e "TPU v6 lite"), NVIDIA GPUs by prefix (e.g. "NVIDIA H100 80GB HBM3").
+_TPU_PEAK = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+_GPU_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12}
+
+
+def chip_peak_flops(device_kind: str) -> float | None:
+    """The vendor's dense bf16 FLOP/s of one chip of this kind, or None for a kind not listed."""
+    if device_kind in _TPU_PEAK:
+        return _TPU_PEAK[device_kind]
+    return next((flops for kind, flops in _GPU_PEAK.items() if device_kind.startswith(kind)), None)
 
 
 @functools.cache
@@ -48,10 +49,13 @@ def peak_flops(dtype: str) -> float:
     device = jax.devices()[0]
     if device.platform == "cpu":
         return max(measured_matmul_flops("float32"), measured_matmul_flops(dtype))
-    for kind, flops in _PEAK_FLOPS.items():
-        if device.device_kind.startswith(kind):
-            return flops * jax.device_count()
-    return measured_matmul_flops(dtype) * jax.device_count()
+    chip = chip_peak_flops(device.device_kind)
+    if chip is None:
+        warnings.warn(
+            f"no peak FLOP/s known for {device.device_kind!r}: MFU is against a measured matmul", stacklevel=2
+        )
+        chip = measured_matmul_flops(dtype)
+    return chip * jax.device_count()
 
 
 class Progress:

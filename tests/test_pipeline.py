@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's laptop has
 
 
+def _generate(run, prompt: str, new_tokens: int) -> list[str]:
+    """The arguments of `python -m llm_jax generate` for a run, a prompt and a token budget."""
+    return ["-m", "llm_jax", "generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", str(new_tokens)]
+
+
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
 
@@ -85,19 +90,7 @@ def test_rerunning_a_finished_run_changes_nothing(trained_run):
 @pytest.mark.slow
 def test_generate_streams_a_deterministic_continuation(trained_run):
     run, _, _ = trained_run
-    args = [
-        "-m",
-        "llm_jax",
-        "generate",
-        "--run",
-        str(run),
-        "--prompt",
-        "Ham.\n",
-        "--max-new-tokens",
-        "30",
-        "--temperature",
-        "0",
-    ]
+    args = [*_generate(run, "Ham.\n", 30), "--temperature", "0"]
     first, second = _run(*args), _run(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("[40 steps] Ham.\n") and len(first.stdout) > len("[40 steps] Ham.\n") + 10
@@ -108,17 +101,7 @@ def test_generate_streams_a_deterministic_continuation(trained_run):
 
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trained_run):
     run, _, _ = trained_run
-    proc = _run(
-        "-m",
-        "llm_jax",
-        "generate",
-        "--run",
-        str(run),
-        "--prompt",
-        "To be, or not to be. " * 40,
-        "--max-new-tokens",
-        "8",
-    )
+    proc = _run(*_generate(run, "To be, or not to be. " * 40, 8))
     assert proc.returncode == 0, proc.stderr
     assert "note: prompt has" in proc.stderr and "kept its last 56" in proc.stderr
 
@@ -144,8 +127,13 @@ def test_bad_input_gets_one_clear_line_not_a_traceback(args, message):
 def test_a_reader_that_goes_away_stops_generate_quietly(trained_run):
     """`llm-jax generate ... | head`: the closed pipe ends the command with 141, as cat's, and no traceback."""
     run, _, _ = trained_run
-    args = ["-m", "llm_jax", "generate", "--run", str(run), "--prompt", "Ham.\n", "--max-new-tokens", "40"]
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, *_generate(run, "Ham.\n", 40)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        cwd=ROOT,
+    )
     proc.stdout.close()  # gone before the first token is written
     err = proc.communicate(timeout=600)[1].decode()
     assert proc.returncode == 141 and "Traceback" not in err, err

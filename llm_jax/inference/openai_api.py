@@ -173,14 +173,7 @@ class Service:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [choice],
-            "usage": usage(request),
-        }
+        return self._envelope(rid, "chat.completion" if chat else "text_completion", choice) | {"usage": usage(request)}
 
     def chunk(self, rid: str, chat: bool, text: str | None = None, finish: str | None = None, first=False) -> dict:
         if chat:
@@ -188,13 +181,11 @@ class Service:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {
-            "id": rid,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [choice],
-        }
+        return self._envelope(rid, "chat.completion.chunk" if chat else "text_completion", choice)
+
+    def _envelope(self, rid: str, kind: str, choice: dict) -> dict:
+        """What every completion object and stream chunk carries around its one choice."""
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name, "choices": [choice]}
 
 
 def usage(request: Request) -> dict:

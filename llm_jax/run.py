@@ -102,12 +102,24 @@ def saved_checkpoint_dir(run_dir: str | Path) -> epath.Path:
     return checkpoint_dir(run_dir, ((saved_tree(run_dir) or {}).get("train") or {}).get("checkpoint_dir"))
 
 
+COMMIT_FILE = "commit_success.txt"  # orbax's completion marker where a rename is not atomic (gs://)
+
+
 def latest_checkpoint(directory: epath.Path) -> epath.Path | None:
-    """The newest complete step in a checkpoint directory (None if there is none)."""
+    """The newest complete step in a checkpoint directory (None if there is none).
+
+    Complete as orbax decides it: on a local disk a step appears under its number only once
+    written (renamed from a temporary name); on gs:// the number appears at once and the step is
+    complete when its commit file is there. Where any step of the directory carries a commit file,
+    every step needs one, so a step cut off by a preemption is never chosen on any file system."""
     if not directory.exists():
         return None
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
-    return directory / str(max(steps)) if steps else None
+    steps = [p for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+    committed = any((p / COMMIT_FILE).exists() for p in steps)
+    complete = [
+        int(p.name) for p in steps if ((p / COMMIT_FILE).exists() if committed else ocp.path.step.is_path_finalized(p))
+    ]
+    return directory / str(max(complete)) if complete else None
 
 
 def restore_params(step_dir: epath.Path, abstract: Any) -> Any:

@@ -1,7 +1,9 @@
 """One process of the 2-process test (tests/test_multihost.py): 4 CPU devices, gloo collectives.
 
 argv: coordinator process_id run_dir out_json [config overrides...]. Trains through the CLI, then
-records the rows of the first global batch this process reads.
+records the rows of the first global batch this process reads. A coordinator "slurm:PORT" joins
+through JAX's own cluster detection instead: the process gets the environment a 2-task SLURM step
+on this host gives it, and no distributed.* keys.
 """
 
 import json
@@ -14,6 +16,16 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 coordinator, process_id, run_dir, out = sys.argv[1:5]
 overrides = sys.argv[5:]
+if coordinator.startswith("slurm:"):
+    os.environ |= {"SLURM_JOB_ID": "17", "SLURM_NTASKS": "2", "SLURM_PROCID": process_id, "SLURM_LOCALID": process_id}
+    os.environ |= {"SLURM_STEP_NODELIST": "127.0.0.1", "JAX_COORDINATOR_PORT": coordinator.split(":")[1]}
+    join = []
+else:
+    join = [
+        f"distributed.coordinator={coordinator}",
+        "distributed.num_processes=2",
+        f"distributed.process_id={process_id}",
+    ]
 
 from llm_jax.cli import main  # noqa: E402
 
@@ -24,9 +36,7 @@ try:
             "--config",
             "tiny",
             f"run_dir={run_dir}",
-            f"distributed.coordinator={coordinator}",
-            "distributed.num_processes=2",
-            f"distributed.process_id={process_id}",
+            *join,
             *overrides,
         ]
     )

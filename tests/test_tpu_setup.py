@@ -162,3 +162,27 @@ def test_an_accelerator_the_zone_lacks_and_gcloud_errors_are_surfaced(tmp_path):
     code, _, err = sh("create.sh", *WHERE, "--accelerator-type", "v5litepod-16", env=env)
     assert code == 1 and "error: this command failed (exit 1)" in err
     assert "gcloud said: ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: no TPU quota" in err
+
+
+def test_install_gets_a_python_311_and_pins_the_tested_jax():
+    code, out, _ = sh("install.sh", *WHERE, "--dry-run")
+    remote = out.splitlines()[-1]
+    assert code == 0 and "sys.version_info < (3, 11)" in remote  # the image's python3.11+ if it has one ...
+    assert "uv python install 3.11" in remote  # ... else a standalone 3.11 (stock images ship 3.10)
+    tested = next(
+        line.split("=")[1] for line in (SETUP / "lib.sh").read_text().splitlines() if line.startswith("TESTED_JAX=")
+    )
+    assert f"jax[tpu]=={tested}" in remote and ".[gcs,tpu]" in remote
+    if sys.version_info[:2] == (3, 11):  # CI's interpreter: the pin is the jax this suite ran with
+        import jax
+
+        assert tested == jax.__version__
+
+
+def test_launch_lets_jax_detect_the_workers_unless_told_otherwise():
+    code, out, _ = sh("launch.sh", *WHERE, "--dry-run", "--", "--config", "llama-1b")
+    assert code == 0 and r"train.py\ --config\ llama-1b\ distributed.coordinator=auto" in out
+    code, out, _ = sh(
+        "launch.sh", *WHERE, "--dry-run", "--", "--config", "llama-1b", "distributed.coordinator=10.0.0.2:1"
+    )
+    assert code == 0 and "coordinator=auto" not in out and r"distributed.coordinator=10.0.0.2:1" in out

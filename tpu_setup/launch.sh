@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start one training command on every worker at once (every slice with --num-slices), in the
-# background, logging to ~/llm_jax.log; jax.distributed joins the workers by itself.
+# background, logging to ~/llm_jax.log; every worker joins through JAX's own cluster detection.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -11,9 +11,12 @@ usage: tpu_setup/launch.sh --name NAME --project PROJECT --zone ZONE [--num-slic
 e.g.   tpu_setup/launch.sh --name run1 -- --config llama-1b run_dir=/home/$USER/runs/l1 \
            train.checkpoint_dir=gs://my-bucket/l1/checkpoints mesh.fsdp=-1
 
-TRAIN_ARGS go to `python train.py` on every worker. Relaunching the same command after a
-preemption resumes from the newest checkpoint (keep checkpoints in gs://: a spot VM's disk goes
-with it). With N slices, each slice gets MEGASCALE_* variables (slice 0's first worker
+TRAIN_ARGS go to `python train.py` on every worker, with distributed.coordinator=auto added
+(unless they set it): jax.distributed.initialize() then finds the workers, their ranks and worker
+0's address from the TPU VM metadata server, as JAX's cluster detection does on Cloud TPU, and the
+preemption notice reaches every worker through its sync manager. Relaunching the same command
+after a preemption resumes from the newest checkpoint (keep checkpoints in gs://: a spot VM's disk
+goes with it). With N slices, each slice gets MEGASCALE_* variables (slice 0's first worker
 coordinates) and TRAIN_ARGS must set mesh.dcn_data=N.
 USAGE
 }
@@ -22,6 +25,7 @@ parse_common "$@"
 set -- "${REST[@]}"
 [[ "${1:-}" == -- ]] && shift
 [[ $# -gt 0 ]] || die "give the training arguments after --, e.g. -- --config llama-1b run_dir=..."
+[[ " $* " == *" distributed.coordinator="* ]] || set -- "$@" distributed.coordinator=auto
 train_args="$(printf '%q ' "$@")"
 if [[ "$NUM_SLICES" -gt 1 ]]; then
   [[ " $* " == *" mesh.dcn_data=${NUM_SLICES} "* ]] \

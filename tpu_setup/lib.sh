@@ -6,6 +6,9 @@
 # the environment. Keys: PROJECT ZONE NAME ACCELERATOR_TYPE RUNTIME_VERSION NUM_SLICES.
 DRY_RUN=0
 GCLOUD="${GCLOUD:-gcloud}"
+# The jax CI tests this checkout with on Python 3.11 (tests/test_tpu_setup.py keeps them equal);
+# install.sh pins workers to it, and jax[tpu] brings the libtpu made for it.
+TESTED_JAX=0.10.2
 ENV_FILE="$(dirname "${BASH_SOURCE[0]}")/tpu.env"
 
 die() {

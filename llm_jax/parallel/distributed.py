@@ -9,7 +9,6 @@ its source files): workers left on an older checkout fail at once instead of div
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import time
 from pathlib import Path
@@ -22,14 +21,23 @@ from llm_jax.config import DistributedConfig
 from llm_jax.errors import UserError
 
 
-def _cluster_in_environment() -> str | None:
-    """The multi-process launcher jax can read its coordinates from, if this looks like one."""
-    if int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) > 1:
-        return "SLURM"
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        return "Cloud TPU pod"
-    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return "Open MPI"
+def detected_cluster() -> str | None:
+    """The multi-process job JAX's own detection finds, as `jax.distributed.initialize()` without
+    arguments would join it: SLURM, Open MPI, a Cloud TPU VM slice (workers from the GCE metadata
+    server, as `tpu_setup/create.sh` makes them), a GKE TPU pod (TPU_WORKER_HOSTNAMES), Kubernetes.
+    Its name, or None where there is none or it holds one process."""
+    try:
+        from jax._src.clusters import ClusterEnv  # the registry jax.distributed.initialize() reads
+    except ImportError:  # a jax that moved it: joining stays explicit (distributed.coordinator)
+        return None
+    for env in ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            if env.is_env_present() and env.get_process_count() > 1:
+                return env.__name__.removesuffix("Cluster")
+        except Exception:  # a probe that cannot read its source (metadata server, scheduler) finds nothing
+            continue
     return None
 
 
@@ -38,8 +46,9 @@ def initialize(cfg: DistributedConfig) -> str | None:
     (None: a single process)."""
     if jax.distributed.is_initialized():
         return f"process {jax.process_index()} of {jax.process_count()}"
-    if cfg.coordinator == "auto" or (cfg.coordinator is None and _cluster_in_environment()):
-        how = _cluster_in_environment() or "auto-detected cluster"
+    cluster = detected_cluster() if cfg.coordinator in (None, "auto") else None
+    if cfg.coordinator == "auto" or cluster:
+        how = f"{cluster} job, found by jax" if cluster else "auto-detected cluster"
         try:
             jax.distributed.initialize(initialization_timeout=cfg.timeout_s)
         except Exception as e:  # jax's runtime error type varies across versions

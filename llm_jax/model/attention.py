@@ -22,19 +22,26 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.config import ModelConfig
+from llm_jax.model.device import target_device
 
 SPLASH_BLOCK = 512  # query / key block of the splash kernel (smaller sequences: one block)
 
 
-def resolve(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    device = jax.devices()[0]
-    if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
-        return "cudnn"
-    if device.platform == "tpu":
-        return "splash"
-    return "blocked" if device.platform == "cpu" else "xla"
+def kernel_for(impl: str, platform: str, device_kind: str, seq_len: int, packed: bool, dtype) -> str:
+    """The kernel a step really runs: auto resolved for the platform, splash only for whole
+    128-multiple sequences, and cuDNN only for 16-bit inputs without segments (its jax API takes no
+    segment mask, so packed batches, i.e. every pretraining and SFT batch, run the XLA kernel on GPUs)."""
+    if impl == "auto":
+        if platform == "gpu" and "nvidia" in device_kind.lower():
+            impl = "cudnn"
+        else:
+            impl = {"tpu": "splash", "cpu": "blocked"}.get(platform, "xla")
+    if (impl == "splash" and seq_len % 128) or (impl == "cudnn" and (packed or jnp.dtype(dtype).itemsize != 2)):
+        return "xla"
+    return impl
 
 
 def causal_attention(
@@ -43,19 +50,17 @@ def causal_attention(
     """q [B, T, N, H], k/v [B, T, K, H] (K divides N) -> [B, T, N, H]; token t sees tokens <= t.
 
     segments [B, T] int (packed examples): token t then sees only earlier tokens of its own segment.
-    cudnn takes no arbitrary mask here, so packed batches use the xla kernel on GPUs.
     """
-    impl = resolve(impl)
-    if impl == "splash" and q.shape[1] % 128 == 0:
-        return _splash(q, k, v, segments)
+    device = target_device()
+    impl = kernel_for(impl, device.platform, device.device_kind, q.shape[1], segments is not None, q.dtype)
     if impl == "splash":
-        impl = "xla"
+        return _splash(q, k, v, segments)
     if impl == "blocked":
         return _blocked(q, k, v, segments)
     if segments is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
-    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=impl)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
@@ -104,13 +109,22 @@ def _splash_kernel(t: int, group: int, interpret: bool):
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
     with jax.ensure_compile_time_eval():  # built once, often while tracing: its mask tables must be constants
         kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # as numpy, the tables are constants of whatever mesh traces the kernel (abstract TPU chips included)
+    kernel = jax.tree_util.tree_map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, kernel)
     return kernel, sk
+
+
+def prebuild_splash(cfg: ModelConfig) -> None:
+    """Builds the TPU splash kernel of cfg outside any mesh: under a mesh of abstract chips (`llm-jax
+    compile`) no array can be made, and the kernel's mask tables are arrays until it is built."""
+    if cfg.attention in ("auto", "splash") and cfg.seq_len % 128 == 0:
+        _splash_kernel(cfg.seq_len, cfg.n_heads // cfg.n_kv_heads, False)
 
 
 def _splash(q, k, v, segments):
     t, h = q.shape[1], q.shape[3]
     group = q.shape[2] // k.shape[2]
-    kernel, sk = _splash_kernel(t, group, jax.devices()[0].platform != "tpu")
+    kernel, sk = _splash_kernel(t, group, target_device().platform != "tpu")
     if segments is None:
         segments = jnp.zeros(q.shape[:2], jnp.int32)
 

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model.device import target_device
+
 # Bytes of one float32 logits chunk: on CPU about the L3 cache; on accelerators large enough to
 # keep the matrix units busy while [N, vocab] (e.g. 1M x 128k for a pod step) would not fit.
 CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
@@ -26,9 +28,9 @@ CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
 
 def chunk_rows(n: int, vocab: int, budget: int | None = None) -> int:
     """The largest power-of-two divisor of n whose logits chunk fits the budget (at least 8 rows);
-    the budget defaults to the one of the platform in use."""
+    the budget defaults to the one of the platform traced for."""
     if budget is None:
-        budget = CPU_CHUNK_BYTES if jax.devices()[0].platform == "cpu" else ACCELERATOR_CHUNK_BYTES
+        budget = CPU_CHUNK_BYTES if target_device().platform == "cpu" else ACCELERATOR_CHUNK_BYTES
     rows = 1
     while n % (rows * 2) == 0 and rows * 2 * vocab * 4 <= budget:
         rows *= 2

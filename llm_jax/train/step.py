@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from llm_jax.config import Config
+from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.sharding import Layout
 from llm_jax.train.objectives import objective_of
@@ -88,6 +89,8 @@ def make_steps(
             ref_params=params if in_step_reference else None,
         )
 
+    if layout.mesh.devices.flat[0].platform == "tpu":
+        prebuild_splash(cfg.model)  # outside the mesh: under one of abstract chips no array can be made
     with layout.activate():
         boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))  # abstract: no array on any device
     state_sharding = layout.tree_shardings(boxed)

@@ -1,5 +1,5 @@
 """`llm-jax` command line: train, generate, chat, eval-chat, eval, judge, quantize, serve,
-export-hf, import-hf, config, sweep, plan, data.
+export-hf, import-hf, config, sweep, plan, compile, data.
 Errors the user can fix print one message."""
 
 from __future__ import annotations
@@ -111,7 +111,26 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("plan", help="per-device memory of a config on a topology, without the hardware")
     p.add_argument("--config", required=True)
-    p.add_argument("--topology", required=True, help="e.g. v5e-256, v5p-256, h100-8 (plan --help lists them)")
+    p.add_argument(
+        "--topology", required=True, help="v4-N, v5p-N (N TensorCores), v5e-N, v6e-N, a100-N, h100-N, h200-N (N chips)"
+    )
+    p.add_argument("--slices", type=int, default=1, help="TPU slices joined over the data-center network")
+    p.add_argument("--estimate", action="store_true", help="arithmetic only, even where libtpu could compile")
+    p.add_argument("--rank", action="store_true", help="compile the topology's layouts, order them by roofline time")
+    p.add_argument("--meshes", help='with --rank: only these data,fsdp,tensor[,pipeline] layouts ("128,1,1;64,2,1")')
+    p.add_argument("--max-layouts", type=int, default=8, help="with --rank: compile at most this many layouts")
+    p.add_argument("--out", help="with --rank: directory for rank.csv and rank.png (default: <run_dir>/rank)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
+
+    p = sub.add_parser(
+        "compile", help="compile a config's steps for a TPU topology (libtpu): memory, FLOPs, collectives"
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", required=True, help="a TPU slice: v4-8 ... v5p-256, v5e-64, v6e-256, ...")
+    p.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network (mesh.dcn_data)")
+    p.add_argument("--steps", default="all", help="comma-separated: train, eval, prefill, decode (default: all)")
+    p.add_argument("--serve-batch", type=int, default=16, help="rows of the prefill and decode steps")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
 
     p = sub.add_parser("data", help="data tools: prepare (curate, tokenize, pack), synth-sft / synth-dpo")
@@ -285,8 +304,19 @@ def _sweep(args) -> None:
     sweep(args)
 
 
+def _compile(args) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiles for abstract devices; never opens this host's own
+    from llm_jax.tools.compile import main as compile_steps
+
+    compile_steps(args)
+
+
 def _plan(args) -> None:
-    from llm_jax.tools.plan import main as plan
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as compile: the TPU compiler runs for abstract chips
+    if args.rank:
+        from llm_jax.tools.rank import main as plan
+    else:
+        from llm_jax.tools.plan import main as plan
 
     plan(args)
 
@@ -299,6 +329,7 @@ COMMANDS = {
     "config": _config,
     "sweep": _sweep,
     "plan": _plan,
+    "compile": _compile,
     "data": _data,
     "quantize": _quantize,
     "serve": _serve,

@@ -85,6 +85,34 @@ def fit_prompt(ids: list[int], seq_len: int, max_new_tokens: int) -> tuple[list[
     return ids, max_new_tokens, "; ".join(notes) or None
 
 
+def serving_steps(cfg: ModelConfig):
+    """The two functions a server runs, before jit: prefill(params, tokens [B, P], lengths [B], seeds [B],
+    settings) -> (first new tokens [B], KV cache) and decode(params, cache, token [B], lengths, seeds,
+    step, settings) -> (next tokens [B], cache); settings are (temperature, top_k, top_p), each [B]."""
+    model = Transformer(cfg)
+
+    def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
+        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
+        return sample_token(logits, keys, *settings)
+
+    def prefill(params, tokens, lengths, seeds, settings):
+        """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
+        hidden, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, tokens.shape[0]))
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+        logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
+        return sample_rows(logits, seeds, 0, settings), cache
+
+    def decode(params, cache, token, lengths, seeds, step, settings):
+        """token [B], the step-th new token of each row, at position lengths + step - 1 -> next tokens [B], cache.
+        A stopped row keeps writing past its end (clamped to the cache), unread."""
+        index = jnp.minimum(lengths + step - 1, cfg.seq_len - 1)
+        hidden, cache = model.apply({"params": params}, token[:, None], cache=cache, cache_index=index)
+        logits = model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
+        return sample_rows(logits, seeds, step, settings), cache
+
+    return prefill, decode
+
+
 class Generator:
     """Generation for one model; compiled once per (batch size, prompt-length bucket).
 
@@ -103,27 +131,7 @@ class Generator:
             shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
             params = jax.device_put(params, shardings)
         self.params = params
-        model = Transformer(cfg)
-
-        def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
-            keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
-            return sample_token(logits, keys, *settings)
-
-        def prefill(params, tokens, lengths, seeds, settings):
-            """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
-            hidden, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, tokens.shape[0]))
-            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-            logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
-            return sample_rows(logits, seeds, 0, settings), cache
-
-        def decode(params, cache, token, lengths, seeds, step, settings):
-            """token [B], the step-th new token of each row, at position lengths + step - 1 -> next tokens [B], cache.
-            A stopped row keeps writing past its end (clamped to the cache), unread."""
-            index = jnp.minimum(lengths + step - 1, cfg.seq_len - 1)
-            hidden, cache = model.apply({"params": params}, token[:, None], cache=cache, cache_index=index)
-            logits = model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
-            return sample_rows(logits, seeds, step, settings), cache
-
+        prefill, decode = serving_steps(cfg)
         self._prefill = jax.jit(prefill)
         self._decode = jax.jit(decode, donate_argnums=1)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -23,49 +22,15 @@ import jax.numpy as jnp
 from llm_jax.config import Config, ModelConfig, load_config
 from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
 from llm_jax.errors import UserError
+from llm_jax.model.attention import kernel_for
 from llm_jax.model.loss import ACCELERATOR_CHUNK_BYTES, chunk_rows
 from llm_jax.model.transformer import Transformer
+from llm_jax.parallel.chips import Chip, GiB, Topology, has_libtpu, parse_topology
 from llm_jax.parallel.sharding import check_fit, mesh_shape, shards
+from llm_jax.tools.compile import compile_config
+from llm_jax.train.objectives import objective_of
 
-GiB = 2**30
 HEADROOM = 0.85  # plan to use at most 85% of HBM: XLA temporaries, fragmentation, runtime reserve
-
-
-@dataclass(frozen=True)
-class Chip:
-    hbm: int  # bytes of HBM per chip
-    flops: float  # dense bf16 FLOP/s per chip
-    per_host: int  # chips that share a host's fast links (where tensor parallelism belongs)
-    cores_per_chip: int  # v4 and v5p slice names count TensorCores, two per chip
-
-
-# Vendor figures: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, nvidia.com H100/H200/A100 datasheets (SXM).
-CHIPS = {
-    "v4": Chip(32 * GiB, 275e12, 4, 2),
-    "v5p": Chip(95 * GiB, 459e12, 4, 2),
-    "v5e": Chip(16 * GiB, 197e12, 8, 1),
-    "v6e": Chip(32 * GiB, 918e12, 8, 1),
-    "a100": Chip(80 * GiB, 312e12, 8, 1),
-    "h100": Chip(80 * GiB, 989e12, 8, 1),
-    "h200": Chip(141 * GiB, 989e12, 8, 1),
-}
-
-
-def parse_topology(name: str) -> tuple[Chip, int]:
-    """'v5p-256' -> (v5p, 128 chips); 'v5e-64' -> (v5e, 64); 'h100-8' -> (h100, 8)."""
-    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.lower().replace("v5litepod", "v5e"))
-    if not m or m.group(1) not in CHIPS:
-        raise UserError(
-            f"unknown topology {name!r}: use <kind>-<size> with kind one of {', '.join(CHIPS)} "
-            "(e.g. v5p-256, v5e-64, h100-8)"
-        )
-    chip, size = CHIPS[m.group(1)], int(m.group(2))
-    if size % chip.cores_per_chip or size == 0:
-        raise UserError(
-            f"{name}: {m.group(1)} slice names count TensorCores ({chip.cores_per_chip} per chip); "
-            f"the size must be a positive multiple of {chip.cores_per_chip}"
-        )
-    return chip, size // chip.cores_per_chip
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,19 +41,59 @@ def _param_arrays(model: ModelConfig) -> tuple[tuple[tuple[int, ...], tuple[str 
     return tuple((tuple(x.value.shape), tuple(x.names)) for x in leaves)
 
 
-def param_bytes(model: ModelConfig, mesh: dict[str, int], rules: Rules) -> int:
+def stored_elements(shape: tuple[int, ...], platform: str) -> int:
+    """Elements an array occupies: exactly its size, but on a TPU its (8, 128) tiles: the dimension
+    laid out last padded to 128 and the one before it to 8 where it is longer than 8 (shorter ones
+    get smaller tiles). XLA:TPU chooses the layout; the one that pads least is counted. (Checked
+    against compiled arguments: tests/test_compile.py, tests/test_plan.py.)"""
+    if platform != "tpu" or not shape:
+        return math.prod(shape)
+    best = None
+    for i, minor in enumerate(shape):
+        rest = shape[:i] + shape[i + 1 :]
+        seconds = [(j, d) for j, d in enumerate(rest)] or [(None, 1)]
+        for j, second in seconds:
+            others = math.prod(d for k, d in enumerate(rest) if k != j)
+            tiled = others * (second if second <= 8 else -(-second // 8) * 8) * (-(-minor // 128) * 128)
+            best = tiled if best is None else min(best, tiled)
+    return best
+
+
+def param_bytes(model: ModelConfig, mesh: dict[str, int], rules: Rules, platform: str = "cpu") -> int:
     """float32 parameter bytes on one device: each array's shard shape from its logical axes."""
     total = 0
     for shape, names in _param_arrays(model):
         axes = nn.logical_to_mesh_axes(names, rules)
         split = [math.prod(mesh.get(a, 1) for a in as_tuple(ax)) for ax in axes]
-        total += 4 * math.prod(-(-dim // n) for dim, n in zip(shape, split))
+        total += 4 * stored_elements(tuple(-(-dim // n) for dim, n in zip(shape, split)), platform)
     return total
 
 
-def activation_bytes(model: ModelConfig, micro_batch: int, mesh: dict[str, int], rules: Rules) -> dict[str, int]:
-    """Estimated activation bytes on one device for one micro-batch: kept for the backward pass
-    across layers, one layer's working set, and the loss's logits chunk."""
+def argument_bytes(cfg: Config, mesh: dict[str, int], platform: str = "cpu") -> int:
+    """Exactly what the compiled train step takes per device: the parameters, two AdamW moments (and
+    DPO's in-step reference), this device's rows of the batch, and the scalars (step, PRNG key,
+    Adam's and the schedule's counts). On a TPU arrays are padded to their tiles (stored_elements)
+    and a scalar takes 512 bytes."""
+    rules = rules_table(cfg.mesh.rules)
+    objective = objective_of(cfg)
+    copies = 3 + objective.in_step_reference(cfg)
+    rows = cfg.train.batch_size // shards(mesh, rules, "batch")
+    batch = sum(
+        v.itemsize * stored_elements((rows, *v.shape), platform) for v in objective.example_row(cfg, "train").values()
+    )
+    scalars = 4 * 512 if platform == "tpu" else 4 + 8 + 4 + 4
+    return copies * param_bytes(cfg.model, mesh, rules, platform) + batch + scalars
+
+
+def activation_bytes(
+    model: ModelConfig, micro_batch: int, mesh: dict[str, int], rules: Rules, kernel: str = "xla"
+) -> dict[str, int]:
+    """Estimated bytes on one device for one micro-batch beyond the train state: this device's layer
+    weights cast to the compute dtype, what the backward pass keeps across layers, one layer's
+    backward (its forward recomputed where remat drops it, and the gradients of its activations),
+    a layer's weights gathered in compute dtype with their float32 gradient (where the rules split
+    parameters), and the loss's logits chunk. `kernel` is the
+    attention kernel that runs (attention.kernel_for): only xla materialises the T x T scores."""
     c = jnp.dtype(model.dtype).itemsize
     b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model
     L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
@@ -98,14 +103,19 @@ def activation_bytes(model: ModelConfig, micro_batch: int, mesh: dict[str, int],
     f = model.mlp_dim // shards(mesh, rules, "mlp")
     matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c  # q, k, v, o, gate, up, down
     others = b * t * (2 * d + q + 2 * f + 2 * d) * c  # norms, attn out, silu*up, residuals
-    scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * t * 4 if model.attention == "xla" else 0
-    layer = matmul_outs + others + scores  # one layer, nothing recomputed
+    scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * t * 4 if kernel == "xla" else 0
+    layer = matmul_outs + others + scores  # one layer's forward, nothing recomputed
     kept = {"full": b * t * d * c, "dots": b * t * d * c + matmul_outs, "none": layer}[model.remat]
     v = model.vocab_size // shards(mesh, rules, "vocab")
     rows = chunk_rows(b * t, model.vocab_size, ACCELERATOR_CHUNK_BYTES)
+    weights = d * (q + 2 * kv) + q * d + 3 * d * f  # one layer's matrices, as the tensor axis leaves them
+    gathered = shards(mesh, rules, "embed") > 1  # ZeRO-3: each layer's weights are all-gathered for use
+    local = weights * L // (shards(mesh, rules, "embed") if gathered else 1)  # this device's layer weights
     return {
+        "layer weights in compute dtype": local * c if c < 4 else 0,  # the cast XLA hoists out of the layer loop
         "saved across layers": L * kept,
-        "one layer's working set": 0 if model.remat == "none" else layer,
+        "one layer's backward": layer if model.remat == "none" else 2 * layer,
+        "a gathered layer + its gradient": weights * (c + 4) if gathered else 0,
         "logits chunk": rows * v * (4 + 4 + c),  # logits, softmax, d_logits
         "embedding table for the lookup": model.vocab_size * d * c,
     }  # gathered whole (transformer.py)
@@ -126,13 +136,20 @@ class Plan:
         return self.total <= HEADROOM * self.hbm
 
 
+def train_kernel(cfg: Config, chip: Chip) -> str:
+    """The attention kernel cfg's train step runs on this chip (packed rows: the objective's data has segments)."""
+    packed = "segments" in objective_of(cfg).example_row(cfg, "train")
+    m = cfg.model
+    return kernel_for(m.attention, chip.platform, chip.device_kind, m.seq_len, packed, m.dtype)
+
+
 def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
     rules = rules_table(cfg.mesh.rules)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     check_fit(mesh, rules, cfg.model, micro // cfg.mesh.pipeline_microbatches)
-    params = param_bytes(cfg.model, mesh, rules)
+    params = param_bytes(cfg.model, mesh, rules, chip.platform)
     rows = {"parameters (f32)": params, "gradients (f32)": params, "AdamW moments (2 x f32)": 2 * params}
-    rows |= activation_bytes(cfg.model, micro, mesh, rules)
+    rows |= activation_bytes(cfg.model, micro, mesh, rules, train_kernel(cfg, chip))
     return Plan(mesh, rows, chip.hbm)
 
 
@@ -162,27 +179,56 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
 
 
-def format_plan(plan: Plan, title: str) -> str:
-    lines = [title] + [f"  {k:32} {_size(v):>12}" for k, v in plan.rows.items()]
+def format_plan(plan: Plan, title: str, compiled: dict | None = None) -> str:
+    """The estimate's rows; with `compiled` (XLA:TPU's memory of the same train step) beside it."""
+    lines = [title + ("  (estimate; compiled figures below)" if compiled else "  (estimate)")]
+    lines += [f"  {k:32} {_size(v):>12}" for k, v in plan.rows.items()]
     lines.append(
         f"  {'total':32} {_size(plan.total):>12}   of {plan.hbm / GiB:.0f} GiB HBM: "
         + ("fits" if plan.fits else f"does NOT fit (the plan keeps {1 - HEADROOM:.0%} headroom)")
     )
+    if compiled:
+        fits = "fits" if compiled["peak"] <= plan.hbm else "does NOT fit"
+        lines.append(
+            f"  compiled by XLA:TPU: arguments {_size(compiled['arguments'])}, temporaries "
+            f"{_size(compiled['temporaries'])}, peak {_size(compiled['peak'])} of {plan.hbm / GiB:.0f} GiB: {fits} "
+            f"(the estimate is {plan.total / compiled['peak'] - 1:+.0%} off)"
+        )
     return "\n".join(lines)
+
+
+def _compiled(cfg: Config, topology: Topology, mesh: dict[str, int], accum: int | None = None) -> dict | None:
+    """The train step's memory from the TPU compiler where it can run here (a TPU topology and libtpu)."""
+    if not (topology.chip.torus_dims and has_libtpu()):
+        return None
+    trial = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh))
+    if accum is not None:
+        trial = dataclasses.replace(trial, train=dataclasses.replace(cfg.train, grad_accum=accum))
+    (report,) = compile_config(trial, topology, ("train",))
+    return report.memory
 
 
 def main(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    chip, chips = parse_topology(args.topology)
+    topology = parse_topology(args.topology, args.slices)
+    chip, chips = topology.chip, topology.devices
     mesh = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, chips)))
     m, t = cfg.model, cfg.train
+    compile_here = not args.estimate and topology.chip.torus_dims and has_libtpu()
+    if compile_here or not topology.chip.torus_dims:
+        how = ""
+    else:
+        how = " | estimate only" + (" (--estimate)" if args.estimate else " (pip install 'llm_jax[tpu]' to compile)")
     print(
-        f"{args.topology}: {chips} chips x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
-        f"seq {m.seq_len}, {m.dtype}, remat {m.remat} | batch {t.batch_size}, grad_accum {t.grad_accum} "
-        f"| rules {cfg.mesh.rules}"
+        f"{topology.describe()} x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
+        f"seq {m.seq_len}, {m.dtype}, remat {m.remat}, attention {train_kernel(cfg, chip)} | batch {t.batch_size}, "
+        f"grad_accum {t.grad_accum} | rules {cfg.mesh.rules}{how}"
     )
     try:
-        print(format_plan(plan_for(cfg, chip, mesh), f"mesh {mesh} (the config's):"))
+        plan = plan_for(cfg, chip, mesh)
+        print(
+            format_plan(plan, f"mesh {mesh} (the config's):", _compiled(cfg, topology, mesh) if compile_here else None)
+        )
     except UserError as e:
         print(f"mesh {mesh} (the config's): {e}")
     found = suggest(cfg, chip, chips)
@@ -194,4 +240,6 @@ def main(args) -> None:
         return
     best, accum = found
     settings = " ".join(f"mesh.{k}={v}" for k, v in best.mesh.items()) + f" train.grad_accum={accum}"
-    print(format_plan(best, f"suggested: {settings}"))
+    same = best.mesh == {k: mesh[k] for k in best.mesh} and accum == t.grad_accum
+    compiled = _compiled(cfg, topology, best.mesh, accum) if compile_here and not same else None
+    print(format_plan(best, f"suggested: {settings}", compiled))

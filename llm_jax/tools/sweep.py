@@ -148,16 +148,19 @@ HEADER = (
 )
 
 
-def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_outputs(
+    rows: list[dict], out: Path, name: str = "sweep", columns=COLUMNS, title: str = "throughput"
+) -> tuple[Path, Path]:
+    """<out>/<name>.csv and <name>.png (tokens/s and memory per layout); `llm-jax plan --rank` writes its own."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
-    return out / "sweep.csv", _plot(rows, out / "sweep.png")
+        writer.writerows({k: r.get(k, "") for k in columns} for r in rows)
+    return out / f"{name}.csv", _plot(rows, out / f"{name}.png", title)
 
 
-def _plot(rows: list[dict], path: Path) -> Path:
+def _plot(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib  # 0.5 s to import, for the PNG only
 
     matplotlib.use("Agg")
@@ -168,7 +171,7 @@ def _plot(rows: list[dict], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7, 1.4 * len(ok) + 3), 4))
     ax1.bar_label(ax1.bar(labels, [r["tokens_per_s"] for r in ok], color="tab:blue"), fmt="{:,.0f}", fontsize=8)
     ax1.set_ylabel("tokens/s")
-    ax1.set_title("throughput")
+    ax1.set_title(title)
     ax2.bar_label(
         ax2.bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color="tab:orange", label="peak"),
         fmt="{:.2f}",

@@ -13,19 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import run
-
-# Dense bf16 peak FLOP/s per chip (vendor figures), keyed by the device_kind JAX reports: TPUs by
-# the exact name (read off libtpu 0.0.42's topologies: v4 "TPU v4", v5e "TPU v5 lite", v5p "TPU v5",
-# v6e "TPU v6 lite"), NVIDIA GPUs by prefix (e.g. "NVIDIA H100 80GB HBM3").
-_TPU_PEAK = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
-_GPU_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12}
+from llm_jax.parallel.chips import chip_of_kind
 
 
 def chip_peak_flops(device_kind: str) -> float | None:
-    """The vendor's dense bf16 FLOP/s of one chip of this kind, or None for a kind not listed."""
-    if device_kind in _TPU_PEAK:
-        return _TPU_PEAK[device_kind]
-    return next((flops for kind, flops in _GPU_PEAK.items() if device_kind.startswith(kind)), None)
+    """The vendor's dense bf16 FLOP/s of one chip of the kind JAX reports (parallel/chips.py), or None."""
+    chip = chip_of_kind(device_kind)
+    return chip.flops if chip else None
 
 
 @functools.cache

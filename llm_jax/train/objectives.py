@@ -54,6 +54,12 @@ class Objective(abc.ABC):
         return False
 
     @abc.abstractmethod
+    def example_row(self, cfg: Config, split: str) -> dict[str, np.ndarray]:
+        """Zeros shaped like one row of the prepared `split` (train | val) data: what a step is compiled for
+        without the data (`llm-jax compile`)."""
+        ...
+
+    @abc.abstractmethod
     def train_sums(self, cfg: Config, train_model: Transformer, eval_model: Transformer) -> tuple[Sums, Callable]:
         """(sums, count): count(batch) is the divisor of the loss and metric sums."""
         ...
@@ -112,6 +118,11 @@ class _LanguageModel(Objective):
 
 
 class Pretrain(_LanguageModel):
+    def example_row(self, cfg, split):
+        tokens = np.zeros(cfg.model.seq_len + 1, np.int32)  # a packed window and its document ids
+        row = {"tokens": tokens, "segments": tokens}
+        return row | ({"weights": np.ones(cfg.model.seq_len, np.float32)} if split == "val" else {})
+
     def prepare(self, cfg, run_dir, log):
         return prepare_text(cfg, run.data_dir(run_dir), run.tokenizer_path(run_dir), log)
 
@@ -147,6 +158,10 @@ def _chat_data(cfg: Config, run_dir: Path, log, kind: str) -> PreparedData:
 
 
 class SFT(_ChatSamples, _LanguageModel):
+    def example_row(self, cfg, split):
+        tokens = np.zeros(cfg.model.seq_len + 1, np.int32)
+        return {"tokens": tokens, "segments": tokens, "weights": np.zeros(cfg.model.seq_len, np.float32)}
+
     def prepare(self, cfg, run_dir, log):
         return _chat_data(cfg, run_dir, log, "sft")
 
@@ -173,6 +188,12 @@ class DPO(_ChatSamples, Objective):
 
     def in_step_reference(self, cfg):
         return cfg.dpo.reference == "in_step"
+
+    def example_row(self, cfg, split):
+        row = {"tokens": np.zeros((2, cfg.model.seq_len + 1), np.int32)}
+        row["weights"] = np.zeros((2, cfg.model.seq_len), np.float32)
+        scored = split == "val" or not self.in_step_reference(cfg)
+        return row | ({"ref_logps": np.zeros(2, np.float32)} if scored else {})
 
     def train_sums(self, cfg, train_model, eval_model):
         def sums(params, batch, rng=None, ref_params=None):

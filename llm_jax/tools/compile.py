@@ -1,0 +1,237 @@
+"""`llm-jax compile`: a config's steps compiled for a TPU topology by the real XLA TPU compiler
+(libtpu), on any machine: memory, FLOPs, HBM traffic and collectives per device, and a roofline.
+
+The train step (the config's objective, pipeline, slices and grad_accum included), its eval step,
+and a server's prefill and decode steps are traced with abstract arguments on a mesh of abstract
+TPU chips (jax.experimental.topologies), lowered and compiled; no array is ever created there.
+Memory is XLA's buffer assignment. The roofline is an estimate: the step takes at least its FLOPs
+at the chip's peak, its HBM bytes at the HBM bandwidth and its collective bytes at the chip's link
+bandwidth, whichever is longest (perfect overlap, no launch or DCN cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import Config, load_config
+from llm_jax.config.rules import MESH_AXES
+from llm_jax.errors import UserError
+from llm_jax.inference.generate import serving_steps
+from llm_jax.model.attention import prebuild_splash
+from llm_jax.model.transformer import CACHE_AXES
+from llm_jax.parallel.chips import GiB, Topology, abstract_devices, parse_topology
+from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
+from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, memory_of
+from llm_jax.train.objectives import objective_of
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.step import make_steps
+
+STEPS = ("train", "eval", "prefill", "decode")
+
+
+@dataclass
+class Compiled:
+    """One step compiled for one topology; every figure per device, per call of the step."""
+
+    step: str
+    compile_s: float
+    memory: dict[str, int]  # arguments, outputs, aliased, temporaries, code, peak (bytes)
+    flops: float  # matmul FLOPs, loops counted (the jaxpr's total / devices)
+    xla_flops: float  # what XLA's cost_analysis reports (each loop body once)
+    hbm_bytes: float
+    collectives: dict[str, list[float]]  # kind -> [executions, bytes]
+    roofline: dict[str, float]  # compute_s, memory_s, network_s, step_s
+    bound: str  # which of the three the roofline step time is
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def roofline(topology: Topology, flops: float, hbm_bytes: float, link_bytes: float) -> tuple[dict[str, float], str]:
+    chip = topology.chip
+    times = {
+        "compute_s": flops / chip.flops,
+        "memory_s": hbm_bytes / chip.hbm_bw,
+        "network_s": link_bytes / chip.link_bw,
+    }
+    bound = max(times, key=times.get)
+    return times | {"step_s": times[bound]}, bound.removesuffix("_s")
+
+
+def _compile(name: str, topology: Topology, layout: Layout, jitted, *args) -> Compiled:
+    began = time.perf_counter()
+    with layout.activate():
+        traced = jitted.trace(*args)
+        flops = jaxpr_flops(traced.jaxpr) / topology.devices
+        try:
+            compiled = traced.lower().compile()
+        except Exception as e:  # the compiler's own reason (e.g. a kernel's block shape), as one line
+            raise UserError(f"{name} step for {topology.describe()}: XLA cannot compile it: {_first_line(e)}") from None
+    seconds = time.perf_counter() - began
+    stats = hlo_stats(compiled.as_text())
+    xla = compiled.cost_analysis() or {}
+    times, bound = roofline(topology, flops, stats.hbm_bytes, stats.collective_bytes)
+    return Compiled(
+        name,
+        seconds,
+        memory_of(compiled),
+        flops,
+        float(xla.get("flops", 0)),
+        stats.hbm_bytes,
+        stats.collectives,
+        times,
+        bound,
+    )
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def compile_config(cfg: Config, topology: Topology, steps=STEPS, serve_batch: int = 16) -> list[Compiled]:
+    devices = abstract_devices(topology)
+    layout = make_layout(cfg.mesh, devices)
+    layout.check(cfg)
+    objective = objective_of(cfg)
+    if topology.chip.platform == "tpu":
+        prebuild_splash(cfg.model)
+    out = []
+    if "train" in steps or "eval" in steps:
+        built = make_steps(
+            cfg, layout, make_optimizer(cfg.optim, cfg.train.steps), example=objective.example_row(cfg, "train")
+        )
+        if "train" in steps:
+            out.append(_compile("train", topology, layout, built.jit_train, built.abstract_state, built.abstract_batch))
+        if "eval" in steps:
+            rows = cfg.train.batch_size // cfg.train.grad_accum
+            batch = {
+                k: jax.ShapeDtypeStruct(
+                    (rows, *v.shape), v.dtype, sharding=layout.sharding(("batch",) + (None,) * v.ndim)
+                )
+                for k, v in objective.example_row(cfg, "val").items()
+            }
+            out.append(_compile("eval", topology, layout, built.jit_eval, built.abstract_state.params, batch))
+    if "prefill" in steps or "decode" in steps:
+        out += _serving(cfg, topology, layout, steps, serve_batch)
+    return out
+
+
+def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch: int) -> list[Compiled]:
+    """A server's two steps at `serve_batch` rows (rounded up to the batch shards), full-context prompts."""
+    m = cfg.model
+    shards = layout.axis_size("batch")
+    b = -(-serve_batch // shards) * shards
+    params = abstract_params(m, layout)
+    rows = layout.sharding(("batch",))
+    settings = tuple(jax.ShapeDtypeStruct((b,), d, sharding=rows) for d in (jnp.float32, jnp.int32, jnp.float32))
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
+    seeds = jax.ShapeDtypeStruct((b,), jnp.uint32, sharding=rows)
+    prefill, decode = serving_steps(m)
+    out = []
+    if "prefill" in steps:
+        tokens = jax.ShapeDtypeStruct((b, m.seq_len), jnp.int32, sharding=layout.sharding(("batch", None)))
+        out.append(_compile("prefill", topology, layout, jax.jit(prefill), params, tokens, lengths, seeds, settings))
+    if "decode" in steps:
+        shape = (m.n_layers, b, m.seq_len, m.n_kv_heads, m.head_dim)
+        kv = jax.ShapeDtypeStruct(shape, jnp.dtype(m.dtype), sharding=layout.sharding(CACHE_AXES))
+        token = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
+        jitted = jax.jit(decode, donate_argnums=1)
+        out.append(
+            _compile(
+                "decode", topology, layout, jitted, params, {"k": kv, "v": kv}, token, lengths, seeds, step, settings
+            )
+        )
+    return out
+
+
+def versions(platform: str = "tpu") -> str:
+    """jax and the compiler's package: libtpu, or jax's CUDA plugin."""
+    package = "libtpu" if platform == "tpu" else "jax-cuda12-plugin"
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "none"
+    return f"jax {jax.__version__}, {package} {version}"
+
+
+def _gib(n: float) -> str:
+    return "0" if n == 0 else f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _num(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports: list[Compiled]) -> str:
+    hbm = topology.chip.hbm
+    mesh_text = " ".join(f"{k}={v}" for k, v in mesh.items())
+    lines = [
+        f"{topology.describe()} | mesh {mesh_text} | rules {cfg.mesh.rules} | batch {cfg.train.batch_size} x "
+        f"{cfg.model.seq_len}, grad_accum {cfg.train.grad_accum} | compiled by XLA:{topology.chip.platform.upper()} "
+        f"({versions(topology.chip.platform)})",
+        f"{'per device':8} {'arguments':>10} {'outputs':>10} {'aliased':>10} {'temporary':>10} {'peak':>10} "
+        f"{'of HBM':>11} | {'FLOPs':>10} {'(XLA count)':>12} | {'HBM bytes':>10} | {'collective':>10} | "
+        "roofline (estimate)   | compile",
+    ]
+    for r in reports:
+        mem = r.memory
+        fits = "fits" if mem["peak"] <= hbm else "OVER"
+        lines.append(
+            f"{r.step:8} {_gib(mem['arguments']):>10} {_gib(mem['outputs']):>10} {_gib(mem['aliased']):>10} "
+            f"{_gib(mem['temporaries']):>10} {_gib(mem['peak']):>10} {mem['peak'] / hbm:>6.0%} {fits} | "
+            f"{_num(r.flops, 'FLOP'):>10} {'(' + (_num(r.xla_flops, '').strip() if r.xla_flops else 'n/a') + ')':>12} | {_num(r.hbm_bytes, 'B'):>10} | "
+            f"{_num(sum(b for _, b in r.collectives.values()), 'B'):>10} | {_seconds(r.roofline['step_s']):>8} "
+            f"{r.bound + '-bound':12} | {r.compile_s:5.1f} s"
+        )
+    lines.append("collectives per device and step (executions, bytes; loops counted):")
+    for r in reports:
+        used = [f"{k} {int(n)} x {_num(b, 'B')}" for k, (n, b) in r.collectives.items() if n]
+        lines.append(f"  {r.step:8} " + (", ".join(used) or "none"))
+    c = topology.chip
+    lines.append(
+        f"roofline figures ({c.name}, vendor): {c.flops / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bw / 1e9:.0f} GB/s, "
+        f"links {c.link_bw / 1e9:.0f} GB/s per chip; step time = the longest of the three, perfect overlap assumed"
+    )
+    return "\n".join(lines)
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def config_mesh(cfg: Config, topology: Topology) -> dict[str, int]:
+    """The config's mesh resolved on the topology's devices; a mesh that cannot hold it is one UserError."""
+    try:
+        return dict(zip(MESH_AXES, mesh_shape(cfg.mesh, topology.devices)))
+    except UserError as e:
+        raise UserError(f"{topology.describe()}: {e}") from None
+
+
+def main(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    topology = parse_topology(args.topology, args.slices)
+    mesh = config_mesh(cfg, topology)
+    steps = STEPS if args.steps == "all" else tuple(args.steps.split(","))
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise UserError(f"--steps {args.steps}: unknown {', '.join(unknown)}; choose from {', '.join(STEPS)} or all")
+    reports = compile_config(cfg, topology, steps, args.serve_batch)
+    if args.json:
+        record = {"config": args.config, "overrides": args.overrides, "topology": topology.name}
+        record |= {"slices": topology.slices, "chips": topology.devices, "mesh": mesh}
+        record["versions"] = versions(topology.chip.platform)
+        print(json.dumps(record | {"steps": {r.step: r.as_dict() for r in reports}}))
+    else:
+        print(format_report(cfg, topology, mesh, reports))

@@ -1,0 +1,248 @@
+"""`llm-jax compile`: the tiny config's steps compiled by the real XLA TPU compiler (libtpu, from the
+dev extra) for abstract TPU chips on this CPU machine, and the figures read off the compiled HLO."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import jax
+import pytest
+
+from llm_jax.cli import main
+from llm_jax.config import RUN_CONFIG, load_config, save_config
+from llm_jax.errors import UserError
+from llm_jax.parallel import chips, gpu_target
+from llm_jax.parallel.chips import CHIPS, abstract_devices, chip_of_kind, parse_topology
+from llm_jax.parallel.sharding import single_device_layout
+from llm_jax.tools.compile import compile_config
+from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, shape_bytes
+from llm_jax.tools.plan import argument_bytes
+from llm_jax.train.objectives import objective_of
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.step import make_steps
+
+pytestmark = pytest.mark.skipif(not chips.has_libtpu(), reason="libtpu is in the dev extra; CI has it")
+
+# seq 128: splash takes whole 128-multiple sequences; 8 rows over 8 chips
+TINY = ["model.seq_len=128", "train.batch_size=8"]
+
+
+def _tiny(*overrides):
+    return load_config("tiny", [*TINY, *overrides])
+
+
+@pytest.mark.parametrize("topology", ["v5e-8", "v5p-16"])
+def test_the_train_step_compiles_with_the_splash_kernel(topology):
+    cfg = _tiny("model.attention=splash", "mesh.data=1", "mesh.fsdp=8", "mesh.rules=fsdp")
+    top = parse_topology(topology)
+    (train,) = compile_config(cfg, top, ("train",))
+    # exactly plan's state bytes, (8, 128) tiles included (the tiny model's 16-wide heads pad to 128)
+    assert train.memory["arguments"] == argument_bytes(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, "tpu")
+    assert train.memory["arguments"] > argument_bytes(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, "cpu")
+    assert 0 < train.memory["peak"] < top.chip.hbm
+    assert train.collectives["all-gather"][0] + train.collectives["all-reduce"][0] > 0  # fsdp: weights gathered
+    assert train.flops > train.xla_flops  # XLA counts the scanned layers' body once
+
+
+@pytest.mark.parametrize(
+    "topology,rules,mesh", [("v5e-8", "dp", (8, 1, 1)), ("v5p-16", "fsdp", (1, 8, 1)), ("v6e-8", "fsdp_tp", (2, 2, 2))]
+)
+def test_compiled_arguments_equal_plans_state_bytes(topology, rules, mesh):
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh))
+    cfg = _tiny("model.n_kv_heads=4", f"mesh.rules={rules}", *(f"mesh.{k}={v}" for k, v in sizes.items()))
+    (train,) = compile_config(cfg, parse_topology(topology), ("train",))
+    assert train.memory["arguments"] == argument_bytes(cfg, sizes, "tpu")
+
+
+def test_the_compiled_hlo_holds_the_mosaic_kernel_not_interpret_mode():
+    cfg = _tiny("model.attention=splash", "mesh.data=8")
+    layout = _layout(cfg, "v5e-8")
+    from llm_jax.model.attention import prebuild_splash
+
+    prebuild_splash(cfg.model)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example=objective_of(cfg).example_row(cfg, "train"))
+    text = steps.compile_train().as_text()
+    assert 'custom_call_target="tpu_custom_call"' in text  # Mosaic: the Pallas kernel compiled for the TPU
+
+
+def _layout(cfg, topology):
+    from llm_jax.parallel.sharding import make_layout
+
+    return make_layout(cfg.mesh, abstract_devices(parse_topology(topology)))
+
+
+def test_a_pipelined_step_compiles_and_passes_activations_between_stages():
+    cfg = _tiny("mesh.data=4", "mesh.pipeline=2", "mesh.rules=fsdp_tp", "model.attention=xla")
+    (train,) = compile_config(cfg, parse_topology("v5e-8"), ("train",))
+    assert train.collectives["collective-permute"][0] > 0  # stage s hands its micro-batch to s + 1
+
+
+def test_two_slices_over_dcn_data_compile():
+    cfg = _tiny("mesh.data=8", "mesh.dcn_data=2", "mesh.rules=dp")
+    top = parse_topology("v5e-4", slices=2)
+    devices = abstract_devices(top)
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    (train,) = compile_config(cfg, top, ("train",))
+    assert train.collectives["send"][0] > 0  # the gradient sum crosses the data-center network
+    assert train.collectives["all-reduce"][0] + train.collectives["reduce-scatter"][0] > 0  # and each slice's ICI
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_post_training_objectives_compile_all_four_steps(objective, tmp_path):
+    start = tmp_path / "pretrained"  # only its config is read: the model to start from
+    start.mkdir()
+    save_config(_tiny(), start / RUN_CONFIG)
+    cfg = _tiny(f"train.objective={objective}", f"train.init_from={start}", "mesh.data=8", "model.attention=xla")
+    steps = compile_config(cfg, parse_topology("v6e-8"))
+    assert [s.step for s in steps] == ["train", "eval", "prefill", "decode"]
+    assert all(s.memory["peak"] > 0 for s in steps)
+
+
+def test_every_supported_topology_reports_a_kind_the_peak_table_knows():
+    for name, slice_name in (("v4", "v4-16"), ("v5e", "v5e-8"), ("v5p", "v5p-16"), ("v6e", "v6e-8")):
+        devices = abstract_devices(parse_topology(slice_name))
+        assert len(devices) == 8
+        assert chip_of_kind(devices[0].device_kind) is CHIPS[name]
+
+
+def test_trip_counts_make_the_flops_match_the_six_n_d_rule():
+    """remat none: one forward and a backward of twice its matmuls, counted through the scans."""
+    cfg = _tiny("model.remat=none", "model.attention=xla", "model.n_kv_heads=2", "train.grad_accum=2")
+    layout = single_device_layout()
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example=objective_of(cfg).example_row(cfg, "train"))
+    with layout.activate():
+        traced = steps.jit_train.trace(steps.abstract_state, steps.abstract_batch)
+    m = cfg.model
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    matrices = m.n_layers * (m.d_model * (2 * q + 2 * kv) + 3 * m.d_model * m.mlp_dim) + m.d_model * m.vocab_size
+    attention = m.n_layers * 2 * m.seq_len * q  # scores and their use, full T x T (the xla kernel)
+    tokens = cfg.train.batch_size * m.seq_len
+    assert jaxpr_flops(traced.jaxpr) == 6 * (matrices + attention) * tokens
+    # XLA's own count sees each scan body once: the compiled step reports far less
+    xla = traced.lower().compile().cost_analysis()["flops"]
+    assert xla < 0.7 * jaxpr_flops(traced.jaxpr)
+
+
+def test_hlo_loops_multiply_their_bodies():
+    text = """HloModule m
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8] get-tuple-element(%p), index=1
+  %s = f32[8] all-reduce(%x), replica_groups={}, to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8]) tuple(%i, %s)
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %g = f32[32] all-gather(%a), dimensions={0}
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    stats = hlo_stats(text)
+    assert stats.loops == [5]
+    assert stats.collectives["all-reduce"] == [5, 5 * 2 * 32]  # 32 bytes, sent twice by a ring, 5 times
+    assert stats.collectives["all-gather"] == [1, 128]
+    assert shape_bytes("(bf16[4,8]{1,0:T(8,128)(2,1)}, s32[])") == 64 + 4
+
+
+def test_compile_command_prints_every_step_and_json(capsys):
+    args = ["compile", "--config", "tiny", "--topology", "v5e-8", "mesh.data=8", *TINY]
+    main(args)
+    out = capsys.readouterr().out
+    assert "v5e-8: 8 v5e chips | mesh data=8 pipeline=1 fsdp=1 tensor=1" in out
+    for step in ("train", "eval", "prefill", "decode"):
+        assert f"\n{step} " in out
+    main([*args, "--json", "--steps", "train"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["chips"] == 8 and list(record["steps"]) == ["train"]
+    assert record["steps"]["train"]["roofline"]["step_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--topology", "v5q-8"], "unknown topology 'v5q-8'"),
+        (["--topology", "v5e-12"], "a v5e slice holds a power of two of chips, not 12"),
+        (["--topology", "l4-8"], "compiling knows a100, h100, h200 GPUs"),
+        (
+            ["--topology", "v5e-8", "mesh.data=16"],
+            "v5e-8: 8 v5e chips: mesh data=16 pipeline=1 fsdp=1 tensor=1 needs 16",
+        ),
+        (["--topology", "v5e-8", "--steps", "train,backward"], "unknown backward"),
+    ],
+)
+def test_bad_input_gets_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "--config", "tiny", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_libtpu_the_command_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(chips, "has_libtpu", lambda: False)
+    with pytest.raises(UserError, match=r"needs libtpu beside jax: pip install 'llm_jax\[tpu\]'"):
+        abstract_devices(parse_topology("v5e-8"))
+
+
+def test_no_array_is_created_on_the_abstract_chips():
+    """Everything is traced from shapes: the default backend stays the CPU and holds no new buffer."""
+    before = len(jax.live_arrays())
+    compile_config(_tiny("mesh.data=8"), parse_topology("v5e-8"), ("train",))
+    assert jax.devices()[0].platform == "cpu" and len(jax.live_arrays()) == before
+
+
+def test_rank_compiles_layouts_drops_what_does_not_fit_and_orders_the_rest(tmp_path, capsys):
+    main(["plan", "--config", "tiny", "--topology", "v5e-8", "--rank", "--max-layouts", "3", "--out", str(tmp_path),
+          *TINY, "model.attention=xla"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "layouts of v5e-8: 8 v5e chips divide the model" in out and "compiling 3 (--max-layouts 3:" in out
+    rows = list(csv.DictReader((tmp_path / "rank.csv").open()))
+    assert len(rows) == 3 and (tmp_path / "rank.png").stat().st_size > 0
+    times = [float(r["step_ms"]) for r in rows]
+    assert times == sorted(times) and all(r["fits"] == "True" for r in rows)
+    assert rows[0]["mesh"] in out.split("ranked")[1].splitlines()[2]  # the table's first row is the fastest
+
+
+def test_rank_candidates_cover_the_axes_the_model_divides():
+    from llm_jax.tools.rank import candidates, label, spread
+
+    cfg = load_config("llama-7b")
+    layouts = candidates(cfg, parse_topology("v5p-256"))
+    names = [label(c) for c in layouts]
+    assert {"64x2x1", "32x1x4", "64x1x1 p2m8", "1x128x1"} <= set(names)
+    assert "128x1x1" not in names  # replicated 7B state (16 bytes a parameter) is over 95 GiB
+    first = [label(c) for c in spread(layouts, 4)]  # one per tensor x pipeline choice, most data-parallel
+    assert first == ["64x2x1", "64x1x2", "64x1x1 p2m8", "32x1x4"]
+
+
+@pytest.mark.skipif(gpu_target.has_cuda_plugin(), reason="this checks the message where jax's CUDA plugin is absent")
+def test_a_gpu_topology_without_the_cuda_plugin_says_what_to_install():
+    with pytest.raises(UserError, match=r"needs jax's CUDA plugin: pip install 'llm_jax\[cuda\]' \(no GPU is needed\)"):
+        abstract_devices(parse_topology("h100-8"))
+
+
+@pytest.mark.skipif(not gpu_target.has_cuda_plugin(), reason="jax's CUDA plugin: pip install 'llm_jax[cuda]'")
+def test_the_train_step_compiles_for_abstract_h100s():
+    """Deviceless XLA:GPU (no GPU, no CUDA library): attention xla, as cuDNN's needs its library to trace."""
+    cfg = _tiny("model.attention=xla", "mesh.data=1", "mesh.fsdp=8", "mesh.rules=fsdp")
+    devices = abstract_devices(parse_topology("h100-8"))
+    assert len(devices) == 8 and chip_of_kind(devices[0].device_kind) is CHIPS["h100"]
+    (train,) = compile_config(cfg, parse_topology("h100-8"), ("train",))
+    assert train.memory["peak"] > train.memory["arguments"] > 0
+    assert train.collectives["all-reduce"][0] + train.collectives["all-gather"][0] > 0
+
+
+def test_the_gpu_target_describes_the_chip_the_peak_table_names():
+    text = gpu_target.target_config(gpu_target.SPECS["h100"])
+    assert "core_count: 132" in text and "cuda_compute_capability { major: 9 minor: 0 }" in text
+    assert chip_of_kind(gpu_target.SPECS["h100"].name) is CHIPS["h100"]
+    assert chip_of_kind(gpu_target.SPECS["a100"].name) is CHIPS["a100"]

@@ -114,20 +114,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--topology", required=True, help="v4-N, v5p-N (N TensorCores), v5e-N, v6e-N, a100-N, h100-N, h200-N (N chips)"
     )
-    p.add_argument("--slices", type=int, default=1, help="TPU slices joined over the data-center network")
+    p.add_argument("--slices", type=int, default=1, help="TPU slices over the data-center network (mesh.dcn_data)")
     p.add_argument("--estimate", action="store_true", help="arithmetic only, even where libtpu could compile")
     p.add_argument("--rank", action="store_true", help="compile the topology's layouts, order them by roofline time")
     p.add_argument("--meshes", help='with --rank: only these data,fsdp,tensor[,pipeline] layouts ("128,1,1;64,2,1")')
-    p.add_argument("--max-layouts", type=int, default=8, help="with --rank: compile at most this many layouts")
+    p.add_argument("--max-layouts", type=int, default=8, help="with --rank: compile at most this many layouts (0: all)")
     p.add_argument("--out", help="with --rank: directory for rank.csv and rank.png (default: <run_dir>/rank)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
 
     p = sub.add_parser(
-        "compile", help="compile a config's steps for a TPU topology (libtpu): memory, FLOPs, collectives"
+        "compile", help="compile a config's steps for TPU chips or GPUs you do not have: memory, FLOPs, collectives"
     )
     p.add_argument("--config", required=True)
-    p.add_argument("--topology", required=True, help="a TPU slice: v4-8 ... v5p-256, v5e-64, v6e-256, ...")
-    p.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network (mesh.dcn_data)")
+    p.add_argument(
+        "--topology", required=True, help="a TPU slice (v4-16, v5p-256, v5e-64, v6e-256, ...) or GPUs (h100-8, a100-16)"
+    )
+    p.add_argument(
+        "--slices", type=int, default=1, help="TPU slices over the data-center network (set mesh.dcn_data=N)"
+    )
     p.add_argument("--steps", default="all", help="comma-separated: train, eval, prefill, decode (default: all)")
     p.add_argument("--serve-batch", type=int, default=16, help="rows of the prefill and decode steps")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

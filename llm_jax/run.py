@@ -106,20 +106,25 @@ COMMIT_FILE = "commit_success.txt"  # orbax's completion marker where a rename i
 
 
 def latest_checkpoint(directory: epath.Path) -> epath.Path | None:
-    """The newest complete step in a checkpoint directory (None if there is none).
+    """The newest complete step in a checkpoint directory (None if there is none)."""
+    steps = complete_steps(directory, str(directory).startswith(("gs://", "s3://")))
+    return directory / str(max(steps)) if steps else None
 
-    Complete as orbax decides it: on a local disk a step appears under its number only once
-    written (renamed from a temporary name); on gs:// the number appears at once and the step is
-    complete when its commit file is there. Where any step of the directory carries a commit file,
-    every step needs one, so a step cut off by a preemption is never chosen on any file system."""
+
+def complete_steps(directory: epath.Path, commit_files: bool) -> list[int]:
+    """The steps orbax finished writing. On a local disk a step appears under its number only once
+    written (renamed from a temporary name: orbax's is_path_finalized); on an object store
+    (`commit_files`) the number appears at once and the step is complete when its commit file is
+    there, so a step cut off by a preemption is never chosen. A step carrying a commit file (say,
+    copied from a bucket) is complete anywhere."""
     if not directory.exists():
-        return None
+        return []
     steps = [p for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
-    committed = any((p / COMMIT_FILE).exists() for p in steps)
-    complete = [
-        int(p.name) for p in steps if ((p / COMMIT_FILE).exists() if committed else ocp.path.step.is_path_finalized(p))
+    return [
+        int(p.name)
+        for p in steps
+        if (p / COMMIT_FILE).exists() or (not commit_files and ocp.path.step.is_path_finalized(p))
     ]
-    return directory / str(max(complete)) if complete else None
 
 
 def restore_params(step_dir: epath.Path, abstract: Any) -> Any:

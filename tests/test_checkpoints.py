@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path.atomicity import CommitFileTemporaryPath
 
-from llm_jax.run import COMMIT_FILE, latest_checkpoint
+from llm_jax.run import COMMIT_FILE, complete_steps, latest_checkpoint
 
 
 def _save_step(directory, step: int, **options) -> None:
@@ -33,15 +33,23 @@ def test_a_temporary_step_beside_a_complete_one_is_not_chosen(tmp_path):
 
 
 def test_a_step_without_its_commit_file_is_not_chosen(tmp_path):
-    """gs:// style: the step directory has its final name at once; the commit file marks it complete."""
+    """gs:// style (orbax's commit-file mode, here on a local disk): the step directory has its
+    final name at once; the commit file marks it complete."""
     directory = epath.Path(tmp_path)
     _save_step(directory, 10, temporary_path_class=CommitFileTemporaryPath)
     assert (directory / "10" / COMMIT_FILE).exists()
     half = directory / "20"
     shutil.copytree(directory / "10", half)
     (half / COMMIT_FILE).unlink()  # everything written but the marker
-    assert latest_checkpoint(directory) == directory / "10"
+    assert complete_steps(directory, commit_files=True) == [10]
     (half / COMMIT_FILE).write_text("done")
+    assert sorted(complete_steps(directory, commit_files=True)) == [10, 20]
+
+
+def test_steps_copied_from_a_bucket_and_new_local_ones_both_count(tmp_path):
+    directory = epath.Path(tmp_path)
+    _save_step(directory, 10, temporary_path_class=CommitFileTemporaryPath)  # as copied down from gs://
+    _save_step(directory, 20)  # the run resumed on local disk: renamed when complete, no commit file
     assert latest_checkpoint(directory) == directory / "20"
 
 

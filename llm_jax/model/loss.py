@@ -13,6 +13,7 @@ accumulated in the table's own sharding.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import flax.linen as nn
@@ -26,15 +27,32 @@ from llm_jax.model.device import target_device
 CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
 
 
-def chunk_rows(n: int, vocab: int, budget: int | None = None) -> int:
-    """The largest power-of-two divisor of n whose logits chunk fits the budget (at least 8 rows);
-    the budget defaults to the one of the platform traced for."""
+def chunk_rows(n: int, vocab: int, budget: int | None = None, shards: int | None = None) -> int:
+    """Rows per chunk of n rows split over `shards` batch shards (default: the active mesh's): on
+    each device, the largest power-of-two divisor of its n / shards rows whose logits chunk fits the
+    budget (at least 8 rows), times the shards. The budget is per device: counted in global rows,
+    a 128-chip llama-7b step ran 1,024 chunks of 32 rows, each gathering the whole LM head again
+    (1.6 TB of all-reduces per chip and step in the compiled HLO, against 8 chunks now).
+    The budget defaults to the one of the platform traced for."""
     if budget is None:
         budget = CPU_CHUNK_BYTES if target_device().platform == "cpu" else ACCELERATOR_CHUNK_BYTES
-    rows = 1
-    while n % (rows * 2) == 0 and rows * 2 * vocab * 4 <= budget:
+    shards = batch_shards() if shards is None else shards
+    if n % shards:
+        shards = 1
+    rows, local = 1, n // shards
+    while local % (rows * 2) == 0 and rows * 2 * vocab * 4 <= budget:
         rows *= 2
-    return rows if rows >= 8 else n
+    return rows * shards if rows >= 8 else n
+
+
+def batch_shards() -> int:
+    """How many shards the logical batch axis has on the active mesh and rules (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def cross_entropy_sum(

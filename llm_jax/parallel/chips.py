@@ -110,6 +110,12 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
     return Topology(name, chip, chips, slices)
 
 
+def first_line(e: Exception) -> str:
+    """A library's error as one line (its first non-empty one, at most 300 characters)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
@@ -138,7 +144,7 @@ def abstract_devices(topology: Topology) -> list:
             num_slices=topology.slices,
         )
     except Exception as e:  # libtpu reports its own reason (a shape the chip does not come in, ...)
-        raise UserError(f"{topology.describe()}: libtpu cannot lay it out: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{topology.describe()}: libtpu cannot lay it out: {first_line(e)}") from None
     return list(desc.devices)
 
 

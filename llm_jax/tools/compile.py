@@ -1,9 +1,10 @@
 """`llm-jax compile`: a config's steps compiled for a TPU topology by the real XLA TPU compiler
-(libtpu), on any machine: memory, FLOPs, HBM traffic and collectives per device, and a roofline.
+(libtpu), or for NVIDIA GPUs by XLA:GPU (jax's CUDA plugin), on any machine without them: memory,
+FLOPs, HBM traffic and collectives per device, and a roofline.
 
 The train step (the config's objective, pipeline, slices and grad_accum included), its eval step,
 and a server's prefill and decode steps are traced with abstract arguments on a mesh of abstract
-TPU chips (jax.experimental.topologies), lowered and compiled; no array is ever created there.
+devices (jax.experimental.topologies), lowered and compiled; no array is ever created there.
 Memory is XLA's buffer assignment. The roofline is an estimate: the step takes at least its FLOPs
 at the chip's peak, its HBM bytes at the HBM bandwidth and its collective bytes at the chip's link
 bandwidth, whichever is longest (perfect overlap, no launch or DCN cost).
@@ -26,7 +27,7 @@ from llm_jax.errors import UserError
 from llm_jax.inference.generate import serving_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.transformer import CACHE_AXES
-from llm_jax.parallel.chips import GiB, Topology, abstract_devices, parse_topology
+from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology
 from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
 from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, memory_of
 from llm_jax.train.objectives import objective_of
@@ -68,12 +69,20 @@ def roofline(topology: Topology, flops: float, hbm_bytes: float, link_bytes: flo
 def _compile(name: str, topology: Topology, layout: Layout, jitted, *args) -> Compiled:
     began = time.perf_counter()
     with layout.activate():
-        traced = jitted.trace(*args)
-        flops = jaxpr_flops(traced.jaxpr) / topology.devices
         try:
+            traced = jitted.trace(*args)
+            flops = jaxpr_flops(traced.jaxpr) / topology.devices
             compiled = traced.lower().compile()
-        except Exception as e:  # the compiler's own reason (e.g. a kernel's block shape), as one line
-            raise UserError(f"{name} step for {topology.describe()}: XLA cannot compile it: {_first_line(e)}") from None
+        except UserError:
+            raise
+        except Exception as e:  # the tracer's or the compiler's own reason (a kernel's limits, a missing library)
+            hint = (
+                " (cuDNN attention traces only with its library: pip install 'llm_jax[cuda]', or model.attention=xla)"
+            )
+            raise UserError(
+                f"{name} step for {topology.describe()}: cannot compile it: {first_line(e)}"
+                + (hint if "cudnn" in str(e).lower() else "")
+            ) from None
     seconds = time.perf_counter() - began
     stats = hlo_stats(compiled.as_text())
     xla = compiled.cost_analysis() or {}
@@ -91,12 +100,16 @@ def _compile(name: str, topology: Topology, layout: Layout, jitted, *args) -> Co
     )
 
 
-def _first_line(e: Exception) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(e).__name__
-
-
 def compile_config(cfg: Config, topology: Topology, steps=STEPS, serve_batch: int = 16) -> list[Compiled]:
+    """Each of `steps` compiled for the topology; a server's steps only for meshes without pipeline stages
+    (a server does not pipeline: its layer scan would run over weights split across stages)."""
+    if cfg.mesh.dcn_data != topology.slices:
+        raise UserError(
+            f"{topology.describe()}: set mesh.dcn_data={topology.slices} (the data axis spans the slices), "
+            f"not {cfg.mesh.dcn_data}"
+        )
+    if cfg.mesh.pipeline > 1:
+        steps = tuple(s for s in steps if s in ("train", "eval"))
     devices = abstract_devices(topology)
     layout = make_layout(cfg.mesh, devices)
     layout.check(cfg)
@@ -191,7 +204,7 @@ def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports
         lines.append(
             f"{r.step:8} {_gib(mem['arguments']):>10} {_gib(mem['outputs']):>10} {_gib(mem['aliased']):>10} "
             f"{_gib(mem['temporaries']):>10} {_gib(mem['peak']):>10} {mem['peak'] / hbm:>6.0%} {fits} | "
-            f"{_num(r.flops, 'FLOP'):>10} {'(' + (_num(r.xla_flops, '').strip() if r.xla_flops else 'n/a') + ')':>12} | {_num(r.hbm_bytes, 'B'):>10} | "
+            f"{_num(r.flops, 'FLOP'):>10} {_xla_count(r.xla_flops):>12} | {_num(r.hbm_bytes, 'B'):>10} | "
             f"{_num(sum(b for _, b in r.collectives.values()), 'B'):>10} | {_seconds(r.roofline['step_s']):>8} "
             f"{r.bound + '-bound':12} | {r.compile_s:5.1f} s"
         )
@@ -205,6 +218,10 @@ def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports
         f"links {c.link_bw / 1e9:.0f} GB/s per chip; step time = the longest of the three, perfect overlap assumed"
     )
     return "\n".join(lines)
+
+
+def _xla_count(flops: float) -> str:
+    return "(" + (_num(flops, "").strip() if flops else "n/a") + ")"  # XLA:GPU reports none
 
 
 def _seconds(s: float) -> str:
@@ -227,6 +244,8 @@ def main(args) -> None:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise UserError(f"--steps {args.steps}: unknown {', '.join(unknown)}; choose from {', '.join(STEPS)} or all")
+    if args.serve_batch < 1:
+        raise UserError(f"--serve-batch {args.serve_batch}: give at least 1 row")
     reports = compile_config(cfg, topology, steps, args.serve_batch)
     if args.json:
         record = {"config": args.config, "overrides": args.overrides, "topology": topology.name}
@@ -235,3 +254,5 @@ def main(args) -> None:
         print(json.dumps(record | {"steps": {r.step: r.as_dict() for r in reports}}))
     else:
         print(format_report(cfg, topology, mesh, reports))
+        if cfg.mesh.pipeline > 1 and {"prefill", "decode"} & set(steps):
+            print("prefill and decode not compiled: a server does not pipeline (compile them with mesh.pipeline=1)")

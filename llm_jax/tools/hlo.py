@@ -44,7 +44,8 @@ def jaxpr_flops(jaxpr) -> float:
             times = params.get("length", 1) if name == "scan" else 1
             if name == "shard_map":
                 mesh = params["mesh"]
-                times = math.prod(mesh.shape[a] for a in params.get("manual_axes", mesh.axis_names))
+                manual = params.get("manual_axes") or params.get("newly_manual_axes") or mesh.axis_names
+                times = math.prod(mesh.shape[a] for a in manual)
             for sub in jaxprs_in_params(params):
                 total += times * jaxpr_flops(sub)
     return total
@@ -170,10 +171,10 @@ def _fusion_io(fused: list[Instr]) -> FusionIO:
 def _link_bytes(kind: str, op: str, shape: str, operand_bytes: float) -> float:
     """Bytes one device sends for a collective (ring algorithms, (n - 1) / n taken as 1): an all-reduce
     its buffers twice (reduce-scatter then all-gather), a reduce-scatter its input, the others their
-    result. An async `-start` op's shape lists its operands, then its results."""
-    arrays = [shape_bytes(f"{t}[{d}]") for t, d, _ in _ARRAY.findall(shape)]
+    result. An async `-start` op's shape lists its operands, then its results (then scalar contexts)."""
+    arrays = [shape_bytes(f"{t}[{d}]") for t, d, _ in _ARRAY.findall(shape) if d]  # scalars: sync contexts
     if kind == "send":  # (data, context, token)
-        return arrays[0]
+        return arrays[0] if arrays else 0.0
     if op.endswith("-start") and kind != "all-reduce" and len(arrays) > 1:
         arrays = arrays[len(arrays) // 2 :]
     if kind == "all-reduce":
@@ -210,7 +211,7 @@ def hlo_stats(text: str) -> HloStats:
                 continue
             operands = _operands(rest)
             io = FusionIO({}, None, [])
-            if op == "fusion" and (called := re.search(r"calls=(%[\w.\-]+)", rest)):
+            if op in ("fusion", "async-start") and (called := re.search(r"calls=(%[\w.\-]+)", rest)):
                 if called.group(1) not in fusions:
                     fusions[called.group(1)] = _fusion_io(comps.get(called.group(1), []))
                 io = fusions[called.group(1)]

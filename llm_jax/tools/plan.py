@@ -149,6 +149,8 @@ def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
     check_fit(mesh, rules, cfg.model, micro // cfg.mesh.pipeline_microbatches)
     params = param_bytes(cfg.model, mesh, rules, chip.platform)
     rows = {"parameters (f32)": params, "gradients (f32)": params, "AdamW moments (2 x f32)": 2 * params}
+    if objective_of(cfg).in_step_reference(cfg):
+        rows["DPO reference parameters (f32)"] = params
     rows |= activation_bytes(cfg.model, micro, mesh, rules, train_kernel(cfg, chip))
     return Plan(mesh, rows, chip.hbm)
 
@@ -198,13 +200,22 @@ def format_plan(plan: Plan, title: str, compiled: dict | None = None) -> str:
 
 
 def _compiled(cfg: Config, topology: Topology, mesh: dict[str, int], accum: int | None = None) -> dict | None:
-    """The train step's memory from the TPU compiler where it can run here (a TPU topology and libtpu)."""
+    """The train step's memory from the TPU compiler where it can run here (a TPU topology and libtpu);
+    None where it cannot, or where compiling fails (the reason is printed, the estimate still shown)."""
     if not (topology.chip.torus_dims and has_libtpu()):
         return None
     trial = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh))
-    if accum is not None:
-        trial = dataclasses.replace(trial, train=dataclasses.replace(cfg.train, grad_accum=accum))
-    (report,) = compile_config(trial, topology, ("train",))
+    if accum is not None:  # a suggestion: data x fsdp x tensor over all chips, no pipeline
+        trial = dataclasses.replace(
+            trial,
+            mesh=dataclasses.replace(trial.mesh, pipeline=1, dcn_data=topology.slices),
+            train=dataclasses.replace(cfg.train, grad_accum=accum),
+        )
+    try:
+        (report,) = compile_config(trial, topology, ("train",))
+    except UserError as e:
+        print(f"  (not compiled: {e})")
+        return None
     return report.memory
 
 

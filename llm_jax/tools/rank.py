@@ -1,6 +1,7 @@
 """`llm-jax plan --rank`: the layouts of a topology that the model divides, each train step
-compiled for it by XLA:TPU, those that do not fit dropped, the rest ordered by the roofline step
-time (tools/compile.py). A table, rank.csv and rank.png, in the shape of `llm-jax sweep`'s.
+compiled for it (XLA:TPU; XLA:GPU with jax's CUDA plugin), those that do not fit dropped, the
+rest ordered by the roofline step time (tools/compile.py). A table, rank.csv and rank.png, in
+the shape of `llm-jax sweep`'s.
 
 Candidates: pipeline 1, 2, 4, 8 (4 micro-batches per stage), tensor up to the chips of a host,
 fsdp x data for the rest (data a multiple of the slices), all with the config's grad_accum doubled
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from llm_jax.config import Config, load_config
 from llm_jax.errors import UserError
-from llm_jax.parallel.chips import GiB, Topology, parse_topology
+from llm_jax.parallel.chips import GiB, Topology, abstract_devices, parse_topology
 from llm_jax.parallel.sharding import parse_meshes
 from llm_jax.tools.compile import compile_config
 from llm_jax.tools.plan import plan_for
@@ -122,7 +123,7 @@ def rank(cfg: Config, topology: Topology, layouts: list[Config], log=print) -> l
             "compute_ms": 1e3 * t["compute_s"],
             "memory_ms": 1e3 * t["memory_s"],
             "network_ms": 1e3 * t["network_s"],
-            "step_ms": 1e3 * t["step_s"] / (1 - row["bubble_theory"]),
+            "step_ms": 1e3 * t["step_s"],  # a pipeline's fill and drain ticks are in its FLOPs and bytes already
         }
         row["tokens_per_s"] = tokens / row["step_ms"] * 1e3
         rows.append(row)
@@ -149,6 +150,9 @@ def format_row(r: dict) -> str:
 def main(args) -> None:
     cfg = load_config(args.config, args.overrides)
     topology = parse_topology(args.topology, args.slices)
+    if args.max_layouts < 0:
+        raise UserError(f"--max-layouts {args.max_layouts}: give 0 (all) or more")
+    abstract_devices(topology)  # no compiler for it here: say so once, not once per layout
     layouts = candidates(cfg, topology)
     if args.meshes:
         wanted = {(d, f, t, p) for d, f, t, p, _ in parse_meshes(args.meshes)}
@@ -168,7 +172,7 @@ def main(args) -> None:
         print(format_row(r).replace("  ", f"{i:>2}", 1) if not r["error"] else f"{i:>2} {r['mesh']:>16}  {r['error']}")
     out = Path(args.out or Path(cfg.run_dir) / "rank").expanduser()
     csv_path, png_path = write_outputs(
-        [r | {"mesh": r["mesh"], "batch_size": cfg.train.batch_size} for r in rows if not r["error"]], out, "rank",
+        [r | {"batch_size": cfg.train.batch_size} for r in rows if not r["error"]], out, "rank",
         COLUMNS, "throughput (roofline estimate)",
     )  # fmt: skip
     print(f"-> {csv_path}, {png_path}")

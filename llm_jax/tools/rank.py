@@ -130,7 +130,16 @@ def rank(cfg: Config, topology: Topology, layouts: list[Config], log=print) -> l
         log(format_row(row))
     if not any(r.get("fits") for r in rows):
         raise UserError(f"no layout of {topology.describe()} fits the config's train step (compiled peak over HBM)")
-    return sorted(rows, key=lambda r: (not r.get("fits"), bool(r["error"]), r.get("step_ms", 0)))
+    # ties (every layout compute-bound alike) go to the one that moves less over HBM and links
+    return sorted(
+        rows,
+        key=lambda r: (
+            not r.get("fits"),
+            bool(r["error"]),
+            r.get("step_ms", 0),
+            r.get("memory_ms", 0) + r.get("network_ms", 0),
+        ),
+    )
 
 
 HEADER = (

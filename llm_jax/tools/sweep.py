@@ -179,6 +179,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path:
     )
     ax2.bar(labels, [r["arg_bytes"] / 2**20 for r in ok], color="tab:green", label="arguments (state + batch)")
     ax2.set_ylabel("MiB per device")
+    if len(ok) > 5:  # long layout labels would overlap
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", labelrotation=35, labelsize=8)
     ax2.set_title("memory (compiled)")
     ax2.legend()
     fig.tight_layout()

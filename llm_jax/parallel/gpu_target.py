@@ -32,7 +32,10 @@ SPECS = {
 
 
 def has_cuda_plugin() -> bool:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
 
 
 def target_config(spec: GpuSpec) -> str:

@@ -23,3 +23,11 @@ def test_one_task_or_no_launcher_is_no_job(monkeypatch, tasks):
         for key, value in {**SLURM_STEP, "SLURM_NTASKS": tasks}.items():
             monkeypatch.setenv(key, value)
     assert detected_cluster() is None  # (and on this CPU machine no Cloud TPU metadata server answers)
+
+
+def test_a_kubernetes_pod_without_the_kubernetes_package_runs_one_process_quietly(monkeypatch, recwarn):
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert detected_cluster() is None
+    assert not [w for w in recwarn if "kubernetes" in str(w.message).lower()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -34,8 +35,10 @@ def detected_cluster() -> str | None:
         if getattr(env, "opt_in_only_method", False):
             continue
         try:
-            if env.is_env_present() and env.get_process_count() > 1:
-                return env.__name__.removesuffix("Cluster")
+            with warnings.catch_warnings():  # a pod without the kubernetes package: jax warns at every start
+                warnings.simplefilter("ignore")
+                if env.is_env_present() and env.get_process_count() > 1:
+                    return env.__name__.removesuffix("Cluster")
         except Exception:  # a probe that cannot read its source (metadata server, scheduler) finds nothing
             continue
     return None

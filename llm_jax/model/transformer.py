@@ -27,7 +27,9 @@ from llm_jax.model.pipeline import gpipe
 Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in cfg.dtype
 CACHE_AXES = (None, "batch", None, "kv_heads", "head_dim")  # split like the activations (layers: not pipelined)
 
-_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# dots: keep the matmul outputs (and, on CPU in bfloat16, the transposed matmul inputs that the weight
+# gradients take: model/dense.py), recompute the rest
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.save_only_these_names("matmul_out", "matmul_input_t")}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

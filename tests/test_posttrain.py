@@ -153,9 +153,11 @@ def test_sharded_dpo_step_equals_one_device(tmp_path, rules, data, fsdp, tensor,
         f"train.grad_accum={accum}",
     )
     many, many_state, steps = _dpo_run(cfg, jax.devices(), batches)
-    for step, (a, b) in enumerate(zip(one, many)):
+    for a, b in zip(one, many):
         for k in a:
-            if not (k == "reward_accuracy" and step == 0):  # step 1: the sign of float noise (see above)
+            # while the policy still equals the reference (lr 0 at the first step), the accuracy is the
+            # sign of float noise around a zero margin (see above), whichever way each pair falls
+            if not (k == "reward_accuracy" and abs(a["reward_margin"]) < 1e-5):
                 np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
     for a, b in zip(jax.tree_util.tree_leaves(one_state.params), jax.tree_util.tree_leaves(many_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model.device import target_device
+from llm_jax.model.device import from_bits, target_device, to_bits
 
 # Bytes of one float32 logits chunk: on CPU about the L3 cache; on accelerators large enough to
 # keep the matrix units busy while [N, vocab] (e.g. 1M x 128k for a pod step) would not fit.
@@ -66,9 +66,13 @@ def tile_rows(n: int) -> int:
 
 
 def vocab_tile(local_rows: int, vocab: int) -> int:
-    """Vocabulary entries per tile: the tiles of one pass hold about TILE_BYTES of float32 logits per
-    device, and a tile is a multiple of 16 (the last one padded)."""
+    """Vocabulary entries per tile: a tile's float32 logits hold about TILE_BYTES per device (half to
+    twice that), a multiple of 16 that divides the vocabulary where one does (50304 = 24 x 2096), else
+    the last tile is padded (padding the table cost 30-45 ms a step at vocab 50304)."""
     tiles = max(1, math.ceil(local_rows * vocab * 4 / TILE_BYTES))
+    exact = [n for n in range(max(1, tiles // 2), 2 * tiles + 1) if vocab % n == 0 and (vocab // n) % 16 == 0]
+    if exact:
+        return vocab // min(exact, key=lambda n: abs(n - tiles))
     return 16 * math.ceil(vocab / tiles / 16)
 
 
@@ -206,12 +210,14 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
     """(loss sum, d hidden, d table) by vocab tiles, `rows` rows per pass (see the module docstring)."""
     vocab, d = table.shape
     tiles = math.ceil(vocab / tile)
-    padded = jnp.pad(table.astype(dtype), ((0, tiles * tile - vocab), (0, 0)))
-    blocks = _as_bits(padded.reshape(tiles, tile, d))  # scanned over: see _as_bits
+    padded = table.astype(dtype)
+    if tiles * tile > vocab:
+        padded = jnp.pad(padded, ((0, tiles * tile - vocab), (0, 0)))
+    blocks = to_bits(padded.reshape(tiles, tile, d))  # scanned over: see to_bits
     offsets = jnp.arange(tiles) * tile
 
     def tile_logits(h, block, offset):
-        logits = jax.lax.dot_general(h, _from_bits(block), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = jax.lax.dot_general(h, from_bits(block), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", None))
         if tiles * tile == vocab:
             return logits
@@ -237,7 +243,7 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
             p = jnp.exp(logits - lse[:, None]) * w[:, None]
             hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + offset == t[:, None]
             d_logits = jnp.where(hit, p - w[:, None], p).astype(dtype)
-            d_h = d_h + jnp.dot(d_logits, _from_bits(block), preferred_element_type=jnp.float32)
+            d_h = d_h + jnp.dot(d_logits, from_bits(block), preferred_element_type=jnp.float32)
             return d_h, jnp.dot(h_t, d_logits, preferred_element_type=jnp.float32)
 
         d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), (blocks, offsets))
@@ -255,7 +261,9 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
         zeros = jnp.zeros((tiles, d, tile), jnp.float32)
         d_table_t, (losses, d_h) = jax.lax.scan(row_chunk, zeros, _chunks(rows, h, targets, weights))
         loss, d_h = jnp.sum(losses), d_h.swapaxes(0, 1).reshape(h.shape)  # back to row order (see _chunks)
-    d_table = d_table_t.transpose(0, 2, 1).reshape(tiles * tile, d)[:vocab]
+    d_table = d_table_t.transpose(0, 2, 1).reshape(tiles * tile, d)
+    if tiles * tile > vocab:
+        d_table = d_table[:vocab]
     return loss, d_h.astype(hidden.dtype), d_table.astype(table.dtype)
 
 
@@ -275,14 +283,3 @@ def _ce_tiles_bwd(dtype, rows, tile, res, g):
 
 
 _ce_tiles.defvjp(_ce_tiles_fwd, _ce_tiles_bwd)
-
-
-def _as_bits(x: jax.Array) -> jax.Array:
-    """bfloat16 -> uint16 of the same bits. XLA:CPU computes bfloat16 only in matmuls: a bfloat16 array
-    that a loop slices is turned into float32 and back on every iteration (measured: +15 ms a step
-    for the LM head's tiles); its bits pass through untouched."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x

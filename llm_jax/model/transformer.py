@@ -28,8 +28,9 @@ Cache = dict  # {"k", "v"}: [n_layers, batch, seq_len, n_kv_heads, head_dim] in 
 CACHE_AXES = (None, "batch", None, "kv_heads", "head_dim")  # split like the activations (layers: not pipelined)
 
 # dots: keep the matmul outputs (and, on CPU in bfloat16, the transposed matmul inputs that the weight
-# gradients take: model/dense.py), recompute the rest
-_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.save_only_these_names("matmul_out", "matmul_input_t")}
+# gradients take: model/dense.py) and the blocked attention's output and log-sum-exp; recompute the rest
+_SAVED_BY_DOTS = ("matmul_out", "matmul_input_t", "attention_out", "attention_lse")
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.save_only_these_names(*_SAVED_BY_DOTS)}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -88,7 +89,9 @@ class Block(nn.Module):
         y = rms_norm(x, param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
         gate = dense(self, "w_gate", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
         up = dense(self, "w_up", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
-        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        # in float32, rounded once: XLA:CPU rounds every bfloat16 intermediate, 6 roundings here
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         x = x + self._dropout(dense(self, "w_down", hidden, (cfg.mlp_dim, d), ("mlp", "embed"), out_std, 1))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 

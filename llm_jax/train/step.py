@@ -108,10 +108,12 @@ def make_steps(
             for k, v in batch.items()
         }
         step_rng = jax.random.fold_in(state.rng, state.step)
+        n = count(batch)
 
-        def micro_loss(params, mb, i):
+        def micro_loss(params, mb, i):  # divided by the whole batch's count here, the gradients need no pass
             rng = jax.random.fold_in(step_rng, i) if cfg.model.dropout else None
-            return sums(params, mb, rng, state.ref_params)
+            loss, aux = sums(params, mb, rng, state.ref_params)
+            return loss / n, aux
 
         def accumulate(grads, xs):
             mb, i = xs
@@ -120,11 +122,9 @@ def make_steps(
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         grads, (losses, aux) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum)))
-        n = count(batch)
-        grads = jax.tree_util.tree_map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": jnp.sum(losses) / n, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree.norm(grads)}
         metrics |= {k: jnp.sum(v) / n for k, v in aux.items()}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -13,7 +13,8 @@ Variants (--variants, default all that can run here):
   backward, clipping, optimizer); bfloat16 = torch.autocast (bf16 matmuls, float32 master weights).
   Needs torch and transformers (the dev extra on Python 3.11, or the `hf` extra).
 
-    python benchmarks/train_throughput.py [--variants llm_jax-bfloat16,hf-compile-bfloat16] [--steps 10] [--json]
+    python benchmarks/train_throughput.py [--variants llm_jax-bfloat16,hf-compile-bfloat16] [--steps 10]
+                                          [--rounds 3] [--json]
     python benchmarks/train_throughput.py --variants llm_jax-float32 model.remat=full   # extra llm_jax overrides
 """
 
@@ -54,6 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {OURS + PEERS} (default: all)")
     parser.add_argument("--steps", type=int, default=10, help=f"timed steps per variant (after {WARMUP} warm-up)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every variant this many times, interleaved, and report the median"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     parser.add_argument("overrides", nargs="*", help="extra llm_jax config overrides, e.g. model.remat=full")
@@ -70,15 +74,18 @@ def main() -> None:
     if not has_torch and any(v in PEERS for v in variants):
         sys.exit("the PyTorch peers need torch and transformers: pip install -e '.[hf]'")
     header = machine()
-    results = {}
-    for variant in variants:  # one process each: no two frameworks share the cores or a thread pool
-        cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), *args.overrides]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{variant} failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        if not args.json:
-            print(f"  {variant}: {results[variant]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+    runs = {v: [] for v in variants}
+    for _ in range(args.rounds):  # interleaved: a noisy neighbour on a shared host hits every variant alike
+        for variant in variants:  # one process each: no two frameworks share the cores or a thread pool
+            cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), *args.overrides]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{variant} failed:\n{done.stderr[-2000:]}")
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if not args.json:
+                rate = runs[variant][-1]["tokens_per_s"]
+                print(f"  {variant}: {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
+    results = {v: median_run(r) for v, r in runs.items()}
     summary = ratios(results)
     if args.json:
         print(json.dumps({"machine": header, "results": results, **summary}))
@@ -191,6 +198,12 @@ def hf(dtype: str, mode: str, overrides: list[str]):
     return step, BATCH * SEQ
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median rate, and the rates of all rounds."""
+    mid = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+    return {**mid, "rounds": [round(r["tokens_per_s"], 1) for r in runs]}
+
+
 def ratios(results: dict) -> dict:
     """ours / the best peer, per dtype and overall (fastest against fastest)."""
     out = {}
@@ -211,13 +224,14 @@ def table(header: dict, results: dict, summary: dict) -> str:
         f"{header['cpu']}, {header['cores']} cores ({flags}); {versions}; {header['date']}",
         f"shape: {LAYERS} layers, d_model {D_MODEL}, {HEADS} heads, SwiGLU {MLP}, vocab {VOCAB}, seq {SEQ}, "
         f"batch {BATCH}; one full AdamW step",
-        "| variant | tokens/s | ms/step (median) | min-max ms | warm-up s |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | tokens/s | ms/step (median) | min-max ms | warm-up s | tokens/s by round |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         lo, hi = r["spread_ms"]
         rate, ms, warm = r["tokens_per_s"], r["ms_per_step"], r["warmup_s"]
-        lines.append(f"| {name} | {rate:,.0f} | {ms:,.0f} | {lo:,.0f}-{hi:,.0f} | {warm:.0f} |")
+        rounds = ", ".join(f"{x:,.0f}" for x in r["rounds"])
+        lines.append(f"| {name} | {rate:,.0f} | {ms:,.0f} | {lo:,.0f}-{hi:,.0f} | {warm:.0f} | {rounds} |")
     for key, r in summary.items():
         lines.append(f"{key.replace('_', ' ')}: {r['ratio']:.2f}x ({r['ours']} / {r['peer']})")
     return "\n".join(lines)

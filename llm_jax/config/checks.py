@@ -39,7 +39,7 @@ def validate(cfg: Config) -> None:
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
         (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),
         (0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)"),
-        (m.dtype in ("bfloat16", "float32"), f"model.dtype={m.dtype!r} must be bfloat16 or float32"),
+        (m.dtype in ("auto", "bfloat16", "float32"), f"model.dtype={m.dtype!r} must be auto, bfloat16 or float32"),
         (m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r} must be none, full or dots"),
         (
             m.attention in ("auto", "xla", "cudnn", "blocked", "splash"),

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model.device import on_cpu, saved
+from llm_jax.model.device import compute_dtype, on_cpu, saved, transposed
 
 INT4_GROUP = 32  # model.quant=int4: weights share a scale in groups of this many inputs
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}  # each weight's contracted axes
@@ -55,21 +55,13 @@ def _trained_dot(x: jax.Array, w: jax.Array, transposed_input: bool) -> jax.Arra
     accumulator, so its two matmuls would run in float32 (XLA:CPU: ~330 against ~1,600 GFLOP/s
     in bfloat16 on a Xeon with AMX). On CPU in bfloat16 the forward also saves x transposed, [K, M]:
     d w = x^T @ g is then a plain [K, M] x [M, N] matmul, the only layout XLA:CPU's bfloat16 kernels
-    take for it (contracting the leading axes of both ran at ~250 GFLOP/s; a transpose in the same
-    computation is folded back into the matmul)."""
+    take for it (contracting the leading axes of both ran at ~250 GFLOP/s; see device.transposed)."""
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _trained_dot_fwd(x, w, transposed_input):
     y = saved(jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype), "matmul_out")
-    return y, (saved(_transposed(x), "matmul_input_t") if transposed_input else x, w)
-
-
-def _transposed(x: jax.Array) -> jax.Array:
-    """x [M, K] -> x^T [K, M] as identity [K, K] @ x^T, a matmul XLA:CPU runs in its bfloat16 kernels."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, (x.shape[1],) * 2, 0)
-    eye = (rows == rows.T).astype(x.dtype)
-    return jax.lax.dot_general(eye, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+    return y, (saved(transposed(x), "matmul_input_t") if transposed_input else x, w)
 
 
 def _trained_dot_bwd(transposed_input, res, g):
@@ -91,7 +83,7 @@ def dense(
     - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
     - int4: a scale per group of INT4_GROUP inputs and output channel [K / group, *out]; the weight
       is dequantized to float for the matmul."""
-    cfg, dt = module.cfg, jnp.dtype(module.cfg.dtype)
+    cfg, dt = module.cfg, compute_dtype(module.cfg.dtype)
     if cfg.quant == "none":
         return matmul(x, param(module, name, shape, axes, std), in_dims, dt)
     out_shape, out_axes = shape[in_dims:], axes[in_dims:]

@@ -30,6 +30,20 @@ def from_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
+def transposed(x: jax.Array) -> jax.Array:
+    """x [M, K] -> x^T [K, M] for a matmul operand. In bfloat16 on CPU it is computed as identity [K, K]
+    @ x^T, a matmul of XLA:CPU's bfloat16 kernels: XLA folds a plain transpose back into the matmul that
+    reads it, giving one that contracts the leading axes of both operands, which its bfloat16 kernels do
+    not take (it then ran in float32 at ~250 GFLOP/s, or failed: 'Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32', jax 0.10.2); the identity costs 2 K^2 M FLOPs, ~1% of the
+    step at the benchmark shape."""
+    if not (on_cpu() and x.dtype == jnp.bfloat16):
+        return x.T
+    rows = jax.lax.broadcasted_iota(jnp.int32, (x.shape[1],) * 2, 0)
+    eye = (rows == rows.T).astype(x.dtype)
+    return jax.lax.dot_general(eye, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def saved(x: jax.Array, name: str) -> jax.Array:
     """x, named for the remat policies of model/transformer.py; on CPU what is saved are its bits."""
     if not on_cpu():
@@ -58,3 +72,21 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
+    """model.dtype as a dtype: `auto` resolved for `platform` (default: the platform traced for)."""
+    return jnp.dtype(name if name != "auto" else auto_dtype(platform)[0])
+
+
+def auto_dtype(platform: str | None = None, cpu_flags: list[str] | None = None) -> tuple[str, str]:
+    """(dtype, why) of model.dtype=auto on `platform` (default: the one traced for): bfloat16 on TPUs
+    and GPUs, and on CPUs with bf16 matrix units (Intel AMX: amx_bf16; default flags: this CPU's);
+    float32 on other CPUs, where XLA's bfloat16 matmuls ran slower than float32 (AMD Zen 3, and Zen 4
+    with avx512_bf16: ~30% slower on the demo's step)."""
+    platform = platform or target_device().platform
+    if platform != "cpu":
+        return "bfloat16", f"{platform}: bf16 matrix units"
+    if "amx_bf16" in (cpu_info()["flags"] if cpu_flags is None else cpu_flags):
+        return "bfloat16", "CPU with AMX bf16 matrix units"
+    return "float32", "CPU without bf16 matrix units (no amx_bf16)"

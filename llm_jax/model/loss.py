@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model.device import from_bits, target_device, to_bits
+from llm_jax.model.device import from_bits, target_device, to_bits, transposed
 
 # Bytes of one float32 logits chunk: on CPU about the L3 cache; on accelerators large enough to
 # keep the matrix units busy while [N, vocab] (e.g. 1M x 128k for a pod step) would not fit.
@@ -37,6 +37,11 @@ CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
 # TILE_MAX_ROWS rows per pass. Measured at 2048 rows x 50304 (bfloat16, Xeon with AMX): 16 tiles of
 # 3144 (25 MB) 385 ms, 32 of 1572 (13 MB) 385, 8 of 6288 421, 64 of 786 408.
 TILE_BYTES, TILE_MAX_ROWS = 16 << 20, 4096
+# In float32 the first pass keeps each tile's exps for the second instead of recomputing the logits:
+# 3 matmuls instead of 4 (float32 matmuls run at a quarter of bfloat16's on AMX, and are all there is
+# elsewhere): 929 against 1,037 ms at the benchmark shape; in bfloat16 recomputing wins (358 vs 389).
+# The kept exps of one pass, [rows, vocab] float32 per device, stay under STORED_BYTES.
+STORED_BYTES = 512 << 20
 
 
 def chunk_rows(n: int, vocab: int, budget: int | None = None, shards: int | None = None) -> int:
@@ -57,12 +62,12 @@ def chunk_rows(n: int, vocab: int, budget: int | None = None, shards: int | None
     return rows * shards if rows >= 8 else n
 
 
-def tile_rows(n: int) -> int:
+def tile_rows(n: int, max_rows: int = TILE_MAX_ROWS) -> int:
     """Rows per pass of the tiles schedule: on each device the largest divisor of its rows up to
-    TILE_MAX_ROWS, times the batch shards."""
+    max_rows, times the batch shards."""
     shards = _shards_of(n)
     local = n // shards
-    return shards * max(r for r in range(1, min(local, TILE_MAX_ROWS) + 1) if local % r == 0)
+    return shards * max(r for r in range(1, max(1, min(local, max_rows)) + 1) if local % r == 0)
 
 
 def vocab_tile(local_rows: int, vocab: int) -> int:
@@ -120,7 +125,8 @@ def cross_entropy_sum(
         schedule = "tiles" if target_device().platform == "cpu" and not _vocab_split() else "rows"
     n, vocab = hidden.shape[0], table.shape[0]
     if schedule == "tiles":
-        rows = chunk or tile_rows(n)
+        max_rows = TILE_MAX_ROWS if jnp.dtype(dtype) != jnp.float32 else STORED_BYTES // (4 * vocab)
+        rows = chunk or tile_rows(n, max_rows)
         return _ce_tiles(dtype, rows, vocab_tile(rows // _shards_of(n), vocab), hidden, table, targets, weights)
     return _ce(dtype, chunk or chunk_rows(n, vocab), hidden, table, targets, weights)
 
@@ -208,6 +214,7 @@ _ce.defvjp(_ce_fwd, _ce_bwd)
 
 def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
     """(loss sum, d hidden, d table) by vocab tiles, `rows` rows per pass (see the module docstring)."""
+    store = jnp.dtype(dtype) == jnp.float32  # see STORED_BYTES
     vocab, d = table.shape
     tiles = math.ceil(vocab / tile)
     padded = table.astype(dtype)
@@ -227,26 +234,32 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
         def lse_of_tile(carry, xs):  # a running max and sum of exp over the tiles
             high, total = carry
             logits = tile_logits(h, *xs)
-            new_high = jnp.maximum(high, jnp.max(logits, axis=1))
-            total = total * jnp.exp(high - new_high) + jnp.sum(jnp.exp(logits - new_high[:, None]), axis=1)
-            return (new_high, total), None
+            tile_high = jnp.max(logits, axis=1)
+            exps = jnp.exp(logits - tile_high[:, None])
+            new_high = jnp.maximum(high, tile_high)
+            total = total * jnp.exp(high - new_high) + jnp.sum(exps, axis=1) * jnp.exp(tile_high - new_high)
+            return (new_high, total), (to_bits(exps.astype(dtype)), tile_high) if store else None
 
         start = (jnp.full(t.shape, -jnp.inf, jnp.float32), jnp.zeros(t.shape, jnp.float32))
-        (high, total), _ = jax.lax.scan(lse_of_tile, start, (blocks, offsets))
+        (high, total), stored = jax.lax.scan(lse_of_tile, start, (blocks, offsets))
         lse = high + jnp.log(total)
         target_logit = jnp.sum(h.astype(jnp.float32) * padded[t].astype(jnp.float32), axis=1)
-        h_t = h.T  # [D, R]: d table^T = h^T @ d logits is then a plain [D, R] x [R, tile] matmul
+        h_t = transposed(h)  # [D, R]: d table^T = h^T @ d logits is then a plain [D, R] x [R, tile] matmul
 
         def grads_of_tile(d_h, xs):
-            block, offset = xs
-            logits = tile_logits(h, block, offset)
-            p = jnp.exp(logits - lse[:, None]) * w[:, None]
-            hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + offset == t[:, None]
+            block, offset, *kept = xs
+            if store:  # softmax = the tile's exps x exp(tile max - lse)
+                exps, tile_high = kept
+                p = from_bits(exps).astype(jnp.float32) * (jnp.exp(tile_high - lse) * w)[:, None]
+            else:
+                p = jnp.exp(tile_logits(h, block, offset) - lse[:, None]) * w[:, None]
+            hit = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1) + offset == t[:, None]
             d_logits = jnp.where(hit, p - w[:, None], p).astype(dtype)
             d_h = d_h + jnp.dot(d_logits, from_bits(block), preferred_element_type=jnp.float32)
             return d_h, jnp.dot(h_t, d_logits, preferred_element_type=jnp.float32)
 
-        d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), (blocks, offsets))
+        xs = (blocks, offsets, *(stored if store else ()))
+        d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), xs)
         return jnp.sum((lse - target_logit) * w), d_h, d_table_t
 
     h = hidden.astype(dtype)

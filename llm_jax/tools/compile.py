@@ -26,6 +26,7 @@ from llm_jax.config.rules import MESH_AXES
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import serving_steps
 from llm_jax.model.attention import prebuild_splash
+from llm_jax.model.device import compute_dtype
 from llm_jax.model.transformer import CACHE_AXES
 from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology
 from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
@@ -154,7 +155,9 @@ def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch
         out.append(_compile("prefill", topology, layout, jax.jit(prefill), params, tokens, lengths, seeds, settings))
     if "decode" in steps:
         shape = (m.n_layers, b, m.seq_len, m.n_kv_heads, m.head_dim)
-        kv = jax.ShapeDtypeStruct(shape, jnp.dtype(m.dtype), sharding=layout.sharding(CACHE_AXES))
+        kv = jax.ShapeDtypeStruct(
+            shape, compute_dtype(m.dtype, topology.chip.platform), sharding=layout.sharding(CACHE_AXES)
+        )
         token = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
         jitted = jax.jit(decode, donate_argnums=1)

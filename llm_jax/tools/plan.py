@@ -23,6 +23,7 @@ from llm_jax.config import Config, ModelConfig, load_config
 from llm_jax.config.rules import MESH_AXES, Rules, as_tuple, rules_table
 from llm_jax.errors import UserError
 from llm_jax.model.attention import kernel_for
+from llm_jax.model.device import compute_dtype
 from llm_jax.model.loss import ACCELERATOR_CHUNK_BYTES, chunk_rows
 from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.chips import Chip, GiB, Topology, has_libtpu, parse_topology
@@ -94,7 +95,7 @@ def activation_bytes(
     a layer's weights gathered in compute dtype with their float32 gradient (where the rules split
     parameters), and the loss's logits chunk. `kernel` is the
     attention kernel that runs (attention.kernel_for): only xla materialises the T x T scores."""
-    c = jnp.dtype(model.dtype).itemsize
+    c = compute_dtype(model.dtype, "tpu").itemsize  # plans are for accelerators, where auto is bfloat16
     b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model
     L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
     #                                                       micro-batches: together the rows of one micro_batch)
@@ -140,7 +141,9 @@ def train_kernel(cfg: Config, chip: Chip) -> str:
     """The attention kernel cfg's train step runs on this chip (packed rows: the objective's data has segments)."""
     packed = "segments" in objective_of(cfg).example_row(cfg, "train")
     m = cfg.model
-    return kernel_for(m.attention, chip.platform, chip.device_kind, m.seq_len, packed, m.dtype)
+    return kernel_for(
+        m.attention, chip.platform, chip.device_kind, m.seq_len, packed, compute_dtype(m.dtype, chip.platform)
+    )
 
 
 def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
@@ -151,7 +154,8 @@ def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
     rows = {"parameters (f32)": params, "gradients (f32)": params, "AdamW moments (2 x f32)": 2 * params}
     if objective_of(cfg).in_step_reference(cfg):
         rows["DPO reference parameters (f32)"] = params
-    rows |= activation_bytes(cfg.model, micro, mesh, rules, train_kernel(cfg, chip))
+    model = dataclasses.replace(cfg.model, dtype=compute_dtype(cfg.model.dtype, chip.platform).name)
+    rows |= activation_bytes(model, micro, mesh, rules, train_kernel(cfg, chip))
     return Plan(mesh, rows, chip.hbm)
 
 
@@ -232,7 +236,8 @@ def main(args) -> None:
         how = " | estimate only" + (" (--estimate)" if args.estimate else " (pip install 'llm_jax[tpu]' to compile)")
     print(
         f"{topology.describe()} x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
-        f"seq {m.seq_len}, {m.dtype}, remat {m.remat}, attention {train_kernel(cfg, chip)} | batch {t.batch_size}, "
+        f"seq {m.seq_len}, {compute_dtype(m.dtype, chip.platform).name}, remat {m.remat}, "
+        f"attention {train_kernel(cfg, chip)} | batch {t.batch_size}, "
         f"grad_accum {t.grad_accum} | rules {cfg.mesh.rules}{how}"
     )
     try:

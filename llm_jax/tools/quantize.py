@@ -15,6 +15,7 @@ from llm_jax import run as runs
 from llm_jax.config import Config
 from llm_jax.errors import UserError
 from llm_jax.model.dense import INT4_GROUP, param_bytes, quantize
+from llm_jax.model.device import compute_dtype
 from llm_jax.parallel.sharding import single_device_layout
 from llm_jax.train.loop import evaluate
 from llm_jax.train.objectives import objective_of
@@ -46,7 +47,7 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
         for name, c, p in (  # the quantized run computes in model.dtype
             ("float32", f32, params),
             ("bfloat16", bf16, params),
-            (f"{mode} ({m.dtype})", qcfg, qparams),
+            (f"{mode} ({compute_dtype(m.dtype).name})", qcfg, qparams),
         )
     }
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_jax.config import Config, load_config
 from llm_jax.errors import UserError
+from llm_jax.model.device import compute_dtype
 from llm_jax.model.transformer import flops_per_token
 from llm_jax.parallel.sharding import make_layout, parse_meshes
 from llm_jax.train.metrics import peak_flops
@@ -74,7 +75,7 @@ def measure(cfg: Config, steps_timed: int) -> dict:
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token(cfg.model) / peak_flops(cfg.model.dtype),
+        "mfu": tokens_per_s * flops_per_token(cfg.model) / peak_flops(compute_dtype(cfg.model.dtype).name),
         "arg_bytes": mem.argument_size_in_bytes,
         "temp_bytes": mem.temp_size_in_bytes,
         "peak_bytes": mem.argument_size_in_bytes

@@ -18,6 +18,7 @@ from llm_jax import run
 from llm_jax.config import Config, to_dict
 from llm_jax.data.loader import PreparedData, eval_batches, train_iterator
 from llm_jax.inference.generate import Generator, fit_prompt, stream_text
+from llm_jax.model.device import auto_dtype, compute_dtype
 from llm_jax.model.transformer import count_params, flops_per_token
 from llm_jax.parallel.sharding import make_layout
 from llm_jax.train.metrics import MetricsWriter, Progress, peak_flops, plot_losses
@@ -67,8 +68,10 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
         f"({device.device_kind}); process {i} on {socket.gethostname()} feeds global batch rows {i}::{n} "
         f"({cfg.train.batch_size // n} of {cfg.train.batch_size} per step)"
     )
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "{} (model.dtype=auto: {})".format(*auto_dtype())
     log(
-        f"model: {count_params(state.params):,} parameters | mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
+        f"model: {count_params(state.params):,} parameters, computing in {dtype} | "
+        f"mesh {dict(layout.mesh.shape)}, rules {cfg.mesh.rules}, "
         f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
         f"objective {cfg.train.objective}, {cfg.train.batch_size} x {example['tokens'].shape} tokens per step"
     )
@@ -129,7 +132,7 @@ def _loop(
         start,
         t.batch_size * rows.shape[0] * (rows.shape[1] - 1),
         flops_per_token(cfg.model),
-        peak_flops(cfg.model.dtype),
+        peak_flops(compute_dtype(cfg.model.dtype).name),
     )
     final = {}
     began = time.perf_counter()

@@ -1,0 +1,115 @@
+"""bfloat16 compute done right: every matmul of a train step (backward included) takes bfloat16 inputs
+and accumulates in float32, its gradients follow float32's, and model.dtype=auto says what it picked.
+(How fast XLA runs those matmuls is measured by benchmarks/train_throughput.py, not here.)"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from llm_jax.config import load_config
+from llm_jax.model.dense import matmul
+from llm_jax.model.device import auto_dtype, compute_dtype, cpu_info
+from llm_jax.model.transformer import Transformer
+from llm_jax.parallel.sharding import make_layout
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.step import make_steps
+
+
+def _dot_generals(jaxpr, out):
+    """(input dtypes, preferred_element_type) of every dot_general in a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.params["preferred_element_type"])))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dot_generals(inner, out)
+    return out
+
+
+def test_every_matmul_of_a_bf16_train_step_takes_bf16_and_accumulates_in_f32():
+    """Forward, backward (autodiff took the float32 cotangent of the accumulator: float32 x bfloat16
+    matmuls) and the LM head's loss, on packed rows (the attention's segment mask)."""
+    cfg = load_config("tiny", ["model.dtype=bfloat16"])
+    layout = make_layout(cfg.mesh, jax.devices()[:1])
+    tokens = np.zeros(cfg.model.seq_len + 1, np.int32)
+    steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example={"tokens": tokens, "segments": tokens})
+    with layout.activate():
+        jaxpr = jax.make_jaxpr(steps.jit_train)(steps.abstract_state, steps.abstract_batch)
+    dots = collections.Counter(_dot_generals(jaxpr.jaxpr, []))
+    # the layer scan's body: 7 projections x 3 matmuls (and the transposed inputs they save), the attention's,
+    # and the tiled LM head's 4
+    assert sum(dots.values()) >= 7 * 3 + 4 + 4
+    assert set(dots) == {(("bfloat16", "bfloat16"), "float32")}
+
+
+def test_matmul_gradients_in_bf16_follow_float32():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (64, 48))
+    w = jax.random.normal(keys[1], (48, 32)) / 7
+    g = jax.random.normal(keys[2], (64, 32))
+
+    def grads(dtype):
+        return jax.grad(lambda x, w: jnp.sum(matmul(x.astype(dtype), w, 1, dtype).astype(jnp.float32) * g), (0, 1))(
+            x, w
+        )
+
+    (dx16, dw16), (dx32, dw32) = grads(jnp.bfloat16), grads(jnp.float32)
+    assert dx16.dtype == jnp.float32 and dw16.dtype == jnp.float32  # the cast back to the inputs' dtypes
+    for a, b in ((dx16, dx32), (dw16, dw32)):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-2  # bf16 inputs: ~2^-9 per product
+
+
+def test_a_bf16_model_gives_float32_gradients_within_bf16_precision():
+    cfg = load_config("tiny", ["model.dtype=bfloat16"]).model
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, cfg.seq_len + 1), 0, cfg.vocab_size)
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), tokens[:, :-1])["params"]
+
+    def grads(dtype):
+        model = Transformer(cfg.__class__(**{**cfg.__dict__, "dtype": dtype}))
+
+        def loss(p):
+            hidden, _ = model.apply({"params": p}, tokens[:, :-1])
+            return model.apply({"params": p}, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape), method="nll_sum")
+
+        return jax.jit(jax.grad(loss))(params)
+
+    bf16, f32 = grads("bfloat16"), grads("float32")
+    for path, a in jax.tree_util.tree_flatten_with_path(bf16)[0]:
+        b = dict(jax.tree_util.tree_flatten_with_path(f32)[0])[path]
+        assert a.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize(
+    "platform, flags, want",
+    [
+        ("tpu", [], "bfloat16"),
+        ("gpu", [], "bfloat16"),
+        ("cpu", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], "bfloat16"),  # Sapphire Rapids and later
+        ("cpu", ["avx2", "avx512f", "avx512_bf16"], "float32"),  # AMD Zen 4: bf16 dot products, no matrix units
+        ("cpu", ["avx2"], "float32"),
+    ],
+)
+def test_auto_picks_bf16_where_the_hardware_has_bf16_matrix_units(platform, flags, want):
+    dtype, why = auto_dtype(platform, flags)
+    assert dtype == want and why
+    assert compute_dtype("float32", platform) == jnp.float32 and compute_dtype("bfloat16", platform) == jnp.bfloat16
+
+
+def test_auto_on_this_machine_and_the_run_log_says_so(prepared_run, corpus_slice):
+    from llm_jax.train.loop import train
+
+    want = "bfloat16" if "amx_bf16" in cpu_info()["flags"] else "float32"
+    assert compute_dtype("auto") == jnp.dtype(want)
+    lines = []
+    cfg = tiny_config(prepared_run, "model.dtype=auto", "train.steps=2", "train.eval_every=2", sources=corpus_slice)
+    train(cfg, jax.devices()[:1], log=lines.append)
+    assert any(f"computing in {want} (model.dtype=auto: " in line for line in lines)

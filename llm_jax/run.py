@@ -53,7 +53,7 @@ DATA_KEYS = (
     "train.objective",
     "train.init_from",
 )
-CHECKPOINT_KEYS = DATA_KEYS + ("model.", "train.batch_size")
+CHECKPOINT_KEYS = DATA_KEYS + ("model.", "train.batch_size", "optim.name")  # optim.name: the optimizer state
 
 # Reading a step's state alone (restore_params) makes orbax warn that the step-level metadata file is
 # absent; the parameters are complete without it.

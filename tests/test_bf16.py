@@ -77,7 +77,7 @@ def test_a_bf16_model_gives_float32_gradients_within_bf16_precision():
 
         def loss(p):
             hidden, _ = model.apply({"params": p}, tokens[:, :-1])
-            return model.apply({"params": p}, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape), method="nll_sum")
+            return model.apply({"params": p}, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape), method="nll_sum")[0]
 
         return jax.jit(jax.grad(loss))(params)
 

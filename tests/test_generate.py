@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,18 +114,27 @@ def _sharp_model():
     )
 
 
-@pytest.mark.slow
-def test_batched_rows_produce_exactly_what_each_prompt_produces_alone():
-    cfg, params = _sharp_model()
-    gen = Generator(cfg, params)
-    rows = ROWS
-    alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in rows]
-    batched = [[] for _ in rows]
+def _batched(gen, rows):
+    out = [[] for _ in rows]
     for step in gen.stream_batch(*map(list, zip(*rows))):
         for r, tok in enumerate(step):
             if tok is not None:
-                batched[r].append(tok)
+                out[r].append(tok)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_rows_produce_exactly_what_each_prompt_produces_alone(dtype):
+    """bfloat16: the weights cast once for inference, the KV cache in bfloat16; decode steps come in
+    chunks of DECODE_CHUNK (8), so the 20-token row spans three chunks and the others end mid-chunk."""
+    cfg, params = _sharp_model()
+    gen = Generator(dataclasses.replace(cfg, dtype=dtype), params)
+    alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in ROWS]
+    batched = _batched(gen, ROWS)
     assert batched == alone and [len(b) for b in batched] == [12, 20, 7]
+    one_step = Generator(dataclasses.replace(cfg, dtype=dtype), params, chunk=1)
+    assert _batched(one_step, ROWS) == batched  # the chunk is a dispatch detail, never a different token
 
 
 def test_stop_strings_end_the_text_before_them_and_stop_drawing(tmp_path):
@@ -154,7 +165,8 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
         MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0), jax.devices()[:8]
     )
     one, mesh = Generator(cfg, params), Generator(cfg, params, layout)
-    assert tuple(mesh.params["layers"]["wq"].sharding.spec) == ("pipeline", "fsdp", "tensor", None)  # pipeline: 1
+    # serving on CPU: each layer's weights on their own (unstack_layers), split as the stacked ones were
+    assert tuple(mesh.params["layer_0"]["wq"].sharding.spec) == ("fsdp", "tensor", None)
     # 3 rows: one idle row makes 4 batch shards
     steps = [list(gen.stream_batch(*map(list, zip(*ROWS)))) for gen in (one, mesh)]
     assert steps[0] == steps[1] and len(steps[0][0]) == 3
@@ -166,5 +178,6 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
             jnp.zeros(4, jnp.uint32),
             (jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4)),
         )
-    # [layers, batch, seq_len, kv_heads, head_dim]: rows over data x fsdp, kv heads over tensor
-    assert {s.data.shape for s in cache["k"].addressable_shards} == {(2, 1, 48, 1, 16)}
+    # each layer's keys [batch, kv_heads, seq_len, head_dim]: rows over data x fsdp, kv heads over tensor
+    assert {s.data.shape for s in cache[0]["k"].addressable_shards} == {(1, 1, 48, 16)}
+    assert {s.data.shape for s in cache[0]["v"].addressable_shards} == {(1, 1, 16, 48)}  # values: transposed

@@ -85,7 +85,8 @@ def test_kv_cache_decode_matches_the_full_forward(kv_heads):
         logits, cache = _logits(model, params, tokens[:, i : i + 1], cache=cache, cache_index=i)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
-    assert cache["k"].shape == (cfg.n_layers, 2, cfg.seq_len, kv_heads, cfg.head_dim)
+    assert cache["k"].shape == (cfg.n_layers, 2, kv_heads, cfg.seq_len, cfg.head_dim)
+    assert cache["v"].shape == (cfg.n_layers, 2, kv_heads, cfg.head_dim, cfg.seq_len)  # values: transposed
 
 
 def test_untied_head_and_bf16_compute():
@@ -189,7 +190,7 @@ def test_chunked_cross_entropy_matches_full_logits(schedule, chunk, dtype):
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(h @ table.T, targets) * weights)
 
     def ours(h, table):
-        return cross_entropy_sum(h, table, targets, weights, jnp.dtype(dtype), chunk, schedule)
+        return cross_entropy_sum(h, table, targets, weights, jnp.dtype(dtype), chunk, schedule)[0]
 
     assert float(jax.jit(ours)(h, table)) == pytest.approx(
         float(ref(h, table)), rel=1e-6 if dtype == "float32" else 1e-5
@@ -199,3 +200,31 @@ def test_chunked_cross_entropy_matches_full_logits(schedule, chunk, dtype):
             np.testing.assert_allclose(a, b, atol=1e-5)
         else:  # d logits rounded to 8 significant bits (2^-9 relative) before the matmuls
             assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 5e-3
+
+
+@pytest.mark.parametrize("schedule", ["rows", "tiles"])
+def test_z_loss_adds_its_term_and_its_gradient(schedule):
+    from llm_jax.model.loss import cross_entropy_sum
+
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    h, table = jax.random.normal(keys[0], (256, 32)), 0.5 * jax.random.normal(keys[1], (1000, 32))
+    targets = jax.random.randint(keys[2], (256,), 0, 1000)
+    weights = (jax.random.uniform(keys[3], (256,)) > 0.3).astype(jnp.float32)
+    z = 1e-2
+
+    def ref(h, table):  # PaLM: nll + z * log(Z)^2 per target
+        logits = h @ table.T
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+        return jnp.sum((nll + z * lse**2) * weights), jnp.sum(z * lse**2 * weights)
+
+    def ours(h, table):
+        return cross_entropy_sum(h, table, targets, weights, jnp.float32, None, schedule, z_loss=z)
+
+    (loss, z_part), (want_loss, want_z) = jax.jit(ours)(h, table), ref(h, table)
+    assert float(z_part) > 0.01 * float(loss)  # the term is there, and reported on its own
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    assert float(z_part) == pytest.approx(float(want_z), rel=1e-6)
+    grads = jax.jit(jax.grad(lambda h, t: ours(h, t)[0], argnums=(0, 1)))(h, table)
+    for a, b in zip(grads, jax.grad(lambda h, t: ref(h, t)[0], argnums=(0, 1))(h, table)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

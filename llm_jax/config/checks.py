@@ -59,6 +59,7 @@ def validate(cfg: Config) -> None:
             f"curate.rules has unknown rules {bad}; known: {', '.join(CURATE_RULES)}",
         ),
         (c.normalize in ("NFC", "NFKC", "none"), f"curate.normalize={c.normalize!r} must be NFC, NFKC or none"),
+        (c.whitespace in ("collapse", "keep"), f"curate.whitespace={c.whitespace!r} must be collapse or keep"),
         (0 < c.min_words <= c.max_words, f"curate.min_words={c.min_words} must be in 1 .. max_words={c.max_words}"),
         (
             0 < c.min_mean_word_length <= c.max_mean_word_length,
@@ -75,6 +76,10 @@ def validate(cfg: Config) -> None:
         (0 <= p.label_smoothing < 0.5, f"dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5)"),
         (p.chosen_nll >= 0, f"dpo.chosen_nll={p.chosen_nll} must be >= 0"),
         (p.reference in ("precomputed", "in_step"), f"dpo.reference={p.reference!r} must be precomputed or in_step"),
+        (o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon"),
+        (o.schedule in ("cosine", "wsd"), f"optim.schedule={o.schedule!r} must be cosine or wsd"),
+        (0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]"),
+        (o.z_loss >= 0, f"optim.z_loss={o.z_loss} must be >= 0"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]"),
         (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),

@@ -67,6 +67,7 @@ class DataConfig:
 class CurateConfig:
     rules: tuple[str, ...]
     normalize: str
+    whitespace: str
     strip_markup: bool
     max_markup: float
     min_words: int
@@ -90,14 +91,18 @@ class CurateConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: str
     lr: float
+    schedule: str
     min_lr_ratio: float
     warmup_steps: int
+    decay_fraction: float
     b1: float
     b2: float
     eps: float
     weight_decay: float
     grad_clip: float
+    z_loss: float
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,10 @@ _BLANK_LINES = re.compile(r"\n\n\n+")
 
 def clean(text: str, cfg) -> tuple[str, float]:
     """Returns (cleaned text, markup share): markup stripped (if cfg.strip_markup and the text looks like
-    HTML/XML), Unicode normalized (cfg.normalize), control characters removed, runs of spaces collapsed,
-    lines trimmed, at most one blank line in a row. The markup share is 1 - len(cleaned) / len(text)
-    for a markup document (tags, scripts, styles, entities and layout whitespace count as markup), else 0."""
+    HTML/XML), Unicode normalized (cfg.normalize), control characters removed, and with cfg.whitespace
+    collapse: runs of spaces collapsed, lines trimmed, at most one blank line in a row. The markup
+    share is 1 - len(cleaned) / len(text) for a markup document (tags, scripts, styles, entities and
+    layout whitespace count as markup), else 0."""
     n_chars, is_markup = len(text), cfg.strip_markup and _LOOKS_MARKUP.search(text) is not None
     if is_markup:
         text = _INVISIBLE.sub("", text)
@@ -60,8 +61,9 @@ def clean(text: str, cfg) -> tuple[str, float]:
     if cfg.normalize != "none":
         text = unicodedata.normalize(cfg.normalize, text)
     text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "\n".join(map(str.strip, _SPACE_RUN.sub(" ", text).split("\n")))
-    text = _BLANK_LINES.sub("\n\n", text).strip()
+    if cfg.whitespace == "collapse":
+        text = "\n".join(map(str.strip, _SPACE_RUN.sub(" ", text).split("\n")))
+        text = _BLANK_LINES.sub("\n\n", text).strip()
     return text, (max(0.0, 1 - len(text) / n_chars) if is_markup else 0.0)
 
 

@@ -15,8 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.transformer import Transformer, init_cache
+from llm_jax.model.device import compute_dtype
+from llm_jax.model.transformer import Transformer, init_cache, unstack_layers
 from llm_jax.parallel.sharding import Layout, abstract_params
+
+# New tokens per decode call, at most: one dispatch and one host read per chunk (the demo model at batch
+# 16 in bfloat16, 2 cores: 3.9 ms a token one at a time, 2.9 in chunks of 8, 2.6 in chunks of 16). A
+# chunk is the next power of two of the steps left, up to DECODE_CHUNK, so at most 5 sizes compile and a
+# chunk computes at most half of itself that no row reads.
+DECODE_CHUNK = 16
 
 
 def sample_token(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -89,7 +96,7 @@ def serving_steps(cfg: ModelConfig):
     """The two functions a server runs, before jit: prefill(params, tokens [B, P], lengths [B], seeds [B],
     settings) -> (first new tokens [B], KV cache) and decode(params, cache, token [B], lengths, seeds,
     step, settings) -> (next tokens [B], cache); settings are (temperature, top_k, top_p), each [B]."""
-    model = Transformer(cfg)
+    model = Transformer(cfg, serving=True)  # its parameters: unstack_layers(...)
 
     def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
         keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
@@ -97,7 +104,8 @@ def serving_steps(cfg: ModelConfig):
 
     def prefill(params, tokens, lengths, seeds, settings):
         """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
-        hidden, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, tokens.shape[0]))
+        cache = init_cache(cfg, tokens.shape[0], per_layer=model.unstacked)
+        hidden, cache = model.apply({"params": params}, tokens, cache=cache)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         logits = model.apply({"params": params}, last, method=Transformer.logits)[:, 0]
         return sample_rows(logits, seeds, 0, settings), cache
@@ -113,6 +121,37 @@ def serving_steps(cfg: ModelConfig):
     return prefill, decode
 
 
+def decode_steps(decode, n: int):
+    """n decode steps in one call: (params, cache, token [B], lengths, seeds, step, settings) -> (the
+    next n tokens [n, B], cache). One dispatch and one host read per n tokens instead of per token."""
+
+    def run(params, cache, token, lengths, seeds, step, settings):
+        def one(carry, i):
+            token, cache = carry
+            token, cache = decode(params, cache, token, lengths, seeds, step + i, settings)
+            return (token, cache), token
+
+        (_, cache), tokens = jax.lax.scan(one, (token, cache), jnp.arange(n))
+        return tokens, cache
+
+    return run
+
+
+def inference_params(cfg: ModelConfig, params):
+    """The weight matrices cast to the compute dtype once (norm scales and quantization scales stay
+    float32): a decode step then reads half the bytes and converts nothing (bfloat16 on 2 Xeon cores,
+    the demo model: see benchmarks/decode.py)."""
+    dtype = compute_dtype(cfg.dtype)
+    if dtype == jnp.float32:
+        return params
+
+    def cast(path, x):
+        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in jax.tree_util.keystr(path)
+        return x.astype(dtype) if matrix else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class Generator:
     """Generation for one model; compiled once per (batch size, prompt-length bucket).
 
@@ -124,16 +163,16 @@ class Generator:
     KV cache like the activations: rows over the batch axes, kv heads over tensor (CACHE_AXES); a
     batch gets idle rows up to a multiple of the batch shards."""
 
-    def __init__(self, cfg: ModelConfig, params, layout: Layout | None = None):
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, cfg: ModelConfig, params, layout: Layout | None = None, chunk: int = DECODE_CHUNK):
+        self.cfg, self.layout, self.chunk = cfg, layout, chunk
         self.row_multiple = layout.axis_size("batch") if layout else 1
         if layout:
             shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
             params = jax.device_put(params, shardings)
-        self.params = params
-        prefill, decode = serving_steps(cfg)
+        self.params = unstack_layers(inference_params(cfg, params))
+        prefill, self._decode_step = serving_steps(cfg)
         self._prefill = jax.jit(prefill)
-        self._decode = jax.jit(decode, donate_argnums=1)
+        self._decode = {}  # chunk size -> its jitted decode_steps
 
     def stream(
         self,
@@ -189,17 +228,23 @@ class Generator:
         with self._mesh():
             token, cache = self._prefill(self.params, tokens, lengths_arr, seeds_arr, settings)
         live, steps = [new > 0 for new in max_new_tokens], max(max_new_tokens)
-        for i in range(steps):  # (dispatching step i + 1 before reading step i was slower here: 2 cores)
+        pending = [token.tolist()]  # the tokens of steps i, i + 1, ... not yet yielded
+        for i in range(steps):
             out = []
-            for r, tok in enumerate(token.tolist()):
+            for r, tok in enumerate(pending.pop(0)):
                 live[r] = live[r] and i < max_new_tokens[r] and tok not in stop_ids
                 out.append(tok if live[r] else None)
             if not any(live):
                 return
             yield out[:rows]
-            if i + 1 < steps:
+            if not pending and i + 1 < steps:  # the next chunk: steps i + 1 .. i + n
+                n = min(self.chunk, 1 << (steps - i - 2).bit_length())
+                if n not in self._decode:
+                    self._decode[n] = jax.jit(decode_steps(self._decode_step, n), donate_argnums=1)
                 with self._mesh():
-                    token, cache = self._decode(self.params, cache, token, lengths_arr, seeds_arr, i + 1, settings)
+                    tokens, cache = self._decode[n](self.params, cache, token, lengths_arr, seeds_arr, i + 1, settings)
+                token = tokens[-1]
+                pending = tokens.tolist()
 
     def _mesh(self):
         """Where the model's logical constraints resolve (entered per call: never held across a yield)."""

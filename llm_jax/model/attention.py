@@ -64,10 +64,17 @@ def causal_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=impl)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
-    """Decoding: q [B, T, N, H] at positions q_pos [B, T] against a cache k/v [B, S, K, H]."""
-    mask = jnp.arange(k.shape[1])[None, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+def cached_attention(q: jax.Array, k: jax.Array, v_t: jax.Array, q_pos: jax.Array) -> jax.Array:
+    """Decoding: q [B, T, N, H] at positions q_pos [B, T] against a cache of keys k [B, K, S, H] and
+    values v_t [B, K, H, S] (transposed): both matmuls contract their operands' last axes -> [B, T, N, H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h**-0.5
+    visible = jnp.arange(k.shape[2])[None, None, None, None, :] <= q_pos[:, None, None, :, None]  # [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v_t.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_t, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def _blocked_layout(q, k, v):

@@ -113,8 +113,11 @@ def cross_entropy_sum(
     dtype,
     chunk: int | None = None,
     schedule: str | None = None,
-) -> jax.Array:
-    """sum_i weights[i] * -log softmax(hidden[i] @ table.T)[targets[i]].
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(sum_i weights[i] * (-log softmax(hidden[i] @ table.T)[targets[i]] + z_loss * lse_i^2), and the
+    z-loss term of that sum, not differentiated), lse_i the log of row i's softmax normaliser (PaLM's
+    z-loss; 0 leaves the cross-entropy).
 
     hidden [N, D], table [V, D] (the embedding, or an untied head in the same layout), targets [N]
     int, weights [N] float32. Matmuls take `dtype` inputs and accumulate in float32. `schedule`: "rows"
@@ -127,8 +130,11 @@ def cross_entropy_sum(
     if schedule == "tiles":
         max_rows = TILE_MAX_ROWS if jnp.dtype(dtype) != jnp.float32 else STORED_BYTES // (4 * vocab)
         rows = chunk or tile_rows(n, max_rows)
-        return _ce_tiles(dtype, rows, vocab_tile(rows // _shards_of(n), vocab), hidden, table, targets, weights)
-    return _ce(dtype, chunk or chunk_rows(n, vocab), hidden, table, targets, weights)
+        tile = vocab_tile(rows // _shards_of(n), vocab)
+        loss, z_sum = _ce_tiles(dtype, rows, tile, z_loss, hidden, table, targets, weights)
+    else:
+        loss, z_sum = _ce(dtype, chunk or chunk_rows(n, vocab), z_loss, hidden, table, targets, weights)
+    return loss, jax.lax.stop_gradient(z_sum)  # the second output is for logs: its cotangent is dropped
 
 
 def token_log_probs(
@@ -170,39 +176,42 @@ def _target_logit(logits, t):
     return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ce(dtype, chunk, hidden, table, targets, weights):
-    def body(total, xs):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ce(dtype, chunk, z_loss, hidden, table, targets, weights):
+    def body(totals, xs):
         h, t, w = xs
         logits = _chunk_logits(h, table, dtype)
-        nll = jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, t)
-        return total + jnp.sum(nll * w), None
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return totals + jnp.stack([jnp.sum((lse - _target_logit(logits, t)) * w), jnp.sum(lse**2 * w)]), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks(chunk, hidden, targets, weights))
-    return total
+    (nll, lse_sq), _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), _chunks(chunk, hidden, targets, weights))
+    return nll + z_loss * lse_sq, z_loss * lse_sq
 
 
-def _ce_fwd(dtype, chunk, hidden, table, targets, weights):
+def _ce_fwd(dtype, chunk, z_loss, hidden, table, targets, weights):
     def body(carry, xs):
-        total, d_table = carry
+        totals, d_table = carry
         h, t, w = xs
         logits = _chunk_logits(h, table, dtype)
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         nll = lse[:, 0] - _target_logit(logits, t)
-        d_logits = (jnp.exp(logits - lse) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
+        p = jnp.exp(logits - lse) * (1 + 2 * z_loss * lse)  # d(lse + z lse^2) / d logits
+        d_logits = (p - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
         d_logits = nn.with_logical_constraint(d_logits.astype(dtype), ("batch", "vocab"))
         d_h = jnp.dot(d_logits, table.astype(dtype), preferred_element_type=jnp.float32)
         d_table = d_table + jnp.dot(d_logits.T, h.astype(dtype), preferred_element_type=jnp.float32)
-        return (total + jnp.sum(nll * w), nn.with_logical_constraint(d_table, ("vocab", "embed"))), d_h
+        totals = totals + jnp.stack([jnp.sum(nll * w), jnp.sum(lse[:, 0] ** 2 * w)])
+        return (totals, nn.with_logical_constraint(d_table, ("vocab", "embed"))), d_h
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
-    (total, d_table), d_h = jax.lax.scan(body, init, _chunks(chunk, hidden, targets, weights))
+    init = (jnp.zeros(2, jnp.float32), jnp.zeros(table.shape, jnp.float32))
+    ((nll, lse_sq), d_table), d_h = jax.lax.scan(body, init, _chunks(chunk, hidden, targets, weights))
     d_h = d_h.swapaxes(0, 1).reshape(hidden.shape)  # back to row order (see _chunks)
-    return total, (d_h.astype(hidden.dtype), d_table.astype(table.dtype))
+    return (nll + z_loss * lse_sq, z_loss * lse_sq), (d_h.astype(hidden.dtype), d_table.astype(table.dtype))
 
 
-def _ce_bwd(dtype, chunk, res, g):
+def _ce_bwd(dtype, chunk, z_loss, res, g):
     d_h, d_table = res
+    g = g[0]  # the z-loss term's own output is not differentiated (cross_entropy_sum stops its gradient)
     return g * d_h, g * d_table, None, None  # targets and weights are data, not differentiated
 
 
@@ -212,8 +221,9 @@ _ce.defvjp(_ce_fwd, _ce_bwd)
 # --- the tiles schedule (CPU) ---
 
 
-def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
-    """(loss sum, d hidden, d table) by vocab tiles, `rows` rows per pass (see the module docstring)."""
+def _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights):
+    """(nll sum, sum of lse^2, d hidden, d table) by vocab tiles, `rows` rows per pass (see the module
+    docstring); the gradients are those of nll + z_loss * lse^2."""
     store = jnp.dtype(dtype) == jnp.float32  # see STORED_BYTES
     vocab, d = table.shape
     tiles = math.ceil(vocab / tile)
@@ -230,7 +240,7 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
             return logits
         return jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + offset < vocab, logits, -jnp.inf)
 
-    def one_pass(h, t, w):  # h [R, D] (dtype), t [R], w [R] -> loss, d h [R, D], d table^T by tile [T, D, tile]
+    def one_pass(h, t, w):  # h [R, D] (dtype), t [R], w [R] -> sums [2], d h [R, D], d table^T by tile [T, D, tile]
         def lse_of_tile(carry, xs):  # a running max and sum of exp over the tiles
             high, total = carry
             logits = tile_logits(h, *xs)
@@ -243,6 +253,7 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
         start = (jnp.full(t.shape, -jnp.inf, jnp.float32), jnp.zeros(t.shape, jnp.float32))
         (high, total), stored = jax.lax.scan(lse_of_tile, start, (blocks, offsets))
         lse = high + jnp.log(total)
+        scale = w * (1 + 2 * z_loss * lse)  # d(lse + z lse^2) / d logits = softmax x (1 + 2 z lse)
         target_logit = jnp.sum(h.astype(jnp.float32) * padded[t].astype(jnp.float32), axis=1)
         h_t = transposed(h)  # [D, R]: d table^T = h^T @ d logits is then a plain [D, R] x [R, tile] matmul
 
@@ -250,9 +261,9 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
             block, offset, *kept = xs
             if store:  # softmax = the tile's exps x exp(tile max - lse)
                 exps, tile_high = kept
-                p = from_bits(exps).astype(jnp.float32) * (jnp.exp(tile_high - lse) * w)[:, None]
+                p = from_bits(exps).astype(jnp.float32) * (jnp.exp(tile_high - lse) * scale)[:, None]
             else:
-                p = jnp.exp(tile_logits(h, block, offset) - lse[:, None]) * w[:, None]
+                p = jnp.exp(tile_logits(h, block, offset) - lse[:, None]) * scale[:, None]
             hit = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1) + offset == t[:, None]
             d_logits = jnp.where(hit, p - w[:, None], p).astype(dtype)
             d_h = d_h + jnp.dot(d_logits, from_bits(block), preferred_element_type=jnp.float32)
@@ -260,38 +271,40 @@ def _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights):
 
         xs = (blocks, offsets, *(stored if store else ()))
         d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), xs)
-        return jnp.sum((lse - target_logit) * w), d_h, d_table_t
+        return jnp.stack([jnp.sum((lse - target_logit) * w), jnp.sum(lse**2 * w)]), d_h, d_table_t
 
     h = hidden.astype(dtype)
     if rows == h.shape[0]:
-        loss, d_h, d_table_t = one_pass(h, targets, weights)
+        sums, d_h, d_table_t = one_pass(h, targets, weights)
     else:
 
         def row_chunk(d_table_t, xs):
-            loss, d_h, d_t = one_pass(*xs)
-            return d_table_t + d_t, (loss, d_h)
+            sums, d_h, d_t = one_pass(*xs)
+            return d_table_t + d_t, (sums, d_h)
 
         zeros = jnp.zeros((tiles, d, tile), jnp.float32)
-        d_table_t, (losses, d_h) = jax.lax.scan(row_chunk, zeros, _chunks(rows, h, targets, weights))
-        loss, d_h = jnp.sum(losses), d_h.swapaxes(0, 1).reshape(h.shape)  # back to row order (see _chunks)
+        d_table_t, (sums, d_h) = jax.lax.scan(row_chunk, zeros, _chunks(rows, h, targets, weights))
+        sums, d_h = jnp.sum(sums, axis=0), d_h.swapaxes(0, 1).reshape(h.shape)  # row order again (see _chunks)
     d_table = d_table_t.transpose(0, 2, 1).reshape(tiles * tile, d)
     if tiles * tile > vocab:
         d_table = d_table[:vocab]
-    return loss, d_h.astype(hidden.dtype), d_table.astype(table.dtype)
+    (nll, lse_sq) = sums
+    return (nll + z_loss * lse_sq, z_loss * lse_sq), d_h.astype(hidden.dtype), d_table.astype(table.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ce_tiles(dtype, rows, tile, hidden, table, targets, weights):
-    return _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ce_tiles(dtype, rows, tile, z_loss, hidden, table, targets, weights):
+    return _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights)[0]
 
 
-def _ce_tiles_fwd(dtype, rows, tile, hidden, table, targets, weights):
-    loss, d_h, d_table = _ce_tiles_sums(dtype, rows, tile, hidden, table, targets, weights)
-    return loss, (d_h, d_table)
+def _ce_tiles_fwd(dtype, rows, tile, z_loss, hidden, table, targets, weights):
+    out, d_h, d_table = _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights)
+    return out, (d_h, d_table)
 
 
-def _ce_tiles_bwd(dtype, rows, tile, res, g):
+def _ce_tiles_bwd(dtype, rows, tile, z_loss, res, g):
     d_h, d_table = res
+    g = g[0]  # the z-loss term's own output is not differentiated (cross_entropy_sum stops its gradient)
     return g * d_h, g * d_table, None, None
 
 

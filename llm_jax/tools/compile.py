@@ -27,7 +27,7 @@ from llm_jax.errors import UserError
 from llm_jax.inference.generate import serving_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.device import compute_dtype
-from llm_jax.model.transformer import CACHE_AXES
+from llm_jax.model.transformer import CACHE_AXES, cache_shapes
 from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology
 from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
 from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, memory_of
@@ -154,18 +154,15 @@ def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch
         tokens = jax.ShapeDtypeStruct((b, m.seq_len), jnp.int32, sharding=layout.sharding(("batch", None)))
         out.append(_compile("prefill", topology, layout, jax.jit(prefill), params, tokens, lengths, seeds, settings))
     if "decode" in steps:
-        shape = (m.n_layers, b, m.seq_len, m.n_kv_heads, m.head_dim)
-        kv = jax.ShapeDtypeStruct(
-            shape, compute_dtype(m.dtype, topology.chip.platform), sharding=layout.sharding(CACHE_AXES)
-        )
+        dtype = compute_dtype(m.dtype, topology.chip.platform)
+        cache = {
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(CACHE_AXES[name]))
+            for name, shape in cache_shapes(m, b).items()
+        }
         token = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
         jitted = jax.jit(decode, donate_argnums=1)
-        out.append(
-            _compile(
-                "decode", topology, layout, jitted, params, {"k": kv, "v": kv}, token, lengths, seeds, step, settings
-            )
-        )
+        out.append(_compile("decode", topology, layout, jitted, params, cache, token, lengths, seeds, step, settings))
     return out
 
 

@@ -4,7 +4,9 @@ of both (target tokens for the language-model loss, preference pairs for DPO). W
 which is llm_jax/train/objectives.py's registry.
 
 - pretrain / sft: sum of weights * -log p(target); pretraining weighs every target 1, SFT only the
-  assistant tokens (the batch's `weights`), and packed SFT rows carry `segments`.
+  assistant tokens (the batch's `weights`), and packed SFT rows carry `segments`. With optim.z_loss,
+  training adds z_loss * log(Z)^2 per target (PaLM's z-loss; the train loss then includes it, and
+  `z_loss` is logged on its own); evaluation never does.
 - dpo: with sequence log-probs summed over response tokens, pi and ref for the chosen (c) and
   rejected (r) response, margin m = (pi_c - ref_c) - (pi_r - ref_r):
       sigmoid: -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)   (eps: label smoothing)
@@ -33,13 +35,13 @@ def _hidden(model: Transformer, params, batch: dict, rng) -> jax.Array:
     return hidden
 
 
-def lm_sums(model: Transformer, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
+def lm_sums(model: Transformer, params, batch: dict, rng=None, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+    """(nll sum + the z-loss term, {"z_loss": that term} when z_loss > 0)."""
     tokens = batch["tokens"]
     weights = batch.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    nll = model.apply(
-        {"params": params}, _hidden(model, params, batch, rng), tokens[:, 1:], weights, method=Transformer.nll_sum
-    )
-    return nll, {}
+    hidden = _hidden(model, params, batch, rng)
+    loss, z_part = model.apply({"params": params}, hidden, tokens[:, 1:], weights, z_loss, method=Transformer.nll_sum)
+    return loss, ({"z_loss": z_part} if z_loss else {})
 
 
 def lm_count(batch: dict) -> jax.Array:

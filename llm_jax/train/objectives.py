@@ -93,7 +93,7 @@ class _LanguageModel(Objective):
 
     def train_sums(self, cfg, train_model, eval_model):
         def sums(params, batch, rng=None, ref_params=None):
-            return losses.lm_sums(train_model, params, batch, rng)
+            return losses.lm_sums(train_model, params, batch, rng, cfg.optim.z_loss)
 
         return sums, losses.lm_count
 

@@ -262,3 +262,14 @@ def test_clean_removes_control_characters_and_normalizes_line_ends():
 def test_clean_collapses_whitespace():
     text = "  one   two \t three\xa0\xa0four  \n \n\n\n\t five\tsix   \n\n"
     assert clean(text, cfg()) == ("one two three four\n\nfive\tsix", 0.0)
+
+
+def test_clean_keeps_the_layout_when_asked():
+    """curate.whitespace=keep: indentation (code, verse) and blank lines stay; line ends and control
+    characters are still normalized."""
+    text = "def f(x):\n    return x   # four spaces\r\n\n\n\n        indented\x07 verse  \n"
+    assert (
+        clean(text, cfg("whitespace=keep"))[0]
+        == "def f(x):\n    return x   # four spaces\n\n\n\n        indented verse  \n"
+    )
+    assert clean(text, cfg())[0] == "def f(x):\nreturn x # four spaces\n\nindented verse"

@@ -72,6 +72,55 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert float(sched(110)) == pytest.approx(1e-4)
 
 
+def test_wsd_schedule_holds_then_decays_over_the_last_fraction():
+    cfg = tiny_config("x", "optim.schedule=wsd", "optim.lr=1e-3", "optim.warmup_steps=10")
+    cfg = cfg.__class__(**{**cfg.__dict__, "optim": cfg.optim.__class__(**{**cfg.optim.__dict__, "min_lr_ratio": 0.0})})
+    sched = lr_schedule(cfg.optim, 100)  # decay_fraction 0.2: lr held from step 10 to 80, then down to 0
+    assert float(sched(5)) == pytest.approx(5e-4) and float(sched(10)) == pytest.approx(1e-3)
+    assert float(sched(79)) == pytest.approx(1e-3) and float(sched(80)) == pytest.approx(1e-3)
+    assert float(sched(90)) == pytest.approx(5e-4) and float(sched(100)) == pytest.approx(0, abs=1e-9)
+
+
+def test_muon_orthogonalises_the_layer_matrices_and_adamw_the_rest():
+    """Muon's update of each layer's matrix (per layer, as its [in, out] matmul) has all its singular
+    values equal (orthogonalised momentum), AdamW's does not; the embedding and norms get AdamW's."""
+    cfg = tiny_config("x", "optim.name=muon", "optim.weight_decay=0", "optim.warmup_steps=0", "optim.grad_clip=0")
+    params = jax.device_get(
+        make_steps(cfg, sharding.single_device_layout(), make_optimizer(cfg.optim, 10))
+        .init(jax.random.PRNGKey(0))
+        .params
+    )
+    grads = jax.tree_util.tree_map(lambda x: np.random.default_rng(x.size).normal(size=x.shape), params)
+    updates = {}
+    for name in ("muon", "adamw"):
+        o = cfg.optim.__class__(**{**cfg.optim.__dict__, "name": name})
+        tx = make_optimizer(o, 10)
+        updates[name], _ = tx.update(grads, tx.init(params), params)
+    for name in ("wq", "w_down"):  # layer 0, as the [in, out] matrix of its matmul
+        muon, adamw = (np.asarray(updates[k]["layers"][name][0]) for k in ("muon", "adamw"))
+        cond = [
+            (lambda sv: sv.max() / sv.min())(np.linalg.svd(u.reshape(u.shape[0], -1), compute_uv=False))
+            for u in (muon, adamw)
+        ]
+        assert cond[0] < 2.5 and cond[1] > 2 * cond[0]  # Newton-Schulz's 5 steps land singular values in ~[0.7, 1.2]
+    for leaf in ("embedding", "final_norm"):  # not matrices of a layer: AdamW's update, the same
+        np.testing.assert_allclose(updates["muon"][leaf], updates["adamw"][leaf], rtol=1e-5)
+
+
+def test_z_loss_is_trained_and_logged_on_its_own():
+    cfg = tiny_config("x", "optim.z_loss=1e-2")
+    layout = sharding.single_device_layout()
+    tokens = _batch(cfg, seed=0)
+    runs = {}
+    for z in (0.0, 1e-2):
+        c = cfg.__class__(**{**cfg.__dict__, "optim": cfg.optim.__class__(**{**cfg.optim.__dict__, "z_loss": z})})
+        steps = make_steps(c, layout, make_optimizer(c.optim, c.train.steps))
+        _, runs[z] = steps.train(steps.init(jax.random.PRNGKey(0)), layout.put_batch({"tokens": tokens}))
+    assert "z_loss" not in runs[0.0] and float(runs[1e-2]["z_loss"]) > 0
+    # the train loss includes the term: the same first step, plus z x mean log(Z)^2
+    assert float(runs[1e-2]["loss"]) == pytest.approx(float(runs[0.0]["loss"]) + float(runs[1e-2]["z_loss"]), rel=1e-5)
+
+
 def test_weight_decay_skips_norm_scales():
     params = {"embedding": 0, "final_norm": 0, "layers": {"attn_norm": 0, "mlp_norm": 0, "wq": 0, "w_down": 0}}
     assert decay_mask(params) == {

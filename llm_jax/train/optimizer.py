@@ -3,6 +3,8 @@ cosine or warmup-stable-decay; global-norm clipping."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,23 +52,39 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
 
 
 def _muon(o: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """optax's Muon on the layers' matrices, each [layers, *in, *out] orthogonalised per layer as the
-    [in, out] matrix its matmul uses (model/dense.py IN_DIMS); consistent_rms=0.2 scales the update
-    to AdamW's RMS, so optim.lr and weight_decay mean what they mean for AdamW (Liu et al. 2025)."""
+    """optax's Muon direction (Nesterov momentum orthogonalised by Newton-Schulz) for the layers'
+    matrices, each [layers, *in, *out] orthogonalised per layer as the [in, out] matrix its matmul uses
+    (model/dense.py IN_DIMS), scaled to an RMS of 0.2 x sqrt(max(fan in, fan out)) (Liu et al. 2025:
+    the RMS of AdamW's updates, so optim.lr and weight_decay mean what they mean for AdamW)."""
 
-    def dims(params):  # None: not a Muon parameter (the partition gives Muon the layers' matrices only)
+    def dims(updates):  # the partition masks all but the layers' matrices (optax MaskedNode: passed through)
         def spec(name, w):
-            if name not in IN_DIMS:
-                return None
+            in_dims = IN_DIMS[name]
             return optax.contrib.MuonDimensionNumbers(
-                tuple(range(1, 1 + IN_DIMS[name])), tuple(range(1 + IN_DIMS[name], w.ndim))
+                tuple(range(1, 1 + in_dims)), tuple(range(1 + in_dims, getattr(w, "value", w).ndim))
             )
 
-        return {k: {n: spec(n, w) for n, w in v.items()} if k == "layers" else None for k, v in params.items()}
+        return _on_matrices(spec, updates)
 
-    return optax.contrib.muon(
-        schedule, weight_decay=o.weight_decay, muon_weight_dimension_numbers=dims, consistent_rms=0.2
+    def rms_like_adamw(updates, state, params=None):
+        def scale(name, u):
+            fan_in = math.prod(u.shape[1 : 1 + IN_DIMS[name]])
+            return u * (0.2 * math.sqrt(max(fan_in, u[0].size // fan_in)))
+
+        return _on_matrices(scale, updates), state
+
+    return optax.chain(
+        optax.contrib.scale_by_muon(weight_dimension_numbers=dims),
+        optax.GradientTransformation(lambda params: optax.EmptyState(), rms_like_adamw),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_learning_rate(schedule),
     )
+
+
+def _on_matrices(fn, tree):
+    """fn(name, leaf) on the layers' matrices; the rest of the tree (masked out) as it is."""
+    layers = {name: fn(name, w) if name in IN_DIMS else w for name, w in tree["layers"].items()}
+    return {key: layers if key == "layers" else value for key, value in tree.items()}
 
 
 def _muon_labels(params):

@@ -24,20 +24,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BASE = "shakespeare"
-CANDIDATES = {  # name: overrides of the demo's preset
+CANDIDATES = {  # name: overrides of the demo's preset (wsd, vocab 16384, batch 16, z-loss 1e-4)
     "demo": [],
     "float32": ["model.dtype=float32"],
-    "vocab 4096": ["model.vocab_size=4096"],
-    "vocab 16384": ["model.vocab_size=16384"],
+    "vocab 8192": ["model.vocab_size=8192"],
+    "vocab 32768": ["model.vocab_size=32768"],
     "seq 256": ["model.seq_len=256"],
-    "batch 4": ["train.batch_size=4"],
-    "batch 16": ["train.batch_size=16"],
+    "batch 8": ["train.batch_size=8"],
+    "batch 32": ["train.batch_size=32"],
     "lr 1e-3": ["optim.lr=1e-3"],
-    "lr 4e-3": ["optim.lr=4e-3"],
-    "wsd schedule": ["optim.schedule=wsd"],
+    "lr 3e-3": ["optim.lr=3e-3"],
+    "cosine schedule": ["optim.schedule=cosine"],
     "muon": ["optim.name=muon"],
-    "muon lr 4e-3": ["optim.name=muon", "optim.lr=4e-3"],
-    "z-loss 1e-4": ["optim.z_loss=1e-4"],
+    "no z-loss": ["optim.z_loss=0"],
 }
 
 

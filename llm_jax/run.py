@@ -54,6 +54,8 @@ DATA_KEYS = (
     "train.init_from",
 )
 CHECKPOINT_KEYS = DATA_KEYS + ("model.", "train.batch_size", "optim.name")  # optim.name: the optimizer state
+# How a step computes, not what it saves: a run resumes with any of these (parameters stay float32).
+UNPINNED = ("model.dtype", "model.remat", "model.attention")
 
 # Reading a step's state alone (restore_params) makes orbax warn that the step-level metadata file is
 # absent; the parameters are complete without it.
@@ -200,7 +202,7 @@ def check_resumable(cfg: Config, run_dir: str | Path, pinned: tuple[str, ...] = 
     changed = [
         f"{k}: {saved.get(k)!r} -> {current[k]!r}"
         for k in current
-        if k.startswith(keys) and k in saved and saved[k] != current[k]
+        if k.startswith(keys) and k not in UNPINNED and k in saved and saved[k] != current[k]
     ]
     if changed:
         raise UserError(

@@ -88,6 +88,19 @@ def test_a_bf16_model_gives_float32_gradients_within_bf16_precision():
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05, jax.tree_util.keystr(path)
 
 
+def test_serving_casts_the_weight_matrices_once_and_keeps_the_norm_scales_float32():
+    from llm_jax.inference.generate import inference_params
+
+    cfg = tiny_config("x", "model.dtype=bfloat16").model
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    dtypes = {
+        jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(inference_params(cfg, params))
+    }
+    norms = {k: d for k, d in dtypes.items() if "norm" in k}
+    assert len(norms) == 3 and set(norms.values()) == {jnp.dtype(jnp.float32)}
+    assert {d for k, d in dtypes.items() if k not in norms} == {jnp.dtype(jnp.bfloat16)}
+
+
 @pytest.mark.parametrize(
     "platform, flags, want",
     [

@@ -273,3 +273,12 @@ def test_clean_keeps_the_layout_when_asked():
         == "def f(x):\n    return x   # four spaces\n\n\n\n        indented verse  \n"
     )
     assert clean(text, cfg())[0] == "def f(x):\nreturn x # four spaces\n\nindented verse"
+
+
+def test_a_document_of_whitespace_is_empty_whatever_the_layout_setting():
+    from llm_jax.data import curate
+
+    for whitespace in ("keep", "collapse"):
+        curate._init(cfg(f"whitespace={whitespace}", "rules=[]"), 0)
+        (_, rule_hit, *_), (_, kept_rule, *_) = curate._work(["  \n\t \n", "two words"])
+        assert (rule_hit, kept_rule) == ("empty", None)

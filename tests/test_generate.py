@@ -126,8 +126,8 @@ def _batched(gen, rows):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_batched_rows_produce_exactly_what_each_prompt_produces_alone(dtype):
-    """bfloat16: the weights cast once for inference, the KV cache in bfloat16; decode steps come in
-    chunks of DECODE_CHUNK (8), so the 20-token row spans three chunks and the others end mid-chunk."""
+    """bfloat16: the weights cast once for inference (the KV cache stays float32 on CPU); decode steps
+    come in chunks of up to DECODE_CHUNK (16), so the 20-token row spans two and the others end mid-chunk."""
     cfg, params = _sharp_model()
     gen = Generator(dataclasses.replace(cfg, dtype=dtype), params)
     alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in ROWS]

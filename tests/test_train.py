@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 from llm_jax.errors import UserError
 from llm_jax.parallel import sharding
-from llm_jax.run import load_run
+from llm_jax.run import check_resumable, load_run
 from llm_jax.train.loop import train
 from llm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
 from llm_jax.train.step import make_steps
@@ -79,6 +79,8 @@ def test_wsd_schedule_holds_then_decays_over_the_last_fraction():
     assert float(sched(5)) == pytest.approx(5e-4) and float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(79)) == pytest.approx(1e-3) and float(sched(80)) == pytest.approx(1e-3)
     assert float(sched(90)) == pytest.approx(5e-4) and float(sched(100)) == pytest.approx(0, abs=1e-9)
+    short = lr_schedule(cfg.optim, 12)  # warmup 10 leaves 2 steps: the decay takes them and still ends at 0
+    assert float(short(10)) == pytest.approx(1e-3) and float(short(12)) == pytest.approx(0, abs=1e-9)
 
 
 def test_muon_orthogonalises_the_layer_matrices_and_adamw_the_rest():
@@ -179,6 +181,9 @@ def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
     train(tiny_config(prepared_run, "train.steps=2", sources=corpus_slice), log=lambda *_: None)
     with pytest.raises(UserError, match=r"(?s)different config:\n  model.d_model: 64 -> 96\n.*run_dir=<new dir>"):
         train(tiny_config(prepared_run, "train.steps=4", "model.d_model=96", sources=corpus_slice))
+    # How the step computes is not what it saved: a run resumes in another dtype, remat or kernel.
+    unpinned = ("model.dtype=bfloat16", "model.remat=full", "model.attention=xla")
+    check_resumable(tiny_config(prepared_run, *unpinned, sources=corpus_slice), prepared_run)
     with pytest.raises(
         UserError,
         match=r"does not match the model config:\n  layers/w_down: checkpoint \(2, 128, 64\) vs config \(2, 96, 64\)",

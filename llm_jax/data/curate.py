@@ -206,7 +206,7 @@ def _work(texts: list[str]) -> list[tuple]:
     for raw in texts:
         n_bytes = len(raw.encode("utf-8", "surrogatepass"))
         text, markup = filters.clean(raw, cfg)
-        rule = "empty" if not text else filters.failing_rule(text, markup, cfg)
+        rule = "empty" if not text.strip() else filters.failing_rule(text, markup, cfg)
         if rule is not None:
             out.append((text, rule, None, None, n_bytes))
             continue

@@ -20,7 +20,8 @@ from llm_jax.model.transformer import Transformer, init_cache, unstack_layers
 from llm_jax.parallel.sharding import Layout, abstract_params
 
 # New tokens per decode call, at most: one dispatch and one host read per chunk (the demo model at batch
-# 16 in bfloat16, 2 cores: 3.9 ms a token one at a time, 2.9 in chunks of 8, 2.6 in chunks of 16). A
+# 16 in bfloat16, 2 cores, before the transposed value cache: 3.9 ms a token one at a time, 2.9 in chunks
+# of 8, 2.6 in chunks of 16). A
 # chunk is the next power of two of the steps left, up to DECODE_CHUNK, so at most 5 sizes compile and a
 # chunk computes at most half of itself that no row reads.
 DECODE_CHUNK = 16
@@ -137,17 +138,23 @@ def decode_steps(decode, n: int):
     return run
 
 
-def inference_params(cfg: ModelConfig, params):
-    """The weight matrices cast to the compute dtype once (norm scales and quantization scales stay
-    float32): a decode step then reads half the bytes and converts nothing (bfloat16 on 2 Xeon cores,
-    the demo model: see benchmarks/decode.py)."""
-    dtype = compute_dtype(cfg.dtype)
+def inference_params(cfg: ModelConfig, params, platform: str | None = None):
+    """The weight matrices, embedding / LM head included, cast to the compute dtype once (norm scales
+    and quantization scales stay float32): a decode step then reads half the bytes and converts
+    nothing (bfloat16 on 2 Xeon cores, the demo model: see benchmarks/decode.py). Abstract parameters
+    (jax.ShapeDtypeStruct, for `platform`) come back abstract, with their shardings."""
+    dtype = compute_dtype(cfg.dtype, platform)
     if dtype == jnp.float32:
         return params
 
     def cast(path, x):
-        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in jax.tree_util.keystr(path)
-        return x.astype(dtype) if matrix else x
+        name = jax.tree_util.keystr(path)  # stacked norm scales are [n_layers, d]: 2-D, not matrices
+        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in name and "norm" not in name
+        if not matrix:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)
 

@@ -5,7 +5,7 @@ The quantized formats (model.quant) are written by `quantize` and read by `dense
 - int4: a scale per layer, group of INT4_GROUP inputs and output channel, max |w| over the group / 7
   (symmetric, [-7, 7]; stored as jnp.int4, half a byte each).
 Each scale is set so its largest weight lands on the largest integer. Norms and the embedding /
-LM head stay float32.
+LM head are not quantized.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -54,6 +56,7 @@ def saved(x: jax.Array, name: str) -> jax.Array:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones that decide matmul speed here
 
 
+@functools.cache
 def cpu_info() -> dict:
     """{"model", "cores", "flags"} of this machine's CPU (Linux /proc/cpuinfo; elsewhere what platform
     knows), flags limited to CPU_FLAGS."""

@@ -7,7 +7,8 @@ Parameters are float32; matmuls take `cfg.dtype` inputs and accumulate in float3
 (`preferred_element_type`), the fast path on bf16 hardware and exact on f32. Every parameter and
 key activation names its axes (embed, heads, kv_heads, head_dim, mlp, vocab, batch, length,
 layers); llm_jax/parallel/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
-compile time does not grow with depth. A KV cache is an explicit pytree in and out of `__call__`.
+compile time does not grow with depth (a serving model on CPU unrolls them: `serving`). A KV cache is an
+explicit pytree in and out of `__call__`.
 """
 
 from __future__ import annotations

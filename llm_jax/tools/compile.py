@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from llm_jax.config import Config, load_config
 from llm_jax.config.rules import MESH_AXES
 from llm_jax.errors import UserError
-from llm_jax.inference.generate import serving_steps
+from llm_jax.inference.generate import inference_params, serving_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.device import compute_dtype
 from llm_jax.model.transformer import CACHE_AXES, cache_shapes
@@ -143,7 +143,7 @@ def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch
     m = cfg.model
     shards = layout.axis_size("batch")
     b = -(-serve_batch // shards) * shards
-    params = abstract_params(m, layout)
+    params = inference_params(m, abstract_params(m, layout), topology.chip.platform)  # as a server holds them
     rows = layout.sharding(("batch",))
     settings = tuple(jax.ShapeDtypeStruct((b,), d, sharding=rows) for d in (jnp.float32, jnp.int32, jnp.float32))
     lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)

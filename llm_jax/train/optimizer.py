@@ -22,7 +22,7 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
             init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
             decay_steps=max(total_steps, o.warmup_steps + 1), end_value=end,
         )  # fmt: skip
-    decay = max(1, round(o.decay_fraction * total_steps))
+    decay = min(max(1, round(o.decay_fraction * total_steps)), max(1, total_steps - o.warmup_steps))
     stable = max(0, total_steps - decay - o.warmup_steps)
     return optax.join_schedules(
         [

@@ -21,9 +21,8 @@ from llm_jax.parallel.sharding import Layout, abstract_params
 
 # New tokens per decode call, at most: one dispatch and one host read per chunk (the demo model at batch
 # 16 in bfloat16, 2 cores, before the transposed value cache: 3.9 ms a token one at a time, 2.9 in chunks
-# of 8, 2.6 in chunks of 16). A
-# chunk is the next power of two of the steps left, up to DECODE_CHUNK, so at most 5 sizes compile and a
-# chunk computes at most half of itself that no row reads.
+# of 8, 2.6 in chunks of 16). A chunk is the next power of two of the steps left, up to DECODE_CHUNK, so
+# at most 5 sizes compile and a chunk computes at most half of itself that no row reads.
 DECODE_CHUNK = 16
 
 

@@ -46,8 +46,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (capped by the context)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--kv-blocks", type=int, default=0, help="KV-cache blocks in the pool (0: max-batch full contexts)")
+    p.add_argument("--kv-block-size", type=int, default=16, help="positions per KV-cache block")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per request per step")
+    p.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="static: a new batch only once every row has ended (for comparison)",
+    )
     p.add_argument(
         "--mesh",
         default="1,1,1",
@@ -269,21 +278,21 @@ def _quantize(args) -> None:
 
 
 def _serve(args) -> None:
-    if min(args.max_tokens, args.max_batch, args.max_queue) < 1 or not 0 <= args.port < 65536:
-        raise UserError("need --max-tokens, --max-batch, --max-queue >= 1 and 0 <= --port < 65536")
+    if min(args.max_tokens, args.max_batch, args.max_queue, args.kv_block_size) < 1 or not 0 <= args.port < 65536:
+        raise UserError("need --max-tokens, --max-batch, --max-queue, --kv-block-size >= 1 and 0 <= --port < 65536")
+    if args.kv_blocks < 0 or args.prefill_chunk < 16:
+        raise UserError("need --kv-blocks >= 0 (0: automatic) and --prefill-chunk >= 16")
     from llm_jax.inference.server import serve
 
-    serve(
-        args.run,
-        args.host,
-        args.port,
-        args.model_name,
-        args.max_tokens,
-        args.max_batch,
-        args.max_queue,
-        args.api_key,
-        args.mesh,
-    )
+    engine = {
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "kv_blocks": args.kv_blocks,
+        "block": args.kv_block_size,
+        "chunk": args.prefill_chunk,
+        "static": args.batching == "static",
+    }
+    serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.api_key, args.mesh, engine)
 
 
 def _export_hf(args) -> None:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from llm_jax.config import load_config
-from llm_jax.model.transformer import Transformer, apply_rope, init_cache, rope_tables
+from llm_jax.model.kv_cache import init_cache
+from llm_jax.model.transformer import Transformer, apply_rope, rope_tables
 
 
 def _init(model):

@@ -11,12 +11,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 from conftest import tiny_config
 
 from llm_jax.data.chat_template import prompt_ids
 from llm_jax.inference.generate import Generator, stream_text
+from llm_jax.model.transformer import Transformer
 from llm_jax.run import load_run
 from llm_jax.train.loop import train
 
@@ -64,6 +68,12 @@ def _post(port, path, body, raw=False, headers=None):
     )
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read())
+
+
+def _get_text(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    return conn.getresponse().read().decode()
 
 
 def _get(port, path):
@@ -124,7 +134,23 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "at most 63 new tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 80, "max_tokens": 8}, 400, "maximum context length is 64"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "'temperature' must be a number"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "'n' must be an integer in [1, 1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, 400, "'n' must be an integer in [1, 16]"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 4, "n": 5}, 400, "'n' must be an integer in [1, 4]"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, -2]}, 400, "a list of token ids (each in [0, vocab"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "'logprobs' must be an integer in"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "max_tokens": 0},
+        400,
+        "'max_tokens' must be an integer in [1,",
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": "yes"}, 400, "'echo' must be true or false"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "needs 'logprobs': true",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "'stop' must be"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "'messages' must be a non-empty list"),
     (
@@ -152,6 +178,70 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert error.value.code == "context_length_exceeded"
     assert _get(port, "/health") == (200, _get(port, "/health")[1]) and _get(port, "/health")[1]["status"] == "ok"
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_after_every_kind_of_4xx_the_same_keep_alive_connection_serves_the_next_request(server):
+    _, port = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    ok = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2})
+    bad = [
+        ("POST", "/v1/embeddings", ok, 404),
+        ("GET", "/v1/completions", None, 404),
+        ("POST", "/v1/completions", '{"model": ', 400),
+        ("POST", "/v1/completions", json.dumps({"model": "gpt-9", "prompt": "x"}), 404),
+        ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * 10}) + " " * (1 << 20), 413),
+        ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x " * 80, "max_tokens": 8}), 400),
+    ]
+    conn.connect()
+    sock = conn.sock
+    for method, path, body, status in bad:
+        conn.request(method, path, body, {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == status and "error" in json.loads(reply.read()), (path, body and body[:40])
+        conn.request("POST", "/v1/completions", ok, {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["usage"]["completion_tokens"] <= 2
+        assert conn.sock is sock  # the same connection throughout (http.client would reconnect silently)
+    text = _get_text(port, "/metrics")
+    assert "llm_jax_kv_blocks_total 64" in text and 'llm_jax_time_to_first_token_seconds{quantile="0.5"}' in text
+    assert _get(port, "/openapi.json")[1]["paths"]["/v1/completions"]["post"]
+
+
+def test_logprobs_echo_and_n_through_the_openai_client_equal_the_model(run, server):
+    """Completions with echo and logprobs (what lm-evaluation-harness's local-completions sends) give the
+    prompt's log-probs as the model computes them; n choices with a seed are seed, seed + 1, ..."""
+    _, port = server
+    client = _client(port)
+    loaded = load_run(str(run))
+    tok, model = loaded.tokenizer, Transformer(loaded.cfg.model)
+    text = "Romeo and Juliet.\n"
+    out = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    choice = out.choices[0]
+    ids = [tok.eos_id] + tok.encode(text)
+    hidden, _ = model.apply({"params": loaded.params}, jnp.asarray([ids]))
+    logps = jax.nn.log_softmax(model.apply({"params": loaded.params}, hidden, method=Transformer.logits)[0])
+    prompt = [float(logps[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    lp = choice.logprobs
+    assert choice.text.startswith(text) and len(lp.tokens) == len(ids) - 1 + 3
+    np.testing.assert_allclose(lp.token_logprobs[: len(prompt)], prompt, atol=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert "".join(lp.tokens[: len(prompt)]).strip() == text.strip()
+    scored = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
+    np.testing.assert_allclose(scored.choices[0].logprobs.token_logprobs, prompt, atol=1e-4)
+
+    many = client.completions.create(model=MODEL, prompt=["To be", "Romeo"], max_tokens=6, n=3, seed=5)
+    assert [c.index for c in many.choices] == list(range(6)) and many.usage.completion_tokens <= 36
+    for k, c in enumerate(many.choices):
+        alone = client.completions.create(model=MODEL, prompt=["To be", "Romeo"][k // 3], max_tokens=6, seed=5 + k % 3)
+        assert c.text == alone.choices[0].text
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Who?"}], max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
@@ -204,8 +294,7 @@ def test_200_requests_from_16_clients_are_all_answered_in_bounded_memory(server)
     rss = _rss_mib(proc.pid)
     assert load() == 200
     health = _get(port, "/health")[1]
-    assert health["requests"] - start == 400 and health["waiting"] == 0
-    assert health["batches"] < health["requests"]  # requests were batched together
+    assert health["requests"] - start == 400 and health["waiting"] == health["kv_blocks_used"] == 0
     assert _rss_mib(proc.pid) - rss < 64, (rss, _rss_mib(proc.pid))
 
 
@@ -224,8 +313,24 @@ def test_a_full_queue_answers_429_and_loses_nothing(run, tmp_path):
         busy = next(reply for status, reply in replies if status == 429)["error"]
         assert busy["type"] == "rate_limit_error" and "requests are already waiting" in busy["message"]
         assert _post(port, "/v1/completions", body, headers=auth)[0] == 200
+
+        # SIGTERM while a stream runs: the stream still ends whole, then the server exits
+        stream = json.dumps(body | {"stream": True})
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(stream)}\r\n\r\n{stream}".encode()
+            )
+            reply = sock.recv(4096)
+            assert b"200 OK" in reply
+            proc.terminate()
+            while b"data: [DONE]" not in reply and (part := sock.recv(4096)):
+                reply += part
+        events = [json.loads(line[6:]) for line in reply.decode().split("\r\n") if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and b"data: [DONE]" in reply
+        assert proc.wait(30) in (0, -15)
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(30)
 
 

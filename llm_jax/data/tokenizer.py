@@ -55,6 +55,21 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def token_text(self, token: int) -> str:
+        """One token as text, for log-prob listings: its piece with the word marker as a space; a byte
+        token as its character when ASCII, else as OpenAI writes lone bytes ("bytes:\\xe2")."""
+        piece = self.sp.id_to_piece(int(token))
+        if not self.sp.is_byte(int(token)):
+            return piece.replace("\u2581", " ")
+        byte = int(piece[3:5], 16)
+        return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
+
+    def token_utf8(self, token: int) -> list[int]:
+        """The bytes one token stands for (a byte token: its byte)."""
+        if self.sp.is_byte(int(token)):
+            return [int(self.sp.id_to_piece(int(token))[3:5], 16)]
+        return list(self.token_text(token).encode())
+
     def token_bytes(self, size: int | None = None) -> np.ndarray:
         """[size] int32 (default: the vocabulary): UTF-8 bytes each token stands for, for bits per byte;
         0 for control tokens and for ids past the vocabulary (a model's vocab_size may be larger)."""

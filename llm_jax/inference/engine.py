@@ -1,20 +1,30 @@
-"""Request batching for the server: a bounded queue and one thread that runs the model.
+"""The server's scheduler: continuous batching over a paged KV cache (llm_jax/inference/paged.py).
 
-Static batching: the thread takes every waiting request (up to max_batch), pads the batch to a power
-of two rows (so at most log2(max_batch) + 1 batch shapes compile per prompt bucket) and generates
-until each row has finished; requests that arrive meanwhile wait for the next batch, at most one
-batch's max_tokens steps. Memory is bounded by max_queue + max_batch requests of at most
-seq_len tokens each. Each request reads its tokens from its own queue, from any thread.
+One thread runs the model. Each round it admits waiting requests (first come, first served) while a
+decode slot and the KV blocks for prompt + max_tokens are free, prefills the next chunk of every
+admitted prompt (chunks of `--prefill-chunk` tokens, so a long prompt never stalls the running rows
+for more than a chunk), and decodes one step of every running row; a request joins the batch the round
+its prompt is prefilled and leaves the step it ends, freeing its slot and blocks. While nothing waits,
+a round decodes up to 16 steps in one dispatch (DECODE_STEPS; no row past its budget), over the fewest
+slots that hold every running row.
+
+Memory is bounded: at most `max_queue` requests wait, and the KV cache is the fixed pool of blocks;
+when blocks run out, new requests wait for running ones to end. `static=True` admits a new batch only
+when every row has ended (static batching, for comparison: benchmarks/serve.py).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
-from llm_jax.inference.generate import Generator
+from llm_jax.inference.paged import DECODE_STEPS, TOP_LOGPROBS, PagedModel, Scores
+
+PREFILL_ROWS = 8  # prompts prefilled together in one round, at most
 
 
 class QueueFull(Exception):
@@ -24,84 +34,221 @@ class QueueFull(Exception):
 @dataclasses.dataclass
 class Request:
     ids: list[int]  # the prompt, already fitted to the context (prompt + max_new <= seq_len)
-    max_new: int
+    max_new: int  # 0: only score the prompt (echo)
     temperature: float
     top_k: int
     top_p: float
     seed: int
+    logprobs: bool = False  # keep each new token's log-prob and top log-probs (`scores`)
+    prompt_logprobs: bool = False  # and each prompt token's after the first (`prompt_scores`)
     out: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # token ids, then None at the end
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     generated: int = 0
     finish_reason: str | None = None  # "length" (budget spent) or "stop" (a stop id, or the reader stopped)
     error: str | None = None
+    new_ids: list[int] = dataclasses.field(default_factory=list)  # the tokens put out so far
+    scores: list = dataclasses.field(default_factory=list)  # per new token: (log-prob, [(id, log-prob)] * 20)
+    prompt_scores: list = dataclasses.field(default_factory=list)  # per prompt token from the second on
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    # the scheduler's: KV blocks held, prompt tokens prefilled, decode slot, next sample index
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    prefilled: int = 0
+    slot: int | None = None
+    last: int = 0  # the newest token, which the next decode step reads
 
     def tokens(self) -> Iterator[int]:
         """The new token ids as they come (the end-of-text / end-of-turn id is not included); on a
-        failed generation they end early with `error` set."""
+        failed generation they end early with `error` set. scores[i] is set before token i comes."""
         while (tok := self.out.get()) is not None:
             yield tok
 
 
-class Engine:
-    def __init__(
-        self, generator: Generator, stop_ids: tuple[int, ...], max_batch: int = 16, max_queue: int = 64, pad_id: int = 0
-    ):
-        self.generator, self.stop_ids, self.max_batch, self.pad_id = generator, stop_ids, max_batch, pad_id
-        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self.batches = self.rows = 0  # counters for /health
-        threading.Thread(target=self._serve_forever, name="llm_jax-engine", daemon=True).start()
+def _entry(scores: Scores, *index) -> tuple[float, list[tuple[int, float]]]:
+    top = zip(scores.top_ids[index].tolist(), scores.top_logprobs[index].tolist())
+    return float(scores.logprob[index]), list(top)[:TOP_LOGPROBS]
 
+
+class Engine:
+    def __init__(self, model: PagedModel, stop_ids: tuple[int, ...], max_queue: int = 64, static: bool = False):
+        self.model, self.stop_ids, self.max_queue, self.static = model, stop_ids, max_queue, static
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: list[Request] = []
+        self.slots: list[Request | None] = [None] * model.rows
+        self.wake = threading.Condition()
+        self.stats = collections.Counter()  # requests, generated_tokens, prompt_tokens, failed
+        self.first_token_s: collections.deque[float] = collections.deque(maxlen=1000)
+        self.closed = False
+        self.thread = threading.Thread(target=self._serve_forever, name="llm_jax-engine", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Ends the engine thread once the requests it holds have finished (waiting ones are dropped)."""
+        with self.wake:
+            self.closed = True
+            for r in self.waiting:
+                r.error = "the server is shutting down"
+                r.finish_reason = "error"
+                r.out.put(None)
+            self.waiting.clear()
+            self.wake.notify()
+        self.thread.join()
+
+    # -- the request side (any thread) -----------------------------------------------------------
     def submit(self, request: Request) -> Request:
-        try:
-            self.waiting.put_nowait(request)
-        except queue.Full:
-            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting; retry later") from None
+        need = self.model.blocks_for(len(request.ids) + request.max_new)
+        if need > self.model.pool.total:
+            raise ValueError(
+                f"the request needs {need} KV blocks of {self.model.block} tokens; this server has "
+                f"{self.model.pool.total} (--kv-blocks)"
+            )
+        with self.wake:
+            if self.closed:
+                raise QueueFull("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+            self.waiting.append(request)
+            self.wake.notify()
         return request
 
+    def load(self) -> dict:
+        """Gauges for /health and /metrics."""
+        running = sum(r is not None and r.prefilled == len(r.ids) for r in self.slots)
+        return {
+            "waiting": len(self.waiting),
+            "prefilling": len(self.prefilling),
+            "running": running,
+            "kv_blocks_used": self.model.pool.total - self.model.pool.free,
+            "kv_blocks": self.model.pool.total,
+        }
+
+    # -- the engine thread -----------------------------------------------------------------------
     def _serve_forever(self) -> None:
         while True:
-            batch = [self.waiting.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.waiting.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
+            with self.wake:
+                while not (self.waiting or any(self.slots) or self.closed):
+                    self.wake.wait()
+                if self.closed and not any(self.slots):
+                    return
             try:
-                if batch:
-                    self._generate(batch)
-            except Exception as e:  # a bug or device error fails this batch's requests, not the server
-                for r in batch:
-                    if r.finish_reason is None:
-                        r.error, r.finish_reason = f"generation failed: {type(e).__name__}: {e}", "error"
-                        r.out.put(None)
+                self._round()
+            except Exception as e:  # a bug or device error fails the requests in flight, not the server
+                for r in [*self.prefilling, *filter(None, self.slots)]:
+                    self.stats["failed"] += 1
+                    r.error = f"generation failed: {type(e).__name__}: {e}"
+                    self._finish(r, "error")
 
-    def _generate(self, batch: list[Request]) -> None:
-        rows = 1 << (len(batch) - 1).bit_length()
-        pad = rows - len(batch)  # idle rows: a one-token prompt with no budget
-        columns = zip(
-            *[(r.ids, r.max_new, r.temperature, r.top_k, r.top_p, r.seed) for r in batch],
-            *[([self.pad_id], 0, 0.0, 0, 1.0, 0)] * pad,
-        )
-        self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-        steps = self.generator.stream_batch(*map(list, columns), stop_ids=self.stop_ids)
-        for step in steps:
-            for r, tok in zip(batch, step):
-                if r.finish_reason is not None:
+    def _round(self) -> None:
+        for r in [r for r in filter(None, self.slots) if r.cancelled.is_set()]:
+            self._finish(r, "stop")
+        self._admit()
+        if self.prefilling:
+            self._prefill()
+        if any(r is not None and r.prefilled == len(r.ids) for r in self.slots):
+            self._decode()
+
+    def _admit(self) -> None:
+        if self.static and any(self.slots):
+            return
+        pool = self.model.pool
+        with self.wake:
+            while self.waiting and None in self.slots:
+                r = self.waiting[0]
+                if r.cancelled.is_set():
+                    self.waiting.popleft()
                     continue
-                if tok is None or r.cancelled.is_set():
-                    self._finish(r)
-                else:
-                    r.generated += 1
-                    r.out.put(tok)
-            if all(r.finish_reason is not None for r in batch):
-                steps.close()
-                break
-        for r in batch:
-            if r.finish_reason is None:
-                self._finish(r)
+                blocks = pool.take(self.model.blocks_for(len(r.ids) + r.max_new))
+                if blocks is None:  # the oldest waits for blocks; nobody overtakes it
+                    return
+                self.waiting.popleft()
+                r.blocks, r.slot = blocks, self.slots.index(None)
+                self.slots[r.slot] = r
+                self.prefilling.append(r)
+                self.stats["requests"] += 1
 
-    @staticmethod
-    def _finish(r: Request) -> None:
-        r.finish_reason = "length" if r.generated >= r.max_new else "stop"
+    def _prefill(self) -> None:
+        group, chunk = self.prefilling[:PREFILL_ROWS], self.model.chunk
+        chunks = []
+        for r in group:
+            start = r.prefilled
+            ids = r.ids[start : start + chunk]
+            targets = r.ids[start + 1 : start + 1 + len(ids)]
+            chunks.append(
+                {
+                    "ids": ids,
+                    "start": start,
+                    "targets": targets + [0] * (len(ids) - len(targets)),
+                    "table": self.model.table(r.blocks),
+                    "seed": r.seed,
+                    "settings": (r.temperature, r.top_k, r.top_p),
+                }
+            )
+        score = any(r.logprobs or r.prompt_logprobs for r in group)
+        first, first_scores, chunk_scores = self.model.prefill(chunks, score)
+        for i, (r, c) in enumerate(zip(group, chunks)):
+            if r.prompt_logprobs:
+                scored = min(len(c["ids"]), len(r.ids) - 1 - c["start"])
+                r.prompt_scores += [_entry(chunk_scores, i, j) for j in range(scored)]
+            r.prefilled += len(c["ids"])
+            self.stats["prompt_tokens"] += len(c["ids"])
+            if r.prefilled < len(r.ids):
+                continue
+            self.prefilling.remove(r)
+            if r.max_new == 0:
+                self._finish(r, "length")
+            else:
+                self.first_token_s.append(time.perf_counter() - r.submitted)
+                self._emit(r, int(first[i]), first_scores and _entry(first_scores, i))
+
+    def _decode(self) -> None:
+        running = [r for r in self.slots if r is not None and r.prefilled == len(r.ids)]
+        left = min(r.max_new - r.generated for r in running)
+        if self.waiting and None in self.slots and not self.static:
+            left = 1  # someone can join next round
+        steps = max(s for s in DECODE_STEPS if s <= left)  # no row decodes past its budget
+        rows = self.model.decode_rows(1 + max(r.slot for r in running))
+        slots = {
+            "token": [0] * rows,
+            "position": [-1] * rows,
+            "table": [self.model.table([])] * rows,
+            "step": [0] * rows,
+            "seed": [0] * rows,
+            "settings": [[0.0] * rows, [0] * rows, [1.0] * rows],
+        }
+        for r in running:
+            s = r.slot
+            slots["token"][s] = r.last
+            slots["position"][s] = len(r.ids) + r.generated - 1
+            slots["table"][s] = self.model.table(r.blocks)
+            slots["step"][s], slots["seed"][s] = r.generated, r.seed
+            for k, value in enumerate((r.temperature, r.top_k, r.top_p)):
+                slots["settings"][k][s] = value
+        tokens, scores = self.model.decode(slots, steps, any(r.logprobs for r in running))
+        for t in range(steps):
+            for r in running:
+                if r.finish_reason is None:
+                    self._emit(r, int(tokens[t, r.slot]), scores and _entry(scores, t, r.slot))
+
+    def _emit(self, r: Request, token: int, scores) -> None:
+        if r.cancelled.is_set():
+            return self._finish(r, "stop")
+        if token in self.stop_ids:
+            return self._finish(r, "stop")
+        r.generated, r.last = r.generated + 1, token
+        self.stats["generated_tokens"] += 1
+        if r.logprobs:
+            r.scores.append(scores)
+        r.new_ids.append(token)
+        r.out.put(token)
+        if r.generated >= r.max_new:
+            self._finish(r, "length")
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.finish_reason is not None:
+            return
+        if r in self.prefilling:
+            self.prefilling.remove(r)
+        if r.slot is not None:
+            self.slots[r.slot] = None
+        self.model.pool.give(r.blocks)
+        r.blocks, r.slot, r.finish_reason = [], None, reason
         r.out.put(None)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.device import compute_dtype
-from llm_jax.model.transformer import Transformer, init_cache, unstack_layers
+from llm_jax.model.kv_cache import init_cache
+from llm_jax.model.transformer import Transformer, unstack_layers
 from llm_jax.parallel.sharding import Layout, abstract_params
 
 # New tokens per decode call, at most: one dispatch and one host read per chunk (the demo model at batch
@@ -258,9 +259,15 @@ class Generator:
 
 
 def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """Token ids -> text pieces, holding back bytes of a character not yet complete. With stop
-    strings, the text ends just before the first one (which is not shown) and no further token is
-    drawn; the last len(longest stop) - 1 characters wait until they cannot begin one."""
+    """Token ids -> text pieces (text_pieces without the token counts)."""
+    return (piece for piece, _ in text_pieces(tokenizer, token_ids, stop))
+
+
+def text_pieces(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+    """Token ids -> (text piece, how many tokens the text so far covers), holding back bytes of a
+    character not yet complete. With stop strings, the text ends just before the first one (which is
+    not shown) and no further token is drawn; the last len(longest stop) - 1 characters wait until
+    they cannot begin one."""
     ids, shown, hold = [], 0, max((len(s) for s in stop), default=1) - 1
     for tok in token_ids:
         ids.append(tok)
@@ -269,15 +276,15 @@ def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -
             continue
         end = first_stop(text, stop, shown)
         if end is not None:
-            yield text[shown:end]
+            yield text[shown:end], len(ids)
             return
         if len(text) - hold > shown:
-            yield text[shown : len(text) - hold]
+            yield text[shown : len(text) - hold], len(ids)
             shown = len(text) - hold
     text = tokenizer.decode(ids)
     end = first_stop(text, stop, shown)
     if (len(text) if end is None else end) > shown:
-        yield text[shown:end]
+        yield text[shown:end], len(ids)
 
 
 def first_stop(text: str, stop: Sequence[str], shown: int = 0) -> int | None:

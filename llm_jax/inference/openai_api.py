@@ -1,15 +1,22 @@
-"""The OpenAI API over the batching engine, without HTTP: request bodies -> engine requests
-(validated, with OpenAI-shaped errors) and engine tokens -> completion / chat objects and stream
-chunks. llm_jax/inference/server.py puts it behind HTTP.
+"""The OpenAI API over the engine, without HTTP: request bodies -> engine requests (validated, with
+OpenAI-shaped errors) and engine tokens -> completion / chat objects and stream chunks.
+llm_jax/inference/server.py puts it behind HTTP.
 
-Sampling fields: max_tokens (or max_completion_tokens; default 16 for completions, the rest of
-the context up to --max-tokens for chat), temperature (default 1), top_p, top_k (an extension;
-0 = off), seed (default: random), stop (a string or up to 4), n (only 1). A prompt that does not
-fit the context with its max_tokens is refused (code context_length_exceeded), never cut.
+Fields: max_tokens (or max_completion_tokens; default 16 for completions, the rest of the context up
+to --max-tokens for chat; 0 with echo: score the prompt only), temperature (default 1), top_p, top_k
+(an extension; 0 = off), seed (default: random; choice i of n uses seed + i), stop (a string or up to
+4), n (up to 16 choices), logprobs (completions: the top 0-20 alternatives per token; chat: true, with
+top_logprobs 0-20), echo (completions: the prompt before the completion, with its tokens' log-probs),
+stream with stream_options.include_usage. A completions prompt is a string, a list of token ids, or a
+list of either (one choice per prompt and n). Log-probs are the model's own (before temperature and
+filters); prompts start with <|endoftext|> as documents do in pretraining, so the first prompt token
+has a log-prob too. A prompt that does not fit the context with its max_tokens is refused (code
+context_length_exceeded), never cut.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
@@ -17,8 +24,11 @@ from collections.abc import Iterator
 
 from llm_jax.data.chat_template import ROLES, check_messages, prompt_ids
 from llm_jax.errors import UserError
-from llm_jax.inference.engine import Engine, QueueFull, Request
-from llm_jax.inference.generate import Generator, stream_text
+from llm_jax.inference.engine import PREFILL_ROWS, Engine, QueueFull, Request
+from llm_jax.inference.generate import text_pieces
+from llm_jax.inference.paged import TOP_LOGPROBS, PagedModel
+
+MAX_CHOICES = 16  # n x prompts per request
 
 
 class ApiError(Exception):
@@ -34,52 +44,67 @@ class ApiError(Exception):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+@dataclasses.dataclass
+class Job:
+    """One API request: its choices' engine requests (choice i = requests[i]) and how to answer."""
+
+    chat: bool
+    requests: list[Request]
+    stop: list[str]
+    top: int | None  # alternatives listed per token; None: no log-probs
+    echo: bool
+    stream_usage: bool
+    rid: str  # the id every object of the answer carries
+
+
+@dataclasses.dataclass
+class Choice:
+    """A finished (or streamed) choice: its text and the tokens it covers."""
+
+    text: str = ""
+    tokens: int = 0
+    stopped: bool = False  # ended by a stop string before the engine ended it
+
+
 class Service:
     """Turns OpenAI request bodies into engine requests and engine tokens into response objects."""
 
-    def __init__(
-        self, cfg, params, tokenizer, model_name: str, max_tokens: int, max_batch: int, max_queue: int, layout=None
-    ):
+    def __init__(self, cfg, params, tokenizer, model_name: str, max_tokens: int, engine: dict, layout=None):
+        """engine: PagedModel's rows, blocks, block and chunk, and Engine's max_queue and static."""
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
         _, self.chat_stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])  # checks the chat tokens
-        self.engine = Engine(
-            Generator(cfg.model, params, layout), self.chat_stop_ids, max_batch, max_queue, tokenizer.eos_id
+        model = PagedModel(
+            cfg.model, params, layout, engine["rows"], engine["blocks"], engine["block"], engine["chunk"]
         )
+        self.engine = Engine(model, self.chat_stop_ids, engine["max_queue"], engine["static"])
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away
+        self.draining = False  # set on shutdown: new requests get 503
 
     def warm_up(self) -> None:
-        """Compiles the batch-1 prefill and decode before the first request."""
-        request = self.engine.submit(Request([self.tokenizer.eos_id], 2, 0.0, 0, 1.0, 0))
-        list(request.tokens())
+        """Compiles every prefill and decode shape before the first request (log-probs' compile on first use)."""
+        self.engine.model.warm_up(PREFILL_ROWS)
 
     def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "llm_jax",
-                    "context_length": self.seq_len,
-                }
-            ],
-        }
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llm_jax"}
+        return {"object": "list", "data": [model | {"context_length": self.seq_len}]}
 
     def health(self) -> dict:
-        return {
-            "status": "ok",
-            "model": self.model_name,
-            "waiting": self.engine.waiting.qsize(),
-            "batches": self.engine.batches,
-            "requests": self.engine.rows,
-            "cancelled": self.cancelled,
-        }
+        stats = self.engine.stats
+        return (
+            {"status": "draining" if self.draining else "ok", "model": self.model_name}
+            | self.engine.load()
+            | {
+                "requests": stats["requests"],
+                "generated_tokens": stats["generated_tokens"],
+                "cancelled": self.cancelled,
+            }
+        )
 
-    def parse(self, body, chat: bool) -> tuple[Request, list[str]]:
-        """A validated request body -> (engine request, stop strings); raises ApiError."""
+    # -- requests -> engine requests --------------------------------------------------------------
+    def parse(self, body, chat: bool) -> Job:
+        """A validated request body -> its Job; raises ApiError."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
@@ -92,18 +117,20 @@ class Service:
                 "model",
                 "model_not_found",
             )
-        _integer(body, "n", 1, 1, 1, "one choice per request on this server")
-        ids = self._chat_prompt(body) if chat else self._text_prompt(body)
-        default = min(self.max_tokens, self.seq_len - len(ids)) if chat else min(16, self.max_tokens)
+        prompts = [self._chat_prompt(body)] if chat else self._text_prompts(body)
+        n = _integer(body, "n", 1, 1, MAX_CHOICES // len(prompts), f"at most {MAX_CHOICES} choices x prompts")
+        echo = not chat and _flag(body, "echo")
+        top = self._top_asked(body, chat)
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        max_new = _integer(
-            body, key, default, 1, self.max_tokens, f"at most {self.max_tokens} new tokens per request on this server"
-        )
-        if len(ids) + max_new > self.seq_len:
+        longest = max(map(len, prompts))
+        default = min(self.max_tokens, self.seq_len - longest) if chat else min(16, self.max_tokens)
+        hint = f"at most {self.max_tokens} new tokens per request on this server"
+        max_new = _integer(body, key, default, 0 if echo else 1, self.max_tokens, hint)
+        if longest + max_new > self.seq_len:
             raise ApiError(
                 400,
                 f"this model's maximum context length is {self.seq_len} tokens; the request needs "
-                f"{len(ids) + max_new} ({len(ids)} in the prompt, {max_new} for the completion): "
+                f"{longest + max_new} ({longest} in the prompt, {max_new} for the completion): "
                 f"shorten the prompt or lower {key}",
                 key,
                 "context_length_exceeded",
@@ -113,28 +140,51 @@ class Service:
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4", "stop")
         seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
-        request = Request(
-            ids,
-            max_new,
+        seed = secrets.randbits(32) if seed is None else seed % 2**32
+        sampling = (
             _number(body, "temperature", 1.0, 0.0, 2.0),
             _integer(body, "top_k", 0, 0, None),
             _number(body, "top_p", 1.0, 1e-9, 1.0),
-            secrets.randbits(32) if seed is None else seed % 2**32,
         )
-        return request, stop
+        scored = top is not None
+        requests = [
+            Request(ids, max_new, *sampling, (seed + i) % 2**32, logprobs=scored, prompt_logprobs=echo and scored)
+            for ids in prompts
+            for i in range(n)
+        ]
+        usage = (body.get("stream_options") or {}).get("include_usage") is True
+        return Job(chat, requests, stop, top, echo, usage, f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}")
 
-    def _text_prompt(self, body) -> list[int]:
+    def _top_asked(self, body, chat: bool) -> int | None:
+        if chat:
+            if not _flag(body, "logprobs"):
+                if body.get("top_logprobs") is not None:
+                    raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+                return None
+            return _integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+        return _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+
+    def _text_prompts(self, body) -> list[list[int]]:
+        """'prompt': a string, token ids, or a list of either -> one id list per prompt, each after
+        <|endoftext|> (a fresh document, as in pretraining)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(
-                400,
-                "'prompt' must be a string (or a list of one string)",
-                "prompt",
-                None if "prompt" in body else "missing_required_parameter",
-            )
-        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)  # a fresh document, as in pretraining
+        prompts = prompt if isinstance(prompt, list) and prompt and not _is_ids(prompt) else [prompt]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append([self.tokenizer.eos_id] + self.tokenizer.encode(p))
+            elif _is_ids(p) and all(0 <= t < self.cfg.model.vocab_size for t in p):
+                out.append([self.tokenizer.eos_id] + list(p))
+            else:
+                raise ApiError(
+                    400,
+                    "'prompt' must be a string, a list of token ids (each in [0, vocab size)), or a list of these",
+                    "prompt",
+                    None if "prompt" in body else "missing_required_parameter",
+                )
+        if len(out) > MAX_CHOICES:
+            raise ApiError(400, f"at most {MAX_CHOICES} prompts per request", "prompt")
+        return out
 
     def _chat_prompt(self, body) -> list[int]:
         messages = body.get("messages")
@@ -148,12 +198,23 @@ class Service:
             ) from None
         return prompt_ids(self.tokenizer, messages, self.cfg.sample.system)[0]
 
-    def run(self, request: Request, stop: list[str]) -> Iterator[str]:
-        """Submits the request and yields its text pieces; request.finish_reason is set at the end."""
+    # -- engine tokens -> answers ------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queues every choice of the job, or none (429 when the queue is full)."""
+        done = []
         try:
-            self.engine.submit(request)
-        except QueueFull as e:
+            for r in job.requests:
+                done.append(self.engine.submit(r))
+        except (QueueFull, ValueError) as e:
+            for r in done:
+                r.cancelled.set()
+            if isinstance(e, ValueError):
+                raise ApiError(400, str(e), "max_tokens") from None
             raise ApiError(429, f"the server is busy: {e}", code="queue_full", kind="rate_limit_error") from None
+
+    def pieces(self, job: Job, request: Request, choice: Choice) -> Iterator[str]:
+        """The text of one choice as it comes; `choice` keeps the text and the tokens covered so far.
+        Cancels the request when the text ends early (a stop string) or the reader goes away."""
         exhausted = []
 
         def tokens():
@@ -161,39 +222,130 @@ class Service:
             exhausted.append(True)
 
         try:
-            yield from stream_text(self.tokenizer, tokens(), stop)
+            for piece, covered in text_pieces(self.tokenizer, tokens(), job.stop):
+                choice.text, choice.tokens = choice.text + piece, covered
+                yield piece
         finally:
-            if not exhausted:  # a stop string ended the text, or the client went away: free the row
+            if not exhausted:  # a stop string ended the text, or the client went away: the engine frees the row
                 request.cancelled.set()
-                request.finish_reason = request.finish_reason or "stop"
+                choice.stopped = True
 
-    def response(self, request: Request, text: str, chat: bool, rid: str) -> dict:
-        choice = {"index": 0, "finish_reason": request.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice.update(text=text, logprobs=None)
-        return self._envelope(rid, "chat.completion" if chat else "text_completion", choice) | {"usage": usage(request)}
+    def response(self, job: Job) -> dict:
+        """The whole answer of a job that is not streamed (its requests submitted)."""
+        choices = []
+        for i, r in enumerate(job.requests):
+            choice = Choice()
+            for _ in self.pieces(job, r, choice):
+                pass
+            if r.error:
+                raise ApiError(500, r.error, kind="server_error")
+            text = (self._prompt_text(r) if job.echo else "") + choice.text
+            end = self._choice(job, r, i, text, range(choice.tokens), job.echo, delta=False)
+            choices.append(end | {"finish_reason": "stop" if choice.stopped else r.finish_reason})
+        kind = "chat.completion" if job.chat else "text_completion"
+        return self._envelope(job, kind, choices) | {"usage": usage(job.requests)}
 
-    def chunk(self, rid: str, chat: bool, text: str | None = None, finish: str | None = None, first=False) -> dict:
-        if chat:
-            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return self._envelope(rid, "chat.completion.chunk" if chat else "text_completion", choice)
+    def stream(self, job: Job) -> Iterator[dict]:
+        """A streamed job's chunks, choice after choice (all choices decode together meanwhile)."""
+        kind = "chat.completion.chunk" if job.chat else "text_completion"
+        for i, r in enumerate(job.requests):
+            choice, sent = Choice(), 0
+            if job.chat:
+                yield self._envelope(job, kind, [{"index": i, "delta": {"role": "assistant", "content": ""}}])
+            echoed, pending = not job.echo, ""
+            for piece in self.pieces(job, r, choice):
+                if not echoed:  # the prompt first, with its log-probs (scored before the first new token)
+                    yield self._envelope(job, kind, [self._choice(job, r, i, self._prompt_text(r), range(0), True)])
+                    echoed = True
+                pending += piece
+                if not r.out.empty():  # tokens decoded in the same dispatch go out in one event
+                    continue
+                yield self._envelope(job, kind, [self._choice(job, r, i, pending, range(sent, choice.tokens))])
+                sent, pending = choice.tokens, ""
+            if pending:
+                yield self._envelope(job, kind, [self._choice(job, r, i, pending, range(sent, choice.tokens))])
+                sent = choice.tokens
+            if not echoed:
+                yield self._envelope(job, kind, [self._choice(job, r, i, self._prompt_text(r), range(0), True)])
+            if r.error:
+                yield ApiError(500, r.error, kind="server_error").body
+                return
+            reason = "stop" if choice.stopped else r.finish_reason
+            end = self._choice(job, r, i, "", range(0)) | {"logprobs": None, "finish_reason": reason}
+            yield self._envelope(job, kind, [end])
+        if job.stream_usage:
+            yield self._envelope(job, kind, []) | {"usage": usage(job.requests)}
 
-    def _envelope(self, rid: str, kind: str, choice: dict) -> dict:
-        """What every completion object and stream chunk carries around its one choice."""
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+    def _prompt_text(self, r: Request) -> str:
+        return self.tokenizer.decode(r.ids[1:])  # without the <|endoftext|> before every prompt
+
+    def _choice(self, job: Job, r: Request, index: int, text: str, new: range, prompt=False, delta=True):
+        """Choice `index` with `text` and the log-probs of the prompt's tokens (`prompt`) and of new tokens `new`."""
+        out = {"index": index, "finish_reason": None}
+        logprobs = self._logprobs(job, r, new, prompt) if job.top is not None else None
+        if not job.chat:
+            return out | {"text": text, "logprobs": logprobs}
+        content = (
+            {"delta": {"content": text} if text else {}}
+            if delta
+            else {"message": {"role": "assistant", "content": text}}
+        )
+        return out | content | {"logprobs": logprobs}
+
+    def _logprobs(self, job: Job, r: Request, new: range, prompt: bool) -> dict:
+        """OpenAI's log-prob listing of the prompt's tokens (`prompt`, after <|endoftext|>) and new tokens `new`."""
+        tok, top = self.tokenizer, job.top
+        ids = list(r.ids[1:]) + r.new_ids  # the choice's tokens, as its text (echo) shows them
+        entries = [(t, *s) for t, s in zip(r.ids[1:], r.prompt_scores)] if prompt else []
+        entries += [(r.new_ids[k], *r.scores[k]) for k in new]
+        if job.chat:
+            return {"content": [_chat_logprob(tok, t, lp, alts[:top]) for t, lp, alts in entries]}
+        first = 0 if prompt else len(r.ids) - 1 + new.start
+        skip = 0 if job.echo else len(tok.decode(r.ids[1:]))  # offsets count from the returned text's start
+        return {
+            "tokens": [tok.token_text(t) for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{tok.token_text(a): v for a, v in alts[:top]} for _, _, alts in entries],
+            "text_offset": [len(tok.decode(ids[:k])) - skip for k in range(first, first + len(entries))],
+        }
+
+    def _envelope(self, job: Job, kind: str, choices: list) -> dict:
+        """What every completion object and stream chunk carries around its choices."""
+        return {
+            "id": job.rid,
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+        }
 
 
-def usage(request: Request) -> dict:
+def usage(requests: list[Request]) -> dict:
+    prompts = {id(r.ids): len(r.ids) for r in requests}  # a prompt's n choices count it once
+    completion = sum(r.generated for r in requests)
     return {
-        "prompt_tokens": len(request.ids),
-        "completion_tokens": request.generated,
-        "total_tokens": len(request.ids) + request.generated,
+        "prompt_tokens": sum(prompts.values()),
+        "completion_tokens": completion,
+        "total_tokens": sum(prompts.values()) + completion,
     }
+
+
+def _chat_logprob(tokenizer, token: int, logprob: float, alternatives: list) -> dict:
+    def entry(t, lp):
+        return {"token": tokenizer.token_text(t), "logprob": lp, "bytes": tokenizer.token_utf8(t)}
+
+    return entry(token, logprob) | {"top_logprobs": [entry(a, v) for a, v in alternatives]}
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be true or false, got {value!r}", key)
+    return bool(value)
 
 
 def _plain_message(m):

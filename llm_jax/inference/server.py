@@ -1,135 +1,196 @@
-"""`llm-jax serve`: an OpenAI-compatible HTTP server for a run (standard library only).
+"""`llm-jax serve`: an OpenAI-compatible HTTP server for a run, on uvicorn and starlette.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
-llm_jax/data/chat_template.py), both with "stream": true as server-sent events; GET /v1/models;
-GET /health. Requests become engine requests in llm_jax/inference/openai_api.py (the sampling
-fields are listed there) and are batched by llm_jax/inference/engine.py. Errors are OpenAI-shaped,
-{"error": {"message", "type", "param", "code"}}, with a 4xx status; the server keeps serving after
-any of them.
+llm_jax/data/chat_template.py), both with "stream": true as server-sent events; GET /v1/models,
+/health, /metrics (Prometheus text) and /openapi.json. Requests become engine jobs in
+llm_jax/inference/openai_api.py (the fields are listed there), scheduled by llm_jax/inference/engine.py.
+Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}, with a 4xx status; the
+server keeps serving after any of them, on the same keep-alive connection. A body over MAX_BODY bytes
+gets 413. On SIGTERM or Ctrl-C the server stops listening, answers 503 to new requests on open
+connections, lets running requests finish (up to GRACE_S) and exits.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
 
 import jax
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from llm_jax.config import Config, MeshConfig
 from llm_jax.errors import UserError
-from llm_jax.inference.openai_api import ApiError, Service, usage
+from llm_jax.inference.openai_api import ApiError, Service
 from llm_jax.parallel.sharding import Layout, check_fit, make_layout, parse_meshes
 from llm_jax.run import load_run
 
 MAX_BODY = 1 << 20  # bytes of a request body
+DRAIN_LIMIT = 16 << 20  # a larger body is not read to its end: its connection closes
+GRACE_S = 30  # how long running requests may take to finish after SIGTERM
+KEEP_ALIVE_S = 30  # an idle keep-alive connection is closed after this long
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
-    service: Service
-    api_key: str | None = None
+def app(service: Service, api_key: str | None) -> Starlette:
+    """The ASGI application over a Service."""
 
-    def do_GET(self):
-        self._dispatch({"/health": self.service.health, "/v1/models": self.service.models})
-
-    def do_POST(self):
-        self._dispatch(
-            {
-                "/v1/completions": lambda: self._complete(chat=False),
-                "/v1/chat/completions": lambda: self._complete(chat=True),
-            }
-        )
-
-    def _dispatch(self, routes: dict) -> None:
+    async def guarded(request: Request, handler) -> Response:
         try:
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path not in routes:
-                raise ApiError(404, f"no endpoint {self.command} {self.path}", code="not_found")
-            if self.api_key and path != "/health" and self.headers.get("Authorization") != f"Bearer {self.api_key}":
+            if service.draining:
+                raise ApiError(503, "the server is shutting down; retry on another replica", kind="server_error")
+            if (
+                api_key
+                and request.url.path != "/health"
+                and request.headers.get("authorization") != f"Bearer {api_key}"
+            ):
                 raise ApiError(
                     401,
                     "missing or wrong API key (Authorization: Bearer ...)",
                     code="invalid_api_key",
                     kind="authentication_error",
                 )
-            result = routes[path]()
-            if result is not None:
-                self._json(200, result)
+            return await handler(request)
         except ApiError as e:
-            self._json(e.status, e.body)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+            return JSONResponse(e.body, e.status)
 
-    def _body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(411, "a JSON body with a Content-Length header is required")
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            raise ApiError(413, f"the request body is {int(length):,} bytes; the limit is {MAX_BODY:,}")
-        raw = self.rfile.read(int(length))
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-
-    def _complete(self, chat: bool) -> dict | None:
-        body = self._body()
-        request, stop = self.service.parse(body, chat)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        pieces = self.service.run(request, stop)
+    async def complete(request: Request, chat: bool) -> Response:
+        body = await _json_body(request)
+        job = service.parse(body, chat)
+        await run_in_threadpool(service.submit, job)
         if not body.get("stream"):
-            text = "".join(pieces)
-            if request.error:
-                raise ApiError(500, request.error, kind="server_error")
-            return self.service.response(request, text, chat, rid)
-        first = next(pieces, None)  # a full queue raises here, before any header is sent
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        try:
-            if chat:
-                self._event(self.service.chunk(rid, chat, first=True))
-            if first:
-                self._event(self.service.chunk(rid, chat, first))
-            for piece in pieces:
-                self._event(self.service.chunk(rid, chat, piece))
-            if request.error:
-                self._event(ApiError(500, request.error, kind="server_error").body)
-            else:
-                self._event(self.service.chunk(rid, chat, finish=request.finish_reason))
-            if (body.get("stream_options") or {}).get("include_usage"):
-                self._event(self.service.chunk(rid, chat) | {"choices": [], "usage": usage(request)})
-            self._send_chunk(b"data: [DONE]\n\n")
-            self._send_chunk(b"")
-        except (BrokenPipeError, ConnectionResetError):  # the client went away: stop generating for it
-            pieces.close()
-            with self.service.lock:
-                self.service.cancelled += 1
-            self.close_connection = True
-        return None
+            return JSONResponse(await run_in_threadpool(service.response, job))
 
-    def _event(self, obj: dict) -> None:
-        self._send_chunk(f"data: {json.dumps(obj)}\n\n".encode())
+        async def events():
+            try:
+                async for chunk in iterate_in_threadpool(service.stream(job)):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or the stream ended): free any row still generating
+                if any(r.finish_reason is None for r in job.requests):
+                    with service.lock:
+                        service.cancelled += 1
+                for r in job.requests:
+                    r.cancelled.set()
 
-    def _send_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    async def metrics(_request: Request) -> Response:
+        return PlainTextResponse(prometheus(service), media_type="text/plain; version=0.0.4")
 
-    def log_message(self, fmt, *args):
-        print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
+    async def not_found(request: Request, _exc) -> Response:
+        error = ApiError(404, f"no endpoint {request.method} {request.url.path}", code="not_found")
+        return JSONResponse(error.body, error.status)
+
+    def route(path, handler, method):
+        async def endpoint(request: Request) -> Response:
+            return await guarded(request, handler)
+
+        return Route(path, endpoint, methods=[method])
+
+    return Starlette(
+        routes=[
+            route("/v1/completions", lambda r: complete(r, chat=False), "POST"),
+            route("/v1/chat/completions", lambda r: complete(r, chat=True), "POST"),
+            route("/v1/models", _json_of(service.models), "GET"),
+            route("/health", _json_of(service.health), "GET"),
+            route("/metrics", metrics, "GET"),
+            route("/openapi.json", _json_of(lambda: OPENAPI), "GET"),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
+
+
+def _json_of(make):
+    async def handler(_request: Request) -> Response:
+        return JSONResponse(make())
+
+    return handler
+
+
+async def _json_body(request: Request):
+    """The body as JSON; over MAX_BODY bytes it is read to its end (up to DRAIN_LIMIT) and refused with
+    413, so that the keep-alive connection stays usable."""
+    raw, size = bytearray(), 0
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size <= MAX_BODY:
+                raw += part
+            elif size > DRAIN_LIMIT:
+                break  # not worth reading: uvicorn closes the connection after the answer
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before sending the whole body") from None
+    if size > MAX_BODY:
+        raise ApiError(413, f"the request body is over the limit of {MAX_BODY:,} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+
+
+def prometheus(service: Service) -> str:
+    """The engine's gauges and counters in Prometheus' text format."""
+    load, stats = service.engine.load(), service.engine.stats
+    firsts = sorted(service.engine.first_token_s)
+    lines = []
+
+    def metric(name, kind, help_, value, labels=""):
+        lines.extend(
+            [f"# HELP llm_jax_{name} {help_}", f"# TYPE llm_jax_{name} {kind}", f"llm_jax_{name}{labels} {value}"]
+        )
+
+    metric("requests_waiting", "gauge", "requests queued for a decode slot and KV blocks", load["waiting"])
+    metric("requests_prefilling", "gauge", "requests whose prompt is being prefilled", load["prefilling"])
+    metric("requests_running", "gauge", "rows decoding", load["running"])
+    metric("kv_blocks_used", "gauge", "KV-cache blocks held by requests", load["kv_blocks_used"])
+    metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool", load["kv_blocks"])
+    metric("requests_total", "counter", "requests admitted", stats["requests"])
+    metric("requests_failed_total", "counter", "requests ended by a generation error", stats["failed"])
+    metric("requests_cancelled_total", "counter", "streams whose client went away", service.cancelled)
+    metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats["prompt_tokens"])
+    metric("generation_tokens_total", "counter", "tokens generated", stats["generated_tokens"])
+    lines += [
+        "# HELP llm_jax_time_to_first_token_seconds time from submission to the first new token (last 1000)",
+        "# TYPE llm_jax_time_to_first_token_seconds summary",
+    ]
+    for q in (0.5, 0.99):
+        value = firsts[min(len(firsts) - 1, int(q * len(firsts)))] if firsts else float("nan")
+        lines.append(f'llm_jax_time_to_first_token_seconds{{quantile="{q}"}} {value}')
+    lines += [
+        f"llm_jax_time_to_first_token_seconds_sum {sum(firsts)}",
+        f"llm_jax_time_to_first_token_seconds_count {len(firsts)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_ERROR = {"description": "an OpenAI-shaped error: {error: {message, type, param, code}}"}
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {"title": "llm_jax OpenAI-compatible server", "version": "1"},
+    "paths": {
+        "/v1/completions": {
+            "post": {
+                "summary": "text completion (fields: llm_jax/inference/openai_api.py)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {"200": {"description": "text_completion, or server-sent events"}, "4XX": _ERROR},
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "chat completion through the run's chat template",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {"200": {"description": "chat.completion, or server-sent events"}, "4XX": _ERROR},
+            }
+        },
+        "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {"description": "a model list"}}}},
+        "/health": {"get": {"summary": "status and load", "responses": {"200": {"description": "ok"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+    },
+}
 
 
 def serve_layout(cfg: Config, mesh: str) -> Layout | None:
@@ -152,39 +213,74 @@ def serve_layout(cfg: Config, mesh: str) -> Layout | None:
     return layout
 
 
-def serve(
-    run_dir: str,
-    host: str,
-    port: int,
-    model_name: str | None,
-    max_tokens: int,
-    max_batch: int,
-    max_queue: int,
-    api_key: str | None,
-    mesh: str = "1,1,1",
-    ready=print,
-) -> None:
+def engine_options(cfg: Config, max_batch: int, max_queue: int, kv_blocks: int, block: int, chunk: int, static: bool):
+    """The serve command's engine flags, checked against the run -> Service's `engine` dict."""
+    seq_len = cfg.model.seq_len
+    if seq_len % block:
+        raise UserError(f"--kv-block-size {block} must divide the model's context {seq_len}")
+    per_row = seq_len // block
+    blocks = kv_blocks or max_batch * per_row
+    if blocks < per_row:
+        raise UserError(f"--kv-blocks {blocks} cannot hold one full context ({per_row} blocks of {block}); raise it")
+    return {
+        "rows": max_batch,
+        "blocks": blocks + 1,
+        "block": block,
+        "chunk": chunk,
+        "max_queue": max_queue,
+        "static": static,
+    }
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the service when shutdown starts (new requests then get 503)."""
+
+    def __init__(self, config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame):
+        self.service.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, api_key: str | None,
+          mesh: str, engine: dict, ready=print) -> None:  # fmt: skip
     run = load_run(run_dir)
     cfg = run.cfg
     name = model_name or run.path.resolve().name
-    service = Service(cfg, run.params, run.tokenizer, name, max_tokens, max_batch, max_queue, serve_layout(cfg, mesh))
+    options = engine_options(cfg, **engine)
+    service = Service(cfg, run.params, run.tokenizer, name, max_tokens, options, serve_layout(cfg, mesh))
     service.warm_up()
-    handler = type("BoundHandler", (Handler,), {"service": service, "api_key": api_key})
+    config = uvicorn.Config(
+        app(service, api_key),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_graceful_shutdown=GRACE_S,
+        backlog=2048,
+    )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        sock.bind((host, port))
     except OSError as e:
         raise UserError(
             f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one)"
         ) from None
-    httpd.daemon_threads = True
+    sock.listen(config.backlog)
     weights = "float" if cfg.model.quant == "none" else cfg.model.quant
+    mode = "static" if options["static"] else "continuous"
     ready(
         f"serving {run_dir} ({run.step} steps, {weights} weights, mesh {mesh}) as '{name}' on "
-        f"http://{host}:{httpd.server_address[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
-        f"batch {max_batch}, queue {max_queue})",
+        f"http://{host}:{sock.getsockname()[1]}/v1 (context {cfg.model.seq_len}, max_tokens {service.max_tokens}, "
+        f"{mode} batching of {options['rows']} rows, {options['blocks'] - 1} KV blocks of {options['block']}, "
+        f"queue {options['max_queue']})",
         flush=True,
     )
     try:
-        httpd.serve_forever()
+        _Server(config, service).run(sockets=[sock])
     finally:
-        httpd.server_close()
+        service.engine.close()

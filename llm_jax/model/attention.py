@@ -72,7 +72,9 @@ def cached_attention(q: jax.Array, k: jax.Array, v_t: jax.Array, q_pos: jax.Arra
     qg = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h**-0.5
     visible = jnp.arange(k.shape[2])[None, None, None, None, :] <= q_pos[:, None, None, :, None]  # [B, 1, 1, T, S]
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v_t.dtype)
+    # masked with the lowest finite score, not -inf: a query that sees nothing (padding, at position -1
+    # in a paged cache) then averages finite values instead of making NaNs that would land in the cache
+    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(scores.dtype).min), axis=-1).astype(v_t.dtype)
     out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_t, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
 

@@ -7,8 +7,8 @@ Parameters are float32; matmuls take `cfg.dtype` inputs and accumulate in float3
 (`preferred_element_type`), the fast path on bf16 hardware and exact on f32. Every parameter and
 key activation names its axes (embed, heads, kv_heads, head_dim, mlp, vocab, batch, length,
 layers); llm_jax/parallel/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
-compile time does not grow with depth (a serving model on CPU unrolls them: `serving`). A KV cache is an
-explicit pytree in and out of `__call__`.
+compile time does not grow with depth (a serving model on CPU unrolls them: `serving`). A KV cache
+(llm_jax/model/kv_cache.py: contiguous or paged) is an explicit pytree in and out of `__call__`.
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.attention import cached_attention, causal_attention
+from llm_jax.model.attention import causal_attention
 from llm_jax.model.dense import dense, param
 from llm_jax.model.device import compute_dtype, on_cpu
+from llm_jax.model.kv_cache import Cache, write_and_attend
 from llm_jax.model.loss import cross_entropy_sum, token_log_probs
 from llm_jax.model.pipeline import gpipe
-
-# The KV cache, {"k": [n_layers, batch, n_kv_heads, seq_len, head_dim], "v": [n_layers, batch, n_kv_heads,
-# head_dim, seq_len]} (init_cache): values stored transposed, so that both of the attention's matmuls
-# contract their operands' last axes and read the cache as it lies (in [.., seq_len, head_dim] XLA:CPU
-# copied out a transposed block of each per layer and step: 3.9 -> 3.1 ms a step at batch 16), split like
-# the activations (rows over the batch axes, kv heads over tensor; layers: not pipelined).
-Cache = dict
-CACHE_AXES = {"k": (None, "batch", "kv_heads", None, "head_dim"), "v": (None, "batch", "kv_heads", "head_dim", None)}
 
 # dots: keep the matmul outputs (and, on CPU in bfloat16, the transposed matmul inputs that the weight
 # gradients take: model/dense.py) and the blocked attention's output and log-sum-exp; recompute the rest
@@ -86,21 +79,9 @@ class Block(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
             attn = causal_attention(q, kk, v, cfg.attention, segments)
-        else:  # decode: write this chunk at each row's cache_index, attend to every cached position <= own
-            index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (x.shape[0],))
-            rows = jnp.arange(x.shape[0])[:, None]  # [B, 1], with the positions [B, T] written
-            at = index[:, None] + jnp.arange(x.shape[1])
-            lead, all_ = (() if layer is None else (layer,)), slice(None)
-            k_at = cache["k"].at[(*lead, rows, all_, at, all_)]  # [B, T] x [K, H]
-            v_at = cache["v"].at[(*lead, rows, all_, all_, at)]
-            axes = {name: value[1 - len(lead) :] for name, value in CACHE_AXES.items()}  # without layers: [1:]
-            cache = {
-                "k": nn.with_logical_constraint(k_at.set(kk.astype(cache["k"].dtype)), axes["k"]),
-                "v": nn.with_logical_constraint(v_at.set(v.astype(cache["v"].dtype)), axes["v"]),
-            }
-            mine = cache if layer is None else {name: c[layer] for name, c in cache.items()}
-            ct = cache["k"].dtype  # the attention over the cache computes in its dtype (float32 on CPU: init_cache)
-            attn = cached_attention(q.astype(ct), mine["k"], mine["v"], positions).astype(dt)
+        else:  # decode: write this chunk into the cache, attend to every cached position <= own
+            attn, cache = write_and_attend(cache, layer, q, kk, v, positions, cache_index)
+            attn = attn.astype(dt)
         x = x + self._dropout(dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -170,7 +151,8 @@ class Transformer(nn.Module):
         """tokens [B, T] -> final hidden states [B, T, D] (normed), and the updated cache.
 
         Without a cache, positions default to 0..T-1. With one, the T tokens are written at
-        cache_index (a scalar, or [B]: one per row) and positions default to cache_index + 0..T-1.
+        cache_index (a scalar, or [B]: one per row) and positions default to cache_index + 0..T-1;
+        a paged cache is written at `positions` (required; < 0: padding).
         segments [B, T] (packed examples, training only): attention stays within a segment and
         positions restart at each.
         """
@@ -265,29 +247,6 @@ def segment_positions(segments: jax.Array) -> jax.Array:
     index = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
     starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
-def init_cache(cfg: ModelConfig, batch: int, per_layer: bool = False) -> Cache:
-    """Zeros (CACHE_AXES's layout), split over the mesh where a mesh and rules are active: in the compute
-    dtype, but float32 on CPU, where XLA converts a bfloat16 cache to float32 for the attention's small
-    matmuls and writes into it through float32 too (a bfloat16 cache made the demo model's decode
-    step at batch 16 1.3x slower). per_layer (the unstacked serving layers on CPU): a list of each
-    layer's {"k", "v"} without the layers axis, which the attention then reads without copying it out
-    of the stack (3.4 -> 3.0 ms a step at batch 16)."""
-    dtype = jnp.float32 if on_cpu() else compute_dtype(cfg.dtype)
-    shapes = cache_shapes(cfg, batch)
-    if per_layer:
-        zeros = {
-            name: nn.with_logical_constraint(jnp.zeros(s[1:], dtype), CACHE_AXES[name][1:])
-            for name, s in shapes.items()
-        }
-        return [dict(zeros) for _ in range(cfg.n_layers)]
-    return {name: nn.with_logical_constraint(jnp.zeros(s, dtype), CACHE_AXES[name]) for name, s in shapes.items()}
-
-
-def cache_shapes(cfg: ModelConfig, batch: int) -> dict[str, tuple[int, ...]]:
-    k = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.seq_len, cfg.head_dim)
-    return {"k": k, "v": (*k[:3], cfg.head_dim, cfg.seq_len)}
 
 
 def unstack_layers(params: dict) -> dict:

@@ -27,7 +27,7 @@ from llm_jax.errors import UserError
 from llm_jax.inference.generate import inference_params, serving_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.device import compute_dtype
-from llm_jax.model.transformer import CACHE_AXES, cache_shapes
+from llm_jax.model.kv_cache import CACHE_AXES, cache_shapes
 from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology
 from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
 from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, memory_of

@@ -1,0 +1,152 @@
+"""Continuous batching over the paged KV cache (llm_jax/inference/engine.py, paged.py), in process."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_generate import ROWS, _sharp_model
+
+from llm_jax.inference.engine import Engine, Request
+from llm_jax.inference.generate import Generator
+from llm_jax.inference.paged import PagedModel
+from llm_jax.model.transformer import Transformer
+
+ENGINES = []
+
+
+def _engine(cfg, params, rows=4, blocks=None, block=8, chunk=16, layout=None, static=False):
+    blocks = blocks or rows * cfg.seq_len // block
+    ENGINES.append(Engine(PagedModel(cfg, params, layout, rows, blocks + 1, block, chunk), (), static=static))
+    return ENGINES[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_engines():
+    yield
+    while ENGINES:  # an engine thread must not be inside XLA when the interpreter exits
+        ENGINES.pop().close()
+
+
+def _request(row, **kw):
+    prompt, n, t, k, p, seed = row
+    return Request(list(prompt), n, t, k, p, seed, **kw)
+
+
+def _wait(condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.002)
+    assert condition()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _sharp_model()  # seq_len 48
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_requests_get_exactly_what_they_get_alone_whenever_they_arrive(model, dtype):
+    """Greedy and sampled rows, arriving together and while others decode, prompts longer than the
+    prefill chunk (21 tokens in chunks of 16) and more requests than rows: each request's tokens equal
+    the Generator's for its prompt alone."""
+    cfg, params = model
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    gen = Generator(cfg, params)
+    rows = ROWS * 3  # 9 requests, 4 rows
+    alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in rows]
+    engine = _engine(cfg, params)
+    early = [engine.submit(_request(r)) for r in rows[:5]]
+    _wait(lambda: early[1].generated > 0)  # the long-prompt request is decoding when the rest arrive
+    late = [engine.submit(_request(r)) for r in rows[5:]]
+    got = [list(r.tokens()) for r in early + late]
+    assert got == alone and [len(g) for g in got] == [12, 20, 7] * 3
+    assert all(r.finish_reason == "length" for r in early + late)
+    assert engine.load()["kv_blocks_used"] == 0 and engine.model.pool.free == engine.model.pool.total
+
+
+def test_a_request_joins_the_running_batch_instead_of_waiting_for_it(model):
+    """Continuous: a short request submitted while a long one decodes ends before the long one does;
+    static: it waits for the whole batch."""
+    cfg, params = model
+    order = {}
+    for static in (False, True):
+        engine = _engine(cfg, params, static=static)
+        long = engine.submit(Request([5, 9, 7], 40, 0.0, 0, 1.0, 0))
+        _wait(lambda r=long: r.generated > 0)
+        short = engine.submit(Request([8, 8], 2, 0.0, 0, 1.0, 0))
+        list(short.tokens())
+        order[static] = long.generated  # how far the long request had got when the short one ended
+        assert len(list(long.tokens())) == 40
+    assert order[False] < 40 and order[True] == 40, order
+
+
+def test_when_kv_blocks_run_out_requests_wait_and_all_finish(model):
+    """A pool of 12 blocks of 8 positions holds two requests of 40 positions (5 blocks each) at a time:
+    the third waits for blocks, then runs; nothing fails, every block comes back."""
+    cfg, params = model
+    engine = _engine(cfg, params, rows=4, blocks=12)
+    prompt = list(range(3, 11))
+    requests = [engine.submit(Request(prompt, 32, 0.0, 0, 1.0, 0)) for _ in range(3)]
+    seen = 0
+    deadline = time.time() + 120
+    while any(r.finish_reason is None for r in requests) and time.time() < deadline:
+        load = engine.load()
+        assert load["kv_blocks_used"] <= 10
+        seen = max(seen, load["waiting"])
+        time.sleep(0.005)
+    outs = [list(r.tokens()) for r in requests]
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 32
+    assert engine.model.pool.free == 12
+    assert seen >= 1  # the third request waited for blocks
+    with pytest.raises(ValueError, match="needs 6 KV blocks of 8 tokens; this server has 5"):
+        _engine(cfg, params, rows=2, blocks=5).submit(Request(list(range(40)), 8, 0.0, 0, 1.0, 0))
+
+
+def test_log_probs_equal_the_model_scoring_the_text_directly(model):
+    """Prompt log-probs (echo) and new tokens' log-probs and top alternatives equal log_softmax of a
+    plain forward pass over prompt + completion, to 1e-4 in float32."""
+    cfg, params = model
+    engine = _engine(cfg, params, chunk=16)
+    prompt = list(range(3, 24))  # 21 tokens: two prefill chunks
+    r = engine.submit(Request(prompt, 6, 0.0, 0, 1.0, 0, logprobs=True, prompt_logprobs=True))
+    new = list(r.tokens())
+    ids = prompt + new
+    net = Transformer(cfg)
+    hidden, _ = net.apply({"params": params}, jnp.asarray([ids]))
+    logps = np.asarray(jax.nn.log_softmax(net.apply({"params": params}, hidden, method=Transformer.logits)[0]))
+    want_prompt = [logps[i, ids[i + 1]] for i in range(len(prompt) - 1)]
+    np.testing.assert_allclose([lp for lp, _ in r.prompt_scores], want_prompt, atol=1e-4)
+    want_new = [logps[len(prompt) - 1 + i, t] for i, t in enumerate(new)]
+    np.testing.assert_allclose([lp for lp, _ in r.scores], want_new, atol=1e-4)
+    top = r.scores[2][1]
+    row = logps[len(prompt) + 1]
+    assert [t for t, _ in top[:5]] == np.argsort(-row)[:5].tolist()
+    np.testing.assert_allclose([v for _, v in top[:5]], np.sort(row)[::-1][:5], atol=1e-4)
+    assert top[0][0] == new[2]  # greedy: the sampled token is the most likely one
+    echo_only = engine.submit(Request(prompt, 0, 0.0, 0, 1.0, 0, logprobs=True, prompt_logprobs=True))
+    assert list(echo_only.tokens()) == [] and echo_only.finish_reason == "length"
+    np.testing.assert_allclose([lp for lp, _ in echo_only.prompt_scores], want_prompt, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_continuous_batching_on_a_mesh_matches_one_device(model):
+    """Rows over data 2, kv heads over tensor 2 (the block pool split by kv heads only)."""
+    from llm_jax.config import MeshConfig
+    from llm_jax.parallel.sharding import make_layout
+
+    cfg, params = model
+    layout = make_layout(
+        MeshConfig(data=2, pipeline=1, fsdp=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        jax.devices()[:4],
+    )
+    one, mesh = _engine(cfg, params), _engine(cfg, params, layout=layout)
+    outs = []
+    for engine in (one, mesh):
+        requests = [engine.submit(_request(r)) for r in ROWS]
+        outs.append([list(r.tokens()) for r in requests])
+    assert outs[0] == outs[1] and [len(o) for o in outs[0]] == [12, 20, 7]
+    pages = mesh.model.pages[0]["k"]  # [blocks, kv_heads, block, head_dim]
+    assert {s.data.shape[1] for s in pages.addressable_shards} == {cfg.n_kv_heads // 2}

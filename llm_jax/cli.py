@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=500, help="questions to ask (0: all)")
     p.add_argument("--system", help="system prompt added when a conversation has none")
 
-    p = sub.add_parser("quantize", help="int8 / int4 weight-only copy of a run, with held-out bpb before and after")
+    p = sub.add_parser(
+        "quantize", help="int8 / int4 / fp4 weight-only copy of a run, with held-out bpb before and after"
+    )
     p.add_argument("--run", required=True, help="a trained run directory")
-    p.add_argument("--mode", required=True, choices=["int8", "int4"])
+    p.add_argument("--mode", required=True, choices=["int8", "int4", "fp4"])
     p.add_argument("--out", help="the quantized run directory (default: <run>-<mode>)")
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (completions, chat, streaming)")

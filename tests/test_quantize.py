@@ -1,5 +1,5 @@
-"""int8 and int4 weight-only quantization: the rounding bound, a quantized run that generate reads,
-and its held-out loss next to the float run's."""
+"""int8, int4 and fp4 (MXFP4) weight-only quantization: the rounding bound, a quantized run that
+generate reads, and its held-out loss next to the float run's."""
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,31 @@ def test_each_weight_is_within_half_a_step_of_its_integer(mode, top, group):
     assert q["embedding"] is params["embedding"]
 
 
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+
+
+def test_fp4_weights_are_the_nearest_e2m1_value_times_a_power_of_two_per_block():
+    """MXFP4: per block of 32 inputs and output channel, scale = 2^(floor(log2 max|w|) - 2); each value
+    is w / scale rounded to the nearest e2m1 value (a direct search of the grid here), saturating at 6."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(2, 64, 12)).astype(np.float32) * rng.uniform(0.01, 10, size=(2, 64, 12)).astype(np.float32)
+    params = {"layers": dict.fromkeys(IN_DIMS, None) | {"wq": w}, "embedding": np.ones((5, 8), np.float32)}
+    params["layers"] = {n: (w if n != "wo" else w.reshape(2, 64, 3, 4)) for n in IN_DIMS}
+    q = quantize(params, "fp4")["layers"]
+    values = np.asarray(q["wq"].astype(jnp.float32))
+    scale = np.asarray(q["wq_scale"].astype(jnp.float32))  # [2, 2 blocks, 12]
+    assert q["wq"].dtype == jnp.float4_e2m1fn and q["wq_scale"].dtype == jnp.float8_e8m0fnu
+    blocks = w.reshape(2, 2, 32, 12)
+    want_scale = 2.0 ** (np.floor(np.log2(np.abs(blocks).max(axis=2))) - 2)
+    np.testing.assert_array_equal(scale, want_scale)
+    x = np.clip(blocks / want_scale[:, :, None], -6, 6)
+    grid = np.concatenate([-E2M1[::-1], E2M1])
+    nearest = grid[np.abs(x[..., None] - grid).argmin(axis=-1)]
+    np.testing.assert_array_equal(values.reshape(2, 2, 32, 12), nearest)
+    error = np.abs(values.reshape(x.shape) * want_scale[:, :, None] - blocks)
+    assert np.all(error <= np.maximum(want_scale[:, :, None], np.abs(blocks) - 6 * want_scale[:, :, None]))
+
+
 @pytest.fixture(scope="module")
 def float_run(tmp_path_factory, prepared_template, corpus_slice):
     import shutil
@@ -48,7 +73,7 @@ def float_run(tmp_path_factory, prepared_template, corpus_slice):
     return run
 
 
-@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10)])
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10), ("fp4", 0.10)])
 @pytest.mark.slow
 def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, tolerance):
     lines = []
@@ -61,12 +86,14 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
     assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # int8 within 1%, int4 10%
     quantized = load_run(str(out))
     cfg, params, tokenizer = quantized.cfg, quantized.params, quantized.tokenizer
-    assert cfg.model.quant == mode and params["layers"]["wq"].dtype == {"int8": np.int8, "int4": jnp.int4}[mode]
+    dtypes = {"int8": np.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn}
+    assert cfg.model.quant == mode and params["layers"]["wq"].dtype == dtypes[mode]
     fparams = load_run(str(float_run)).params
     nbytes = [sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for p in (params, fparams)]
     assert nbytes[0] < nbytes[1]
     prompt = tokenizer.encode("Romeo.\n")
-    assert len(list(Generator(cfg.model, params).stream(prompt, 8))) == 8
+    greedy = list(Generator(cfg.model, params).stream(prompt, 8))
+    assert len(greedy) == 8 and list(Generator(cfg.model, params).stream(prompt, 8)) == greedy
     with pytest.raises(UserError, match="exists; remove it or give --out"):
         quantize_run(str(float_run), mode)
     with pytest.raises(UserError, match="already quantized"):

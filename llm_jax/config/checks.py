@@ -30,10 +30,10 @@ def validate(cfg: Config) -> None:
             f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE",
         ),
         (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
-        (m.quant in ("none", "int8", "int4"), f"model.quant={m.quant!r} must be none, int8 or int4"),
+        (m.quant in ("none", "int8", "int4", "fp4"), f"model.quant={m.quant!r} must be none, int8, int4 or fp4"),
         (
-            m.quant != "int4" or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),
-            f"model.quant=int4 scales groups of 32 inputs: d_model={m.d_model} and mlp_dim={m.mlp_dim} must be "
+            m.quant not in ("int4", "fp4") or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),
+            f"model.quant={m.quant} scales groups of 32 inputs: d_model={m.d_model} and mlp_dim={m.mlp_dim} must be "
             "multiples of 32",
         ),
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),

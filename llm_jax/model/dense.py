@@ -1,11 +1,17 @@
-"""Linear layers and the formats of their weights: float32, or weight-only int8 / int4.
+"""Linear layers and the formats of their weights: float32, or weight-only int8 / int4 / fp4.
 
 The quantized formats (model.quant) are written by `quantize` and read by `dense`:
 - int8: a scale per layer and output channel, max |w| over the inputs / 127;
 - int4: a scale per layer, group of INT4_GROUP inputs and output channel, max |w| over the group / 7
-  (symmetric, [-7, 7]; stored as jnp.int4, half a byte each).
-Each scale is set so its largest weight lands on the largest integer. Norms and the embedding /
-LM head are not quantized.
+  (symmetric, [-7, 7]; stored as jnp.int4, half a byte each);
+- fp4: MXFP4 (the OCP microscaling format): e2m1 values (jnp.float4_e2m1fn: 0, 0.5, 1, 1.5, 2, 3, 4, 6
+  and their negatives) sharing a power-of-two scale (jnp.float8_e8m0fnu, one byte) per group of
+  INT4_GROUP inputs and output channel: 2^(floor(log2 max|w|) - 2), so the largest weight lands in
+  [4, 8) and saturates at 6; rounding to nearest, ties to even. 4.25 bits a weight.
+The integer scales are set so each group's largest weight lands on the largest integer. Norms and
+the embedding / LM head are not quantized. On hardware without FP4 matmuls (all but NVIDIA Blackwell's
+tensor cores, today) fp4 weights are dequantized to the compute dtype for the matmul, like int4: they
+save memory and bandwidth, not FLOPs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import jax.numpy as jnp
 
 from llm_jax.model.device import compute_dtype, on_cpu, saved, transposed
 
-INT4_GROUP = 32  # model.quant=int4: weights share a scale in groups of this many inputs
+INT4_GROUP = 32  # model.quant=int4 / fp4: weights share a scale in groups of this many inputs
+QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn}
+FP4_MAX = 6.0  # the largest e2m1 value
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}  # each weight's contracted axes
 
 
@@ -87,35 +95,44 @@ def dense(
     if cfg.quant == "none":
         return matmul(x, param(module, name, shape, axes, std), in_dims, dt)
     out_shape, out_axes = shape[in_dims:], axes[in_dims:]
-    dtype = jnp.int8 if cfg.quant == "int8" else jnp.int4
+    dtype = QUANT_DTYPES[cfg.quant]
     q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros_init(), axes), shape, dtype)
     if cfg.quant == "int8":
         scale = param(module, f"{name}_scale", out_shape, out_axes, None)
         y = matmul(x, q, in_dims, dt)  # int8 values are exact in bf16 and f32
         return (y.astype(jnp.float32) * scale).astype(y.dtype)
     groups = math.prod(shape[:in_dims]) // INT4_GROUP
-    scale = param(module, f"{name}_scale", (groups, *out_shape), (None, *out_axes), None)
+    scale_dtype = jnp.float8_e8m0fnu if cfg.quant == "fp4" else jnp.float32
+    init = nn.with_logical_partitioning(nn.initializers.ones, (None, *out_axes))
+    scale = module.param(f"{name}_scale", init, (groups, *out_shape), scale_dtype).astype(jnp.float32)
     w = q.astype(jnp.float32).reshape(groups, INT4_GROUP, -1) * scale.reshape(groups, 1, -1)
     return matmul(x, w.reshape(shape), in_dims, dt)
 
 
 def quantize(params: dict, mode: str) -> dict:
-    """f32 params -> the tree of model.quant=mode: each layer weight [L, *in, *out] -> integers of the
-    same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, K = the inputs)."""
+    """f32 params -> the tree of model.quant=mode: each layer weight [L, *in, *out] -> the mode's values of
+    the same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, fp4; K = the inputs)."""
     layers = dict(params["layers"])
     for name, in_dims in IN_DIMS.items():
         w = jnp.asarray(layers.pop(name), jnp.float32)
         lead, out = w.shape[: 1 + in_dims], w.shape[1 + in_dims :]
-        group, top, dtype = (math.prod(lead[1:]), 127, jnp.int8) if mode == "int8" else (INT4_GROUP, 7, jnp.int4)
+        group = math.prod(lead[1:]) if mode == "int8" else INT4_GROUP
         grouped = w.reshape(w.shape[0], -1, group, math.prod(out))  # [L, groups, group, N]
-        scale = jnp.max(jnp.abs(grouped), axis=2, keepdims=True) / top
-        scale = jnp.where(scale > 0, scale, 1.0)
-        q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8)
-        layers[name] = q.reshape(w.shape).astype(dtype)
+        top = jnp.max(jnp.abs(grouped), axis=2, keepdims=True)
+        if mode == "fp4":  # a power of two putting the largest weight in [4, 8)
+            scale = jnp.where(top > 0, jnp.exp2(jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))) - 2), 1.0)
+            q = jnp.clip(grouped / scale, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn)
+            scale = scale.astype(jnp.float8_e8m0fnu)  # exact: a power of two
+        else:
+            levels = 127 if mode == "int8" else 7
+            scale = jnp.where(top > 0, top / levels, 1.0)
+            q = jnp.clip(jnp.round(grouped / scale), -levels, levels).astype(jnp.int8).astype(QUANT_DTYPES[mode])
+        layers[name] = q.reshape(w.shape)
         scale = scale.reshape(w.shape[0], -1, *out)
         layers[f"{name}_scale"] = scale[:, 0] if mode == "int8" else scale
     return {**params, "layers": layers}
 
 
 def param_bytes(params) -> int:
-    return sum(x.size * (0.5 if x.dtype == jnp.int4 else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))
+    half = (jnp.int4, jnp.float4_e2m1fn)
+    return sum(x.size * (0.5 if x.dtype in half else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))

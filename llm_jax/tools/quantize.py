@@ -24,8 +24,8 @@ from llm_jax.train.step import make_steps
 
 
 def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print) -> Path:
-    if mode not in ("int8", "int4"):
-        raise UserError(f"--mode {mode!r} must be int8 or int4")
+    if mode not in ("int8", "int4", "fp4"):
+        raise UserError(f"--mode {mode!r} must be int8, int4 or fp4")
     run = runs.load_run(run_dir)
     cfg, params = run.cfg, run.params
     if cfg.model.quant != "none":
@@ -34,9 +34,9 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
     if out.exists():
         raise UserError(f"{out} exists; remove it or give --out")
     m = cfg.model
-    if mode == "int4" and (m.d_model % INT4_GROUP or m.mlp_dim % INT4_GROUP):
+    if mode in ("int4", "fp4") and (m.d_model % INT4_GROUP or m.mlp_dim % INT4_GROUP):
         raise UserError(
-            f"int4 scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
+            f"{mode} scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
             f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8"
         )
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))

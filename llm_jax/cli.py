@@ -59,12 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         default="continuous",
         help="static: a new batch only once every row has ended (for comparison)",
     )
-    p.add_argument(
-        "--mesh",
-        default="1,1,1",
-        help="data,fsdp,tensor over this host's devices (the run's rules "
-        "place params and the KV cache); 1,1,1: one device",
-    )
+    _mesh_arg(p)
     p.add_argument(
         "--api-key",
         default=os.environ.get("LLM_JAX_API_KEY"),
@@ -240,13 +235,13 @@ def _sampling(args) -> dict:
 def _generate(args) -> None:
     from llm_jax.inference.terminal import generate_text
 
-    generate_text(args.run, args.prompt, _sampling(args), args.stop)
+    generate_text(args.run, args.prompt, _sampling(args), args.stop, args.mesh)
 
 
 def _chat(args) -> None:
     from llm_jax.inference.terminal import chat
 
-    chat(args.run, _sampling(args), args.system)
+    chat(args.run, _sampling(args), args.system, args.mesh)
 
 
 def _eval_chat(args) -> None:
@@ -362,6 +357,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="0 disables")
     p.add_argument("--top-p", type=float, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
+    _mesh_arg(p)
+
+
+def _mesh_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        default="1,1,1",
+        help="data,fsdp,tensor over this host's devices: the run's rules place the parameters (read straight "
+        "into place, in the compute dtype) and the KV cache; 1,1,1: one device",
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from etils import epath
 from llm_jax.config import RUN_CONFIG, Config, config_from_dict, save_config, saved_tree, to_dict
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
+from llm_jax.model.dense import inference_params
 from llm_jax.parallel.sharding import Layout, abstract_params, single_device_layout
 
 TOKENIZER = "tokenizer.model"
@@ -130,9 +131,10 @@ def complete_steps(directory: epath.Path, commit_files: bool) -> list[int]:
 
 
 def restore_params(step_dir: epath.Path, abstract: Any) -> Any:
-    """Only the parameters of a checkpoint (no optimizer state), placed per `abstract`'s shardings."""
+    """Only the parameters of a checkpoint (no optimizer state), placed per `abstract`'s shardings and cast
+    to its dtypes as they are read (each device reads its own shards)."""
     _check_shapes(step_dir, abstract)
-    restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(
             step_dir / "state",
@@ -181,10 +183,14 @@ def load_config_of(run_dir: str | Path) -> Config:
     return config_from_dict(tree)
 
 
-def load_run(run_dir: str | Path, layout: Layout | None = None) -> Run:
-    """A run's config, tokenizer and newest parameters (on one device unless a layout is given)."""
+def load_run(run_dir: str | Path, layout: Layout | None = None, inference: bool = False) -> Run:
+    """A run's config, tokenizer and newest parameters, read straight into their places: split over the
+    layout's mesh by the run's rules (one device without a layout), and with `inference`, weight matrices
+    in the compute dtype (model/dense.py's inference_params): no device ever holds the float32 tree."""
     cfg = load_config_of(run_dir)
     abstract = abstract_params(cfg.model, layout or single_device_layout())
+    if inference:
+        abstract = inference_params(cfg.model, abstract)
     params, step_dir = newest_params(run_dir, abstract, str(run_path(run_dir)))
     return Run(run_path(run_dir), cfg, params, Tokenizer(tokenizer_path(run_dir)), step_dir)
 

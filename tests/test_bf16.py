@@ -89,7 +89,7 @@ def test_a_bf16_model_gives_float32_gradients_within_bf16_precision():
 
 
 def test_serving_casts_the_weight_matrices_once_and_keeps_the_norm_scales_float32():
-    from llm_jax.inference.generate import inference_params
+    from llm_jax.model.dense import inference_params
 
     cfg = tiny_config("x", "model.dtype=bfloat16").model
     params = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]

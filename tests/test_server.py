@@ -373,7 +373,7 @@ def test_a_full_queue_answers_429_and_loses_nothing(run, tmp_path):
 
 def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
     from llm_jax.errors import UserError
-    from llm_jax.inference.server import serve_layout
+    from llm_jax.parallel.sharding import inference_layout as serve_layout
 
     cfg = load_run(str(run)).cfg
     assert serve_layout(cfg, "1,1,1") is None
@@ -381,8 +381,39 @@ def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
     for mesh, message in [
         ("4,1,4", "needs 16 devices; this host has 8"),
         ("1,1,8", "kv_heads=2 is split over"),
-        ("2,1,1,2", "no pipeline stages when serving"),
+        ("2,1,1,2", "no pipeline stages for inference"),
         ("two", "must be data,fsdp,tensor"),
     ]:
         with pytest.raises(UserError, match=message):
             serve_layout(cfg, mesh)
+
+
+def test_inference_reads_a_run_straight_into_its_shards_in_the_compute_dtype(run, tmp_path):
+    """load_run with a layout (generate / chat / serve --mesh): each of 8 devices holds 1/8 of the weight
+    matrices' bytes (norm scales replicated), already in the run's compute dtype (bfloat16 here), and
+    generates what one device does."""
+    from llm_jax.config import MeshConfig
+    from llm_jax.parallel.sharding import make_layout
+
+    shutil.copytree(run, tmp_path / "run")
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    run = tmp_path / "run"
+    cfg = load_run(str(run)).cfg
+    layout = make_layout(
+        MeshConfig(data=1, pipeline=1, fsdp=4, tensor=2, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
+        jax.devices()[:8],
+    )
+    sharded = load_run(str(run), layout, inference=True)
+    leaves = jax.tree_util.tree_leaves_with_path(sharded.params)
+    total = sum(x.nbytes for _, x in leaves)
+    per_device = dict.fromkeys(jax.devices()[:8], 0)
+    for _, x in leaves:
+        for shard in x.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    replicated = sum(x.nbytes for p, x in leaves if "norm" in jax.tree_util.keystr(p))
+    assert all(b <= (total - replicated) / 8 + replicated for b in per_device.values()), (total, per_device)
+    assert {str(x.dtype) for p, x in leaves if x.ndim >= 2 and "norm" not in jax.tree_util.keystr(p)} == {"bfloat16"}
+    prompt = [3, 17, 99, 5]
+    one = list(Generator(cfg.model, load_run(str(run)).params).stream(prompt, 12))
+    assert list(Generator(cfg.model, sharded.params, layout).stream(prompt, 12)) == one

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.device import compute_dtype
+from llm_jax.model.dense import inference_params
 from llm_jax.model.kv_cache import init_cache
 from llm_jax.model.transformer import Transformer, unstack_layers
 from llm_jax.parallel.sharding import Layout, abstract_params
@@ -136,27 +136,6 @@ def decode_steps(decode, n: int):
         return tokens, cache
 
     return run
-
-
-def inference_params(cfg: ModelConfig, params, platform: str | None = None):
-    """The weight matrices, embedding / LM head included, cast to the compute dtype once (norm scales
-    and quantization scales stay float32): a decode step then reads half the bytes and converts
-    nothing (bfloat16 on 2 Xeon cores, the demo model: see benchmarks/decode.py). Abstract parameters
-    (jax.ShapeDtypeStruct, for `platform`) come back abstract, with their shardings."""
-    dtype = compute_dtype(cfg.dtype, platform)
-    if dtype == jnp.float32:
-        return params
-
-    def cast(path, x):
-        name = jax.tree_util.keystr(path)  # stacked norm scales are [n_layers, d]: 2-D, not matrices
-        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in name and "norm" not in name
-        if not matrix:
-            return x
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-        return x.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class Generator:

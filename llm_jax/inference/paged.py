@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference.generate import DECODE_CHUNK, inference_params, sample_token
+from llm_jax.inference.generate import DECODE_CHUNK, sample_token
+from llm_jax.model.dense import inference_params
 from llm_jax.model.kv_cache import init_pages, with_table, without_table
 from llm_jax.model.transformer import Transformer, unstack_layers
 from llm_jax.parallel.sharding import Layout, abstract_params

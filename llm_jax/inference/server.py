@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import socket
 
-import jax
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -23,11 +22,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llm_jax.config import Config, MeshConfig
+from llm_jax.config import Config
 from llm_jax.errors import UserError
 from llm_jax.inference.openai_api import ApiError, Service
-from llm_jax.parallel.sharding import Layout, check_fit, make_layout, parse_meshes
-from llm_jax.run import load_run
+from llm_jax.parallel.sharding import inference_layout
+from llm_jax.run import load_config_of, load_run
 
 MAX_BODY = 1 << 20  # bytes of a request body
 DRAIN_LIMIT = 16 << 20  # a larger body is not read to its end: its connection closes
@@ -193,26 +192,6 @@ OPENAPI = {
 }
 
 
-def serve_layout(cfg: Config, mesh: str) -> Layout | None:
-    """--mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of this host's devices,
-    with the run's rules (None for 1,1,1: one device)."""
-    layouts = parse_meshes(mesh)
-    if len(layouts) != 1 or layouts[0][3:] != (1, 0):
-        raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages when serving)")
-    data, fsdp, tensor = layouts[0][:3]
-    if (data, fsdp, tensor) == (1, 1, 1):
-        return None
-    devices = jax.local_devices()
-    if data * fsdp * tensor > len(devices):
-        raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
-    layout = make_layout(
-        MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
-        devices[: data * fsdp * tensor],
-    )
-    check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
-    return layout
-
-
 def engine_options(cfg: Config, max_batch: int, max_queue: int, kv_blocks: int, block: int, chunk: int, static: bool):
     """The serve command's engine flags, checked against the run -> Service's `engine` dict."""
     seq_len = cfg.model.seq_len
@@ -246,11 +225,12 @@ class _Server(uvicorn.Server):
 
 def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, api_key: str | None,
           mesh: str, engine: dict, ready=print) -> None:  # fmt: skip
-    run = load_run(run_dir)
+    layout = inference_layout(load_config_of(run_dir), mesh)
+    run = load_run(run_dir, layout, inference=True)
     cfg = run.cfg
     name = model_name or run.path.resolve().name
     options = engine_options(cfg, **engine)
-    service = Service(cfg, run.params, run.tokenizer, name, max_tokens, options, serve_layout(cfg, mesh))
+    service = Service(cfg, run.params, run.tokenizer, name, max_tokens, options, layout)
     service.warm_up()
     config = uvicorn.Config(
         app(service, api_key),

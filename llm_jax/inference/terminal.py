@@ -10,7 +10,8 @@ from llm_jax.config import SampleConfig
 from llm_jax.data.chat_template import prompt_ids
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import Generator, fit_prompt, stream_text
-from llm_jax.run import load_run
+from llm_jax.parallel.sharding import inference_layout
+from llm_jax.run import load_config_of, load_run
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ class Sampling:
         return out
 
 
-def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[str]) -> None:
+def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[str], mesh: str = "1,1,1") -> None:
     """Streams a continuation of `prompt` (None: standard input) to standard output; settings are
     Sampling.resolve's keywords."""
-    run = load_run(run_dir)
+    run, layout = _load(run_dir, mesh)
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = sys.stdin.read() if prompt is None else prompt
     s = Sampling.resolve(cfg.sample, **settings)
@@ -55,7 +56,7 @@ def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[s
     if note:
         print(f"note: {note}", file=sys.stderr)
     print(f"[{run.step} steps] {prompt}", end="", flush=True)
-    tokens = Generator(cfg.model, run.params).stream(
+    tokens = Generator(cfg.model, run.params, layout).stream(
         ids, max_new, s.temperature, s.top_k, s.top_p, s.seed, stop_ids=(tokenizer.eos_id,)
     )
     for piece in stream_text(tokenizer, tokens, stop):
@@ -63,14 +64,14 @@ def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[s
     print()
 
 
-def chat(run_dir: str, settings: dict, system: str | None) -> None:
+def chat(run_dir: str, settings: dict, system: str | None, mesh: str = "1,1,1") -> None:
     """A conversation on standard input / output; /reset starts over, /exit or end of input quits."""
-    run = load_run(run_dir)
+    run, layout = _load(run_dir, mesh)
     cfg, tokenizer = run.cfg, run.tokenizer
     s = Sampling.resolve(cfg.sample, **settings)
     max_new = min(s.max_new_tokens, cfg.model.seq_len // 2)
     system = cfg.sample.system if system is None else system
-    generator = Generator(cfg.model, run.params)
+    generator = Generator(cfg.model, run.params, layout)
     print(
         f"chat with {run_dir} ({run.step} steps, context {cfg.model.seq_len} tokens); "
         "/reset starts over, /exit or Ctrl-D quits",
@@ -111,3 +112,9 @@ def chat(run_dir: str, settings: dict, system: str | None) -> None:
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
         turn += 1
+
+
+def _load(run_dir: str, mesh: str):
+    """The run read into place for --mesh (parallel/sharding.py's inference_layout) -> (run, layout)."""
+    layout = inference_layout(load_config_of(run_dir), mesh)
+    return load_run(run_dir, layout, inference=True), layout

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.config import ModelConfig
 from llm_jax.model.device import compute_dtype, on_cpu, saved, transposed
 
 INT4_GROUP = 32  # model.quant=int4 / fp4: weights share a scale in groups of this many inputs
@@ -136,3 +137,24 @@ def quantize(params: dict, mode: str) -> dict:
 def param_bytes(params) -> int:
     half = (jnp.int4, jnp.float4_e2m1fn)
     return sum(x.size * (0.5 if x.dtype in half else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))
+
+
+def inference_params(cfg: ModelConfig, params, platform: str | None = None):
+    """The weight matrices, embedding / LM head included, cast to the compute dtype once (norm scales
+    and quantization scales stay float32): a decode step then reads half the bytes and converts
+    nothing (bfloat16 on 2 Xeon cores, the demo model: see benchmarks/decode.py). Abstract parameters
+    (jax.ShapeDtypeStruct, for `platform`) come back abstract, with their shardings."""
+    dtype = compute_dtype(cfg.dtype, platform)
+    if dtype == jnp.float32:
+        return params
+
+    def cast(path, x):
+        name = jax.tree_util.keystr(path)  # stacked norm scales are [n_layers, d]: 2-D, not matrices
+        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in name and "norm" not in name
+        if not matrix:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)

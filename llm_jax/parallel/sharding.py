@@ -197,3 +197,23 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes
+
+
+def inference_layout(cfg: Config, mesh: str) -> Layout | None:
+    """An inference command's --mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of
+    this host's devices, with the run's rules (None for 1,1,1: one device)."""
+    layouts = parse_meshes(mesh)
+    if len(layouts) != 1 or layouts[0][3:] != (1, 0):
+        raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages for inference)")
+    data, fsdp, tensor = layouts[0][:3]
+    if (data, fsdp, tensor) == (1, 1, 1):
+        return None
+    devices = jax.local_devices()
+    if data * fsdp * tensor > len(devices):
+        raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
+    layout = make_layout(
+        MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
+        devices[: data * fsdp * tensor],
+    )
+    check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))
+    return layout

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from llm_jax.config import Config, load_config
 from llm_jax.config.rules import MESH_AXES
 from llm_jax.errors import UserError
-from llm_jax.inference.generate import inference_params, serving_steps
+from llm_jax.inference.generate import serving_steps
 from llm_jax.model.attention import prebuild_splash
+from llm_jax.model.dense import inference_params
 from llm_jax.model.device import compute_dtype
 from llm_jax.model.kv_cache import CACHE_AXES, cache_shapes
 from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology

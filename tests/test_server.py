@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import random
 import shutil
 import socket
@@ -417,3 +418,41 @@ def test_inference_reads_a_run_straight_into_its_shards_in_the_compute_dtype(run
     prompt = [3, 17, 99, 5]
     one = list(Generator(cfg.model, load_run(str(run)).params).stream(prompt, 12))
     assert list(Generator(cfg.model, sharded.params, layout).stream(prompt, 12)) == one
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_the_served_model_as_llm_jax_eval_does(run, server, tmp_path):
+    """lm-eval's `local-completions` model (echo + logprobs, our /tokenize for its tokenizer) on a local
+    multiple-choice task: its per-choice log-likelihoods equal llm-jax eval's scorer to 1e-4, and its
+    accuracy equals ours."""
+    from llm_jax.evals.harness import Scorer, choice_scores
+
+    _, port = server
+    data = Path(__file__).parent / "data"
+    (tmp_path / "tasks").mkdir()
+    task = (data / "lm_eval_choice.yaml").read_text().replace("DATA_FILE", str(data / "lm_eval_choice.jsonl"))
+    (tmp_path / "tasks" / "lm_eval_choice.yaml").write_text(task)
+    args = f"model={MODEL},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=remote,num_concurrent=4"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args]
+        + ["--tasks", "llm_jax_choice", "--include_path", str(tmp_path / "tasks")]
+        + ["--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).open()]
+    samples.sort(key=lambda s: s["doc_id"])
+    theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+
+    loaded = load_run(str(run))
+    rows = [
+        {"context": s["doc"]["question"], "choices": s["doc"]["choices"], "gold": s["doc"]["answer"]} for s in samples
+    ]
+    ours = choice_scores(Scorer(loaded.cfg.model, loaded.params), loaded.tokenizer, rows)
+    np.testing.assert_allclose(np.array(theirs), np.array(ours), atol=1e-4)
+    accuracy = np.mean([int(np.argmax(o) == r["gold"]) for o, r in zip(ours, rows)])
+    assert np.mean([s["acc"] for s in samples]) == accuracy and len(rows) == 8

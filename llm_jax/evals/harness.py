@@ -56,8 +56,9 @@ class Scorer:
         return out
 
 
-def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
-    """acc and acc_norm (log-likelihood per UTF-8 byte of the choice), overall and per sub-task."""
+def choice_scores(scorer: Scorer, tokenizer, rows: list[dict]) -> list[list[float]]:
+    """Each row's choices' log-likelihoods given its context (after <|endoftext|>, context and choice
+    tokenized apart), summed over the choice's tokens."""
     windows, spans = [], []
     for row in rows:
         context = [tokenizer.eos_id] + tokenizer.encode(row["context"])
@@ -67,13 +68,19 @@ def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
             windows.append((full, [0] * len(full)))
             spans.append(min(len(ids), len(full) - 1))
     logps = scorer(windows)
-    right, right_norm, total = defaultdict(int), defaultdict(int), defaultdict(int)
-    k = 0
+    scores, k = [], 0
     for row in rows:
         n = len(row["choices"])
-        scores = [float(logps[k + i][-spans[k + i] :].sum()) for i in range(n)]
-        per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, row["choices"])]
+        scores.append([float(logps[k + i][-spans[k + i] :].sum()) for i in range(n)])
         k += n
+    return scores
+
+
+def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
+    """acc and acc_norm (log-likelihood per UTF-8 byte of the choice), overall and per sub-task."""
+    right, right_norm, total = defaultdict(int), defaultdict(int), defaultdict(int)
+    for row, scores in zip(rows, choice_scores(scorer, tokenizer, rows)):
+        per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, row["choices"])]
         for key in {"all", row["task"]}:
             right[key] += int(np.argmax(scores) == row["gold"])
             right_norm[key] += int(np.argmax(per_byte) == row["gold"])

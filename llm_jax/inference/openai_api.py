@@ -102,6 +102,26 @@ class Service:
             }
         )
 
+    # -- the tokenizer, as vLLM's server shows it (lm-evaluation-harness's tokenizer_backend=remote) -----
+    def tokenizer_info(self) -> dict:
+        eos = self.tokenizer.sp.id_to_piece(self.tokenizer.eos_id)
+        return {"tokenizer_class": "sentencepiece", "eos_token": eos, "bos_token": None, "pad_token": None}
+
+    def tokenize(self, body) -> dict:
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        eos = self.tokenizer.sp.id_to_piece(self.tokenizer.eos_id)  # written in the text: the token itself
+        parts = [self.tokenizer.encode(part) if part else [] for part in text.split(eos)]
+        tokens = [t for i, part in enumerate(parts) for t in ([self.tokenizer.eos_id] if i else []) + part]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.seq_len}
+
+    def detokenize(self, body) -> dict:
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not (_is_ids(tokens) or tokens == []) or any(t >= self.cfg.model.vocab_size or t < 0 for t in tokens):
+            raise ApiError(400, "'tokens' must be a list of token ids", "tokens")
+        return {"prompt": self.tokenizer.decode(tokens)}
+
     # -- requests -> engine requests --------------------------------------------------------------
     def parse(self, body, chat: bool) -> Job:
         """A validated request body -> its Job; raises ApiError."""

@@ -2,8 +2,10 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the chat template of
 llm_jax/data/chat_template.py), both with "stream": true as server-sent events; GET /v1/models,
-/health, /metrics (Prometheus text) and /openapi.json. Requests become engine jobs in
-llm_jax/inference/openai_api.py (the fields are listed there), scheduled by llm_jax/inference/engine.py.
+/health, /metrics (Prometheus text) and /openapi.json; and vLLM's GET /tokenizer_info, POST /tokenize
+and /detokenize, which lm-evaluation-harness's `local-completions` model uses with
+`tokenizer_backend=remote`. Requests become engine jobs in llm_jax/inference/openai_api.py (the fields
+are listed there), scheduled by llm_jax/inference/engine.py.
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}, with a 4xx status; the
 server keeps serving after any of them, on the same keep-alive connection. A body over MAX_BODY bytes
 gets 413. On SIGTERM or Ctrl-C the server stops listening, answers 503 to new requests on open
@@ -98,6 +100,9 @@ def app(service: Service, api_key: str | None) -> Starlette:
             route("/health", _json_of(service.health), "GET"),
             route("/metrics", metrics, "GET"),
             route("/openapi.json", _json_of(lambda: OPENAPI), "GET"),
+            route("/tokenizer_info", _json_of(service.tokenizer_info), "GET"),
+            route("/tokenize", lambda r: _json_call(r, service.tokenize), "POST"),
+            route("/detokenize", lambda r: _json_call(r, service.detokenize), "POST"),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
@@ -108,6 +113,10 @@ def _json_of(make):
         return JSONResponse(make())
 
     return handler
+
+
+async def _json_call(request: Request, handle) -> Response:
+    return JSONResponse(handle(await _json_body(request)))
 
 
 async def _json_body(request: Request):
@@ -188,6 +197,8 @@ OPENAPI = {
         "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {"description": "a model list"}}}},
         "/health": {"get": {"summary": "status and load", "responses": {"200": {"description": "ok"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+        "/tokenize": {"post": {"summary": "text -> token ids", "responses": {"200": {"description": "tokens"}}}},
+        "/detokenize": {"post": {"summary": "token ids -> text", "responses": {"200": {"description": "prompt"}}}},
     },
 }
 

@@ -8,7 +8,9 @@ import pytest
 from conftest import tiny_config
 
 from llm_jax.errors import UserError
+from llm_jax.inference.engine import Engine, Request
 from llm_jax.inference.generate import Generator
+from llm_jax.inference.paged import PagedModel
 from llm_jax.model.dense import IN_DIMS, quantize
 from llm_jax.run import load_run
 from llm_jax.tools.quantize import quantize_run
@@ -94,6 +96,11 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
     prompt = tokenizer.encode("Romeo.\n")
     greedy = list(Generator(cfg.model, params).stream(prompt, 8))
     assert len(greedy) == 8 and list(Generator(cfg.model, params).stream(prompt, 8)) == greedy
+    engine = Engine(PagedModel(cfg.model, params, None, 2, 9, 16, 16), ())  # what serve runs
+    try:
+        assert list(engine.submit(Request(prompt, 8, 0.0, 0, 1.0, 0)).tokens()) == greedy
+    finally:
+        engine.close()
     with pytest.raises(UserError, match="exists; remove it or give --out"):
         quantize_run(str(float_run), mode)
     with pytest.raises(UserError, match="already quantized"):

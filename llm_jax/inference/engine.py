@@ -112,11 +112,10 @@ class Engine:
 
     def load(self) -> dict:
         """Gauges for /health and /metrics."""
-        running = sum(r is not None and r.prefilled == len(r.ids) for r in self.slots)
         return {
             "waiting": len(self.waiting),
             "prefilling": len(self.prefilling),
-            "running": running,
+            "running": len(self._running()),
             "kv_blocks_used": self.model.pool.total - self.model.pool.free,
             "kv_blocks": self.model.pool.total,
         }
@@ -143,8 +142,12 @@ class Engine:
         self._admit()
         if self.prefilling:
             self._prefill()
-        if any(r is not None and r.prefilled == len(r.ids) for r in self.slots):
+        if self._running():
             self._decode()
+
+    def _running(self) -> list[Request]:
+        """The rows that decode: in a slot, their prompt prefilled."""
+        return [r for r in self.slots if r is not None and r.prefilled == len(r.ids)]
 
     def _admit(self) -> None:
         if self.static and any(self.slots):
@@ -200,7 +203,7 @@ class Engine:
                 self._emit(r, int(first[i]), first_scores and _entry(first_scores, i))
 
     def _decode(self) -> None:
-        running = [r for r in self.slots if r is not None and r.prefilled == len(r.ids)]
+        running = self._running()
         left = min(r.max_new - r.generated for r in running)
         if self.waiting and None in self.slots and not self.static:
             left = 1  # someone can join next round

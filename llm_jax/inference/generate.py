@@ -93,15 +93,30 @@ def fit_prompt(ids: list[int], seq_len: int, max_new_tokens: int) -> tuple[list[
     return ids, max_new_tokens, "; ".join(notes) or None
 
 
+def sample_rows(logits: jax.Array, seeds: jax.Array, step, settings) -> jax.Array:
+    """logits [B, V], seeds [B], step (scalar or [B]): the index of the new token being drawn, settings
+    (temperature, top_k, top_p) each [B] -> tokens [B]; row r draws with fold_in(PRNGKey(seed_r), step_r),
+    so a row's tokens never depend on its batch."""
+    steps = jnp.broadcast_to(jnp.asarray(step), seeds.shape)
+    keys = jax.vmap(lambda seed, s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(seeds, steps)
+    temperature, top_k, top_p = settings
+    return sample_token(logits, keys, temperature, jnp.asarray(top_k).astype(jnp.int32), top_p)
+
+
+def serving_params(cfg: ModelConfig, params, layout: Layout | None):
+    """A run's parameters as a serving model reads them: split over the layout's mesh as in training
+    (already there when load_run placed them), matrices in the compute dtype, layers unstacked on CPU."""
+    if layout:
+        shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
+        params = jax.device_put(params, shardings)
+    return unstack_layers(inference_params(cfg, params))
+
+
 def serving_steps(cfg: ModelConfig):
     """The two functions a server runs, before jit: prefill(params, tokens [B, P], lengths [B], seeds [B],
     settings) -> (first new tokens [B], KV cache) and decode(params, cache, token [B], lengths, seeds,
     step, settings) -> (next tokens [B], cache); settings are (temperature, top_k, top_p), each [B]."""
-    model = Transformer(cfg, serving=True)  # its parameters: unstack_layers(...)
-
-    def sample_rows(logits, seeds, step, settings):  # logits [B, V]; seeds [B]; settings: 3 x [B]
-        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
-        return sample_token(logits, keys, *settings)
+    model = Transformer(cfg, serving=True)  # its parameters: serving_params(...)
 
     def prefill(params, tokens, lengths, seeds, settings):
         """tokens [B, P_bucket] (right-padded), lengths [B] -> first new tokens [B], cache."""
@@ -152,10 +167,7 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, layout: Layout | None = None, chunk: int = DECODE_CHUNK):
         self.cfg, self.layout, self.chunk = cfg, layout, chunk
         self.row_multiple = layout.axis_size("batch") if layout else 1
-        if layout:
-            shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
-            params = jax.device_put(params, shardings)
-        self.params = unstack_layers(inference_params(cfg, params))
+        self.params = serving_params(cfg, params, layout)
         prefill, self._decode_step = serving_steps(cfg)
         self._prefill = jax.jit(prefill)
         self._decode = {}  # chunk size -> its jitted decode_steps

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference.generate import DECODE_CHUNK, sample_token
-from llm_jax.model.dense import inference_params
+from llm_jax.inference.generate import DECODE_CHUNK, sample_rows, serving_params
 from llm_jax.model.kv_cache import init_pages, with_table, without_table
-from llm_jax.model.transformer import Transformer, unstack_layers
-from llm_jax.parallel.sharding import Layout, abstract_params
+from llm_jax.model.transformer import Transformer
+from llm_jax.parallel.sharding import Layout
 
 TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
 # decode steps per dispatch (a round takes the largest that no running row overshoots); with the row
@@ -83,10 +82,7 @@ class PagedModel:
         self.row_multiple = layout.axis_size("batch") if layout else 1
         self.rows = -(-rows // self.row_multiple) * self.row_multiple
         self.table_width = cfg.seq_len // block
-        if layout:
-            shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(cfg, layout))
-            params = jax.device_put(params, shardings)
-        self.params = unstack_layers(inference_params(cfg, params))
+        self.params = serving_params(cfg, params, layout)
         self.model = Transformer(cfg, serving=True)
         with self._mesh():
             self.pages = jax.jit(lambda: init_pages(cfg, blocks, block, per_layer=self.model.unstacked))()
@@ -172,8 +168,7 @@ class PagedModel:
         )
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [R, 1, D]
         logits = self.model.apply({"params": params}, final, method=Transformer.logits)[:, 0]
-        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), 0))(seeds)
-        token = sample_token(logits, keys, temperature, top_k.astype(jnp.int32), top_p)
+        token = sample_rows(logits, seeds, 0, (temperature, top_k, top_p))
         if not score:
             return token, None, None, without_table(pages)
         chunk_logits = self.model.apply({"params": params}, hidden, method=Transformer.logits)
@@ -195,7 +190,6 @@ class PagedModel:
         return np.asarray(tokens), (Scores(*(np.asarray(x) for x in scores)) if score else None)
 
     def _decode_fn(self, params, pages, token, position, table, step, seeds, settings, n, score):
-        temperature, top_k, top_p = settings
         idle = position < 0
 
         def one(carry, i):
@@ -204,8 +198,7 @@ class PagedModel:
             cache = with_table(pages, table)
             hidden, cache = self.model.apply({"params": params}, token[:, None], positions=pos[:, None], cache=cache)
             logits = self.model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
-            keys = jax.vmap(lambda seed, s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(seeds, step + i)
-            new = sample_token(logits, keys, temperature, top_k.astype(jnp.int32), top_p)
+            new = sample_rows(logits, seeds, step + i, settings)
             scores = token_scores(logits, new) if score else ()
             return (new, without_table(cache)), (new, scores)
 

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, help="a trained run directory")
     p.add_argument("--mode", required=True, choices=["int8", "int4", "fp4"])
     p.add_argument("--out", help="the quantized run directory (default: <run>-<mode>)")
+    _mesh_arg(p)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (completions, chat, streaming)")
     p.add_argument("--run", required=True, help="run directory (float or quantized)")
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     p.add_argument("--kv-blocks", type=int, default=0, help="KV-cache blocks in the pool (0: max-batch full contexts)")
-    p.add_argument("--kv-block-size", type=int, default=16, help="positions per KV-cache block")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per request per step")
+    _paged_args(p)
     p.add_argument(
         "--batching",
         choices=["continuous", "static"],
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, help="a float run directory")
     p.add_argument("--out", required=True, help="the Hugging Face model directory to create")
     p.add_argument("--shard-mb", type=int, default=2000, help="split model.safetensors into shards above this size")
+    _mesh_arg(p)
 
     p = sub.add_parser("import-hf", help="a local Hugging Face Llama / Mistral checkpoint -> an llm_jax run")
     p.add_argument("--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.model")
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="rows per task (spread over the file); ppl: windows")
     p.add_argument("--out", help="the JSON record (default: <run>/eval/step<N>.json)")
     p.add_argument("--system", help="system prompt for chat rows (default: the run's sample.system)")
+    _mesh_arg(p)
 
     p = sub.add_parser("judge", help="LLM-as-judge via an OpenAI-compatible endpoint: pairwise win rates or ratings")
     p.add_argument("--questions", required=True, help='JSONL of {"question"} or {"messages"}')
@@ -138,8 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--slices", type=int, default=1, help="TPU slices over the data-center network (set mesh.dcn_data=N)"
     )
-    p.add_argument("--steps", default="all", help="comma-separated: train, eval, prefill, decode (default: all)")
+    p.add_argument(
+        "--steps",
+        default="all",
+        help="comma-separated: train, eval, prefill, decode, paged_prefill, paged_decode (default: all)",
+    )
     p.add_argument("--serve-batch", type=int, default=16, help="rows of the prefill and decode steps")
+    _paged_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. mesh.fsdp=-1 mesh.tensor=4")
 
@@ -255,7 +262,7 @@ def _eval(args) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
-    run_eval(args.run, args.tasks, args.limit, args.out, args.system)
+    run_eval(args.run, args.tasks, args.limit, args.out, args.system, args.mesh)
 
 
 def _judge(args) -> None:
@@ -271,7 +278,7 @@ def _judge(args) -> None:
 def _quantize(args) -> None:
     from llm_jax.tools.quantize import quantize_run
 
-    quantize_run(args.run, args.mode, args.out)
+    quantize_run(args.run, args.mode, args.out, args.mesh)
 
 
 def _serve(args) -> None:
@@ -297,7 +304,7 @@ def _export_hf(args) -> None:
 
     if args.shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
-    export_hf(args.run, args.out, args.shard_mb << 20)
+    export_hf(args.run, args.out, args.shard_mb << 20, args.mesh)
 
 
 def _import_hf(args) -> None:
@@ -360,12 +367,18 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     _mesh_arg(p)
 
 
+def _paged_args(p: argparse.ArgumentParser) -> None:
+    """serve's paged KV cache and chunked prefill, which compile's paged steps take too."""
+    p.add_argument("--kv-block-size", type=int, default=16, help="positions per KV-cache block")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per request per step")
+
+
 def _mesh_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mesh",
         default="1,1,1",
-        help="data,fsdp,tensor over this host's devices: the run's rules place the parameters (read straight "
-        "into place, in the compute dtype) and the KV cache; 1,1,1: one device",
+        help="data,fsdp,tensor over this host's devices: the run's rules place the parameters, read straight "
+        "into place (in the compute dtype; float32 for quantize and export-hf), and the KV cache; 1,1,1: one device",
     )
 
 

@@ -66,6 +66,19 @@ def test_the_compiled_hlo_holds_the_mosaic_kernel_not_interpret_mode():
     assert 'custom_call_target="tpu_custom_call"' in text  # Mosaic: the Pallas kernel compiled for the TPU
 
 
+def test_continuous_batchings_decode_compiles_with_the_pallas_paged_attention_kernel():
+    """serve's paged steps: on TPU the decode attends through jax's paged-attention kernel (heads of 128),
+    each device holding its kv heads of the block pool; a 16-wide head falls back to gathering blocks."""
+    wide = ["model.d_model=512", "model.mlp_dim=1024", "mesh.data=4", "mesh.tensor=2"]
+    prefill, decode = compile_config(_tiny(*wide), parse_topology("v5e-8"), ("paged_prefill", "paged_decode"))
+    assert (prefill.kernels, decode.kernels) == (0, 1)  # prompt chunks gather their blocks
+    # the donated pool, per chip: k and v, 2 layers, 16 x 8 blocks + 1 scratch split over data 4 (32 + 1
+    # scratch each), 16 positions x 128, 1 of the 2 kv heads (tensor 2), float32 (tiny's model.dtype)
+    assert decode.memory["aliased"] == 2 * 2 * (32 + 1) * 16 * 128 * 1 * 4 < decode.memory["arguments"]
+    (narrow,) = compile_config(_tiny("mesh.data=8"), parse_topology("v5e-8"), ("paged_decode",))
+    assert narrow.kernels == 0 and narrow.memory["peak"] > 0
+
+
 def _layout(cfg, topology):
     from llm_jax.parallel.sharding import make_layout
 
@@ -92,13 +105,13 @@ def test_two_slices_over_dcn_data_compile():
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_post_training_objectives_compile_all_four_steps(objective, tmp_path):
+def test_post_training_objectives_compile_every_step(objective, tmp_path):
     start = tmp_path / "pretrained"  # only its config is read: the model to start from
     start.mkdir()
     save_config(_tiny(), start / RUN_CONFIG)
     cfg = _tiny(f"train.objective={objective}", f"train.init_from={start}", "mesh.data=8", "model.attention=xla")
     steps = compile_config(cfg, parse_topology("v6e-8"))
-    assert [s.step for s in steps] == ["train", "eval", "prefill", "decode"]
+    assert [s.step for s in steps] == ["train", "eval", "prefill", "decode", "paged_prefill", "paged_decode"]
     assert all(s.memory["peak"] > 0 for s in steps)
 
 
@@ -156,12 +169,33 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert shape_bytes("(bf16[4,8]{1,0:T(8,128)(2,1)}, s32[])") == 64 + 4
 
 
+def test_a_scatter_counts_its_updates_not_its_whole_buffer():
+    """XLA updates a scatter's operand in place (as a dynamic-update-slice's): a KV pool written at a
+    few positions moves the indices and updates, not the pool; fused or not."""
+    text = """HloModule m
+%fused (p0: f32[1000,16], p1: s32[4,1], p2: f32[4,16]) -> f32[1000,16] {
+  %p0 = f32[1000,16] parameter(0)
+  %p1 = s32[4,1] parameter(1)
+  %p2 = f32[4,16] parameter(2)
+  ROOT %s = f32[1000,16] scatter(%p0, %p1, %p2), update_window_dims={1}, to_apply=%add
+}
+ENTRY %main (pool: f32[1000,16], i: s32[4,1], u: f32[4,16]) -> f32[1000,16] {
+  %pool = f32[1000,16] parameter(0)
+  %i = s32[4,1] parameter(1)
+  %u = f32[4,16] parameter(2)
+  %a = f32[1000,16] scatter(%pool, %i, %u), update_window_dims={1}, to_apply=%add
+  ROOT %b = f32[1000,16] fusion(%a, %i, %u), kind=kLoop, calls=%fused
+}
+"""
+    assert hlo_stats(text).hbm_bytes == 2 * (16 + 256 + 256)  # each: read indices and updates, write updates
+
+
 def test_compile_command_prints_every_step_and_json(capsys):
     args = ["compile", "--config", "tiny", "--topology", "v5e-8", "mesh.data=8", *TINY]
     main(args)
     out = capsys.readouterr().out
     assert "v5e-8: 8 v5e chips | mesh data=8 pipeline=1 fsdp=1 tensor=1" in out
-    for step in ("train", "eval", "prefill", "decode"):
+    for step in ("train", "eval", "prefill", "decode", "paged_prefill", "paged_decode"):
         assert f"\n{step} " in out
     main([*args, "--json", "--steps", "train"])
     record = json.loads(capsys.readouterr().out)

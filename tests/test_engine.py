@@ -133,7 +133,8 @@ def test_log_probs_equal_the_model_scoring_the_text_directly(model):
 
 @pytest.mark.slow
 def test_continuous_batching_on_a_mesh_matches_one_device(model):
-    """Rows over data 2, kv heads over tensor 2 (the block pool split by kv heads only)."""
+    """Rows over data 2, kv heads over tensor 2: the block pool split over data by blocks (each shard its
+    own, for the rows it holds) and over tensor by kv heads."""
     from llm_jax.config import MeshConfig
     from llm_jax.parallel.sharding import make_layout
 
@@ -148,5 +149,55 @@ def test_continuous_batching_on_a_mesh_matches_one_device(model):
         requests = [engine.submit(_request(r)) for r in ROWS]
         outs.append([list(r.tokens()) for r in requests])
     assert outs[0] == outs[1] and [len(o) for o in outs[0]] == [12, 20, 7]
-    pages = mesh.model.pages[0]["k"]  # [blocks, kv_heads, block, head_dim]
-    assert {s.data.shape[1] for s in pages.addressable_shards} == {cfg.n_kv_heads // 2}
+    pages = mesh.model.pages[0]["k"]  # [blocks, kv_heads, block, head_dim]: blocks over data, kv heads over tensor
+    per_shard = mesh.model.pool.per_shard
+    assert {s.data.shape[:2] for s in pages.addressable_shards} == {(per_shard, cfg.n_kv_heads // 2)}
+
+
+@pytest.mark.slow
+def test_the_pallas_paged_kernel_decodes_what_the_gathered_cache_does(model):
+    """model.attention=splash puts the pool in the TPU kernel's layout [K, L, blocks, block, H] and decodes
+    through jax's Pallas paged-attention kernel (interpreted here, compiled on TPUs: test_compile.py);
+    prompt chunks gather the blocks. The kernel reads keys and values in bfloat16 (exact to 1e-6 given
+    bfloat16 inputs, measured), which moves a sampled row's draws: greedy outputs equal the Generator's
+    alone, on one device and with rows over data 2, kv heads over tensor 2."""
+    from llm_jax.config import MeshConfig
+    from llm_jax.parallel.sharding import make_layout
+
+    cfg, params = model
+    greedy = [(p, n, 0.0, 0, 1.0, s) for p, n, _, _, _, s in ROWS]
+    alone = [list(Generator(cfg, params).stream(*row)) for row in greedy]
+    kernel_cfg = dataclasses.replace(cfg, attention="splash")
+    layout = make_layout(
+        MeshConfig(data=2, pipeline=1, fsdp=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        jax.devices()[:4],
+    )
+    for mesh in (None, layout):
+        engine = _engine(kernel_cfg, params, layout=mesh)
+        pages, model = engine.model.pages[0]["k"], engine.model
+        assert pages.shape == (cfg.n_kv_heads, 1, model.shards * model.pool.per_shard, 8, cfg.head_dim)
+        requests = [engine.submit(_request(r)) for r in greedy]
+        assert [list(r.tokens()) for r in requests] == alone
+
+
+def test_each_batch_shard_hands_out_its_own_blocks_to_the_slots_it_holds():
+    """Two batch shards, 4 usable blocks each (block ids 1-4 and 6-9; 0 and 5 scratch): slot s is held
+    by shard s % 2; a request takes the lowest free slot whose shard has its blocks."""
+    from llm_jax.inference.paged import BlockPool
+
+    pool = BlockPool(5, 2)
+    assert (pool.total, pool.capacity, pool.free) == (8, 4, 8)
+    assert pool.take(3, 1) == [6, 7, 8] and pool.take(2, 1) is None and pool.take(4, 0) == [1, 2, 3, 4]
+    pool.give([6, 7, 8])
+    assert pool.free == 4 and pool.take(4, 1) == [6, 7, 8, 9]
+
+    class Sharded:  # PagedModel's placement without a model: admit is all it needs
+        admit, blocks_for = PagedModel.admit, PagedModel.blocks_for
+
+        def __init__(self):
+            self.shards, self.block, self.pool = 2, 8, BlockPool(5, 2)
+
+    m = Sharded()
+    assert m.admit([0, 1, 2, 3], 30) == (0, [1, 2, 3, 4])  # shard 0's four blocks
+    assert m.admit([1, 2, 3], 30) == (1, [6, 7, 8, 9])  # slot 2 (shard 0) has none left: slot 1
+    assert m.admit([2, 3], 8) is None

@@ -105,3 +105,40 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
         quantize_run(str(float_run), mode)
     with pytest.raises(UserError, match="already quantized"):
         quantize_run(str(out), mode, str(out) + "-again")
+
+
+@pytest.mark.slow
+def test_quantize_export_and_eval_read_a_run_split_over_8_devices_and_give_what_one_device_does(float_run, tmp_path):
+    """--mesh for the tools (float32 read into its shards, quantized or gathered tensor by tensor): the
+    quantized tree, the exported safetensors and the eval record equal the one-device ones."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from llm_jax.evals.harness import run_eval
+    from llm_jax.tools.hf import export_hf
+
+    outs = {}
+    for mesh in ("1,1,1", "1,4,2"):
+        lines = []
+        q = quantize_run(str(float_run), "int4", str(tmp_path / f"q{mesh}"), mesh, log=lines.append)
+        held_out = [line.split("|", 1)[1] for line in lines if "held-out" in line]
+        hf = export_hf(str(float_run), str(tmp_path / f"hf{mesh}"), mesh=mesh, log=lambda *_: None)
+        doc = tmp_path / "doc.txt"
+        doc.write_text("Good morrow, cousin. What news from court? " * 40)
+        mc = tmp_path / "mc.jsonl"
+        mc.write_text(json.dumps({"context": "ROMEO.\n", "choices": ["Good morrow", "zebra quantum"], "gold": 0}))
+        gen = tmp_path / "gen.jsonl"
+        gen.write_text(json.dumps({"prompt": "ROMEO.\n", "answer": "What", "max_tokens": 6}))
+        tasks = [f"ppl:{doc}", str(mc), str(gen)]
+        record = run_eval(str(float_run), tasks, mesh=mesh, out=str(tmp_path / f"{mesh}.json"), log=lambda *_: None)
+        outs[mesh] = (load_run(str(q)).params, held_out, load_file(str(hf / "model.safetensors")), record["results"])
+    (q1, held1, hf1, res1), (q8, held8, hf8, res8) = outs.values()
+    assert len(held1) == 3 and held8 == held1
+    for a, b in zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q8)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    assert hf8.keys() == hf1.keys() and all(np.array_equal(hf8[k], hf1[k]) for k in hf1)
+    for task, by_key in res1.items():
+        for key, metrics in by_key.items():
+            for name, value in metrics.items():
+                assert res8[task][key][name] == pytest.approx(value, rel=1e-5), (task, key, name)

@@ -25,14 +25,18 @@ from llm_jax.errors import UserError
 from llm_jax.evals.tasks import Task, extract, load_task
 from llm_jax.inference.generate import Generator, first_stop, fit_prompt
 from llm_jax.model.transformer import Transformer
-from llm_jax.run import eval_record_path, load_run
+from llm_jax.parallel.sharding import Layout, inference_layout, mesh_scope
+from llm_jax.run import eval_record_path, load_config_of, load_run
 
 
 class Scorer:
-    """Per-token log-probs of fixed-size windows, `batch` windows per call."""
+    """Per-token log-probs of fixed-size windows, `batch` windows per call (with a layout: split over its
+    batch shards, parameters where load_run placed them)."""
 
-    def __init__(self, cfg, params, batch: int = 16):
-        self.cfg, self.params, self.batch, self.width = cfg, params, batch, cfg.seq_len + 1
+    def __init__(self, cfg, params, batch: int = 16, layout: Layout | None = None):
+        self.cfg, self.params, self.layout, self.width = cfg, params, layout, cfg.seq_len + 1
+        shards = layout.axis_size("batch") if layout else 1
+        self.batch = -(-batch // shards) * shards
         model = Transformer(cfg)
 
         def logps(params, tokens, segments):  # [B, T + 1] -> [B, T]: log p(tokens[:, 1:])
@@ -51,7 +55,8 @@ class Scorer:
             for r, (ids, seg) in enumerate(chunk):
                 tokens[r, : len(ids)], segments[r, : len(ids)] = ids, seg
                 segments[r, len(ids) :] = -1  # padding: its own segment
-            logps = np.asarray(self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments)))
+            with mesh_scope(self.layout):
+                logps = np.asarray(self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments)))
             out += [logps[r, : len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
         return out
 
@@ -175,12 +180,15 @@ def run_eval(
     limit: int | None = None,
     out: str | None = None,
     system: str | None = None,
+    mesh: str = "1,1,1",
     log=print,
 ) -> dict:
+    """The tasks on the run's newest checkpoint, read into place for --mesh (in the compute dtype)."""
     tasks: list[Task] = [load_task(spec, limit) for spec in specs]  # bad task files fail before the model loads
-    run = load_run(run_dir)
+    layout = inference_layout(load_config_of(run_dir), mesh)
+    run = load_run(run_dir, layout, inference=True)
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
-    scorer = Scorer(cfg.model, params)
+    scorer = Scorer(cfg.model, params, layout=layout)
     results, t0 = {}, time.time()
     for task in tasks:
         if task.kind == "ppl":
@@ -188,9 +196,9 @@ def run_eval(
         elif task.kind == "choice":
             results[task.name] = multiple_choice(scorer, tokenizer, task.rows)
         else:
-            results[task.name] = generation(
-                cfg.model, params, tokenizer, task.rows, cfg.sample.system if system is None else system
-            )[0]
+            prompt = cfg.sample.system if system is None else system
+            generator = Generator(cfg.model, params, layout)
+            results[task.name] = generation(cfg.model, params, tokenizer, task.rows, prompt, generator=generator)[0]
     record = {
         "run": str(run_dir),
         "step": run.step,

@@ -96,10 +96,11 @@ class Engine:
     # -- the request side (any thread) -----------------------------------------------------------
     def submit(self, request: Request) -> Request:
         need = self.model.blocks_for(len(request.ids) + request.max_new)
-        if need > self.model.pool.total:
+        if need > self.model.pool.capacity:
+            shards = f" per batch shard ({self.model.shards})" if self.model.shards > 1 else ""
             raise ValueError(
                 f"the request needs {need} KV blocks of {self.model.block} tokens; this server has "
-                f"{self.model.pool.total} (--kv-blocks)"
+                f"{self.model.pool.capacity}{shards} (--kv-blocks)"
             )
         with self.wake:
             if self.closed:
@@ -152,18 +153,18 @@ class Engine:
     def _admit(self) -> None:
         if self.static and any(self.slots):
             return
-        pool = self.model.pool
         with self.wake:
             while self.waiting and None in self.slots:
                 r = self.waiting[0]
                 if r.cancelled.is_set():
                     self.waiting.popleft()
                     continue
-                blocks = pool.take(self.model.blocks_for(len(r.ids) + r.max_new))
-                if blocks is None:  # the oldest waits for blocks; nobody overtakes it
+                free = [s for s, held in enumerate(self.slots) if held is None]
+                placed = self.model.admit(free, len(r.ids) + r.max_new)
+                if placed is None:  # the oldest waits for blocks; nobody overtakes it
                     return
                 self.waiting.popleft()
-                r.blocks, r.slot = blocks, self.slots.index(None)
+                r.slot, r.blocks = placed
                 self.slots[r.slot] = r
                 self.prefilling.append(r)
                 self.stats["requests"] += 1

@@ -8,7 +8,6 @@ most) and a note says how many were dropped; max_new_tokens is capped at seq_len
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -18,7 +17,7 @@ from llm_jax.config import ModelConfig
 from llm_jax.model.dense import inference_params
 from llm_jax.model.kv_cache import init_cache
 from llm_jax.model.transformer import Transformer, unstack_layers
-from llm_jax.parallel.sharding import Layout, abstract_params
+from llm_jax.parallel.sharding import Layout, abstract_params, mesh_scope
 
 # New tokens per decode call, at most: one dispatch and one host read per chunk (the demo model at batch
 # 16 in bfloat16, 2 cores, before the transposed value cache: 3.9 ms a token one at a time, 2.9 in chunks
@@ -223,7 +222,7 @@ class Generator:
         )
         seeds_arr = jnp.asarray(seeds, jnp.uint32)
         lengths_arr = jnp.asarray(lengths, jnp.int32)
-        with self._mesh():
+        with mesh_scope(self.layout):
             token, cache = self._prefill(self.params, tokens, lengths_arr, seeds_arr, settings)
         live, steps = [new > 0 for new in max_new_tokens], max(max_new_tokens)
         pending = [token.tolist()]  # the tokens of steps i, i + 1, ... not yet yielded
@@ -239,14 +238,10 @@ class Generator:
                 n = min(self.chunk, 1 << (steps - i - 2).bit_length())
                 if n not in self._decode:
                     self._decode[n] = jax.jit(decode_steps(self._decode_step, n), donate_argnums=1)
-                with self._mesh():
+                with mesh_scope(self.layout):
                     tokens, cache = self._decode[n](self.params, cache, token, lengths_arr, seeds_arr, i + 1, settings)
                 token = tokens[-1]
                 pending = tokens.tolist()
-
-    def _mesh(self):
-        """Where the model's logical constraints resolve (entered per call: never held across a yield)."""
-        return self.layout.activate() if self.layout else contextlib.nullcontext()
 
 
 def stream_text(tokenizer, token_ids: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:

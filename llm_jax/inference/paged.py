@@ -13,7 +13,6 @@ rows and chunk length, decode steps), so a handful of programs compile.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
@@ -22,9 +21,9 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.inference.generate import DECODE_CHUNK, sample_rows, serving_params
-from llm_jax.model.kv_cache import init_pages, with_table, without_table
+from llm_jax.model.kv_pages import init_pages, with_table, without_table
 from llm_jax.model.transformer import Transformer
-from llm_jax.parallel.sharding import Layout
+from llm_jax.parallel.sharding import Layout, mesh_scope
 
 TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
 # decode steps per dispatch (a round takes the largest that no running row overshoots); with the row
@@ -32,24 +31,34 @@ TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit
 DECODE_STEPS = (1, 4, DECODE_CHUNK)
 
 
-class BlockPool:
-    """The free blocks of the pool (block 0, the scratch block, is never handed out)."""
+def blocks_per_shard(blocks: int, shards: int) -> int:
+    """A pool of `blocks` (one of them scratch) split over `shards`: each shard's share, and its scratch."""
+    return -(-(blocks - 1) // shards) + 1
 
-    def __init__(self, blocks: int):
-        self.total = blocks - 1
-        self._free = list(range(blocks - 1, 0, -1))
+
+class BlockPool:
+    """The free blocks of the pool, per batch shard: shard j holds blocks [j P, (j + 1) P) (P =
+    per_shard), its first the scratch block, never handed out; a request's blocks all come from the
+    shard that holds its row (model/kv_pages.py)."""
+
+    def __init__(self, per_shard: int, shards: int = 1):
+        self.per_shard, self.capacity = per_shard, per_shard - 1  # capacity: the most one request can hold
+        self.total = shards * self.capacity
+        self._free = [list(range((j + 1) * per_shard - 1, j * per_shard, -1)) for j in range(shards)]
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return sum(map(len, self._free))
 
-    def take(self, n: int) -> list[int] | None:
-        if n > len(self._free):
+    def take(self, n: int, shard: int = 0) -> list[int] | None:
+        free = self._free[shard]
+        if n > len(free):
             return None
-        return [self._free.pop() for _ in range(n)]
+        return [free.pop() for _ in range(n)]
 
     def give(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            self._free[b // self.per_shard].append(b)
 
 
 @dataclasses.dataclass
@@ -73,22 +82,29 @@ def token_scores(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.A
 
 class PagedModel:
     """A run's model for continuous batching: serving parameters, the block pool on device and the
-    compiled steps. `rows` is the decode batch (a multiple of the layout's batch shards)."""
+    compiled steps. `rows` is the decode batch (a multiple of the layout's batch shards); `blocks` the
+    pool's blocks and one scratch block (split over the batch shards: each gets its share and a scratch).
+
+    Slot s (the engine's row) is held by batch shard s % shards, and its blocks come from that shard's
+    part of the pool; a step places each slot's row where its shard computes (decode: rows split in
+    contiguous parts, slot s at (s % shards) x part + s // shards)."""
 
     def __init__(self, cfg: ModelConfig, params, layout: Layout | None, rows: int, blocks: int, block: int, chunk: int):
         if cfg.seq_len % block:
             raise ValueError(f"the KV block size {block} must divide the context {cfg.seq_len}")
         self.cfg, self.layout, self.block, self.chunk = cfg, layout, block, chunk
-        self.row_multiple = layout.axis_size("batch") if layout else 1
-        self.rows = -(-rows // self.row_multiple) * self.row_multiple
+        self.shards = layout.axis_size("batch") if layout else 1
+        self.rows = -(-rows // self.shards) * self.shards
         self.table_width = cfg.seq_len // block
         self.params = serving_params(cfg, params, layout)
-        self.model = Transformer(cfg, serving=True)
-        with self._mesh():
-            self.pages = jax.jit(lambda: init_pages(cfg, blocks, block, per_layer=self.model.unstacked))()
-        self.pool = BlockPool(blocks)
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(7,), donate_argnums=1)
-        self._decode = jax.jit(self._decode_fn, static_argnums=(8, 9), donate_argnums=1)
+        unstacked = Transformer(cfg, serving=True).unstacked
+        self.pool = BlockPool(blocks_per_shard(blocks, self.shards), self.shards)
+        pool_blocks = self.shards * self.pool.per_shard
+        with mesh_scope(self.layout):
+            self.pages = jax.jit(lambda: init_pages(cfg, pool_blocks, block, per_layer=unstacked))()
+        prefill, decode = paged_steps(cfg)
+        self._prefill = jax.jit(prefill, static_argnums=PREFILL_STATIC, donate_argnums=1)
+        self._decode = jax.jit(decode, static_argnums=DECODE_STATIC, donate_argnums=1)
 
     def warm_up(self, prefill_rows: int) -> None:
         """Compiles every prefill (rows x chunk length) and decode (steps) shape before serving, so that no
@@ -97,14 +113,13 @@ class PagedModel:
         lengths, length = [], 16
         while not lengths or lengths[-1] < min(self.chunk, self.cfg.seq_len):
             lengths, length = [*lengths, min(self.chunk, length)], length * 2
-        rows = max(self.row_multiple, 1)
+        per_shard = 1
         while True:
             for length in lengths:
-                idle = {"ids": [], "start": 0, "targets": [], "table": self.table([]), "seed": 0, "settings": (0, 0, 1)}
-                self.prefill([idle] * rows, False, length)
-            if rows >= prefill_rows:
+                self.prefill([], False, length, per_shard)
+            if per_shard >= prefill_rows:
                 break
-            rows *= 2
+            per_shard *= 2
         for width in sorted({self.decode_rows(n) for n in range(1, self.rows + 1)}):
             idle = {"token": [0] * width, "position": [-1] * width, "table": [self.table([])] * width}
             idle |= {"step": [0] * width, "seed": [0] * width, "settings": [[0] * width, [0] * width, [1] * width]}
@@ -113,11 +128,16 @@ class PagedModel:
 
     def decode_rows(self, used: int) -> int:
         """How many slots a decode computes when the first `used` hold the running rows (slots are handed
-        out lowest first): a power of two, a multiple of the batch shards, at most `rows`."""
-        return min(self.rows, max(self.row_multiple, 1 << (used - 1).bit_length()))
+        out lowest first): a power of two (or the next multiple of the batch shards), at most `rows`."""
+        return min(self.rows, -(-max(self.shards, 1 << (used - 1).bit_length()) // self.shards) * self.shards)
 
-    def _mesh(self):
-        return self.layout.activate() if self.layout else contextlib.nullcontext()
+    def admit(self, free_slots: list[int], tokens: int) -> tuple[int, list[int]] | None:
+        """The lowest free slot whose shard has blocks for `tokens`, and those blocks (None: none has)."""
+        for slot in sorted(free_slots):
+            blocks = self.pool.take(self.blocks_for(tokens), slot % self.shards)
+            if blocks is not None:
+                return slot, blocks
+        return None
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block)
@@ -127,16 +147,20 @@ class PagedModel:
 
     # -- prefill ---------------------------------------------------------------------------------
     def prefill(
-        self, chunks: list[dict], score: bool, length: int = 0
+        self, chunks: list[dict], score: bool, length: int = 0, per_shard: int = 0
     ) -> tuple[np.ndarray, Scores | None, Scores | None]:
         """chunks: per request {"ids": its next prompt tokens, "start": their first position, "table",
         "targets": the tokens each position predicts (the next prompt token; the last one's is unknown:
         any), "seed", "settings": (temperature, top_k, top_p)}. -> (each request's token sampled after
         its chunk's last position [R], Scores of those tokens, Scores of the targets [R, C]) (Scores
-        only with `score`). `length`: the chunk length to compile for (default: the bucket of the longest)."""
-        n = len(chunks)
-        rows = max(self.row_multiple, 1 << (n - 1).bit_length())
-        longest = max(1, *(len(c["ids"]) for c in chunks))
+        only with `score`). `length`, `per_shard`: the chunk length and rows per batch shard to compile for
+        (default: the buckets of the longest chunk and of the most chunks a shard has)."""
+        shard = [c["table"][0] // self.pool.per_shard for c in chunks]  # a request's blocks are its shard's
+        counts = [shard.count(j) for j in range(self.shards)]
+        per_shard = per_shard or 1 << (max([1, *counts]) - 1).bit_length()
+        rows = self.shards * per_shard
+        place = [j * per_shard + shard[:i].count(j) for i, j in enumerate(shard)]  # each chunk's row
+        longest = max([1, *(len(c["ids"]) for c in chunks)])
         length = length or min(self.chunk, max(16, 1 << (longest - 1).bit_length()))
         tokens = np.zeros((rows, length), np.int32)
         positions = np.full((rows, length), -1, np.int32)
@@ -146,33 +170,20 @@ class PagedModel:
         seeds = np.zeros(rows, np.uint32)
         settings = np.zeros((3, rows), np.float32)
         settings[2] = 1.0
-        for r, c in enumerate(chunks):
+        for r, c in zip(place, chunks):
             k = len(c["ids"])
             tokens[r, :k], targets[r, :k], tables[r] = c["ids"], c["targets"], c["table"]
             positions[r, :k] = np.arange(c["start"], c["start"] + k)
             last[r], seeds[r], settings[:, r] = k - 1, c["seed"], c["settings"]
-        with self._mesh():
+        with mesh_scope(self.layout):
             out, first_scores, target_scores, self.pages = self._prefill(
                 self.params, self.pages, tokens, positions, tables, last, (seeds, targets, *settings), score
             )
-        out = np.asarray(out)[:n]
+        out = np.asarray(out)[place]
         if not score:
             return out, None, None
-        first, chunk = (Scores(*(np.asarray(x)[:n] for x in s)) for s in (first_scores, target_scores))
+        first, chunk = (Scores(*(np.asarray(x)[place] for x in s)) for s in (first_scores, target_scores))
         return out, first, chunk
-
-    def _prefill_fn(self, params, pages, tokens, positions, tables, last, extra, score):
-        seeds, targets, temperature, top_k, top_p = extra
-        hidden, pages = self.model.apply(
-            {"params": params}, tokens, positions=positions, cache=with_table(pages, tables)
-        )
-        final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [R, 1, D]
-        logits = self.model.apply({"params": params}, final, method=Transformer.logits)[:, 0]
-        token = sample_rows(logits, seeds, 0, (temperature, top_k, top_p))
-        if not score:
-            return token, None, None, without_table(pages)
-        chunk_logits = self.model.apply({"params": params}, hidden, method=Transformer.logits)
-        return token, token_scores(logits, token), token_scores(chunk_logits, targets), without_table(pages)
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, slots: dict, steps: int, score: bool) -> tuple[np.ndarray, Scores | None]:
@@ -180,27 +191,61 @@ class PagedModel:
         (where it goes; -1: idle), "table", "step" (the index of the token to sample), "seed", "settings"
         [3, rows]; steps: one of DECODE_STEPS. -> (the next `steps` tokens of every slot [steps, rows],
         their Scores [steps, rows, ...])."""
-        n = steps
-        args = [np.asarray(slots[k], np.int32) for k in ("token", "position", "table", "step")]
-        settings = tuple(np.asarray(slots["settings"], np.float32))
-        with self._mesh():
+        width = len(slots["token"])
+        row = np.arange(width)
+        row = (row % self.shards) * (width // self.shards) + row // self.shards  # slot -> its shard's row
+        order = np.argsort(row)  # row -> slot
+        token, position, table, step = (
+            np.asarray(slots[k], np.int32)[order] for k in ("token", "position", "table", "step")
+        )
+        seeds = np.asarray(slots["seed"], np.uint32)[order]
+        settings = tuple(np.asarray(slots["settings"], np.float32)[:, order])
+        with mesh_scope(self.layout):
             tokens, scores, self.pages = self._decode(
-                self.params, self.pages, *args, np.asarray(slots["seed"], np.uint32), settings, n, score
+                self.params, self.pages, token, position, table, step, seeds, settings, steps, score
             )
-        return np.asarray(tokens), (Scores(*(np.asarray(x) for x in scores)) if score else None)
+        by_slot = lambda x: np.asarray(x)[:, row]  # noqa: E731  [steps, rows, ...] -> by slot
+        return by_slot(tokens), (Scores(*map(by_slot, scores)) if score else None)
 
-    def _decode_fn(self, params, pages, token, position, table, step, seeds, settings, n, score):
+
+PREFILL_STATIC, DECODE_STATIC = (7,), (8, 9)  # score; steps, score
+
+
+def paged_steps(cfg: ModelConfig):
+    """The two functions continuous batching runs, before jit (PagedModel's, `llm-jax compile`'s):
+
+    prefill(params, pages, tokens [R, C], positions [R, C] (-1: padding), tables [R, M], last [R] (the
+    chunk's last index), (seeds [R], targets [R, C], temperature, top_k, top_p [R]), score) -> (tokens [R],
+    their Scores, the targets' Scores, pages); decode(params, pages, token [R], position [R] (-1: idle),
+    table [R, M], step [R], seeds [R], settings [3][R], n, score) -> (tokens [n, R], Scores, pages)."""
+    model = Transformer(cfg, serving=True)
+
+    def prefill(params, pages, tokens, positions, tables, last, extra, score):
+        seeds, targets, temperature, top_k, top_p = extra
+        hidden, pages = model.apply({"params": params}, tokens, positions=positions, cache=with_table(pages, tables))
+        final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [R, 1, D]
+        logits = model.apply({"params": params}, final, method=Transformer.logits)[:, 0]
+        token = sample_rows(logits, seeds, 0, (temperature, top_k, top_p))
+        if not score:
+            return token, None, None, without_table(pages)
+        chunk_logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+        return token, token_scores(logits, token), token_scores(chunk_logits, targets), without_table(pages)
+
+    def decode(params, pages, token, position, table, step, seeds, settings, n, score):
         idle = position < 0
 
         def one(carry, i):
             token, pages = carry
             pos = jnp.where(idle, -1, position + i)
-            cache = with_table(pages, table)
-            hidden, cache = self.model.apply({"params": params}, token[:, None], positions=pos[:, None], cache=cache)
-            logits = self.model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
+            hidden, cache = model.apply(
+                {"params": params}, token[:, None], positions=pos[:, None], cache=with_table(pages, table)
+            )
+            logits = model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
             new = sample_rows(logits, seeds, step + i, settings)
             scores = token_scores(logits, new) if score else ()
             return (new, without_table(cache)), (new, scores)
 
         (_, pages), (tokens, scores) = jax.lax.scan(one, (token, pages), jnp.arange(n))
         return tokens, scores, pages
+
+    return prefill, decode

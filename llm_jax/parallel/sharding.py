@@ -199,6 +199,11 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
     return meshes
 
 
+def mesh_scope(layout: Layout | None):
+    """Where the model's logical constraints resolve against the layout (nothing to do without one)."""
+    return layout.activate() if layout else contextlib.nullcontext()
+
+
 def inference_layout(cfg: Config, mesh: str) -> Layout | None:
     """An inference command's --mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of
     this host's devices, with the run's rules (None for 1,1,1: one device)."""

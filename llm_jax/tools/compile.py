@@ -3,7 +3,9 @@
 FLOPs, HBM traffic and collectives per device, and a roofline.
 
 The train step (the config's objective, pipeline, slices and grad_accum included), its eval step,
-and a server's prefill and decode steps are traced with abstract arguments on a mesh of abstract
+the contiguous-cache prefill and decode steps (generate, chat, eval, serve --batching static) and the
+paged ones of continuous batching (serve; on TPU its decode runs the Pallas paged-attention kernel)
+are traced with abstract arguments on a mesh of abstract
 devices (jax.experimental.topologies), lowered and compiled; no array is ever created there.
 Memory is XLA's buffer assignment. The roofline is an estimate: the step takes at least its FLOPs
 at the chip's peak, its HBM bytes at the HBM bandwidth and its collective bytes at the chip's link
@@ -25,10 +27,12 @@ from llm_jax.config import Config, load_config
 from llm_jax.config.rules import MESH_AXES
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import serving_steps
+from llm_jax.inference.paged import DECODE_STATIC, PREFILL_STATIC, blocks_per_shard, paged_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.dense import inference_params
 from llm_jax.model.device import compute_dtype
-from llm_jax.model.kv_cache import CACHE_AXES, cache_shapes
+from llm_jax.model.kv_cache import CACHE_AXES, cache_dtype, cache_shapes
+from llm_jax.model.kv_pages import page_shapes
 from llm_jax.parallel.chips import GiB, Topology, abstract_devices, first_line, parse_topology
 from llm_jax.parallel.sharding import Layout, abstract_params, make_layout, mesh_shape
 from llm_jax.tools.hlo import hlo_stats, jaxpr_flops, memory_of
@@ -36,7 +40,7 @@ from llm_jax.train.objectives import objective_of
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
-STEPS = ("train", "eval", "prefill", "decode")
+STEPS = ("train", "eval", "prefill", "decode", "paged_prefill", "paged_decode")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Compiled:
     collectives: dict[str, list[float]]  # kind -> [executions, bytes]
     roofline: dict[str, float]  # compute_s, memory_s, network_s, step_s
     bound: str  # which of the three the roofline step time is
+    kernels: int  # Pallas kernels compiled by Mosaic in the step's HLO (calls of tpu_custom_call)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +91,8 @@ def _compile(name: str, topology: Topology, layout: Layout, jitted, *args) -> Co
                 + (hint if "cudnn" in str(e).lower() else "")
             ) from None
     seconds = time.perf_counter() - began
-    stats = hlo_stats(compiled.as_text())
+    text = compiled.as_text()
+    stats = hlo_stats(text)
     xla = compiled.cost_analysis() or {}
     times, bound = roofline(topology, flops, stats.hbm_bytes, stats.collective_bytes)
     return Compiled(
@@ -99,12 +105,16 @@ def _compile(name: str, topology: Topology, layout: Layout, jitted, *args) -> Co
         stats.collectives,
         times,
         bound,
+        text.count('custom_call_target="tpu_custom_call"'),
     )
 
 
-def compile_config(cfg: Config, topology: Topology, steps=STEPS, serve_batch: int = 16) -> list[Compiled]:
+def compile_config(
+    cfg: Config, topology: Topology, steps=STEPS, serve_batch: int = 16, block: int = 16, chunk: int = 128
+) -> list[Compiled]:
     """Each of `steps` compiled for the topology; a server's steps only for meshes without pipeline stages
-    (a server does not pipeline: its layer scan would run over weights split across stages)."""
+    (a server does not pipeline: its layer scan would run over weights split across stages). block and
+    chunk: the paged steps' KV block size and prefill chunk (serve's --kv-block-size, --prefill-chunk)."""
     if cfg.mesh.dcn_data != topology.slices:
         raise UserError(
             f"{topology.describe()}: set mesh.dcn_data={topology.slices} (the data axis spans the slices), "
@@ -134,12 +144,14 @@ def compile_config(cfg: Config, topology: Topology, steps=STEPS, serve_batch: in
                 for k, v in objective.example_row(cfg, "val").items()
             }
             out.append(_compile("eval", topology, layout, built.jit_eval, built.abstract_state.params, batch))
-    if "prefill" in steps or "decode" in steps:
-        out += _serving(cfg, topology, layout, steps, serve_batch)
+    if {"prefill", "decode", "paged_prefill", "paged_decode"} & set(steps):
+        out += _serving(cfg, topology, layout, steps, serve_batch, block, chunk)
     return out
 
 
-def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch: int) -> list[Compiled]:
+def _serving(
+    cfg: Config, topology: Topology, layout: Layout, steps, serve_batch: int, block: int, chunk: int
+) -> list[Compiled]:
     """A server's two steps at `serve_batch` rows (rounded up to the batch shards), full-context prompts."""
     m = cfg.model
     shards = layout.axis_size("batch")
@@ -164,6 +176,35 @@ def _serving(cfg: Config, topology: Topology, layout: Layout, steps, serve_batch
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated())
         jitted = jax.jit(decode, donate_argnums=1)
         out.append(_compile("decode", topology, layout, jitted, params, cache, token, lengths, seeds, step, settings))
+    return out + _paged(m, topology, layout, steps, b, params, block, min(chunk, m.seq_len))
+
+
+def _paged(m, topology: Topology, layout: Layout, steps, b: int, params, block: int, chunk: int) -> list[Compiled]:
+    """Continuous batching's steps (inference/paged.py) as `serve` runs them by default: a pool of
+    blocks for b full contexts, a prompt chunk of every row, one decode step."""
+    width = m.seq_len // block
+    with layout.activate():  # the pool's layout and dtype are the target's
+        blocks = layout.axis_size("batch") * blocks_per_shard(b * width + 1, layout.axis_size("batch"))
+        shapes, dtype = page_shapes(m, blocks, block), cache_dtype(m)
+    pages = {name: jax.ShapeDtypeStruct(s, dtype, sharding=layout.sharding(a)) for name, (s, a) in shapes.items()}
+
+    def rows(dtype, *shape):
+        return jax.ShapeDtypeStruct((b, *shape), dtype, sharding=layout.sharding(("batch",) + (None,) * len(shape)))
+
+    settings = tuple(rows(jnp.float32) for _ in range(3))
+    prefill, decode = paged_steps(m)
+    out = []
+    if "paged_prefill" in steps:
+        jitted = jax.jit(prefill, static_argnums=PREFILL_STATIC, donate_argnums=1)
+        ids = rows(jnp.int32, chunk)
+        extra = (rows(jnp.uint32), ids, *settings)
+        args = (params, pages, ids, ids, rows(jnp.int32, width), rows(jnp.int32), extra, False)
+        out.append(_compile("paged_prefill", topology, layout, jitted, *args))
+    if "paged_decode" in steps:
+        jitted = jax.jit(decode, static_argnums=DECODE_STATIC, donate_argnums=1)
+        one = rows(jnp.int32)
+        args = (params, pages, one, one, rows(jnp.int32, width), one, rows(jnp.uint32), settings, 1, False)
+        out.append(_compile("paged_decode", topology, layout, jitted, *args))
     return out
 
 
@@ -195,7 +236,7 @@ def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports
         f"{topology.describe()} | mesh {mesh_text} | rules {cfg.mesh.rules} | batch {cfg.train.batch_size} x "
         f"{cfg.model.seq_len}, grad_accum {cfg.train.grad_accum} | compiled by XLA:{topology.chip.platform.upper()} "
         f"({versions(topology.chip.platform)})",
-        f"{'per device':8} {'arguments':>10} {'outputs':>10} {'aliased':>10} {'temporary':>10} {'peak':>10} "
+        f"{'per device':13} {'arguments':>10} {'outputs':>10} {'aliased':>10} {'temporary':>10} {'peak':>10} "
         f"{'of HBM':>11} | {'FLOPs':>10} {'(XLA count)':>12} | {'HBM bytes':>10} | {'collective':>10} | "
         "roofline (estimate)   | compile",
     ]
@@ -203,7 +244,7 @@ def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports
         mem = r.memory
         fits = "fits" if mem["peak"] <= hbm else "OVER"
         lines.append(
-            f"{r.step:8} {_gib(mem['arguments']):>10} {_gib(mem['outputs']):>10} {_gib(mem['aliased']):>10} "
+            f"{r.step:13} {_gib(mem['arguments']):>10} {_gib(mem['outputs']):>10} {_gib(mem['aliased']):>10} "
             f"{_gib(mem['temporaries']):>10} {_gib(mem['peak']):>10} {mem['peak'] / hbm:>6.0%} {fits} | "
             f"{_num(r.flops, 'FLOP'):>10} {_xla_count(r.xla_flops):>12} | {_num(r.hbm_bytes, 'B'):>10} | "
             f"{_num(sum(b for _, b in r.collectives.values()), 'B'):>10} | {_seconds(r.roofline['step_s']):>8} "
@@ -212,7 +253,10 @@ def format_report(cfg: Config, topology: Topology, mesh: dict[str, int], reports
     lines.append("collectives per device and step (executions, bytes; loops counted):")
     for r in reports:
         used = [f"{k} {int(n)} x {_num(b, 'B')}" for k, (n, b) in r.collectives.items() if n]
-        lines.append(f"  {r.step:8} " + (", ".join(used) or "none"))
+        lines.append(f"  {r.step:13} " + (", ".join(used) or "none"))
+    kernels = [f"{r.step} {r.kernels}" for r in reports if r.kernels]
+    if kernels:
+        lines.append("Pallas kernels (Mosaic) per step: " + ", ".join(kernels))
     c = topology.chip
     lines.append(
         f"roofline figures ({c.name}, vendor): {c.flops / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bw / 1e9:.0f} GB/s, "
@@ -247,7 +291,12 @@ def main(args) -> None:
         raise UserError(f"--steps {args.steps}: unknown {', '.join(unknown)}; choose from {', '.join(STEPS)} or all")
     if args.serve_batch < 1:
         raise UserError(f"--serve-batch {args.serve_batch}: give at least 1 row")
-    reports = compile_config(cfg, topology, steps, args.serve_batch)
+    if args.kv_block_size < 1 or cfg.model.seq_len % args.kv_block_size or args.prefill_chunk < 16:
+        raise UserError(
+            f"need --kv-block-size dividing model.seq_len={cfg.model.seq_len} and --prefill-chunk >= 16 "
+            f"(got {args.kv_block_size}, {args.prefill_chunk})"
+        )
+    reports = compile_config(cfg, topology, steps, args.serve_batch, args.kv_block_size, args.prefill_chunk)
     if args.json:
         record = {"config": args.config, "overrides": args.overrides, "topology": topology.name}
         record |= {"slices": topology.slices, "chips": topology.devices, "mesh": mesh}

@@ -34,8 +34,8 @@ from llm_jax.data.chat_template import special_ids
 from llm_jax.data.tokenizer import EOS, PAD, Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.dense import IN_DIMS
-from llm_jax.parallel.sharding import abstract_params, single_device_layout
-from llm_jax.run import load_run, write_params_run
+from llm_jax.parallel.sharding import abstract_params, inference_layout, single_device_layout
+from llm_jax.run import load_config_of, load_run, write_params_run
 
 LAYER_NAMES = {
     "wq": "self_attn.q_proj",
@@ -221,8 +221,9 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path, shard_bytes: in
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, log=print) -> Path:
-    run = load_run(run_dir)
+def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, mesh: str = "1,1,1", log=print) -> Path:
+    """The float32 parameters are read split over --mesh and gathered to the host one tensor at a time."""
+    run = load_run(run_dir, inference_layout(load_config_of(run_dir), mesh))
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} holds {cfg.model.quant} weights; export the float run it was quantized from")

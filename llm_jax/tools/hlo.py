@@ -159,13 +159,28 @@ def _fusion_io(fused: list[Instr]) -> FusionIO:
         found = uses(name)
         if found and all(op in ("dynamic-slice", "slice") and pos == 0 for op, pos, _ in found):
             reads[index] = sum(sizes[user] for _, _, user in found)
-        elif found and all(op == "dynamic-update-slice" and pos == 0 for op, pos, _ in found):
+        elif found and all(op in IN_PLACE and pos < _buffers(op, defs[user][1]) for op, pos, user in found):
             reads[index] = 0.0
     while root in defs and defs[root][0] == "bitcast":
         root = defs[root][1][0]
     op, operands = defs.get(root, ("", []))
-    written = sizes.get(operands[1], 0.0) if op == "dynamic-update-slice" else None
-    return FusionIO(reads, written, collectives)
+    return FusionIO(reads, _in_place_writes(op, operands, sizes), collectives)
+
+
+IN_PLACE = ("dynamic-update-slice", "scatter")  # XLA updates operand 0 (scatter: its first n) in its buffer
+
+
+def _buffers(op: str, operands: list[str]) -> int:
+    """How many leading operands an in-place op updates: 1, or a scatter's n (its operands: n buffers,
+    the indices, n updates)."""
+    return (len(operands) - 1) // 2 if op == "scatter" else 1
+
+
+def _in_place_writes(op: str, operands: list[str], sizes: dict) -> float | None:
+    """Bytes an in-place op writes, its update(s); None for other ops (they write their whole result)."""
+    if op not in IN_PLACE:
+        return None
+    return sum(sizes.get(o, 0.0) for o in operands[_buffers(op, operands) + 1 :])
 
 
 def _link_bytes(kind: str, op: str, shape: str, operand_bytes: float) -> float:
@@ -211,7 +226,11 @@ def hlo_stats(text: str) -> HloStats:
                 continue
             operands = _operands(rest)
             io = FusionIO({}, None, [])
-            if op in ("fusion", "async-start") and (called := re.search(r"calls=(%[\w.\-]+)", rest)):
+            if op in IN_PLACE:  # unfused: reads the indices and updates, writes the updates in place
+                io = FusionIO(
+                    dict.fromkeys(range(_buffers(op, operands)), 0.0), _in_place_writes(op, operands, sizes), []
+                )
+            elif op in ("fusion", "async-start") and (called := re.search(r"calls=(%[\w.\-]+)", rest)):
                 if called.group(1) not in fusions:
                     fusions[called.group(1)] = _fusion_io(comps.get(called.group(1), []))
                 io = fusions[called.group(1)]

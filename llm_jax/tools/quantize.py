@@ -7,6 +7,7 @@ bfloat16 compute) and of the quantized one, where the run's prepared data is sti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -16,17 +17,20 @@ from llm_jax.config import Config
 from llm_jax.errors import UserError
 from llm_jax.model.dense import INT4_GROUP, param_bytes, quantize
 from llm_jax.model.device import compute_dtype
-from llm_jax.parallel.sharding import single_device_layout
+from llm_jax.parallel.sharding import Layout, abstract_params, inference_layout, single_device_layout
 from llm_jax.train.loop import evaluate
 from llm_jax.train.objectives import objective_of
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
 
-def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print) -> Path:
+def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, mesh: str = "1,1,1", log=print) -> Path:
+    """The float32 parameters are read split over --mesh and quantized where they lie: no device holds the
+    whole float32 tree (the quantized tree comes out split by the same rules)."""
     if mode not in ("int8", "int4", "fp4"):
         raise UserError(f"--mode {mode!r} must be int8, int4 or fp4")
-    run = runs.load_run(run_dir)
+    layout = inference_layout(runs.load_config_of(run_dir), mesh) or single_device_layout()
+    run = runs.load_run(run_dir, layout)
     cfg, params = run.cfg, run.params
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} is already quantized (model.quant={cfg.model.quant}); quantize the float run")
@@ -40,10 +44,11 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
             f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8"
         )
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
-    qparams = quantize(params, mode)
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(qcfg.model, layout))
+    qparams = jax.jit(functools.partial(quantize, mode=mode), out_shardings=shardings)(params)
     f32, bf16 = (dataclasses.replace(cfg, model=dataclasses.replace(m, dtype=d)) for d in ("float32", "bfloat16"))
     metrics = {
-        name: _held_out(c, p, run.path)
+        name: _held_out(c, p, run.path, layout)
         for name, c, p in (  # the quantized run computes in model.dtype
             ("float32", f32, params),
             ("bfloat16", bf16, params),
@@ -61,13 +66,12 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, log=print)
     return out
 
 
-def _held_out(cfg: Config, params, run_dir: Path) -> dict | None:
+def _held_out(cfg: Config, params, run_dir: Path, layout: Layout) -> dict | None:
     """The objective's metrics over the run's validation split (None if its prepared data is gone)."""
     if not (runs.data_dir(run_dir) / "meta.json").is_file():
         return None
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     data = objective_of(cfg).prepare(cfg, run_dir, log=lambda *_: None)
-    layout = single_device_layout()
     one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
     steps = make_steps(
         one_device,
@@ -76,6 +80,4 @@ def _held_out(cfg: Config, params, run_dir: Path) -> dict | None:
         data.tokenizer.token_bytes(cfg.model.vocab_size),
         data.train[0],
     )
-    with layout.activate():
-        params = jax.device_put(params, layout.replicated())
-    return evaluate(one_device, steps, params, data)
+    return evaluate(one_device, steps, jax.device_put(params, steps.state_sharding.params), data)

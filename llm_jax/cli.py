@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per request (capped by the context)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--kv-blocks", type=int, default=0, help="KV-cache blocks in the pool (0: max-batch full contexts)")
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=0,
+        help="KV-cache blocks in the pool, split over the mesh's batch shards (0: max-batch full contexts)",
+    )
     _paged_args(p)
     p.add_argument(
         "--batching",

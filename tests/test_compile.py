@@ -188,6 +188,14 @@ ENTRY %main (pool: f32[1000,16], i: s32[4,1], u: f32[4,16]) -> f32[1000,16] {
 }
 """
     assert hlo_stats(text).hbm_bytes == 2 * (16 + 256 + 256)  # each: read indices and updates, write updates
+    dus = text.replace(
+        "scatter(%pool, %i, %u), update_window_dims={1}, to_apply=%add", "dynamic-update-slice(%pool, %u, %j, %j)"
+    )
+    dus = dus.replace(
+        "%u = f32[4,16] parameter(2)\n  %a", "%u = f32[4,16] parameter(2)\n  %j = s32[] constant(0)\n  %a"
+    )
+    # the dynamic-update-slice reads its two s32 start indices and its update and writes the update
+    assert "dynamic-update-slice" in dus and hlo_stats(dus).hbm_bytes == (8 + 256 + 256) + (16 + 256 + 256)
 
 
 def test_compile_command_prints_every_step_and_json(capsys):

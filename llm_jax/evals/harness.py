@@ -188,7 +188,7 @@ def run_eval(
     layout = inference_layout(load_config_of(run_dir), mesh)
     run = load_run(run_dir, layout, inference=True)
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
-    scorer = Scorer(cfg.model, params, layout=layout)
+    scorer, generator = Scorer(cfg.model, params, layout=layout), None
     results, t0 = {}, time.time()
     for task in tasks:
         if task.kind == "ppl":
@@ -197,7 +197,7 @@ def run_eval(
             results[task.name] = multiple_choice(scorer, tokenizer, task.rows)
         else:
             prompt = cfg.sample.system if system is None else system
-            generator = Generator(cfg.model, params, layout)
+            generator = generator or Generator(cfg.model, params, layout)
             results[task.name] = generation(cfg.model, params, tokenizer, task.rows, prompt, generator=generator)[0]
     record = {
         "run": str(run_dir),

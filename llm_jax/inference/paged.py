@@ -1,4 +1,4 @@
-"""Continuous batching's device side: a pool of KV-cache blocks (llm_jax/model/kv_cache.py, paged), the
+"""Continuous batching's device side: a pool of KV-cache blocks (llm_jax/model/kv_pages.py), the
 allocator that hands them out, and the two jitted steps a scheduler (llm_jax/inference/engine.py) runs:
 
 - prefill: the next chunk of up to `chunk` prompt tokens of a few requests, written into their blocks;
@@ -82,8 +82,9 @@ def token_scores(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.A
 
 class PagedModel:
     """A run's model for continuous batching: serving parameters, the block pool on device and the
-    compiled steps. `rows` is the decode batch (a multiple of the layout's batch shards); `blocks` the
-    pool's blocks and one scratch block (split over the batch shards: each gets its share and a scratch).
+    compiled steps. `rows` is the decode batch (rounded up to a multiple of the layout's batch shards);
+    `blocks` the pool's blocks and one scratch block (split over the batch shards: each gets its share,
+    rounded up, and a scratch block of its own).
 
     Slot s (the engine's row) is held by batch shard s % shards, and its blocks come from that shard's
     part of the pool; a step places each slot's row where its shard computes (decode: rows split in
@@ -133,10 +134,13 @@ class PagedModel:
 
     def admit(self, free_slots: list[int], tokens: int) -> tuple[int, list[int]] | None:
         """The lowest free slot whose shard has blocks for `tokens`, and those blocks (None: none has)."""
+        tried = set()
         for slot in sorted(free_slots):
-            blocks = self.pool.take(self.blocks_for(tokens), slot % self.shards)
-            if blocks is not None:
-                return slot, blocks
+            if slot % self.shards not in tried:
+                tried.add(slot % self.shards)
+                blocks = self.pool.take(self.blocks_for(tokens), slot % self.shards)
+                if blocks is not None:
+                    return slot, blocks
         return None
 
     def blocks_for(self, tokens: int) -> int:
@@ -158,6 +162,7 @@ class PagedModel:
         shard = [c["table"][0] // self.pool.per_shard for c in chunks]  # a request's blocks are its shard's
         counts = [shard.count(j) for j in range(self.shards)]
         per_shard = per_shard or 1 << (max([1, *counts]) - 1).bit_length()
+        assert per_shard >= max(counts), (per_shard, counts)  # a shard's chunks fit its rows
         rows = self.shards * per_shard
         place = [j * per_shard + shard[:i].count(j) for i, j in enumerate(shard)]  # each chunk's row
         longest = max([1, *(len(c["ids"]) for c in chunks)])
@@ -192,6 +197,7 @@ class PagedModel:
         [3, rows]; steps: one of DECODE_STEPS. -> (the next `steps` tokens of every slot [steps, rows],
         their Scores [steps, rows, ...])."""
         width = len(slots["token"])
+        assert width % self.shards == 0, (width, self.shards)  # decode_rows gives multiples of the shards
         row = np.arange(width)
         row = (row % self.shards) * (width // self.shards) + row // self.shards  # slot -> its shard's row
         order = np.argsort(row)  # row -> slot

@@ -203,15 +203,22 @@ OPENAPI = {
 }
 
 
-def engine_options(cfg: Config, max_batch: int, max_queue: int, kv_blocks: int, block: int, chunk: int, static: bool):
-    """The serve command's engine flags, checked against the run -> Service's `engine` dict."""
+def engine_options(
+    cfg: Config, max_batch: int, max_queue: int, kv_blocks: int, block: int, chunk: int, static: bool, shards: int = 1
+) -> dict:
+    """The serve command's engine flags, checked against the run and the mesh's batch shards (each holds
+    its share of the pool, and a request's blocks come from one shard) -> Service's `engine` dict."""
     seq_len = cfg.model.seq_len
     if seq_len % block:
         raise UserError(f"--kv-block-size {block} must divide the model's context {seq_len}")
     per_row = seq_len // block
-    blocks = kv_blocks or max_batch * per_row
-    if blocks < per_row:
-        raise UserError(f"--kv-blocks {blocks} cannot hold one full context ({per_row} blocks of {block}); raise it")
+    blocks = kv_blocks or -(-max_batch // shards) * shards * per_row  # every row a full context
+    if -(-blocks // shards) < per_row:
+        split = f" split over {shards} batch shards" if shards > 1 else ""
+        raise UserError(
+            f"--kv-blocks {blocks}{split} cannot hold one full context ({per_row} blocks of {block}) per shard; "
+            "raise it"
+        )
     return {
         "rows": max_batch,
         "blocks": blocks + 1,
@@ -236,11 +243,11 @@ class _Server(uvicorn.Server):
 
 def serve(run_dir: str, host: str, port: int, model_name: str | None, max_tokens: int, api_key: str | None,
           mesh: str, engine: dict, ready=print) -> None:  # fmt: skip
-    layout = inference_layout(load_config_of(run_dir), mesh)
+    cfg = load_config_of(run_dir)
+    layout = inference_layout(cfg, mesh)
+    options = engine_options(cfg, **engine, shards=layout.axis_size("batch") if layout else 1)  # before loading
     run = load_run(run_dir, layout, inference=True)
-    cfg = run.cfg
     name = model_name or run.path.resolve().name
-    options = engine_options(cfg, **engine)
     service = Service(cfg, run.params, run.tokenizer, name, max_tokens, options, layout)
     service.warm_up()
     config = uvicorn.Config(

@@ -31,18 +31,20 @@ from llm_jax.model.attention import cached_attention
 from llm_jax.model.device import target_device
 from llm_jax.model.kv_cache import Cache, cache_dtype
 
-PAGE_AXES = {"k": (None, "batch", "kv_heads", None, "head_dim"), "v": (None, "batch", "kv_heads", "head_dim", None)}
-KERNEL_PAGE_AXES = ("kv_heads", None, "batch", None, "head_dim")  # [K, L, blocks, block, H], k and v alike
+# blocks over the batch axes, kv heads over tensor; positions and head_dim whole on each device
+PAGE_AXES = {"k": (None, "batch", "kv_heads", None, None), "v": (None, "batch", "kv_heads", None, None)}
+KERNEL_PAGE_AXES = ("kv_heads", None, "batch", None, None)  # [K, L, blocks, block, H], k and v alike
 KERNEL_SPAN = 512  # positions one grid step of the paged kernel reads (pages_per_compute_block x block)
 
 
 def paged_kernel(cfg: ModelConfig) -> bool:
     """Whether paged decoding runs the Pallas paged-attention kernel (jax.experimental.pallas.ops.tpu):
     on TPUs with model.attention auto or splash and 128-multiple heads (Mosaic's tiles: a 16-wide head
-    does not lower); model.attention=splash elsewhere runs it interpreted (the tests)."""
-    if target_device().platform != "tpu":
+    does not lower); with model.attention=splash on CPU it runs interpreted (the tests); GPUs gather."""
+    platform = target_device().platform
+    if platform == "cpu":
         return cfg.attention == "splash"
-    return cfg.attention in ("auto", "splash") and cfg.head_dim % 128 == 0
+    return platform == "tpu" and cfg.attention in ("auto", "splash") and cfg.head_dim % 128 == 0
 
 
 def page_shapes(cfg: ModelConfig, blocks: int, block: int) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -88,19 +90,13 @@ def paged_write_and_attend(
     under a mesh (rows and blocks over the batch axes, kv heads over tensor) -> (out [B, T, N, H], cache)."""
     stacked = layer is not None
     local = _kernel_local if kernel else _gathered_local
-    args = (
-        cache["k"],
-        cache["v"],
-        cache["table"],
-        q,
-        k,
-        v,
-        positions,
-        jnp.asarray(0 if layer is None else layer, jnp.int32),
-    )
+    index = jnp.asarray(layer if stacked else 0, jnp.int32)
+    args = (cache["k"], cache["v"], cache["table"], q, k, v, positions, index)
 
-    def run(pool_k, pool_v, table, q, k, v, positions, layer):
-        return local(pool_k, pool_v, table, q, k, v, positions, layer if stacked else None)
+    def run(pool_k, pool_v, table, q, k, v, positions, index):
+        blocks = pool_k.shape[2 if kernel else int(stacked)]  # this device's blocks (of each layer)
+        table = table % blocks  # pool-wide entries -> this shard's (its blocks are its own)
+        return local(pool_k, pool_v, table, q, k, v, positions, index if stacked else None)
 
     if jax.sharding.get_abstract_mesh().empty:
         out, pool_k, pool_v = run(*args)
@@ -111,22 +107,20 @@ def paged_write_and_attend(
         else:
             pool = tuple(PAGE_AXES[name][0 if stacked else 1 :] for name in ("k", "v"))
         pool_specs = tuple(spec(axes) for axes in pool)
-        q_spec, kv_spec = (
-            spec(("batch", "length", "heads", "head_dim")),
-            spec(("batch", "length", "kv_heads", "head_dim")),
-        )
-        rows = (spec(("batch", None)), q_spec, kv_spec, kv_spec, spec(("batch", "length")), spec(()))
+        # whole sequences and heads on each device, whatever the rules say of length and head_dim
+        q_spec, kv_spec = spec(("batch", None, "heads", None)), spec(("batch", None, "kv_heads", None))
+        rows = (spec(("batch", None)), q_spec, kv_spec, kv_spec, spec(("batch", None)), spec(()))
         out, pool_k, pool_v = jax.shard_map(
             run, in_specs=(*pool_specs, *rows), out_specs=(q_spec, *pool_specs), check_vma=False
         )(*args)
     return out, dict(cache, k=pool_k, v=pool_v)
 
 
-def _slots(table: jax.Array, positions: jax.Array, blocks: int, block: int) -> tuple[jax.Array, jax.Array]:
-    """Where positions [B, T] lie in this device's `blocks`: (block [B, T], offset [B, T]); the table's
-    entries are pool-wide (a shard's blocks are its own, so modulo the local count)."""
+def _slots(table: jax.Array, positions: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Where positions [B, T] lie in this device's blocks (a local table): (block [B, T], offset [B, T]);
+    padding (position < 0) goes to the scratch block 0."""
     entry = jnp.clip(positions // block, 0, table.shape[1] - 1)
-    at = jnp.where(positions >= 0, jnp.take_along_axis(table, entry, axis=1) % blocks, 0)
+    at = jnp.where(positions >= 0, jnp.take_along_axis(table, entry, axis=1), 0)
     return at, positions % block
 
 
@@ -134,8 +128,7 @@ def _gathered_local(pool_k, pool_v, table, q, k, v, positions, layer):
     """The gathered layout on one device: pool_k [(L,) P, K, block, H], pool_v [(L,) P, K, H, block]."""
     lead, all_ = (() if layer is None else (layer,)), slice(None)
     block = pool_k.shape[-2]
-    table = table % pool_k.shape[len(lead)]
-    at, offsets = _slots(table, positions, pool_k.shape[len(lead)], block)
+    at, offsets = _slots(table, positions, block)
     pool_k = pool_k.at[(*lead, at, all_, offsets, all_)].set(k.astype(pool_k.dtype))  # [B, T] x [K, H]
     pool_v = pool_v.at[(*lead, at, all_, all_, offsets)].set(v.astype(pool_v.dtype))
     keys, values = (pool if layer is None else pool[layer] for pool in (pool_k, pool_v))
@@ -150,8 +143,7 @@ def _kernel_local(pool_k, pool_v, table, q, k, v, positions, layer):
     """The kernel's layout on one device: pool_k, pool_v [K, L, P, block, H] (L = 1: one layer's pool)."""
     layer = 0 if layer is None else layer
     per_layer, block = pool_k.shape[2], pool_k.shape[3]
-    table = table % per_layer
-    at, offsets = _slots(table, positions, per_layer, block)
+    at, offsets = _slots(table, positions, block)
     index = (slice(None), layer, at, offsets)  # -> [K, B, T, H]
     pool_k = pool_k.at[index].set(jnp.moveaxis(k, 2, 0).astype(pool_k.dtype))
     pool_v = pool_v.at[index].set(jnp.moveaxis(v, 2, 0).astype(pool_v.dtype))
@@ -177,7 +169,7 @@ def _paged_kernel(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax
     block, width = keys.shape[2], pages.shape[1]
     per_step = max(d for d in range(1, width + 1) if width % d == 0 and d * block <= max(KERNEL_SPAN, block))
     q = (q[:, 0].astype(jnp.float32) * q.shape[-1] ** -0.5).astype(keys.dtype)  # the kernel does not scale
-    interpret = target_device().platform != "tpu"
+    interpret = target_device().platform == "cpu"
     with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
         out = paged_attention(
             q, keys, values, jnp.maximum(lengths, 1).astype(jnp.int32), pages, pages_per_compute_block=per_step

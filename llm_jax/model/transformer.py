@@ -8,7 +8,7 @@ Parameters are float32; matmuls take `cfg.dtype` inputs and accumulate in float3
 key activation names its axes (embed, heads, kv_heads, head_dim, mlp, vocab, batch, length,
 layers); llm_jax/parallel/sharding.py maps those names onto the device mesh. Layers are one `nn.scan`, so
 compile time does not grow with depth (a serving model on CPU unrolls them: `serving`). A KV cache
-(llm_jax/model/kv_cache.py: contiguous or paged) is an explicit pytree in and out of `__call__`.
+(llm_jax/model/kv_cache.py, contiguous, or kv_pages.py, paged) is an explicit pytree in and out of `__call__`.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ def compile_config(
 def _serving(
     cfg: Config, topology: Topology, layout: Layout, steps, serve_batch: int, block: int, chunk: int
 ) -> list[Compiled]:
-    """A server's two steps at `serve_batch` rows (rounded up to the batch shards), full-context prompts."""
+    """The serving steps at `serve_batch` rows (rounded up to the batch shards): over a contiguous cache
+    (full-context prompts), then the paged ones (`_paged`)."""
     m = cfg.model
     shards = layout.axis_size("batch")
     b = -(-serve_batch // shards) * shards

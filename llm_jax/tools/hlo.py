@@ -125,7 +125,7 @@ def _trip_count(condition: list[Instr]) -> int:
 class FusionIO:
     """What a fusion really moves, as XLA's cost model reads it: {operand index: bytes read} for
     operands read only through (dynamic-)slices (those slices) or updated in place (nothing), the
-    bytes written when the root is an in-place dynamic-update-slice (its update, else None), and
+    bytes written when the root is an in-place dynamic-update-slice or scatter (its updates, else None), and
     the collectives inside (a collective fusion: kind, op, shape, operand bytes)."""
 
     reads: dict[int, float]
@@ -177,10 +177,14 @@ def _buffers(op: str, operands: list[str]) -> int:
 
 
 def _in_place_writes(op: str, operands: list[str], sizes: dict) -> float | None:
-    """Bytes an in-place op writes, its update(s); None for other ops (they write their whole result)."""
-    if op not in IN_PLACE:
-        return None
-    return sum(sizes.get(o, 0.0) for o in operands[_buffers(op, operands) + 1 :])
+    """Bytes an in-place op writes, its update(s); None for other ops (they write their whole result).
+    Operands: a dynamic-update-slice's (buffer, update, start indices...), a scatter's (n buffers,
+    indices, n updates)."""
+    if op == "dynamic-update-slice":
+        return sizes.get(operands[1], 0.0)
+    if op == "scatter":
+        return sum(sizes.get(o, 0.0) for o in operands[_buffers(op, operands) + 1 :])
+    return None
 
 
 def _link_bytes(kind: str, op: str, shape: str, operand_bytes: float) -> float:

@@ -31,6 +31,12 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, mesh: str 
         raise UserError(f"--mode {mode!r} must be int8, int4 or fp4")
     layout = inference_layout(runs.load_config_of(run_dir), mesh) or single_device_layout()
     run = runs.load_run(run_dir, layout)
+    micro, shards = run.cfg.train.batch_size // run.cfg.train.grad_accum, layout.axis_size("batch")
+    if micro % shards:
+        raise UserError(
+            f"--mesh {mesh}: the held-out evaluation's micro-batch of {micro} rows does not split over "
+            f"{shards} batch shards (data x fsdp); choose a mesh whose data x fsdp divides {micro}"
+        )
     cfg, params = run.cfg, run.params
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} is already quantized (model.quant={cfg.model.quant}); quantize the float run")
@@ -72,12 +78,12 @@ def _held_out(cfg: Config, params, run_dir: Path, layout: Layout) -> dict | None
         return None
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     data = objective_of(cfg).prepare(cfg, run_dir, log=lambda *_: None)
-    one_device = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
+    unpipelined = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
     steps = make_steps(
-        one_device,
+        unpipelined,
         layout,
         make_optimizer(cfg.optim, 1),
         data.tokenizer.token_bytes(cfg.model.vocab_size),
         data.train[0],
     )
-    return evaluate(one_device, steps, jax.device_put(params, steps.state_sharding.params), data)
+    return evaluate(unpipelined, steps, jax.device_put(params, steps.state_sharding.params), data)

@@ -71,27 +71,36 @@ def main(argv: list[str] | None = None) -> None:
         help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)",
     )
 
-    p = sub.add_parser("export-hf", help="write a run as a Hugging Face Llama checkpoint (safetensors + tokenizer)")
+    p = sub.add_parser(
+        "export-hf", help="write a run as a Hugging Face Llama / Qwen2 checkpoint (safetensors + tokenizer)"
+    )
     p.add_argument("--run", required=True, help="a float run directory")
     p.add_argument("--out", required=True, help="the Hugging Face model directory to create")
     p.add_argument("--shard-mb", type=int, default=2000, help="split model.safetensors into shards above this size")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="the tensors' dtype on disk"
+    )
     _mesh_arg(p)
 
-    p = sub.add_parser("import-hf", help="a local Hugging Face Llama / Mistral checkpoint -> an llm_jax run")
-    p.add_argument("--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.model")
+    p = sub.add_parser("import-hf", help="a local Hugging Face Llama / Mistral / Qwen2 checkpoint -> an llm_jax run")
+    p.add_argument(
+        "--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.json or tokenizer.model"
+    )
     p.add_argument("--out", required=True, help="the run directory to create")
     p.add_argument("--seq-len", type=int, help="context of the run (default: max_position_embeddings, at most 4096)")
 
     p = sub.add_parser("eval", help="perplexity, multiple-choice and generation tasks on a run: table + JSON")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument(
+    tasks = p.add_mutually_exclusive_group(required=True)
+    tasks.add_argument(
         "--tasks",
-        required=True,
         nargs="+",
         metavar="TASK",
         help="bundled names (shakespeare_speaker, shakespeare_cloze, shakespeare_next_word), JSONL files, "
         "or ppl:<text source>",
     )
+    tasks.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of your own lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="rows per task (spread over the file); ppl: windows")
     p.add_argument("--out", help="the JSON record (default: <run>/eval/step<N>.json)")
     p.add_argument("--system", help="system prompt for chat rows (default: the run's sample.system)")
@@ -267,6 +276,13 @@ def _eval(args) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
+    if args.lm_eval:
+        try:
+            from llm_jax.evals.lm_eval_model import run_lm_eval
+        except ImportError:
+            raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'") from None
+        run_lm_eval(args.run, args.lm_eval.split(","), args.lm_eval_include, args.limit, args.out, args.mesh)
+        return
     run_eval(args.run, args.tasks, args.limit, args.out, args.system, args.mesh)
 
 
@@ -309,7 +325,7 @@ def _export_hf(args) -> None:
 
     if args.shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
-    export_hf(args.run, args.out, args.shard_mb << 20, args.mesh)
+    export_hf(args.run, args.out, args.shard_mb << 20, args.mesh, args.dtype)
 
 
 def _import_hf(args) -> None:

@@ -2,7 +2,8 @@
 
     <run_dir>/
       config.yaml          the resolved config (llm_jax.config.RUN_CONFIG; a rerun must keep the pinned keys)
-      tokenizer.model      SentencePiece model (+ tokenizer.vocab)
+      tokenizer.model      SentencePiece model (+ tokenizer.vocab), or an imported model's tokenizer.json;
+                           an import's tokenizer_config.json, generation_config.json (data/tokenizer.py)
       data/                the prepared data (llm_jax/data/)
       checkpoints/<step>/  orbax: state (params, AdamW state, step, rng), data (grain iterator), meta (config);
                            under train.checkpoint_dir instead when that is set (a gs:// path works the same,
@@ -30,13 +31,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llm_jax.config import RUN_CONFIG, Config, config_from_dict, save_config, saved_tree, to_dict
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer import BaseTokenizer, copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.dense import inference_params
 from llm_jax.parallel.sharding import Layout, abstract_params, single_device_layout
 
-TOKENIZER = "tokenizer.model"
-TOKENIZER_FILES = (TOKENIZER, "tokenizer.vocab")  # what a copy of a run's tokenizer takes along
 # Keys a run directory pins: its prepared data was built from the first group, its checkpoints
 # (model shapes, data order) from both; an objective may pin more (llm_jax/train/objectives.py).
 DATA_KEYS = (
@@ -68,7 +67,10 @@ def run_path(run_dir: str | Path) -> Path:
 
 
 def tokenizer_path(run_dir: str | Path) -> Path:
-    return run_path(run_dir) / TOKENIZER
+    """The run's tokenizer: an imported tokenizer.json, else the sentencepiece tokenizer.model (which
+    training writes there when there is none)."""
+    imported = run_path(run_dir) / "tokenizer.json"
+    return imported if imported.is_file() else run_path(run_dir) / "tokenizer.model"
 
 
 def data_dir(run_dir: str | Path) -> Path:
@@ -165,7 +167,7 @@ class Run:
     path: Path
     cfg: Config
     params: Any  # the newest checkpoint's parameters, placed by the layout it was loaded with
-    tokenizer: Tokenizer
+    tokenizer: BaseTokenizer
     step_dir: epath.Path  # checkpoints/<step>: its name is the step
 
     @property
@@ -192,7 +194,7 @@ def load_run(run_dir: str | Path, layout: Layout | None = None, inference: bool 
     if inference:
         abstract = inference_params(cfg.model, abstract)
     params, step_dir = newest_params(run_dir, abstract, str(run_path(run_dir)))
-    return Run(run_path(run_dir), cfg, params, Tokenizer(tokenizer_path(run_dir)), step_dir)
+    return Run(run_path(run_dir), cfg, params, load_tokenizer(tokenizer_path(run_dir)), step_dir)
 
 
 def check_resumable(cfg: Config, run_dir: str | Path, pinned: tuple[str, ...] = ()) -> None:
@@ -234,16 +236,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def write_params_run(out: Path, cfg: Config, params: Any, step: str, tokenizer_from: Path) -> None:
-    """A run directory holding only parameters (quantize, import-hf): config, the tokenizer files
-    found in `tokenizer_from` (a directory) and checkpoints/<step>/state; written beside `out` and
-    renamed, so it is whole or absent."""
+    """A run directory holding only parameters (quantize, import-hf): config, the tokenizer
+    `tokenizer_from` (a file, or a directory holding one) with the model files beside it, and
+    checkpoints/<step>/state; written beside `out` and renamed, so it is whole or absent."""
     cfg = dataclasses.replace(cfg, run_dir=str(out), train=dataclasses.replace(cfg.train, checkpoint_dir=None))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_from / name).is_file():
-            shutil.copyfile(tokenizer_from / name, tmp / name)
+    copy_tokenizer(tokenizer_from, tmp)
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save((checkpoint_dir(tmp, None) / step / "state"), {"params": params})
     save_run_config(cfg, tmp)

@@ -46,3 +46,32 @@ def prepared_run(tmp_path, prepared_template) -> Path:
     run = tmp_path / "run"
     shutil.copytree(prepared_template, run)
     return run
+
+
+def lm_eval_task_dir(directory: Path) -> Path:
+    """tests/data's multiple-choice task for lm-evaluation-harness, its data file's path filled in."""
+    data = Path(__file__).parent / "data"
+    task = (data / "lm_eval_choice.yaml").read_text().replace("DATA_FILE", str(data / "lm_eval_choice.jsonl"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "lm_eval_choice.yaml").write_text(task)
+    return directory
+
+
+def lm_eval_samples(module: str, model: str, model_args: str, tasks: Path, out: Path) -> list[dict]:
+    """`python -m <module> run` (lm-eval's command line) on the local task -> its samples by doc id."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", module, "run", "--model", model, "--model_args", model_args]
+        + ["--tasks", "llm_jax_choice", "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for line in next(out.rglob("samples_*.jsonl")).open()]
+    return sorted(samples, key=lambda s: s["doc_id"])

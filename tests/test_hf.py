@@ -102,13 +102,13 @@ def test_bad_checkpoints_name_the_problem(tmp_path, tokenizer_path):
         attempt(change_config=lambda c: c | {"hidden_act": "gelu"}, name="b3")
     with pytest.raises(UserError, match="model_type='gpt2' is not supported"):
         attempt(change_config=lambda c: c | {"model_type": "gpt2"}, name="b4")
-    with pytest.raises(UserError, match=r"rope_scaling=.* \(only plain RoPE"):
+    with pytest.raises(UserError, match=r"rope_scaling=.*yarn.* is not supported \(plain RoPE and Llama 3.1's llama3"):
         attempt(change_config=lambda c: c | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, name="b5")
     with pytest.raises(UserError, match="no place for: model.layers.0.self_attn.q_proj.bias"):
         attempt(lambda t: t | {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}, name="b6")
     (tmp_path / "b7").mkdir()
     (tmp_path / "b7" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="no sentencepiece tokenizer.model"):
+    with pytest.raises(UserError, match="has no tokenizer \\(tokenizer.json or a sentencepiece tokenizer.model\\)"):
         import_hf(str(tmp_path / "b7"), str(tmp_path / "out7"))
     with pytest.raises(UserError, match="exists; remove it"):
         export_hf(str(tmp_path / "run"), str(hf))
@@ -179,6 +179,8 @@ def test_the_exported_tokenizer_and_chat_template_load_in_transformers(tmp_path,
     ours, theirs = Tokenizer(tokenizer_path), transformers.AutoTokenizer.from_pretrained(hf)
     text = "Enter KING LEAR.\n  Lear. Nothing will come of nothing: speak again ☃ 😀"
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert theirs.encode(text) == [ours.bos_id] + ours.encode(text)  # our prompt ids: <|endoftext|> first
+    assert ours.bos_id == ours.eos_id == theirs.bos_token_id
     assert theirs.decode(ours.encode(text)) == text
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Kent?"}]
     chat = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import os
 import random
 import shutil
 import socket
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from conftest import tiny_config
+from conftest import lm_eval_samples, lm_eval_task_dir, tiny_config
 
 from llm_jax.data.chat_template import prompt_ids
 from llm_jax.inference.generate import Generator, stream_text
@@ -428,24 +427,8 @@ def test_lm_evaluation_harness_scores_the_served_model_as_llm_jax_eval_does(run,
     from llm_jax.evals.harness import Scorer, choice_scores
 
     _, port = server
-    data = Path(__file__).parent / "data"
-    (tmp_path / "tasks").mkdir()
-    task = (data / "lm_eval_choice.yaml").read_text().replace("DATA_FILE", str(data / "lm_eval_choice.jsonl"))
-    (tmp_path / "tasks" / "lm_eval_choice.yaml").write_text(task)
     args = f"model={MODEL},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=remote,num_concurrent=4"
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args]
-        + ["--tasks", "llm_jax_choice", "--include_path", str(tmp_path / "tasks")]
-        + ["--output_path", str(tmp_path / "out"), "--log_samples"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).open()]
-    samples.sort(key=lambda s: s["doc_id"])
+    samples = lm_eval_samples("lm_eval", "local-completions", args, lm_eval_task_dir(tmp_path / "tasks"), tmp_path)
     theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
 
     loaded = load_run(str(run))

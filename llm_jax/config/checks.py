@@ -30,6 +30,12 @@ def validate(cfg: Config) -> None:
             f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE",
         ),
         (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
+        (
+            not m.rope_scaling
+            or (len(m.rope_scaling) == 4 and min(m.rope_scaling) > 0 and m.rope_scaling[2] > m.rope_scaling[1]),
+            f"model.rope_scaling={list(m.rope_scaling)} must be [] or [factor, low_freq_factor, "
+            "high_freq_factor, original_context], all positive, high_freq_factor > low_freq_factor",
+        ),
         (m.quant in ("none", "int8", "int4", "fp4"), f"model.quant={m.quant!r} must be none, int8, int4 or fp4"),
         (
             m.quant not in ("int4", "fp4") or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),

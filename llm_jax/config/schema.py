@@ -33,6 +33,8 @@ class ModelConfig:
     mlp_dim: int
     seq_len: int
     rope_theta: float
+    rope_scaling: tuple[float, ...]
+    qkv_bias: bool
     norm_eps: float
     tie_embeddings: bool
     init_std: float

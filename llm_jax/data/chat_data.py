@@ -19,18 +19,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.data.chat_template import check_messages, fit_example, render, special_ids
+from llm_jax.data.chat_template import check_chat, check_messages, fit_example, render, reply_example
 from llm_jax.data.corpus import resolve_source
 from llm_jax.data.loader import PreparedData
 from llm_jax.data.shards import read_meta, write_meta
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer import BaseTokenizer as Tokenizer
+from llm_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 
 Example = tuple  # sft: (ids, weights); dpo: ((ids, weights) chosen, (ids, weights) rejected)
@@ -81,13 +81,7 @@ def dpo_example(tokenizer: Tokenizer, row: dict, where: str) -> Example:
     chosen, rejected = _response(row.get("chosen"), where, "chosen"), _response(row.get("rejected"), where, "rejected")
     if chosen.strip() == rejected.strip():
         raise _BadRow("chosen equals rejected", f"{where}: chosen and rejected are the same text")
-    prefix, _ = render(tokenizer, messages, generation_prompt=True)
-    end = special_ids(tokenizer)["end_of_turn"]
-    pair = []
-    for text in (chosen, rejected):
-        body = tokenizer.encode(text) + [end]
-        pair.append((prefix + body, [0.0] * len(prefix) + [1.0] * len(body)))
-    return tuple(pair)
+    return tuple(reply_example(tokenizer, messages, text) for text in (chosen, rejected))
 
 
 def load_examples(
@@ -203,18 +197,20 @@ def prepare_chat(
     meta = read_meta(data_dir / "meta.json")
     if meta is None:
         meta = _build(cfg, kind, data_dir, _tokenizer(cfg, tokenizer_source, tokenizer_path), log)
-    return PreparedData(Tokenizer(tokenizer_path), ExampleRows(data_dir, "train"), ExampleRows(data_dir, "val"), meta)
+    return PreparedData(
+        load_tokenizer(tokenizer_path.parent), ExampleRows(data_dir, "train"), ExampleRows(data_dir, "val"), meta
+    )
 
 
 def _tokenizer(cfg: Config, source: Path, path: Path) -> Tokenizer:
-    tokenizer = Tokenizer(source)
-    special_ids(tokenizer)
+    tokenizer = load_tokenizer(source)
+    check_chat(tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
             f"tokenizer {source} has {tokenizer.vocab_size} pieces, more than model.vocab_size={cfg.model.vocab_size}"
         )
-    shutil.copyfile(source, path)
-    return Tokenizer(path)
+    copy_tokenizer(source, path.parent)
+    return load_tokenizer(path.parent)
 
 
 def _build(cfg: Config, kind: str, data_dir: Path, tokenizer: Tokenizer, log) -> dict:

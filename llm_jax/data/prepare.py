@@ -21,7 +21,7 @@ from llm_jax.data.curate import Curated, curate
 from llm_jax.data.loader import PreparedData
 from llm_jax.data.report import write_report
 from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
-from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from llm_jax.data.tokenizer import BaseTokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 from llm_jax.errors import UserError
 
 _ENCODE_BYTES = 4 << 20  # text per sentencepiece batch call (encoded on all cores)
@@ -33,7 +33,7 @@ def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -
     meta = read_meta(data_dir / "meta.json")
     if meta is None or "shards" not in meta:  # none yet, or data without token shards: rebuilt
         meta = _build(cfg, data_dir, tokenizer_path, log)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path.parent)  # the run's: tokenizer.json first, else .model
     splits = {
         split: TokenShards(
             [data_dir / name for name in meta["shards"][split]], meta["dtype"], cfg.model.seq_len, tokenizer.eos_id
@@ -118,10 +118,11 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     return meta
 
 
-def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -> Tokenizer:
+def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -> BaseTokenizer:
     if cfg.data.tokenizer:
-        shutil.copyfile(Tokenizer(cfg.data.tokenizer).path, path)  # the run directory is self-contained
-    elif not path.is_file():
+        copy_tokenizer(cfg.data.tokenizer, path.parent)  # the run directory is self-contained
+        return load_tokenizer(path.parent)
+    if not path.is_file():
         texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
         tokenizer = train_tokenizer(
             texts,
@@ -132,7 +133,7 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -
             int(cur.sizes[~is_val, 0].sum()),
         )
         log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
 def _chunks(records: Iterator[dict]) -> Iterator[tuple[int, list[dict]]]:

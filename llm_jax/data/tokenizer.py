@@ -1,8 +1,15 @@
-"""SentencePiece BPE: trained on the corpus (byte fallback, so any text round-trips) or loaded.
+"""Tokenizers: one interface over a SentencePiece model (ours, trained here, or a Llama-2-style
+import) and a Hugging Face `tokenizer.json` (byte-level BPE: Llama 3, Qwen2, ...; hf_tokenizer.py).
 
+Ours is SentencePiece BPE trained on the corpus (byte fallback, so any text round-trips).
 Normalisation is off and whitespace is kept as is, so newlines and indentation survive (a play's
 layout is its speaker lines); a newline is the byte piece <0x0A>. Special tokens are control
 symbols: `encode` never produces them from text, so user text cannot forge a chat turn.
+
+An imported tokenizer keeps the model's own files beside it: tokenizer_config.json (BOS, EOS, the
+Jinja chat template, or chat_template.jinja) and generation_config.json (the ids that end a reply).
+Every prompt and document starts with `bos_id`: the model's BOS or, where it has none (ours,
+Qwen2), <|endoftext|> (the document separator both pretrain with), else its EOS.
 """
 
 from __future__ import annotations
@@ -10,22 +17,50 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 
+from llm_jax.data.hf_tokenizer import HFTokenizer
+from llm_jax.data.tokenizer_base import EOS, BaseTokenizer
 from llm_jax.errors import UserError
 
-EOS = "<|endoftext|>"  # separates documents; also ends a generation
 PAD = "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end_of_turn|>")
 _N_RESERVED = 3 + len(CHAT_TOKENS) + 256  # unk, eos, pad, chat tokens, byte pieces
+# The files a run's tokenizer is: the model (one of the first two) and an imported model's own settings.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES += ("generation_config.json", "tokenizer.vocab", "special_tokens_map.json")
 
 
-class Tokenizer:
-    """A loaded sentencepiece model with the ids the rest of llm_jax needs."""
+def load_tokenizer(path: str | Path) -> BaseTokenizer:
+    """A sentencepiece .model, a tokenizer.json, or a directory holding one (tokenizer.json first)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise UserError(f"{path} holds no tokenizer (tokenizer.json or a sentencepiece tokenizer.model)")
+        path = found[0]
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return Tokenizer(path)
+
+
+def copy_tokenizer(source: str | Path, directory: Path) -> None:
+    """The tokenizer `source` (a file, or a directory holding one) and the model files beside it,
+    copied into `directory` (a run directory is self-contained)."""
+    source = load_tokenizer(source).path
+    other = "tokenizer.model" if source.suffix == ".json" else "tokenizer.json"  # the kind not in use
+    for name in TOKENIZER_FILES:
+        if (source.parent / name).is_file() and name not in (other, source.name):
+            shutil.copyfile(source.parent / name, directory / name)
+    shutil.copyfile(source, directory / ("tokenizer.json" if source.suffix == ".json" else "tokenizer.model"))
+
+
+class Tokenizer(BaseTokenizer):
+    """A loaded sentencepiece model."""
 
     def __init__(self, path: str | Path):
         path = Path(path).expanduser()
@@ -45,9 +80,29 @@ class Tokenizer:
             self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
             raise UserError(f"tokenizer {path} has neither {EOS} nor an eos piece to separate documents")
+        self._specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.is_special(i)}
+        self._read_model_files(self.sp.bos_id() if self.sp.bos_id() >= 0 else None)
+
+    def piece(self, token: int) -> str:
+        return self.sp.id_to_piece(int(token))
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        ids, rest = [], text
+        while rest:
+            at = [(rest.find(p), p) for p in self._specials if p in rest]
+            if not at:
+                return ids + self.encode(rest)
+            i, p = min(at, key=lambda a: (a[0], -len(a[1])))
+            ids += (self.encode(rest[:i]) if i else []) + [self._specials[p]]
+            rest = rest[i + len(p) :]
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=0)
@@ -55,31 +110,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def token_text(self, token: int) -> str:
-        """One token as text, for log-prob listings: its piece with the word marker as a space; a byte
-        token as its character when ASCII, else as OpenAI writes lone bytes ("bytes:\\xe2")."""
-        piece = self.sp.id_to_piece(int(token))
-        if not self.sp.is_byte(int(token)):
-            return piece.replace("\u2581", " ")
-        byte = int(piece[3:5], 16)
-        return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
+    def is_special(self, token: int) -> bool:
+        return self.sp.is_control(int(token)) or self.sp.is_unknown(int(token))
 
     def token_utf8(self, token: int) -> list[int]:
-        """The bytes one token stands for (a byte token: its byte)."""
         if self.sp.is_byte(int(token)):
-            return [int(self.sp.id_to_piece(int(token))[3:5], 16)]
-        return list(self.token_text(token).encode())
-
-    def token_bytes(self, size: int | None = None) -> np.ndarray:
-        """[size] int32 (default: the vocabulary): UTF-8 bytes each token stands for, for bits per byte;
-        0 for control tokens and for ids past the vocabulary (a model's vocab_size may be larger)."""
-        out = np.zeros(size or self.vocab_size, np.int32)
-        for i in range(self.vocab_size):
-            if self.sp.is_control(i) or self.sp.is_unknown(i):
-                continue
-            piece = self.sp.id_to_piece(i)
-            out[i] = 1 if self.sp.is_byte(i) else len(piece.replace("\u2581", " ").encode())
-        return out
+            return [int(self.piece(token)[3:5], 16)]
+        return list(self.piece(token).replace("\u2581", " ").encode())
 
 
 def sample_lines(texts: Iterable[str], sample_bytes: int, seed: int, total_bytes: int | None = None) -> list[str]:

@@ -39,14 +39,25 @@ class Scorer:
         self.batch = -(-batch // shards) * shards
         model = Transformer(cfg)
 
-        def logps(params, tokens, segments):  # [B, T + 1] -> [B, T]: log p(tokens[:, 1:])
+        def logps(params, tokens, segments, greedy):  # [B, T + 1] -> [B, T]: log p(tokens[:, 1:])
             hidden, _ = model.apply({"params": params}, tokens[:, :-1], segments=segments[:, :-1])
-            return model.apply({"params": params}, hidden, tokens[:, 1:], method=Transformer.token_logps)
+            out = model.apply({"params": params}, hidden, tokens[:, 1:], method=Transformer.token_logps)
+            if not greedy:
+                return out
+            # is each token the argmax? logits 256 positions at a time (a batch's whole [B, T, vocab]
+            # would be 16 GB in float32 for 16 rows of 2048 tokens over a 128K vocabulary)
+            tops = [
+                jnp.argmax(model.apply({"params": params}, hidden[:, t : t + 256], method=Transformer.logits), -1)
+                for t in range(0, hidden.shape[1], 256)
+            ]
+            top = jnp.concatenate(tops, axis=1)
+            return out, top == tokens[:, 1:]
 
-        self._logps = jax.jit(logps)
+        self._logps = jax.jit(logps, static_argnums=3)
 
-    def __call__(self, windows: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """[(tokens, segment ids) of at most seq_len + 1] -> log p of each token after the first."""
+    def __call__(self, windows: list[tuple[list[int], list[int]]], greedy: bool = False) -> list:
+        """[(tokens, segment ids) of at most seq_len + 1] -> log p of each token after the first
+        (with `greedy`: and whether each is the model's most likely token, as (log p, bool) pairs)."""
         out = []
         for start in range(0, len(windows), self.batch):
             chunk = windows[start : start + self.batch]
@@ -56,17 +67,22 @@ class Scorer:
                 tokens[r, : len(ids)], segments[r, : len(ids)] = ids, seg
                 segments[r, len(ids) :] = -1  # padding: its own segment
             with mesh_scope(self.layout):
-                logps = np.asarray(self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments)))
-            out += [logps[r, : len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
+                result = self._logps(self.params, jnp.asarray(tokens), jnp.asarray(segments), greedy)
+            if greedy:
+                logps, top = np.asarray(result[0]), np.asarray(result[1])
+                out += [(logps[r, : len(ids) - 1], top[r, : len(ids) - 1]) for r, (ids, _) in enumerate(chunk)]
+            else:
+                logps = np.asarray(result)
+                out += [logps[r, : len(ids) - 1] for r, (ids, _) in enumerate(chunk)]
         return out
 
 
 def choice_scores(scorer: Scorer, tokenizer, rows: list[dict]) -> list[list[float]]:
-    """Each row's choices' log-likelihoods given its context (after <|endoftext|>, context and choice
+    """Each row's choices' log-likelihoods given its context (after the BOS, context and choice
     tokenized apart), summed over the choice's tokens."""
     windows, spans = [], []
     for row in rows:
-        context = [tokenizer.eos_id] + tokenizer.encode(row["context"])
+        context = [tokenizer.bos_id] + tokenizer.encode(row["context"])
         for choice in row["choices"]:
             ids = tokenizer.encode(choice)
             full = (context + ids)[-scorer.width :]
@@ -82,13 +98,14 @@ def choice_scores(scorer: Scorer, tokenizer, rows: list[dict]) -> list[list[floa
 
 
 def multiple_choice(scorer: Scorer, tokenizer, rows: list[dict]) -> dict:
-    """acc and acc_norm (log-likelihood per UTF-8 byte of the choice), overall and per sub-task."""
+    """acc and acc_norm (log-likelihood per character of the choice, lm-evaluation-harness's
+    definition), overall and per sub-task."""
     right, right_norm, total = defaultdict(int), defaultdict(int), defaultdict(int)
     for row, scores in zip(rows, choice_scores(scorer, tokenizer, rows)):
-        per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, row["choices"])]
+        per_char = [s / max(1, len(c)) for s, c in zip(scores, row["choices"])]
         for key in {"all", row["task"]}:
             right[key] += int(np.argmax(scores) == row["gold"])
-            right_norm[key] += int(np.argmax(per_byte) == row["gold"])
+            right_norm[key] += int(np.argmax(per_char) == row["gold"])
             total[key] += 1
     return {
         key: {"acc": right[key] / total[key], "acc_norm": right_norm[key] / total[key], "n": total[key]}
@@ -106,7 +123,20 @@ def generation(
     generator: Generator | None = None,
 ) -> tuple[dict, list[str]]:
     """Greedy outputs, batched; exact match of the extracted output, overall and per sub-task."""
-    generator = generator or Generator(cfg, params)
+    outputs = greedy_outputs(cfg, tokenizer, rows, generator or Generator(cfg, params), system, batch)
+    right, total = defaultdict(int), defaultdict(int)
+    for row, text in zip(rows, outputs):
+        for key in {"all", row["task"]}:
+            right[key] += int(extract(text, row.get("regex")) == row["answer"].strip())
+            total[key] += 1
+    return {key: {"exact_match": right[key] / total[key], "n": total[key]} for key in _keys(total)}, outputs
+
+
+def greedy_outputs(
+    cfg, tokenizer, rows: list[dict], generator: Generator, system: str | None = None, batch: int = 16
+) -> list[str]:
+    """Each row's greedy text ({"prompt" or "messages", "max_tokens", "stop"}), cut before its first
+    stop string; rows decode `batch` at a time."""
     outputs = []
     for start in range(0, len(rows), batch):
         chunk, prompts, budgets, stops = rows[start : start + batch], [], [], set()
@@ -114,7 +144,7 @@ def generation(
             if "messages" in row:
                 ids, stop_ids = prompt_ids(tokenizer, row["messages"], system)
             else:
-                ids, stop_ids = [tokenizer.eos_id] + tokenizer.encode(row["prompt"]), (tokenizer.eos_id,)
+                ids, stop_ids = [tokenizer.bos_id] + tokenizer.encode(row["prompt"]), (tokenizer.eos_id,)
             ids, new, _ = fit_prompt(ids, cfg.seq_len, row["max_tokens"])
             prompts.append(ids)
             budgets.append(new)
@@ -129,12 +159,7 @@ def generation(
             text = tokenizer.decode(ids)
             end = first_stop(text, row["stop"])
             outputs.append(text[:end])
-    right, total = defaultdict(int), defaultdict(int)
-    for row, text in zip(rows, outputs):
-        for key in {"all", row["task"]}:
-            right[key] += int(extract(text, row.get("regex")) == row["answer"].strip())
-            total[key] += 1
-    return {key: {"exact_match": right[key] / total[key], "n": total[key]} for key in _keys(total)}, outputs
+    return outputs
 
 
 def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -> dict:
@@ -144,7 +169,7 @@ def perplexity(scorer: Scorer, tokenizer, cfg, source: str, limit: int | None) -
     d = cfg.data
     stream, segs = [], []
     for i, doc in enumerate(read_documents([source], d.text_field, d.cache_dir, "skip", d.tfds_data_dir, ReadStats())):
-        ids = [tokenizer.eos_id] + tokenizer.encode(doc.text)
+        ids = [tokenizer.bos_id] + tokenizer.encode(doc.text)
         stream += ids
         segs += [i] * len(ids)
     if len(stream) < 2:

@@ -8,7 +8,7 @@ A task is one of
 - a JSONL file of either kind of row:
   - multiple choice: {"context": str, "choices": [str, ...], "gold": int}, scored by the
     log-likelihood of each choice after the context: acc (the most likely choice is gold) and
-    acc_norm (likelihood per byte of the choice, the lm-evaluation-harness convention). A choice
+    acc_norm (log-likelihood per character of the choice, as lm-evaluation-harness defines it). A choice
     is appended to the context as is, so it carries its own leading space.
   - generation: {"prompt": str | "messages": [...], "answer": str} with optional "regex" (the
     first group, or the whole match, of the greedy output is compared), "max_tokens" (default 32)

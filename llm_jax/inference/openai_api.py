@@ -9,9 +9,9 @@ to --max-tokens for chat; 0 with echo: score the prompt only), temperature (defa
 top_logprobs 0-20), echo (completions: the prompt before the completion, with its tokens' log-probs),
 stream with stream_options.include_usage. A completions prompt is a string, a list of token ids, or a
 list of either (one choice per prompt and n). Log-probs are the model's own (before temperature and
-filters); prompts start with <|endoftext|> as documents do in pretraining, so the first prompt token
-has a log-prob too. A prompt that does not fit the context with its max_tokens is refused (code
-context_length_exceeded), never cut.
+filters); prompts start with the tokenizer's BOS (<|endoftext|> here) as documents do in
+pretraining, so the first prompt token has a log-prob too. A prompt that does not fit the context
+with its max_tokens is refused (code context_length_exceeded), never cut.
 """
 
 from __future__ import annotations
@@ -104,16 +104,16 @@ class Service:
 
     # -- the tokenizer, as vLLM's server shows it (lm-evaluation-harness's tokenizer_backend=remote) -----
     def tokenizer_info(self) -> dict:
-        eos = self.tokenizer.sp.id_to_piece(self.tokenizer.eos_id)
-        return {"tokenizer_class": "sentencepiece", "eos_token": eos, "bos_token": None, "pad_token": None}
+        tok = self.tokenizer
+        bos = tok.bos_token if tok.bos_id != tok.eos_id else None
+        kind = "sentencepiece" if tok.path.suffix == ".model" else "tokenizers"
+        return {"tokenizer_class": kind, "eos_token": tok.eos_token, "bos_token": bos, "pad_token": None}
 
     def tokenize(self, body) -> dict:
         text = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise ApiError(400, "'prompt' must be a string", "prompt")
-        eos = self.tokenizer.sp.id_to_piece(self.tokenizer.eos_id)  # written in the text: the token itself
-        parts = [self.tokenizer.encode(part) if part else [] for part in text.split(eos)]
-        tokens = [t for i, part in enumerate(parts) for t in ([self.tokenizer.eos_id] if i else []) + part]
+        tokens = self.tokenizer.encode_with_specials(text)  # a special token's text: the token itself
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.seq_len}
 
     def detokenize(self, body) -> dict:
@@ -186,15 +186,15 @@ class Service:
 
     def _text_prompts(self, body) -> list[list[int]]:
         """'prompt': a string, token ids, or a list of either -> one id list per prompt, each after
-        <|endoftext|> (a fresh document, as in pretraining)."""
+        the tokenizer's BOS (<|endoftext|> in runs trained here: a fresh document, as in pretraining)."""
         prompt = body.get("prompt")
         prompts = prompt if isinstance(prompt, list) and prompt and not _is_ids(prompt) else [prompt]
         out = []
         for p in prompts:
             if isinstance(p, str):
-                out.append([self.tokenizer.eos_id] + self.tokenizer.encode(p))
+                out.append([self.tokenizer.bos_id] + self.tokenizer.encode(p))
             elif _is_ids(p) and all(0 <= t < self.cfg.model.vocab_size for t in p):
-                out.append([self.tokenizer.eos_id] + list(p))
+                out.append([self.tokenizer.bos_id] + list(p))
             else:
                 raise ApiError(
                     400,
@@ -297,7 +297,7 @@ class Service:
             yield self._envelope(job, kind, []) | {"usage": usage(job.requests)}
 
     def _prompt_text(self, r: Request) -> str:
-        return self.tokenizer.decode(r.ids[1:])  # without the <|endoftext|> before every prompt
+        return self.tokenizer.decode(r.ids[1:])  # without the BOS before every prompt
 
     def _choice(self, job: Job, r: Request, index: int, text: str, new: range, prompt=False, delta=True):
         """Choice `index` with `text` and the log-probs of the prompt's tokens (`prompt`) and of new tokens `new`."""
@@ -313,7 +313,7 @@ class Service:
         return out | content | {"logprobs": logprobs}
 
     def _logprobs(self, job: Job, r: Request, new: range, prompt: bool) -> dict:
-        """OpenAI's log-prob listing of the prompt's tokens (`prompt`, after <|endoftext|>) and new tokens `new`."""
+        """OpenAI's log-prob listing of the prompt's tokens (`prompt`, after the BOS) and new tokens `new`."""
         tok, top = self.tokenizer, job.top
         ids = list(r.ids[1:]) + r.new_ids  # the choice's tokens, as its text (echo) shows them
         entries = [(t, *s) for t, s in zip(r.ids[1:], r.prompt_scores)] if prompt else []

@@ -52,7 +52,7 @@ def generate_text(run_dir: str, prompt: str | None, settings: dict, stop: list[s
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = sys.stdin.read() if prompt is None else prompt
     s = Sampling.resolve(cfg.sample, **settings)
-    ids, max_new, note = fit_prompt([tokenizer.eos_id] + tokenizer.encode(prompt), cfg.model.seq_len, s.max_new_tokens)
+    ids, max_new, note = fit_prompt([tokenizer.bos_id] + tokenizer.encode(prompt), cfg.model.seq_len, s.max_new_tokens)
     if note:
         print(f"note: {note}", file=sys.stderr)
     print(f"[{run.step} steps] {prompt}", end="", flush=True)

@@ -33,7 +33,9 @@ IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down":
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None):
-    init = nn.initializers.ones if std is None else nn.initializers.normal(std)
+    """A float32 parameter named by its logical axes: normal(std) init, ones for std None (norm
+    scales), zeros for std 0 (biases)."""
+    init = nn.initializers.ones if std is None else nn.initializers.normal(std) if std else nn.initializers.zeros
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
@@ -150,7 +152,7 @@ def inference_params(cfg: ModelConfig, params, platform: str | None = None):
 
     def cast(path, x):
         name = jax.tree_util.keystr(path)  # stacked norm scales are [n_layers, d]: 2-D, not matrices
-        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and "scale" not in name and "norm" not in name
+        matrix = x.dtype == jnp.float32 and x.ndim >= 2 and not any(s in name for s in ("scale", "norm", "bias"))
         if not matrix:
             return x
         if isinstance(x, jax.ShapeDtypeStruct):

@@ -40,9 +40,25 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (x32 * scale).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] -> cos, sin [B, T, 1, head_dim / 2] (float32)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple[float, ...] = ()) -> jax.Array:
+    """[head_dim / 2] float32 rotation frequencies. scaling [factor, low_freq_factor, high_freq_factor,
+    original_context] (Llama 3.1): wavelengths longer than original_context / low_freq_factor are
+    stretched by factor, those shorter than original_context / high_freq_factor kept, and the band
+    between interpolated, so a model trained at 8K reads 128K positions."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if not scaling:
+        return inv_freq
+    factor, low, high, context = scaling
+    wavelength = 2 * math.pi / inv_freq
+    smooth = jnp.clip((context / wavelength - low) / (high - low), 0.0, 1.0)  # 0: stretched, 1: kept
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, scaling: tuple[float, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, 1, head_dim / 2] (float32)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
@@ -75,6 +91,10 @@ class Block(nn.Module):
         q = dense(self, "wq", y, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, 1)
         kk = dense(self, "wk", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
         v = dense(self, "wv", y, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, 1)
+        if cfg.qkv_bias:  # Qwen2's projections; zero-initialised, no weight decay
+            q = q + param(self, "q_bias", (n, h), ("heads", "head_dim"), 0.0).astype(dt)
+            kk = kk + param(self, "k_bias", (k, h), ("kv_heads", "head_dim"), 0.0).astype(dt)
+            v = v + param(self, "v_bias", (k, h), ("kv_heads", "head_dim"), 0.0).astype(dt)
         q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -181,7 +201,7 @@ class Transformer(nn.Module):
         if stages > 1 and cache is None and not self.is_initializing():
             x = self._pipelined(x, positions, segments, stages, microbatches)
         else:
-            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             if self.unstacked:  # each layer with its own cache (init_cache per_layer)
                 caches = []
                 for i, block in enumerate(self.blocks):
@@ -205,7 +225,7 @@ class Transformer(nn.Module):
 
         def run_stage(params, h, pos, seg, key):  # one stage on one micro-batch: [b, T, D] -> [b, T, D]
             rngs = {"dropout": key} if key is not None else None
-            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             carry = (h, None, jnp.zeros((), jnp.int32))
             return stage.apply({"params": params}, carry, rope, pos, 0, seg, rngs=rngs)[0][0]
 

@@ -1,4 +1,4 @@
-"""Hugging Face Llama checkpoints: `llm-jax export-hf` and `llm-jax import-hf`.
+"""Hugging Face checkpoints (Llama 2/3, Mistral, Qwen2): `llm-jax export-hf` and `llm-jax import-hf`.
 
 Our model is the Llama architecture, so the conversion is a renaming and a transpose. Our weights
 are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, in] per layer:
@@ -7,14 +7,19 @@ are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, i
     wo [L, N, H, D] <-> model.layers.{i}.self_attn.o_proj.weight [D, N*H]
     w_gate, w_up [L, D, F] <-> mlp.gate_proj / mlp.up_proj.weight [F, D];  w_down [L, F, D] <-> [D, F]
     attn_norm, mlp_norm [L, D] <-> input_layernorm, post_attention_layernorm.weight [D]
+    q_bias [L, N, H], k_bias, v_bias [L, K, H] <-> self_attn.q_proj.bias [N*H], k_proj, v_proj (Qwen2)
     embedding [V, D] <-> model.embed_tokens.weight;  final_norm <-> model.norm.weight;
     lm_head [V, D] <-> lm_head.weight (absent when tied)
 
 RoPE needs no permutation: apply_rope pairs the two halves of each head, as HF's rotate_half does.
-An imported run computes in float32 when the checkpoint's torch_dtype is float32 (exact parity),
-otherwise in bfloat16 (model.dtype; parameters are float32 either way). The tokenizer travels as
-the sentencepiece model with a LlamaTokenizer config (ids encode as ours: no BOS/EOS added, no extra
-prefix space) and the chat template as a Jinja string.
+Llama 3.1's rope_scaling (type llama3) becomes model.rope_scaling. An imported run computes in
+float32 when the checkpoint's torch_dtype is float32 (exact parity), otherwise in bfloat16
+(model.dtype; parameters are float32 either way, which holds bfloat16 and float16 values exactly, so
+`export-hf --dtype` of the original dtype gives back the original tensors bit for bit). An import
+keeps the model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json with its
+chat template, generation_config.json), and an export of it writes them back unchanged. A run trained
+here exports its sentencepiece model with a LlamaTokenizer config that adds <|endoftext|> as BOS
+before the text (as llm_jax does before every prompt and document) and our chat template.
 """
 
 from __future__ import annotations
@@ -25,47 +30,54 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_jax.config import load_config
 from llm_jax.data.chat_template import special_ids
-from llm_jax.data.tokenizer import EOS, PAD, Tokenizer
+from llm_jax.data.tokenizer import EOS, PAD, copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.dense import IN_DIMS
 from llm_jax.parallel.sharding import abstract_params, inference_layout, single_device_layout
 from llm_jax.run import load_config_of, load_run, write_params_run
 
 LAYER_NAMES = {
-    "wq": "self_attn.q_proj",
-    "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj",
-    "wo": "self_attn.o_proj",
-    "w_gate": "mlp.gate_proj",
-    "w_up": "mlp.up_proj",
-    "w_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "mlp_norm": "post_attention_layernorm",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
 }
 TOP_NAMES = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end_of_turn|>"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
-def to_hf_tensors(params: dict, n_layers: int) -> dict[str, np.ndarray]:
-    """Our float params -> {HF tensor name: float32 array}."""
-    out = {hf: np.asarray(params[ours], np.float32) for ours, hf in TOP_NAMES.items() if ours in params}
+def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Our float params -> {HF tensor name: array of `dtype`}."""
+    out = {hf: np.asarray(params[ours]).astype(dtype) for ours, hf in TOP_NAMES.items() if ours in params}
     for ours, hf in LAYER_NAMES.items():
-        stacked = np.asarray(params["layers"][ours], np.float32)
+        if ours not in params["layers"]:
+            continue
+        stacked = np.asarray(params["layers"][ours])
         for i in range(n_layers):
             w = stacked[i]
             if ours in IN_DIMS:  # [*in, *out] -> [out, in]
                 w = w.reshape(math.prod(w.shape[: IN_DIMS[ours]]), -1).T
-            out[f"model.layers.{i}.{hf}.weight"] = np.ascontiguousarray(w)
+            out[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(w.reshape(-1) if "bias" in ours else w).astype(dtype)
     return out
 
 
@@ -80,6 +92,8 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
             return None
         w = tensors[name]
         want = shape if not in_dims else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
+        if name.endswith(".bias"):
+            want = (math.prod(shape),)
         if tuple(w.shape) != want:
             problems.append(f"tensor {name} has shape {tuple(w.shape)}, expected {want}")
             return None
@@ -89,8 +103,10 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
         if ours in shapes:
             params[ours] = take(hf, shapes[ours], 0)
     for ours, hf in LAYER_NAMES.items():
+        if ours not in shapes["layers"]:
+            continue
         shape = shapes["layers"][ours][1:]
-        rows = [take(f"model.layers.{i}.{hf}.weight", shape, IN_DIMS.get(ours, 0)) for i in range(n_layers)]
+        rows = [take(f"model.layers.{i}.{hf}", shape, IN_DIMS.get(ours, 0)) for i in range(n_layers)]
         layers[ours] = None if any(r is None for r in rows) else np.stack(rows)
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
@@ -98,12 +114,23 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
     return {**params, "layers": layers}
 
 
-def hf_config(model, tokenizer, pad_id: int, chat_ids: dict | None) -> dict:
-    """Our ModelConfig -> a LlamaForCausalLM config.json."""
-    eos = [tokenizer.eos_id] + ([chat_ids["end_of_turn"]] if chat_ids else [])
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def hf_config(model, tokenizer, pad_id: int | None, eos_ids: list[int], dtype: str) -> dict:
+    """Our ModelConfig -> a config.json: Qwen2ForCausalLM where the projections have biases, else
+    LlamaForCausalLM."""
+    kind = "qwen2" if model.qkv_bias else "llama"
+    scaling = None
+    if model.rope_scaling:
+        factor, low, high, context = model.rope_scaling
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": int(context),
+        }
+    config = {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
         "vocab_size": model.vocab_size,
         "hidden_size": model.d_model,
         "intermediate_size": model.mlp_dim,
@@ -114,19 +141,22 @@ def hf_config(model, tokenizer, pad_id: int, chat_ids: dict | None) -> dict:
         "max_position_embeddings": model.seq_len,
         "rms_norm_eps": model.norm_eps,
         "rope_theta": model.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": scaling,
         "tie_word_embeddings": model.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": model.init_std,
-        "bos_token_id": tokenizer.eos_id,
-        "eos_token_id": eos,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": eos_ids,
         "pad_token_id": pad_id,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "use_cache": True,
     }
+    if kind == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False}
+    else:
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model.n_layers}
+    return config
 
 
 def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
@@ -136,7 +166,8 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
         if not ok:
             raise UserError(f"{path}: {field}={config.get(field)!r} is not supported ({why})")
 
-    need("model_type", config.get("model_type") in ARCHITECTURES, f"llm_jax imports {', '.join(ARCHITECTURES)}")
+    kind = config.get("model_type")
+    need("model_type", kind in ARCHITECTURES, f"llm_jax imports {', '.join(ARCHITECTURES)}")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         need(field, isinstance(config.get(field), int) and config[field] > 0, "a positive integer is required")
     d, n = config["hidden_size"], config["num_attention_heads"]
@@ -144,18 +175,23 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
     need("num_key_value_heads", isinstance(k, int) and n % k == 0, "it must divide num_attention_heads")
     need("head_dim", config.get("head_dim") in (None, d // n) and d % n == 0, "llm_jax uses hidden_size / heads")
     need("hidden_act", config.get("hidden_act", "silu") == "silu", "the MLP is SwiGLU")
-    need("attention_bias", not config.get("attention_bias"), "projections have no bias")
-    need("mlp_bias", not config.get("mlp_bias"), "projections have no bias")
-    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
-    need(
-        "rope_scaling",
-        scaling.get("rope_type", scaling.get("type", "default")) == "default",
-        "only plain RoPE (no scaling) is implemented",
-    )
-    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    need("attention_bias", not config.get("attention_bias"), "only Qwen2's q/k/v biases are implemented")
+    need("mlp_bias", not config.get("mlp_bias"), "the MLP has no bias")
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    need("rope_scaling", rope_type in ("default", "llama3"), "plain RoPE and Llama 3.1's llama3 scaling are")
+    rope_scaling = []
+    if rope_type == "llama3":
+        rope_scaling = [
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            float(scaling["original_max_position_embeddings"]),
+        ]
+    theta = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
     context = seq_len or min(config.get("max_position_embeddings", 2048), 4096)
     dtype = config.get("torch_dtype", config.get("dtype", "bfloat16"))  # compute as stored: float32 stays exact
-    window = config.get("sliding_window")
+    window = config.get("sliding_window") if config.get("use_sliding_window", kind != "qwen2") else None
     need(
         "sliding_window",
         window is None or window >= context,
@@ -170,6 +206,8 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
         f"model.mlp_dim={config['intermediate_size']}",
         f"model.seq_len={context}",
         f"model.rope_theta={float(theta)}",
+        f"model.rope_scaling={rope_scaling}",
+        f"model.qkv_bias={str(kind == 'qwen2').lower()}",
         f"model.norm_eps={float(config.get('rms_norm_eps', 1e-6))}",
         f"model.tie_embeddings={str(bool(config.get('tie_word_embeddings', False))).lower()}",
         f"model.init_std={float(config.get('initializer_range', 0.02))}",
@@ -221,54 +259,74 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: Path, shard_bytes: in
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, mesh: str = "1,1,1", log=print) -> Path:
-    """The float32 parameters are read split over --mesh and gathered to the host one tensor at a time."""
+def export_hf(
+    run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, mesh: str = "1,1,1", dtype: str = "float32", log=print
+) -> Path:
+    """The float32 parameters are read split over --mesh and gathered to the host one tensor at a time,
+    then written in `dtype` (float32, bfloat16 or float16)."""
     run = load_run(run_dir, inference_layout(load_config_of(run_dir), mesh))
     cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     if cfg.model.quant != "none":
         raise UserError(f"{run_dir} holds {cfg.model.quant} weights; export the float run it was quantized from")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     out = Path(out_dir).expanduser()
     if out.exists():
         raise UserError(f"{out} exists; remove it or choose another --out")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = to_hf_tensors(params, cfg.model.n_layers, DTYPES[dtype])
+    write_safetensors(tensors, tmp, shard_bytes)
+    imported = (tokenizer.path.parent / "tokenizer_config.json").is_file()
+    if imported:  # the model's own files, as they came
+        copy_tokenizer(tokenizer.path, tmp)
+        eos_ids, pad_id = list(tokenizer.stop_ids), None
+    else:
+        eos_ids, pad_id = _write_our_tokenizer(tokenizer, cfg.model.seq_len, tmp)
+    config = hf_config(cfg.model, tokenizer, pad_id, eos_ids, dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if not (tmp / "generation_config.json").is_file():
+        s = cfg.sample
+        generation = {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "pad_token_id": pad_id,
+            "do_sample": s.temperature > 0,
+            "temperature": s.temperature or None,
+            "top_k": s.top_k or None,
+            "top_p": s.top_p,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tmp.rename(out)
+    log(
+        f"exported {run_dir} ({run.step} steps) -> {out} ({config['architectures'][0]}, {dtype}, "
+        f"{sum(w.size for w in tensors.values()):,} parameters)"
+    )
+    return out
+
+
+def _write_our_tokenizer(tokenizer, seq_len: int, out: Path) -> tuple[list[int], int | None]:
+    """A run trained here: its sentencepiece model with a LlamaTokenizer config that puts <|endoftext|>
+    before the text as BOS (as llm_jax does), and our chat template -> (the end ids, the pad id)."""
     try:
         chat_ids = special_ids(tokenizer)
     except UserError:
         chat_ids = None
-    pad_id = tokenizer.sp.piece_to_id(PAD) if tokenizer.sp.id_to_piece(tokenizer.sp.piece_to_id(PAD)) == PAD else None
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(to_hf_tensors(params, cfg.model.n_layers), tmp, shard_bytes)
-    config = hf_config(cfg.model, tokenizer, pad_id, chat_ids)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    s = cfg.sample
-    generation = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": config["eos_token_id"],
-        "pad_token_id": pad_id,
-        "do_sample": s.temperature > 0,
-        "temperature": s.temperature or None,
-        "top_k": s.top_k or None,
-        "top_p": s.top_p,
-    }
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # Hugging Face's name for it
-    specials = {
-        i: tokenizer.sp.id_to_piece(i)
-        for i in range(tokenizer.vocab_size)
-        if tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)
-    }
+    pad_id = tokenizer.piece_id(PAD)
+    shutil.copyfile(tokenizer.path, out / "tokenizer.model")  # Hugging Face's name for it
+    specials = {i: tokenizer.piece(i) for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)}
     tok_config = {
         "tokenizer_class": "LlamaTokenizer",
         "legacy": True,
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
         "add_prefix_space": False,
-        "bos_token": EOS,
+        "bos_token": tokenizer.piece(tokenizer.bos_id),
         "eos_token": EOS,
         "unk_token": tokenizer.sp.id_to_piece(tokenizer.sp.unk_id()),
         "pad_token": PAD if pad_id is not None else None,
-        "model_max_length": cfg.model.seq_len,
+        "model_max_length": seq_len,
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "added_tokens_decoder": {
@@ -286,13 +344,8 @@ def export_hf(run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, mesh: s
     }
     if chat_ids:
         tok_config["chat_template"] = CHAT_TEMPLATE
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    tmp.rename(out)
-    log(
-        f"exported {run_dir} ({run.step} steps) -> {out} (LlamaForCausalLM, "
-        f"{sum(w.size for w in to_hf_tensors(params, cfg.model.n_layers).values()):,} parameters)"
-    )
-    return out
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    return [tokenizer.eos_id] + ([chat_ids["end_of_turn"]] if chat_ids else []), pad_id
 
 
 def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) -> Path:
@@ -305,13 +358,10 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) 
         config = json.loads((src / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{src / 'config.json'}: malformed JSON ({e})") from None
-    if not (src / "tokenizer.model").is_file():
-        raise UserError(
-            f"{src} has no sentencepiece tokenizer.model (tokenizer.json-only models such as "
-            "Llama 3 are not supported yet)"
-        )
-    Tokenizer(src / "tokenizer.model")  # a clear error now if it is not a usable sentencepiece model
+    tokenizer = load_tokenizer(_tokenizer_file(src))  # a clear error now if it is not usable
     cfg = load_config(None, [f"run_dir={out}", *model_overrides(config, src / "config.json", seq_len)])
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.model.vocab_size}")
     shapes = jax.tree_util.tree_map(lambda a: a.shape, abstract_params(cfg.model, single_device_layout()))
     tensors = read_safetensors(src)
     if cfg.model.tie_embeddings:
@@ -321,12 +371,22 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) 
     unexpected = sorted(k for k in tensors if k not in expected and "rotary_emb" not in k)
     if unexpected:
         raise UserError(
-            f"{src}: tensors llm_jax's Llama has no place for: {', '.join(unexpected[:8])}"
+            f"{src}: tensors llm_jax's model has no place for: {', '.join(unexpected[:8])}"
             + (" ..." if len(unexpected) > 8 else "")
         )
-    write_params_run(out, cfg, params, "0", src)  # takes the tokenizer.model along
+    write_params_run(out, cfg, params, "0", _tokenizer_file(src))
+    chat = "its own chat template" if tokenizer.chat_template else "no chat template (generate only)"
     log(
-        f"imported {src} -> {out} ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, context "
-        f"{cfg.model.seq_len}); use it with generate, chat, serve or train.init_from={out}"
+        f"imported {src} -> {out} ({config['model_type']}, {cfg.model.n_layers} layers, d_model "
+        f"{cfg.model.d_model}, context {cfg.model.seq_len}, {type(tokenizer).__name__} with {chat}); "
+        f"use it with generate, chat, serve or train.init_from={out}"
     )
     return out
+
+
+def _tokenizer_file(src: Path) -> Path:
+    """A model's sentencepiece tokenizer.model where it has one (Llama 2, Mistral 7B), else its tokenizer.json."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (src / name).is_file():
+            return src / name
+    raise UserError(f"{src} has no tokenizer (tokenizer.json or a sentencepiece tokenizer.model)")

@@ -127,7 +127,7 @@ class Pretrain(_LanguageModel):
         return prepare_text(cfg, run.data_dir(run_dir), run.tokenizer_path(run_dir), log)
 
     def sample(self, tokenizer, prompt, system):
-        return [tokenizer.eos_id] + tokenizer.encode(prompt), (tokenizer.eos_id,)
+        return [tokenizer.bos_id] + tokenizer.encode(prompt), (tokenizer.eos_id,)
 
     def show_sample(self, prompt, reply):
         return prompt + reply

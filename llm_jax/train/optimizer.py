@@ -35,9 +35,9 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (embedding, attention, MLP, head), never on RMSNorm scales."""
+    """Weight decay on matrices (embedding, attention, MLP, head), never on RMSNorm scales or biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params
+        lambda path, _: not any(s in str(getattr(k, "key", k)) for k in path for s in ("norm", "bias")), params
     )
 
 

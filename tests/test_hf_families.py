@@ -1,0 +1,260 @@
+"""Hugging Face models beyond sentencepiece Llama: Llama 3 (byte-level BPE tokenizer.json, llama3
+RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS) and Mistral, made in the test by transformers
+and `tokenizers`; imported, compared with transformers, and exported back."""
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.data.chat_template import prompt_ids, render
+from llm_jax.data.tokenizer import load_tokenizer
+from llm_jax.inference.generate import Generator
+from llm_jax.model.transformer import Transformer
+from llm_jax.run import load_run
+from llm_jax.tools.hf import export_hf, import_hf
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+tokenizers = pytest.importorskip("tokenizers")
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# (special tokens, bos, eos, chat template) per family
+FAMILIES = {
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        LLAMA3_TEMPLATE,
+    ),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
+    "mistral": (["<s>", "</s>"], "<s>", "</s>", None),
+}
+VOCAB = 512
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who is Kent? ☃"},
+    {"role": "assistant", "content": "A loyal earl."},
+    {"role": "user", "content": "And Lear?"},
+]
+
+
+def _hf_tokenizer(corpus_slice, family: str):
+    specials, bos, eos, template = FAMILIES[family]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=specials,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((Path(p).read_text() for p in corpus_slice), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    if template:
+        fast.chat_template = template
+    return fast
+
+
+def _hf_model(family: str, tokenizer, seed: int):
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.1,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if family == "llama3":
+        config = transformers.LlamaConfig(
+            **common,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
+        model = transformers.LlamaForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=False)
+        model = transformers.Qwen2ForCausalLM(config)
+        with torch.no_grad():  # transformers initialises the biases to zero: make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    else:
+        config = transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+        model = transformers.MistralForCausalLM(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported(request, corpus_slice, tmp_path_factory):
+    """(family, transformers model, its tokenizer, the HF directory, our imported run)."""
+    family = request.param
+    tmp = tmp_path_factory.mktemp(family)
+    tokenizer = _hf_tokenizer(corpus_slice, family)
+    model = _hf_model(family, tokenizer, seed=len(family))
+    model.save_pretrained(tmp / "hf")
+    tokenizer.save_pretrained(tmp / "hf")
+    run = import_hf(str(tmp / "hf"), str(tmp / "run"), log=lambda *_: None)
+    return family, model, tokenizer, tmp / "hf", run
+
+
+def _our_logits(run, tokens):
+    loaded = load_run(str(run))
+    model = Transformer(loaded.cfg.model)
+    hidden, _ = model.apply({"params": loaded.params}, jnp.asarray(tokens))
+    return np.asarray(model.apply({"params": loaded.params}, hidden, method=Transformer.logits))
+
+
+def test_imported_models_match_transformers_logits_and_greedy_tokens(imported):
+    family, model, _, _, run = imported
+    cfg = load_run(str(run)).cfg.model
+    assert (cfg.qkv_bias, bool(cfg.rope_scaling)) == (family == "qwen2", family == "llama3")
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))  # past the llama3 original context 16
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(_our_logits(run, tokens) - theirs).max() <= 1e-4
+
+    prompt = [int(t) for t in tokens[0, :9]]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    loaded = load_run(str(run))
+    assert list(Generator(loaded.cfg.model, loaded.params).stream(prompt, 20)) == out[0, 9:].tolist()
+
+
+def test_imported_tokenizers_and_chat_templates_give_transformers_ids(imported):
+    family, _, theirs, _, run = imported
+    ours = load_tokenizer(Path(run) / "tokenizer.json")
+    text = "Enter KING LEAR.\n  Lear. Nothing will come of nothing: speak <|im_end|> again ☃ 😀"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert ours.decode(ours.encode(text)) == text
+    bos = theirs.bos_token_id if theirs.bos_token_id is not None else theirs.convert_tokens_to_ids("<|endoftext|>")
+    assert ours.bos_id == bos  # qwen2: no BOS, its document separator
+    assert sum(ours.token_utf8(t) != [] for t in ours.encode(text)) == len(ours.encode(text))
+    assert bytes(b for t in ours.encode(text) for b in ours.token_utf8(t)).decode() == text
+    if family == "mistral":  # no chat template: generate only, and a clear line for chat
+        assert ours.chat_template is None
+        return
+    for upto in (2, 4):
+        chat = theirs.apply_chat_template(MESSAGES[:upto], add_generation_prompt=True, tokenize=True)
+        ids, stops = prompt_ids(ours, MESSAGES[:upto])
+        assert list(getattr(chat, "input_ids", chat)) == ids
+        assert theirs.eos_token_id in stops
+    ids, weights = render(ours, MESSAGES[:3])
+    trained = [t for t, w in zip(ids, weights) if w]  # the reply and its end of turn (the model learns to stop)
+    assert ours.decode(trained).strip() == "A loyal earl." and theirs.eos_token_id in trained
+
+
+def test_a_bfloat16_checkpoint_exports_back_bit_for_bit_and_transformers_reads_it(corpus_slice, tmp_path):
+    tokenizer = _hf_tokenizer(corpus_slice, "qwen2")
+    model = _hf_model("qwen2", tokenizer, seed=3)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    run = import_hf(str(tmp_path / "bf16"), str(tmp_path / "run"), log=lambda *_: None)
+    assert load_run(str(run)).cfg.model.dtype == "bfloat16"
+    out = export_hf(str(run), str(tmp_path / "back"), dtype="bfloat16", log=lambda *_: None)
+    from safetensors.torch import load_file
+
+    original, back = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(original) == set(back)
+    for name, t in original.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], t), name
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.bfloat16).eval()
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=(2, 24))
+    with torch.no_grad():
+        theirs = reloaded(torch.tensor(tokens)).logits.float().numpy()
+    ours = _our_logits(run, tokens)
+    # both compute in bfloat16 with float32 accumulation, in different orders (measured on 2026-12-05:
+    # 0.040 at most, on logits up to 3.1)
+    assert np.abs(ours - theirs).max() <= 0.1
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_an_imported_model_serves_its_own_chat_format_to_the_openai_client(corpus_slice, tmp_path):
+    """An instruct model through the server: Qwen2's ChatML, no BOS, biases."""
+    from test_server import MODEL, _client, _start
+
+    theirs = _hf_tokenizer(corpus_slice, "qwen2")
+    model = _hf_model("qwen2", theirs, seed=4)
+    model.save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf")
+    run = import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+
+    proc, port = _start(run, tmp_path / "server.log", "--max-batch", "4")
+    try:
+        out = _client(port).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    chat = theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    ids = list(getattr(chat, "input_ids", chat))
+    with torch.no_grad():
+        greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=theirs.eos_token_id, pad_token_id=0
+        )
+    expected = theirs.decode(greedy[0, len(ids) :], skip_special_tokens=True)
+    assert out.choices[0].message.content == expected and out.usage.prompt_tokens == len(ids)
+
+
+def test_sft_and_dpo_train_an_imported_model_in_its_own_chat_format(corpus_slice, tmp_path, capsys, monkeypatch):
+    import io
+    import json
+    import math
+
+    from llm_jax.cli import main as cli
+    from llm_jax.config import load_config
+    from llm_jax.data import synth
+    from llm_jax.train.loop import train
+
+    theirs = _hf_tokenizer(corpus_slice, "llama3")
+    _hf_model("llama3", theirs, seed=5).save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf")
+    start = import_hf(str(tmp_path / "hf"), str(tmp_path / "base"), log=lambda *_: None)
+    sft_data, dpo_data = synth.write_sft(tmp_path / "sft_data", 200, 0), synth.write_dpo(tmp_path / "dpo_data", 200, 0)
+
+    def stage(name, init, data):
+        overrides = [f"run_dir={tmp_path / name}", f"train.objective={name}", f"train.init_from={init}"]
+        overrides += [f"data.sources=[{data['train']}]", f"data.val_sources=[{data['test']}]", "train.steps=2"]
+        return load_config("tiny", [*overrides, "train.log_every=1", "train.eval_every=2", "model.dtype=float32"])
+
+    assert 0 < train(stage("sft", start, sft_data), log=lambda *_: None)["loss"] < 20
+    sft_run = tmp_path / "sft"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (sft_run / name).read_bytes() == (Path(start) / name).read_bytes()
+    ours = load_tokenizer(sft_run / "tokenizer.json")
+    rows = np.load(sft_run / "data" / "train.tokens.npy")
+    assert rows[0, 0] == ours.bos_id == theirs.bos_token_id  # examples rendered by the model's template
+
+    train(stage("dpo", sft_run, dpo_data), log=lambda *_: None)
+    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) < 1e-5  # step 1: policy == reference
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3?\n/exit\n"))
+    cli(["chat", "--run", str(tmp_path / "dpo"), "--max-new-tokens", "4", "--temperature", "0"])
+    assert capsys.readouterr().out.count("bot> ") == 1

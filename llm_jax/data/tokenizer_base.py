@@ -3,6 +3,7 @@ model it came with (tokenizer.py: sentencepiece; hf_tokenizer.py: tokenizer.json
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ def token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-class BaseTokenizer:
+class BaseTokenizer(abc.ABC):
     """What the rest of llm_jax uses; subclasses set `vocab_size`, `eos_id` and the piece methods."""
 
     path: Path
@@ -43,32 +44,35 @@ class BaseTokenizer:
         ends = ends if isinstance(ends, list) else [ends] if isinstance(ends, int) else []
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *ends]))
 
-    def piece(self, token: int) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def piece(self, token: int) -> str: ...
 
+    @abc.abstractmethod
     def piece_id(self, piece: str) -> int | None:
         """The id of a whole piece (a special token's text), None if the vocabulary lacks it."""
-        raise NotImplementedError
+        ...
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
+    @abc.abstractmethod
     def encode_with_specials(self, text: str) -> list[int]:
         """Text in which special tokens' texts (a rendered chat template's) stand for those tokens."""
-        raise NotImplementedError
+        ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
 
-    def is_special(self, token: int) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_special(self, token: int) -> bool: ...
 
+    @abc.abstractmethod
     def token_utf8(self, token: int) -> list[int]:
         """The bytes one token stands for (a byte token: its byte; a special token: its text's)."""
-        raise NotImplementedError
+        ...
 
     def token_text(self, token: int) -> str:
         """One token as text, for log-prob listings: its text when whole UTF-8, a lone byte as OpenAI

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", required=True, help="the run directory to create")
     p.add_argument("--seq-len", type=int, help="context of the run (default: max_position_embeddings, at most 4096)")
+    p.add_argument(
+        "--chat-tokens",
+        action="store_true",
+        help="a base model without a chat template: add llm_jax's chat tokens (embedding grown) to fine-tune for chat",
+    )
 
     p = sub.add_parser("eval", help="perplexity, multiple-choice and generation tasks on a run: table + JSON")
     p.add_argument("--run", required=True, help="run directory")
@@ -333,7 +338,7 @@ def _import_hf(args) -> None:
 
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError("--seq-len must be at least 2")
-    import_hf(args.hf, args.out, args.seq_len)
+    import_hf(args.hf, args.out, args.seq_len, args.chat_tokens)
 
 
 def _sweep(args) -> None:

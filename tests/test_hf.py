@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm_jax.config import load_config
-from llm_jax.data.chat_template import prompt_ids
+from llm_jax.data.chat_template import prompt_ids, render
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.inference.generate import Generator
@@ -185,3 +186,80 @@ def test_the_exported_tokenizer_and_chat_template_load_in_transformers(tmp_path,
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Kent?"}]
     chat = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     assert list(getattr(chat, "input_ids", chat)) == prompt_ids(ours, messages)[0]
+
+
+def test_chat_tokens_join_a_sentencepiece_base_model_as_control_pieces(tmp_path, corpus_slice, hf_libs):
+    """A Llama 2-style base model (sentencepiece, no chat tokens, no template) imported with
+    --chat-tokens: control pieces user text cannot forge, the embedding grown, old logits unchanged,
+    and transformers renders our template to our ids after export."""
+    import sentencepiece as spm
+
+    from llm_jax.data.tokenizer import CHAT_TOKENS
+
+    transformers, torch = hf_libs
+    src = tmp_path / "hf"
+    src.mkdir()
+    spm.SentencePieceTrainer.train(
+        input=corpus_slice[0], model_prefix=str(src / "tokenizer"), model_type="bpe", vocab_size=400,
+        byte_fallback=True, minloglevel=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(src)
+    run = import_hf(str(src), str(tmp_path / "run"), chat_tokens=True, log=lambda *_: None)
+    loaded = load_run(str(run))
+    ids = [loaded.tokenizer.piece_id(t) for t in CHAT_TOKENS]
+    assert ids == [400, 401, 402, 403] and loaded.cfg.model.vocab_size == 512
+    assert not set(ids) & set(loaded.tokenizer.encode("<|user|> hi <|end_of_turn|>"))  # text stays text
+    assert prompt_ids(loaded.tokenizer, [{"role": "user", "content": "hi"}])[0][:2] == [1, ids[1]]  # <s> <|user|>
+    tokens = np.random.default_rng(0).integers(0, 400, size=(2, 20))
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(_logits(run, tokens)[..., :400] - theirs).max() <= 1e-4
+
+    messages = [{"role": "user", "content": "Who is Kent?"}, {"role": "assistant", "content": "An earl."}]
+    for legacy in (False, True):  # sentencepiece's dummy prefix on the text after a special token: only if legacy
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy}
+        (Path(run) / "tokenizer_config.json").write_text(json.dumps(config))
+        out = export_hf(str(run), str(tmp_path / f"back-{legacy}"), log=lambda *_: None)
+        chat = transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=True)
+        assert list(getattr(chat, "input_ids", chat)) == render(load_run(str(run)).tokenizer, messages)[0], legacy
+
+
+def test_added_chat_tokens_take_padded_rows_or_grow_the_vocabulary_to_a_multiple_of_128(tmp_path, corpus_slice):
+    import sentencepiece as spm
+
+    from llm_jax.data.tokenizer import CHAT_TOKENS
+    from llm_jax.tools.chat_tokens import add_chat_tokens, grow_embeddings, grown_vocab
+
+    spm.SentencePieceTrainer.train(
+        input=corpus_slice[0], model_prefix=str(tmp_path / "tokenizer"), model_type="bpe", vocab_size=400,
+        byte_fallback=True, minloglevel=2,
+    )  # fmt: skip
+    (tmp_path / "out").mkdir()
+    tokenizer = add_chat_tokens(Tokenizer(tmp_path / "tokenizer.model"), tmp_path / "out")
+    ids = [tokenizer.piece_id(t) for t in CHAT_TOKENS]
+    assert ids == [400, 401, 402, 403] and all(tokenizer.is_special(i) for i in ids)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 403]
+    assert tokenizer.chat_template and prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])[1] == (2, 403)
+    with pytest.raises(UserError, match="has its own chat template; import it without --chat-tokens"):
+        add_chat_tokens(tokenizer, tmp_path / "again")
+
+    assert (grown_vocab(320, 304), grown_vocab(300, 304), grown_vocab(256, 257)) == (320, 384, 384)
+    rng = np.random.default_rng(0)
+    params = {
+        "embedding": rng.normal(size=(420, 4)).astype(np.float32),
+        "lm_head": rng.normal(size=(420, 4)).astype(np.float32),
+        "final_norm": 1,
+    }
+    padded = grow_embeddings(params, ids, 420)  # the new ids take padded rows 400..403
+    assert padded["embedding"].shape == (420, 4) and padded["final_norm"] == 1
+    assert np.allclose(padded["lm_head"][ids], np.delete(params["lm_head"], ids, 0).mean(0))
+    assert np.array_equal(padded["lm_head"][:400], params["lm_head"][:400])
+    grown = grow_embeddings({"embedding": params["embedding"][:400]}, ids, 512)
+    assert grown["embedding"].shape == (512, 4)
+    assert np.allclose(grown["embedding"][400:], params["embedding"][:400].mean(0))

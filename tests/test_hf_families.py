@@ -67,10 +67,10 @@ def _hf_tokenizer(corpus_slice, family: str):
     return fast
 
 
-def _hf_model(family: str, tokenizer, seed: int):
+def _hf_model(family: str, tokenizer, seed: int, vocab: int = VOCAB):
     torch.manual_seed(seed)
     common = {
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -258,3 +258,68 @@ def test_sft_and_dpo_train_an_imported_model_in_its_own_chat_format(corpus_slice
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3?\n/exit\n"))
     cli(["chat", "--run", str(tmp_path / "dpo"), "--max-new-tokens", "4", "--temperature", "0"])
     assert capsys.readouterr().out.count("bot> ") == 1
+
+
+def test_a_base_model_serves_completions_and_learns_chat_through_added_chat_tokens(corpus_slice, tmp_path):
+    """Mistral-style base model, no chat template, no padded vocabulary rows: served as completions
+    only; `--chat-tokens` adds our four tokens (the embedding grows), SFT trains them, and the
+    export gives transformers our template and logits."""
+    import openai
+    from test_server import MODEL, _client, _start
+
+    from llm_jax.config import load_config
+    from llm_jax.data import synth
+    from llm_jax.data.tokenizer import CHAT_TOKENS
+    from llm_jax.train.loop import train
+
+    theirs = _hf_tokenizer(corpus_slice, "mistral")
+    model = _hf_model("mistral", theirs, seed=6, vocab=len(theirs))
+    model.save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf")
+    base = import_hf(str(tmp_path / "hf"), str(tmp_path / "base"), log=lambda *_: None)
+    prompt = "Enter KING LEAR"
+    ids = [theirs.bos_token_id, *theirs.encode(prompt, add_special_tokens=False)]  # BOS first, as ours start
+    with torch.no_grad():
+        greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=theirs.eos_token_id, pad_token_id=-1
+        )  # pad_token_id: not the BOS (id 0), which generate would then mask out
+    proc, port = _start(base, tmp_path / "server.log", "--max-batch", "2")
+    try:
+        out = _client(port).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        with pytest.raises(openai.BadRequestError, match="no chat template .* /v1/completions serves it"):
+            _client(port).chat.completions.create(model=MODEL, messages=MESSAGES[:2], max_tokens=4)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].text == theirs.decode(greedy[0, len(ids) :], skip_special_tokens=True)
+
+    run = import_hf(str(tmp_path / "hf"), str(tmp_path / "chat"), chat_tokens=True, log=lambda *_: None)
+    loaded = load_run(str(run))
+    new_ids = [loaded.tokenizer.piece_id(t) for t in CHAT_TOKENS]
+    assert new_ids == list(range(len(theirs), len(theirs) + 4)) and loaded.cfg.model.vocab_size == 512
+    embedding = np.asarray(loaded.params["embedding"])
+    assert np.allclose(embedding[len(theirs) :], embedding[: len(theirs)].mean(0), atol=1e-6)
+    tokens = np.random.default_rng(3).integers(0, len(theirs), size=(2, 24))
+    with torch.no_grad():
+        reference = model(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(_our_logits(run, tokens)[..., : len(theirs)] - reference).max() <= 1e-4  # old tokens: unchanged
+    ids, stops = prompt_ids(loaded.tokenizer, MESSAGES[:2])
+    assert ids[:2] == [theirs.bos_token_id, new_ids[0]] and new_ids[3] in stops
+
+    data = synth.write_sft(tmp_path / "sft_data", 100, 0)
+    overrides = [f"run_dir={tmp_path / 'sft'}", "train.objective=sft", f"train.init_from={run}", "train.steps=2"]
+    overrides += [f"data.sources=[{data['train']}]", f"data.val_sources=[{data['test']}]", "model.dtype=float32"]
+    train(load_config("tiny", [*overrides, "train.eval_every=2"]), log=lambda *_: None)
+    rows = np.load(tmp_path / "sft" / "data" / "train.tokens.npy")
+    assert {*new_ids} <= {*rows.ravel().tolist()}  # examples in our format, with the added tokens
+
+    out = export_hf(str(tmp_path / "sft"), str(tmp_path / "back"), log=lambda *_: None)
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    chat = exported.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(chat, "input_ids", chat)) == prompt_ids(load_tokenizer(out / "tokenizer.json"), MESSAGES)[0]
+    assert new_ids[3] in transformers.AutoConfig.from_pretrained(out).eos_token_id
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs_after = reloaded(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(_our_logits(tmp_path / "sft", tokens) - theirs_after).max() <= 1e-4

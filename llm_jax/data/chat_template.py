@@ -27,6 +27,11 @@ from llm_jax.data.tokenizer import BaseTokenizer as Tokenizer
 from llm_jax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
+# Our format as a Jinja chat template (export-hf writes it for transformers; it renders the same ids).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end_of_turn|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 Message = dict  # {"role": one of ROLES, "content": str}
 
 
@@ -37,7 +42,8 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     if missing:
         raise UserError(
             f"tokenizer {tokenizer.path} lacks the chat tokens {', '.join(missing)} and has no chat template "
-            "of its own; chat models need a tokenizer trained by llm_jax or a model with a chat_template"
+            "of its own: chat needs a run trained here, a model with a chat_template, or a base model "
+            "imported with `llm-jax import-hf --chat-tokens` and fine-tuned (train.objective=sft)"
         )
     return ids
 

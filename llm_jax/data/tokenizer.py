@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llm_jax.data.hf_tokenizer import HFTokenizer
-from llm_jax.data.tokenizer_base import EOS, BaseTokenizer
+from llm_jax.data.tokenizer_base import EOS, BaseTokenizer, read_json
 from llm_jax.errors import UserError
 
 PAD = "<|pad|>"
@@ -82,6 +82,10 @@ class Tokenizer(BaseTokenizer):
             raise UserError(f"tokenizer {path} has neither {EOS} nor an eos piece to separate documents")
         self._specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.is_special(i)}
         self._read_model_files(self.sp.bos_id() if self.sp.bos_id() >= 0 else None)
+        # A model with sentencepiece's dummy prefix (Llama 2's; not ours) read as transformers reads it
+        # unless its tokenizer_config.json says legacy: the text after a special token gets no "▁".
+        legacy = read_json(path.parent / "tokenizer_config.json").get("legacy", False)
+        self._prefix_after_specials = legacy or not self.sp.encode_as_pieces("a")[0].startswith("\u2581")
 
     def piece(self, token: int) -> str:
         return self.sp.id_to_piece(int(token))
@@ -98,11 +102,17 @@ class Tokenizer(BaseTokenizer):
         while rest:
             at = [(rest.find(p), p) for p in self._specials if p in rest]
             if not at:
-                return ids + self.encode(rest)
+                break
             i, p = min(at, key=lambda a: (a[0], -len(a[1])))
-            ids += (self.encode(rest[:i]) if i else []) + [self._specials[p]]
+            ids += (self._encode_part(rest[:i], not ids) if i else []) + [self._specials[p]]
             rest = rest[i + len(p) :]
-        return ids
+        return ids + (self._encode_part(rest, not ids) if rest else [])
+
+    def _encode_part(self, text: str, first: bool) -> list[int]:
+        if first or self._prefix_after_specials:
+            return self.encode(text)
+        unk = self.sp.id_to_piece(self.sp.unk_id())  # encoded after "<unk>" as text: no dummy prefix
+        return self.encode(unk + text)[len(self.encode(unk)) :]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=0)

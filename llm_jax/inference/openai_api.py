@@ -74,11 +74,15 @@ class Service:
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
-        _, self.chat_stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])  # checks the chat tokens
+        try:  # a base model without a chat format serves completions only
+            _, stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])
+            self.chat = True
+        except UserError:
+            stop_ids, self.chat = tokenizer.stop_ids, False
         model = PagedModel(
             cfg.model, params, layout, engine["rows"], engine["blocks"], engine["block"], engine["chunk"]
         )
-        self.engine = Engine(model, self.chat_stop_ids, engine["max_queue"], engine["static"])
+        self.engine = Engine(model, stop_ids, engine["max_queue"], engine["static"])
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away
         self.draining = False  # set on shutdown: new requests get 503
 
@@ -207,6 +211,13 @@ class Service:
         return out
 
     def _chat_prompt(self, body) -> list[int]:
+        if not self.chat:
+            raise ApiError(
+                400,
+                "this model has no chat template (a base model): POST /v1/completions serves it; "
+                "for chat, fine-tune it first (llm-jax import-hf --chat-tokens, then train.objective=sft)",
+                "messages",
+            )
         messages = body.get("messages")
         if isinstance(messages, list):  # OpenAI's newer shapes: "developer" role, content as a list of text parts
             messages = [_plain_message(m) for m in messages]

@@ -24,9 +24,11 @@ before the text (as llm_jax does before every prompt and document) and our chat 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -36,12 +38,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_jax.config import load_config
-from llm_jax.data.chat_template import special_ids
-from llm_jax.data.tokenizer import EOS, PAD, copy_tokenizer, load_tokenizer
+from llm_jax.data.chat_template import CHAT_TEMPLATE, special_ids
+from llm_jax.data.tokenizer import CHAT_TOKENS, EOS, PAD, copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.dense import IN_DIMS
 from llm_jax.parallel.sharding import abstract_params, inference_layout, single_device_layout
 from llm_jax.run import load_config_of, load_run, write_params_run
+from llm_jax.tools.chat_tokens import add_chat_tokens, grow_embeddings, grown_vocab
 
 LAYER_NAMES = {
     "wq": "self_attn.q_proj.weight",
@@ -60,10 +63,6 @@ LAYER_NAMES = {
 TOP_NAMES = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end_of_turn|>"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -348,7 +347,8 @@ def _write_our_tokenizer(tokenizer, seq_len: int, out: Path) -> tuple[list[int],
     return [tokenizer.eos_id] + ([chat_ids["end_of_turn"]] if chat_ids else []), pad_id
 
 
-def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) -> Path:
+def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, chat_tokens: bool = False, log=print) -> Path:
+    """chat_tokens: add our chat format's tokens to a base model without a template (chat_tokens.py)."""
     src, out = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
     if not (src / "config.json").is_file():
         raise UserError(f"{src} is not a Hugging Face model directory (no config.json)")
@@ -374,8 +374,23 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, log=print) 
             f"{src}: tensors llm_jax's model has no place for: {', '.join(unexpected[:8])}"
             + (" ..." if len(unexpected) > 8 else "")
         )
-    write_params_run(out, cfg, params, "0", _tokenizer_file(src))
-    chat = "its own chat template" if tokenizer.chat_template else "no chat template (generate only)"
+    if not chat_tokens:
+        write_params_run(out, cfg, params, "0", _tokenizer_file(src))
+    else:
+        with tempfile.TemporaryDirectory() as staged:
+            tokenizer = add_chat_tokens(tokenizer, Path(staged))
+            new_ids = [tokenizer.piece_id(t) for t in CHAT_TOKENS]
+            vocab = grown_vocab(cfg.model.vocab_size, tokenizer.vocab_size)
+            params = grow_embeddings(params, new_ids, vocab)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+            write_params_run(out, cfg, params, "0", tokenizer.path)
+    chat = (
+        "its own chat template"
+        if tokenizer.chat_template
+        else "llm_jax's chat tokens, untrained until SFT"
+        if chat_tokens
+        else "no chat template: generate and serve completions; --chat-tokens to fine-tune it for chat"
+    )
     log(
         f"imported {src} -> {out} ({config['model_type']}, {cfg.model.n_layers} layers, d_model "
         f"{cfg.model.d_model}, context {cfg.model.seq_len}, {type(tokenizer).__name__} with {chat}); "

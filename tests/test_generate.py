@@ -162,7 +162,8 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
 
     cfg, params = _sharp_model()
     layout = make_layout(
-        MeshConfig(data=2, pipeline=1, fsdp=2, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0), jax.devices()[:8]
+        MeshConfig(data=2, pipeline=1, fsdp=2, context=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        jax.devices()[:8],
     )
     one, mesh = Generator(cfg, params), Generator(cfg, params, layout)
     # serving on CPU: each layer's weights on their own (unstack_layers), split as the stacked ones were

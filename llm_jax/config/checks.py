@@ -51,6 +51,24 @@ def validate(cfg: Config) -> None:
             m.attention in ("auto", "xla", "cudnn", "blocked", "splash"),
             f"model.attention={m.attention!r} must be auto, xla, cudnn, blocked or splash",
         ),
+        (
+            m.context_parallel in ("ring", "all_gather"),
+            f"model.context_parallel={m.context_parallel!r} must be ring or all_gather",
+        ),
+        (
+            cfg.mesh.context == 1 or m.attention in ("auto", "xla", "blocked"),
+            f"model.attention={m.attention} cannot take a sequence split over mesh.context={cfg.mesh.context}: "
+            "use model.attention=auto (context-parallel attention is its own kernel) or mesh.context=1",
+        ),
+        (
+            cfg.mesh.context <= 0 or m.seq_len % (2 * cfg.mesh.context) == 0,
+            f"model.seq_len={m.seq_len} must split into 2 x mesh.context={cfg.mesh.context} equal chunks "
+            "(each device holds two, one early and one late, so the causal work is balanced)",
+        ),
+        (
+            cfg.mesh.context == 1 or cfg.mesh.pipeline == 1,
+            "mesh.context > 1 with mesh.pipeline > 1 is not supported yet: choose one of them",
+        ),
         (cfg.distributed.timeout_s > 0, f"distributed.timeout_s={cfg.distributed.timeout_s} must be positive"),
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
@@ -104,8 +122,8 @@ def validate(cfg: Config) -> None:
             "train.log_every, eval_every, eval_batches, checkpoint_every and keep_checkpoints must be positive",
         ),
         (
-            sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1
-            and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
+            sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)) <= 1
+            and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)),
             "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)",
         ),
         (cfg.mesh.dcn_data > 0, f"mesh.dcn_data={cfg.mesh.dcn_data} must be positive"),

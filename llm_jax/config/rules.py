@@ -12,12 +12,13 @@ import yaml
 
 from llm_jax.errors import UserError
 
-MESH_AXES = ("data", "pipeline", "fsdp", "tensor")
+MESH_AXES = ("data", "pipeline", "fsdp", "context", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_BATCH = {"batch": ("data", "fsdp"), "layers": "pipeline"}  # layers: a stage's layers on its devices
+# layers: a stage's layers on its devices; length: the sequence over the context axis (size 1: whole)
+_BATCH = {"batch": ("data", "fsdp"), "layers": "pipeline", "length": "context"}
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PRESETS: dict[str, dict] = {
     "dp": _BATCH,  # replicated parameters (but for pipeline stages), batch over data x fsdp

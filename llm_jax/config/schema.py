@@ -42,6 +42,7 @@ class ModelConfig:
     dtype: str
     remat: str
     attention: str
+    context_parallel: str
     quant: str
 
     @property
@@ -136,6 +137,7 @@ class MeshConfig:
     data: int
     pipeline: int
     fsdp: int
+    context: int
     tensor: int
     dcn_data: int
     rules: str

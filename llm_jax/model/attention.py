@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
+from llm_jax.model.context_parallel import context_shards
 from llm_jax.model.device import saved, target_device
 
 SPLASH_BLOCK = 512  # query / key block of the splash kernel (smaller sequences: one block)
@@ -216,7 +217,7 @@ def _splash(q, k, v, segments):
         return local(q, k, v, segments)
     spec = lambda *axes: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(axes))  # noqa: E731
     q_spec, kv_spec = spec("batch", "length", "heads", "head_dim"), spec("batch", "length", "kv_heads", "head_dim")
-    if q_spec[1] is not None:
+    if context_shards()[1] > 1:
         raise ValueError("model.attention=splash needs whole sequences on each device: map `length` to no mesh axis")
     if not all(_divides(mesh, s, x.shape) for s, x in ((q_spec, q), (kv_spec, k))):
         return causal_attention(q, k, v, "xla", segments)  # a batch smaller than its shards (e.g. at init)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
+from llm_jax.model.context_parallel import context_shards
 from llm_jax.model.device import compute_dtype, on_cpu, saved, transposed
 
 INT4_GROUP = 32  # model.quant=int4 / fp4: weights share a scale in groups of this many inputs
@@ -45,13 +46,16 @@ def matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
 
     Both sides are flattened to one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot about
     1.6x faster than that of the equivalent 3-D einsum (measured: SwiGLU MLP fwd+bwd, 8 x 256 x 384,
-    128 ms vs 208 ms); on accelerators the reshapes are free.
+    128 ms vs 208 ms); on accelerators the reshapes are free. Not with a sequence split over the
+    context axis: rows of [batch x length] would not be contiguous per device, and XLA would gather
+    the whole sequence to flatten it, so x keeps its leading axes there.
     """
     lead, k = x.shape[: x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims :])
     out = w.shape[in_dims:]
-    x2, w2 = x.reshape(-1, k).astype(dtype), w.reshape(k, -1)
+    flat = context_shards()[1] == 1
+    x2, w2 = (x.reshape(-1, k) if flat else x.reshape(*lead, k)).astype(dtype), w.reshape(k, -1)
     if jnp.issubdtype(w2.dtype, jnp.floating):
-        y = _trained_dot(x2, w2, on_cpu() and x2.dtype == jnp.bfloat16)
+        y = _trained_dot(x2, w2, flat and on_cpu() and x2.dtype == jnp.bfloat16)
     else:  # quantized weights: inference only
         y = jnp.dot(x2, w2.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     return y.reshape(*lead, *out)
@@ -59,7 +63,7 @@ def matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _trained_dot(x: jax.Array, w: jax.Array, transposed_input: bool) -> jax.Array:
-    """x [M, K] @ w [K, N] -> [M, N]: x's dtype (the compute dtype) in and out, w float32 (the master
+    """x [M, K] (or [..., K]) @ w [K, N] -> [M, N]: x's dtype (the compute dtype) in and out, w float32 (the master
     weight, cast for the matmul), float32 accumulation in all three matmuls of forward and backward.
 
     Written out because autodiff's backward would take the float32 gradient of the float32
@@ -77,9 +81,12 @@ def _trained_dot_fwd(x, w, transposed_input):
 
 def _trained_dot_bwd(transposed_input, res, g):
     x, w = res
-    dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    contract = (1,) if transposed_input else (0,)  # x is [K, M] or [M, K]
-    dw = jax.lax.dot_general(x, g, ((contract, (0,)), ((), ())), preferred_element_type=jnp.float32)
+    rows = tuple(range(g.ndim - 1))
+    dx = jax.lax.dot_general(
+        g, w.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    contract = (1,) if transposed_input else rows  # x is [K, M] or [M, K] (or [..., K])
+    dw = jax.lax.dot_general(x, g, ((contract, rows), ((), ())), preferred_element_type=jnp.float32)
     return dx.astype(g.dtype), dw.astype(w.dtype)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.attention import causal_attention
+from llm_jax.model.context_parallel import balance, context_attention, context_shards, unbalance
 from llm_jax.model.dense import dense, param
 from llm_jax.model.device import compute_dtype, on_cpu
 from llm_jax.model.kv_cache import Cache, write_and_attend
@@ -98,7 +99,9 @@ class Block(nn.Module):
         q = nn.with_logical_constraint(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(apply_rope(kk, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        if cache is None:
+        if cache is None and context_shards()[1] > 1 and not self.is_initializing():
+            attn = context_attention(q, kk, v, segments, cfg.context_parallel)  # the sequence split over devices
+        elif cache is None:
             attn = causal_attention(q, kk, v, cfg.attention, segments)
         else:  # decode: write this chunk into the cache, attend to every cached position <= own
             if "table" in cache:  # a paged pool (continuous batching)
@@ -197,6 +200,10 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if cfg.dropout:
             x = nn.Dropout(cfg.dropout, deterministic=not self.train)(x)
+        context = context_shards()[1] if cache is None and not self.is_initializing() else 1
+        if context > 1:  # one early and one late chunk per device (model/context_parallel.py)
+            x, positions = balance(x, context), balance(positions, context)
+            segments = None if segments is None else balance(segments, context)
         stages, microbatches = self.pipeline
         if stages > 1 and cache is None and not self.is_initializing():
             x = self._pipelined(x, positions, segments, stages, microbatches)
@@ -211,6 +218,8 @@ class Transformer(nn.Module):
             else:
                 carry = (x, cache, jnp.zeros((), jnp.int32))
                 (x, cache, _), _ = self.layers(carry, rope, positions, cache_index, segments)
+        if context > 1:
+            x = nn.with_logical_constraint(unbalance(x, context), ("batch", "length", "embed"))
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
 
     @property

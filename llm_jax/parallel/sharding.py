@@ -28,8 +28,8 @@ from llm_jax.model.transformer import Transformer
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
-    """(data, pipeline, fsdp, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
-    sizes = [cfg.data, cfg.pipeline, cfg.fsdp, cfg.tensor]
+    """(data, pipeline, fsdp, context, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
+    sizes = [cfg.data, cfg.pipeline, cfg.fsdp, cfg.context, cfg.tensor]
     named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -58,7 +58,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         try:
             grid = mesh_utils.create_hybrid_device_mesh(
-                ici, (cfg.dcn_data, 1, 1, 1), devices, process_is_granule=granule
+                ici, (cfg.dcn_data, 1, 1, 1, 1), devices, process_is_granule=granule
             )
         except (ValueError, AssertionError) as e:
             raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the slices present: {e}") from None
@@ -158,7 +158,8 @@ def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:
 def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
     return make_layout(
-        MeshConfig(data=1, pipeline=1, fsdp=1, tensor=1, dcn_data=1, rules=rules, microbatches=0), jax.devices()[:1]
+        MeshConfig(data=1, pipeline=1, fsdp=1, context=1, tensor=1, dcn_data=1, rules=rules, microbatches=0),
+        jax.devices()[:1],
     )
 
 
@@ -174,8 +175,9 @@ def abstract_params(cfg: ModelConfig, layout: Layout):
 
 
 def parse_meshes(text: str) -> list[tuple[int, ...]]:
-    """'8,1,1;2,2,1,2,4' -> [(8, 1, 1, 1, 0), (2, 2, 1, 2, 4)]: (data, fsdp, tensor, pipeline,
-    microbatches) per layout; pipeline defaults to 1 and microbatches to 0 (one per stage)."""
+    """'8,1,1;2,2,1,2,4;1,1,1,1,0,8' -> [(8, 1, 1, 1, 0, 1), (2, 2, 1, 2, 4, 1), (1, 1, 1, 1, 0, 8)]:
+    (data, fsdp, tensor, pipeline, microbatches, context) per layout; pipeline defaults to 1,
+    microbatches to 0 (one per stage), context to 1."""
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         try:
@@ -183,17 +185,18 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
         except ValueError:
             sizes = ()
         if (
-            not 3 <= len(sizes) <= 5
+            not 3 <= len(sizes) <= 6
             or any(s == 0 or s < -1 for s in sizes[:3])
             or sizes[:3].count(-1) > 1
             or any(s < 1 for s in sizes[3:4])
-            or any(s < 0 for s in sizes[4:])
+            or any(s < 0 for s in sizes[4:5])
+            or any(s < 1 for s in sizes[5:])
         ):
             raise UserError(
-                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches]] (positive "
+                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches[,context]]] (positive "
                 f"integers; one of the first three may be -1, microbatches 0 means one per stage)"
             )
-        meshes.append(sizes + (1, 0)[len(sizes) - 3 :])
+        meshes.append(sizes + (1, 0, 1)[len(sizes) - 3 :])
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes
@@ -208,7 +211,7 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
     """An inference command's --mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of
     this host's devices, with the run's rules (None for 1,1,1: one device)."""
     layouts = parse_meshes(mesh)
-    if len(layouts) != 1 or layouts[0][3:] != (1, 0):
+    if len(layouts) != 1 or layouts[0][3:] != (1, 0, 1):
         raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages for inference)")
     data, fsdp, tensor = layouts[0][:3]
     if (data, fsdp, tensor) == (1, 1, 1):
@@ -217,7 +220,9 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
     if data * fsdp * tensor > len(devices):
         raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
     layout = make_layout(
-        MeshConfig(data=data, pipeline=1, fsdp=fsdp, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
+        MeshConfig(
+            data=data, pipeline=1, fsdp=fsdp, context=1, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0
+        ),
         devices[: data * fsdp * tensor],
     )
     check_fit(dict(layout.mesh.shape), layout.rules, cfg.model, layout.axis_size("batch"))

@@ -94,9 +94,11 @@ def activation_bytes(
     backward (its forward recomputed where remat drops it, and the gradients of its activations),
     a layer's weights gathered in compute dtype with their float32 gradient (where the rules split
     parameters), and the loss's logits chunk. `kernel` is the
-    attention kernel that runs (attention.kernel_for): only xla materialises the T x T scores."""
+    attention kernel that runs (attention.kernel_for): only xla materialises the T x T scores, and
+    the context-parallel attention its blocks' (T / context square, or against the whole sequence)."""
     c = compute_dtype(model.dtype, "tpu").itemsize  # plans are for accelerators, where auto is bfloat16
-    b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len, model.d_model
+    context = shards(mesh, rules, "length")  # a sequence split over the context axis: t of it here
+    b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len // context, model.d_model
     L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
     #                                                       micro-batches: together the rows of one micro_batch)
     q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")  # query width here
@@ -105,6 +107,9 @@ def activation_bytes(
     matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c  # q, k, v, o, gate, up, down
     others = b * t * (2 * d + q + 2 * f + 2 * d) * c  # norms, attn out, silu*up, residuals
     scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * t * 4 if kernel == "xla" else 0
+    if context > 1:  # model/context_parallel.py: a block pair's scores per ring hop, or against the whole K/V
+        keys = t if model.context_parallel == "ring" else model.seq_len
+        scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * keys * 4
     layer = matmul_outs + others + scores  # one layer's forward, nothing recomputed
     kept = {"full": b * t * d * c, "dots": b * t * d * c + matmul_outs, "none": layer}[model.remat]
     v = model.vocab_size // shards(mesh, rules, "vocab")

@@ -164,7 +164,7 @@ def main(args) -> None:
     abstract_devices(topology)  # no compiler for it here: say so once, not once per layout
     layouts = candidates(cfg, topology)
     if args.meshes:
-        wanted = {(d, f, t, p) for d, f, t, p, _ in parse_meshes(args.meshes)}
+        wanted = {(d, f, t, p) for d, f, t, p, *_ in parse_meshes(args.meshes)}
         layouts = [c for c in layouts if (c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.pipeline) in wanted]
     if not layouts:
         raise UserError(f"no layout of {topology.describe()} divides the model with its batch (see llm-jax plan)")

@@ -1,6 +1,7 @@
 """`llm-jax sweep`: the same config on several mesh layouts and batch sizes, a few timed steps each.
 
-A layout is data,fsdp,tensor[,pipeline[,microbatches]]; pipelined rows also get the GPipe bubble,
+A layout is data,fsdp,tensor[,pipeline[,microbatches[,context]]] (context: the sequence split over
+mesh.context, model/context_parallel.py); pipelined rows also get the GPipe bubble,
 (S - 1) / (M + S - 1) in theory, and measured against the first unpipelined layout of the batch.
 
 Per layout: compile time, the compiled step's per-device memory (XLA's memory analysis: the
@@ -89,15 +90,23 @@ def run_sweep(
     cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int, log=print
 ) -> list[dict]:
     rows = []
-    for data, fsdp, tensor, stages, microbatches in meshes:
+    for data, fsdp, tensor, stages, microbatches, context in meshes:
         for batch_size in batch_sizes:
             mesh = dataclasses.replace(
-                cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=stages, microbatches=microbatches
+                cfg.mesh,
+                data=data,
+                fsdp=fsdp,
+                tensor=tensor,
+                pipeline=stages,
+                microbatches=microbatches,
+                context=context,
             )
             run = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=batch_size))
             m = mesh.pipeline_microbatches
             row = {
-                "mesh": f"{data}x{fsdp}x{tensor}" + (f" p{stages}m{m}" if stages > 1 else ""),
+                "mesh": f"{data}x{fsdp}x{tensor}"
+                + (f" c{context}" if context > 1 else "")
+                + (f" p{stages}m{m}" if stages > 1 else ""),
                 "batch_size": batch_size,
                 "error": "",
                 "stages": stages,

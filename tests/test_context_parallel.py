@@ -131,3 +131,10 @@ def test_activation_memory_falls_with_the_context_axis():
 def test_context_layouts_that_cannot_work_fail_in_one_line(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config("tiny", overrides)
+
+
+def test_an_odd_sequence_is_fine_without_context_and_a_resolved_context_of_minus_one_is_checked():
+    assert load_config("tiny", ["model.seq_len=63"]).model.seq_len == 63
+    cfg = _config("model.seq_len=72", "mesh.context=-1", "mesh.data=1")  # 8 devices: 16 chunks of 4.5
+    with pytest.raises(UserError, match=re.escape("model.seq_len=72 must split into 2 x 8 equal chunks")):
+        sharding.make_layout(cfg.mesh, jax.devices()).check(cfg)

@@ -377,7 +377,13 @@ def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
 
     cfg = load_run(str(run)).cfg
     assert serve_layout(cfg, "1,1,1") is None
-    assert dict(serve_layout(cfg, "4,1,2").mesh.shape) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2}
+    assert dict(serve_layout(cfg, "4,1,2").mesh.shape) == {
+        "data": 4,
+        "pipeline": 1,
+        "fsdp": 1,
+        "context": 1,
+        "tensor": 2,
+    }
     for mesh, message in [
         ("4,1,4", "needs 16 devices; this host has 8"),
         ("1,1,8", "kv_heads=2 is split over"),

@@ -87,7 +87,7 @@ def test_bad_batch_sizes_and_grad_accum_are_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["sweep", "--config", "tiny", "--meshes", "8,1,1", "--batch-sizes", "8,x", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--batch-sizes '8,x' must be comma-separated" in capsys.readouterr().err
-    with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide the batch size 8"):
+    with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide train.batch_size=8"):
         run_sweep(
             load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]),
             [(8, 1, 1, 1, 0, 1)],

@@ -61,7 +61,7 @@ def validate(cfg: Config) -> None:
             "use model.attention=auto (context-parallel attention is its own kernel) or mesh.context=1",
         ),
         (
-            cfg.mesh.context <= 0 or m.seq_len % (2 * cfg.mesh.context) == 0,
+            cfg.mesh.context <= 1 or m.seq_len % (2 * cfg.mesh.context) == 0,
             f"model.seq_len={m.seq_len} must split into 2 x mesh.context={cfg.mesh.context} equal chunks "
             "(each device holds two, one early and one late, so the causal work is balanced)",
         ),

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 
 from llm_jax.data.chat_template import ROLES, check_messages, prompt_ids
+from llm_jax.data.tokenizer import CHAT_TOKENS
 from llm_jax.errors import UserError
 from llm_jax.inference.engine import PREFILL_ROWS, Engine, QueueFull, Request
 from llm_jax.inference.generate import text_pieces
@@ -74,11 +75,9 @@ class Service:
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
-        try:  # a base model without a chat format serves completions only
-            _, stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])
-            self.chat = True
-        except UserError:
-            stop_ids, self.chat = tokenizer.stop_ids, False
+        # a base model without a chat format serves completions only
+        self.chat = bool(tokenizer.chat_template) or all(tokenizer.piece_id(t) is not None for t in CHAT_TOKENS)
+        stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])[1] if self.chat else tokenizer.stop_ids
         model = PagedModel(
             cfg.model, params, layout, engine["rows"], engine["blocks"], engine["block"], engine["chunk"]
         )

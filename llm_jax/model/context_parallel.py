@@ -8,8 +8,9 @@ other devices, and it runs per device inside jax.shard_map, in one of two forms
 - all_gather: keys, values (and segment ids) are gathered whole along the axis; the local queries
   attend to them. Simple, one collective per layer, but every device holds the whole K/V.
 - ring: keys and values travel around the axis with ppermute, C - 1 hops; each device combines the
-  blocks it sees with an online softmax (flash attention's running max and sum), so no device holds
-  more than two K/V blocks. Blocks that the causal mask hides are not computed.
+  blocks it sees with an online softmax (flash attention's running max and sum): the forward holds
+  two K/V blocks at a time (the backward keeps each hop's as residuals, C blocks: the whole K/V, as
+  all_gather holds it). Blocks that the causal mask hides are not computed.
 
 Load balance: a causal mask gives late tokens more work than early ones, so the sequence is cut
 into 2C chunks and device i holds chunks i and 2C-1-i (the "zigzag" order: every device then has

@@ -101,8 +101,8 @@ class Block(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None and context_shards()[1] > 1 and not self.is_initializing():
             attn = context_attention(q, kk, v, segments, cfg.context_parallel)  # the sequence split over devices
-        elif cache is None:
-            attn = causal_attention(q, kk, v, cfg.attention, segments)
+        elif cache is None:  # at init under a context mesh: any kernel that takes the shapes (xla)
+            attn = causal_attention(q, kk, v, "xla" if context_shards()[1] > 1 else cfg.attention, segments)
         else:  # decode: write this chunk into the cache, attend to every cached position <= own
             if "table" in cache:  # a paged pool (continuous batching)
                 attn, cache = paged_write_and_attend(cache, layer, q, kk, v, positions, paged_kernel(cfg))

@@ -109,6 +109,12 @@ class Layout:
         micro-batch of one gradient-accumulation micro-batch)."""
         rows = cfg.train.batch_size // cfg.train.grad_accum // cfg.mesh.pipeline_microbatches
         check_fit(dict(self.mesh.shape), self.rules, cfg.model, rows)
+        context = self.axis_size("length")
+        if context > 1 and cfg.model.seq_len % (2 * context):  # a context axis of -1, resolved here
+            raise UserError(
+                f"model.seq_len={cfg.model.seq_len} must split into 2 x {context} equal chunks (the sequence's "
+                "context shards, one early and one late chunk each): change the sequence length or mesh.context"
+            )
 
 
 def shards(mesh_shape: dict[str, int], rules: Rules, logical: str) -> int:

@@ -113,6 +113,7 @@ def compile_config(
     cfg: Config, topology: Topology, steps=STEPS, serve_batch: int = 16, block: int = 16, chunk: int = 128
 ) -> list[Compiled]:
     """Each of `steps` compiled for the topology; a server's steps only for meshes without pipeline stages
+    or a context axis
     (a server does not pipeline: its layer scan would run over weights split across stages). block and
     chunk: the paged steps' KV block size and prefill chunk (serve's --kv-block-size, --prefill-chunk)."""
     if cfg.mesh.dcn_data != topology.slices:
@@ -120,7 +121,7 @@ def compile_config(
             f"{topology.describe()}: set mesh.dcn_data={topology.slices} (the data axis spans the slices), "
             f"not {cfg.mesh.dcn_data}"
         )
-    if cfg.mesh.pipeline > 1:
+    if cfg.mesh.pipeline > 1 or cfg.mesh.context > 1:  # a server neither pipelines nor splits sequences
         steps = tuple(s for s in steps if s in ("train", "eval"))
     devices = abstract_devices(topology)
     layout = make_layout(cfg.mesh, devices)

@@ -385,10 +385,10 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, chat_tokens
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
             write_params_run(out, cfg, params, "0", tokenizer.path)
     chat = (
-        "its own chat template"
-        if tokenizer.chat_template
-        else "llm_jax's chat tokens, untrained until SFT"
+        "llm_jax's chat tokens and template, the tokens untrained until SFT"
         if chat_tokens
+        else "its own chat template"
+        if tokenizer.chat_template
         else "no chat template: generate and serve completions; --chat-tokens to fine-tune it for chat"
     )
     log(

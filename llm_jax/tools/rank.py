@@ -59,7 +59,7 @@ def candidates(cfg: Config, topology: Topology) -> list[Config]:
                 if data % topology.slices:
                     continue
                 mesh = dataclasses.replace(
-                    cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline,
+                    cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, context=1,
                     microbatches=4 * pipeline if pipeline > 1 else 0, dcn_data=topology.slices, rules=RANK_RULES,
                 )  # fmt: skip
                 fitted = _fewest_micro_batches(dataclasses.replace(cfg, mesh=mesh), topology)

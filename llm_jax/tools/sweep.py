@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config, load_config
+from llm_jax.config.checks import validate
 from llm_jax.errors import UserError
 from llm_jax.model.device import compute_dtype
 from llm_jax.model.transformer import flops_per_token
@@ -48,8 +49,6 @@ COLUMNS = (
 
 def measure(cfg: Config, steps_timed: int) -> dict:
     """Compiles cfg's train step on its mesh and times `steps_timed` steps after one warm-up step."""
-    if cfg.train.batch_size % cfg.train.grad_accum:
-        raise UserError(f"train.grad_accum={cfg.train.grad_accum} must divide the batch size {cfg.train.batch_size}")
     layout = make_layout(cfg.mesh)
     layout.check(cfg)
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, cfg.train.steps))
@@ -113,9 +112,12 @@ def run_sweep(
                 "bubble_theory": (stages - 1) / (m + stages - 1),
             }
             try:
+                validate(run)  # what load_config checks of a config, for this layout
                 row |= measure(run, steps_timed)
-            except UserError as e:
-                row["error"] = str(e).replace("the mesh does not fit the model:\n  - ", "").replace("\n  - ", "; ")
+            except UserError as e:  # one line: a list's items without its heading
+                lines = str(e).splitlines()
+                listed = len(lines) > 1 and lines[0].endswith(":")
+                row["error"] = "; ".join(line.lstrip(" -") for line in lines[1:]) if listed else str(e)
             except jax.errors.JaxRuntimeError as e:  # a layout whose step does not fit device memory
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.context_parallel import context_shards
+from llm_jax.model.context_parallel import attention_specs, context_shards
 from llm_jax.model.device import saved, target_device
 
 SPLASH_BLOCK = 512  # query / key block of the splash kernel (smaller sequences: one block)
@@ -215,15 +214,12 @@ def _splash(q, k, v, segments):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, segments)
-    spec = lambda *axes: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(axes))  # noqa: E731
-    q_spec, kv_spec = spec("batch", "length", "heads", "head_dim"), spec("batch", "length", "kv_heads", "head_dim")
+    specs = attention_specs()
     if context_shards()[1] > 1:
         raise ValueError("model.attention=splash needs whole sequences on each device: map `length` to no mesh axis")
-    if not all(_divides(mesh, s, x.shape) for s, x in ((q_spec, q), (kv_spec, k))):
+    if not all(_divides(mesh, s, x.shape) for s, x in zip(specs, (q, k))):
         return causal_attention(q, k, v, "xla", segments)  # a batch smaller than its shards (e.g. at init)
-    return jax.shard_map(
-        local, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")), out_specs=q_spec, check_vma=False
-    )(q, k, v, segments)
+    return jax.shard_map(local, in_specs=specs, out_specs=specs[0], check_vma=False)(q, k, v, segments)
 
 
 def _divides(mesh, spec, shape) -> bool:

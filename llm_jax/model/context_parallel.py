@@ -63,11 +63,17 @@ def unbalance(x: jax.Array, shards: int) -> jax.Array:
     return jnp.concatenate([pairs[:, :, 0], jnp.flip(pairs[:, :, 1], axis=1)], axis=1).reshape(x.shape)
 
 
+def attention_specs() -> tuple[jax.sharding.PartitionSpec, ...]:
+    """The active rules' specs of attention's q [B, T, N, H], k and v [B, T, K, H] and segments [B, T]:
+    how a per-device attention (shard_map) sees its inputs."""
+    spec = lambda *names: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(names))  # noqa: E731
+    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
+    return spec("batch", "length", "heads", "head_dim"), kv_spec, kv_spec, spec("batch", "length")
+
+
 def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None, form: str) -> jax.Array:
     """q [B, T, N, H], k/v [B, T, K, H] (in the balanced order, split over the context axis) -> [B, T, N, H]."""
     axes, shards = context_shards()
-    spec = lambda *names: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(names))  # noqa: E731
-    q_spec, kv_spec = spec("batch", "length", "heads", "head_dim"), spec("batch", "length", "kv_heads", "head_dim")
     if segments is None:
         segments = jnp.zeros(q.shape[:2], jnp.int32)
 
@@ -77,9 +83,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
             return _gathered(q, k, v, segments, axes, shard, shards)
         return _ring(q, k, v, segments, axes, shard, shards)
 
-    return jax.shard_map(
-        local, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")), out_specs=q_spec, check_vma=False
-    )(q, k, v, segments)
+    specs = attention_specs()
+    return jax.shard_map(local, in_specs=specs, out_specs=specs[0], check_vma=False)(q, k, v, segments)
 
 
 def _token_index(shard, shards: int, local_len: int) -> jax.Array:

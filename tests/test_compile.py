@@ -85,10 +85,26 @@ def _layout(cfg, topology):
     return make_layout(cfg.mesh, abstract_devices(parse_topology(topology)))
 
 
-def test_a_pipelined_step_compiles_and_passes_activations_between_stages():
-    cfg = _tiny("mesh.data=4", "mesh.pipeline=2", "mesh.rules=fsdp_tp", "model.attention=xla")
+def test_pipelined_steps_compile_and_pass_activations_between_stages():
+    gathered = {}
+    for repeats in (1, 2):  # GPipe, and circular: stage s holds chunks s and s + 2 of 4 one-layer chunks
+        cfg = _tiny(
+            "mesh.data=4", "mesh.pipeline=2", f"mesh.pipeline_repeats={repeats}", "model.n_layers=4",
+            "mesh.rules=fsdp_tp", "model.attention=xla",
+        )  # fmt: skip
+        (train,) = compile_config(cfg, parse_topology("v5e-8"), ("train",))
+        assert train.collectives["collective-permute"][0] > 0  # stage s hands its micro-batch to s + 1
+        gathered[repeats] = train.collectives["all-gather"][1]
+    # nothing is gathered: no stage fetches another's weights, no tick the batch's activations
+    assert gathered == {1: 0, 2: 0}
+
+
+@pytest.mark.parametrize("form", ["ring", "all_gather"])
+def test_a_context_parallel_step_compiles_for_tpu(form):
+    cfg = _tiny("mesh.data=2", "mesh.context=4", "mesh.rules=fsdp_tp", f"model.context_parallel={form}")
     (train,) = compile_config(cfg, parse_topology("v5e-8"), ("train",))
-    assert train.collectives["collective-permute"][0] > 0  # stage s hands its micro-batch to s + 1
+    # the ring passes K/V blocks to the next device; all_gather collects them
+    assert train.collectives["collective-permute" if form == "ring" else "all-gather"][0] > 0
 
 
 def test_two_slices_over_dcn_data_compile():

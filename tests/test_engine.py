@@ -140,7 +140,17 @@ def test_continuous_batching_on_a_mesh_matches_one_device(model):
 
     cfg, params = model
     layout = make_layout(
-        MeshConfig(data=2, pipeline=1, fsdp=1, context=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        MeshConfig(
+            data=2,
+            pipeline=1,
+            fsdp=1,
+            context=1,
+            tensor=2,
+            dcn_data=1,
+            rules="fsdp_tp",
+            microbatches=0,
+            pipeline_repeats=1,
+        ),
         jax.devices()[:4],
     )
     one, mesh = _engine(cfg, params), _engine(cfg, params, layout=layout)
@@ -169,7 +179,17 @@ def test_the_pallas_paged_kernel_decodes_what_the_gathered_cache_does(model):
     alone = [list(Generator(cfg, params).stream(*row)) for row in greedy]
     kernel_cfg = dataclasses.replace(cfg, attention="splash")
     layout = make_layout(
-        MeshConfig(data=2, pipeline=1, fsdp=1, context=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        MeshConfig(
+            data=2,
+            pipeline=1,
+            fsdp=1,
+            context=1,
+            tensor=2,
+            dcn_data=1,
+            rules="fsdp_tp",
+            microbatches=0,
+            pipeline_repeats=1,
+        ),
         jax.devices()[:4],
     )
     for mesh in (None, layout):

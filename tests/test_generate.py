@@ -162,7 +162,17 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
 
     cfg, params = _sharp_model()
     layout = make_layout(
-        MeshConfig(data=2, pipeline=1, fsdp=2, context=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        MeshConfig(
+            data=2,
+            pipeline=1,
+            fsdp=2,
+            context=1,
+            tensor=2,
+            dcn_data=1,
+            rules="fsdp_tp",
+            microbatches=0,
+            pipeline_repeats=1,
+        ),
         jax.devices()[:8],
     )
     one, mesh = Generator(cfg, params), Generator(cfg, params, layout)

@@ -151,7 +151,17 @@ def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
     from llm_jax.parallel.sharding import make_layout
 
     layout = make_layout(
-        MeshConfig(data=2, pipeline=1, fsdp=2, context=1, tensor=2, dcn_data=1, rules="fsdp_tp", microbatches=0),
+        MeshConfig(
+            data=2,
+            pipeline=1,
+            fsdp=2,
+            context=1,
+            tensor=2,
+            dcn_data=1,
+            rules="fsdp_tp",
+            microbatches=0,
+            pipeline_repeats=1,
+        ),
         jax.devices()[:8],
     )
     keys = jax.random.split(jax.random.PRNGKey(5), 3)

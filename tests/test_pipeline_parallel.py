@@ -1,5 +1,5 @@
-"""Pipeline parallelism (llm_jax/model/pipeline.py): exact against the unpipelined model, composed
-with data and fsdp, checkpoints portable across stage counts, bad input named."""
+"""Pipeline parallelism (llm_jax/model/pipeline.py), GPipe and circular: exact against the unpipelined
+model, composed with data and fsdp, checkpoints portable across stage and repeat counts, bad input named."""
 
 import json
 import shutil
@@ -36,12 +36,24 @@ def _run(*overrides):
         state, metrics = steps.train(state, layout.put_batch({"tokens": tokens, "segments": segments}))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
-    return losses, norms, jax.device_get(state.params)
+    return losses, norms, jax.device_get(steps.to_layer_order(state).params)  # a circular pipeline: stage order
 
 
 @pytest.fixture(scope="module")
 def unpipelined():
     return _run("mesh.data=8")
+
+
+@pytest.fixture(scope="module")
+def unpipelined_8_layers():
+    return _run("mesh.data=8", "model.n_layers=8")
+
+
+def _assert_same_steps(got, want):
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)  # losses
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)  # gradient norms
+    for g, w in zip(jax.tree_util.tree_leaves(got[2]), jax.tree_util.tree_leaves(want[2]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -54,12 +66,39 @@ def unpipelined():
     ],
 )
 def test_pipelined_steps_match_the_unpipelined_model(unpipelined, mesh, microbatches, remat):
-    losses, norms, params = _run(*mesh.split(), f"mesh.microbatches={microbatches}", f"model.remat={remat}")
-    want_losses, want_norms, want_params = unpipelined
-    np.testing.assert_allclose(losses, want_losses, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(norms, want_norms, rtol=1e-5, atol=1e-6)
-    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params)):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    _assert_same_steps(_run(*mesh.split(), f"mesh.microbatches={microbatches}", f"model.remat={remat}"), unpipelined)
+
+
+@pytest.mark.parametrize(
+    "mesh, microbatches, remat",
+    [
+        ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 2, "none"),
+        ("mesh.data=2 mesh.fsdp=2 mesh.pipeline=2", 4, "full"),
+        ("mesh.data=2 mesh.pipeline=4", 4, "dots"),
+        ("mesh.data=2 mesh.pipeline=4", 8, "full"),
+        ("mesh.data=1 mesh.fsdp=2 mesh.pipeline=4", 8, "none"),
+    ],
+)
+def test_circular_pipelines_match_the_unpipelined_model(unpipelined_8_layers, mesh, microbatches, remat):
+    """Two repeats: stage s holds chunks s and s + S of the 8 layers (2 x S chunks), each micro-batch
+    goes round the stages twice; the parameters come back in layer order to compare."""
+    got = _run(
+        "model.n_layers=8", *mesh.split(), "mesh.pipeline_repeats=2", f"mesh.microbatches={microbatches}",
+        f"model.remat={remat}",
+    )  # fmt: skip
+    _assert_same_steps(got, unpipelined_8_layers)
+
+
+def test_stage_order_puts_each_stages_chunks_together_and_back():
+    from llm_jax.model.pipeline import to_layer_order, to_stage_order
+
+    layers = {"layers": {"w": np.arange(8)}, "embedding": np.arange(8)}
+    staged = to_stage_order(layers, stages=2, repeats=2)  # chunks of 2 layers: 0 1 | 2 3 | 4 5 | 6 7
+    # stage 0 holds chunks 0 and 2 (layers 0 1 and 4 5), stage 1 chunks 1 and 3, each layer's rounds together
+    np.testing.assert_array_equal(staged["layers"]["w"], [0, 4, 1, 5, 2, 6, 3, 7])
+    np.testing.assert_array_equal(staged["embedding"], np.arange(8))  # only what is under `layers` moves
+    np.testing.assert_array_equal(to_layer_order(staged, stages=2, repeats=2)["layers"]["w"], np.arange(8))
+    np.testing.assert_array_equal(to_stage_order(layers, stages=4, repeats=1)["layers"]["w"], np.arange(8))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +118,7 @@ def test_pipelined_gradients_equal_the_unpipelined_ones(mesh, microbatches):
     )
     grads = {}
     for stages in (1, cfg.mesh.pipeline):
-        model = Transformer(cfg.model, pipeline=(stages, microbatches))
+        model = Transformer(cfg.model, pipeline=(stages, microbatches, 1))
         with layout.activate():
             params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]
             grads[stages] = jax.device_get(jax.jit(jax.grad(lambda p, m=model: lm_sums(m, p, batch)[0]))(params))
@@ -97,17 +136,45 @@ def test_stages_hold_their_own_layers_and_pass_activations_to_neighbours():
     assert "collective-permute" in hlo  # the stage-to-stage shift, not a gather of every stage's work
 
 
+def test_a_circular_stage_keeps_its_chunks_and_saves_no_weights_per_tick():
+    def compiled(*overrides):
+        cfg = tiny_config(
+            "unused", "model.n_layers=8", f"train.batch_size={BATCH}", "mesh.data=2", "mesh.pipeline=4",
+            "mesh.microbatches=8", *overrides,
+        )  # fmt: skip
+        layout = sharding.make_layout(cfg.mesh)
+        layout.check(cfg)
+        steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10))
+        return steps.compile_train()
+
+    circular, gpipe = compiled("mesh.pipeline_repeats=2"), compiled()
+    hlo = circular.as_text()
+    assert "collective-permute" in hlo and "all-gather" not in hlo  # no stage fetches another's weights
+    # 8 x 2 + 3 ticks of 1 layer vs 8 + 3 ticks of 2 layers: about the same saved activations, and the
+    # weights of each tick's round are picked again in the backward, not kept per tick
+    assert circular.memory_analysis().temp_size_in_bytes <= 1.1 * gpipe.memory_analysis().temp_size_in_bytes
+
+
 def _metrics(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 @pytest.mark.parametrize(
-    "first, then", [("mesh.pipeline=2", "mesh.pipeline=1"), ("mesh.pipeline=1", "mesh.pipeline=2")]
+    "first, then",
+    [
+        ("mesh.pipeline=2", "mesh.pipeline=1"),
+        ("mesh.pipeline=1", "mesh.pipeline=2"),
+        ("mesh.pipeline=2 mesh.pipeline_repeats=2", "mesh.pipeline=4 mesh.pipeline_repeats=2"),
+        ("mesh.pipeline=4 mesh.pipeline_repeats=2", "mesh.pipeline=1"),
+        ("mesh.pipeline=1", "mesh.pipeline=2 mesh.pipeline_repeats=4"),
+    ],
 )
 def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, corpus_slice, first, then):
+    """Checkpoints keep the layers in order whatever the stages and repeats (a circular pipeline's state
+    is in stage order between checkpoints), so a run resumes on any of them."""
     overrides = (
-        "model.n_layers=4",
+        "model.n_layers=8",
         "mesh.data=-1",
         "train.steps=4",
         "train.log_every=1",
@@ -115,10 +182,10 @@ def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, c
         "train.checkpoint_every=2",
         "train.keep_checkpoints=3",
     )
-    train(tiny_config(prepared_run, *overrides, first, sources=corpus_slice), log=lambda *_: None)
+    train(tiny_config(prepared_run, *overrides, *first.split(), sources=corpus_slice), log=lambda *_: None)
     uninterrupted = _metrics(prepared_run)
     shutil.rmtree(prepared_run / "checkpoints" / "4")  # resume from step 2 on the other layout
-    train(tiny_config(prepared_run, *overrides, then, sources=corpus_slice), log=lambda *_: None)
+    train(tiny_config(prepared_run, *overrides, *then.split(), sources=corpus_slice), log=lambda *_: None)
     resumed = _metrics(prepared_run)
     np.testing.assert_allclose([resumed[s] for s in (3, 4)], [uninterrupted[s] for s in (3, 4)], rtol=0, atol=1e-5)
 
@@ -140,6 +207,13 @@ def test_checkpoints_move_between_pipelined_and_unpipelined_runs(prepared_run, c
             ["model.n_layers=3", "mesh.pipeline=3", "train.batch_size=8"],
             r"do not split into 3 pipeline micro-batches \(mesh.microbatches=0, i.e. one per stage\)",
         ),
+        (
+            ["model.n_layers=6", "mesh.pipeline=2", "mesh.pipeline_repeats=2"],
+            r"the 3 layers per stage \(model.n_layers=6 / mesh.pipeline=2\) do not split into "
+            r"mesh.pipeline_repeats=2 equal chunks",
+        ),
+        (["mesh.pipeline_repeats=2"], "mesh.pipeline_repeats=2 needs pipeline stages: set mesh.pipeline > 1"),
+        (["mesh.pipeline=2", "mesh.pipeline_repeats=0"], "mesh.pipeline_repeats=0 must be positive"),
     ],
 )
 def test_bad_pipeline_settings_name_the_numbers(overrides, message):

@@ -407,7 +407,17 @@ def test_inference_reads_a_run_straight_into_its_shards_in_the_compute_dtype(run
     run = tmp_path / "run"
     cfg = load_run(str(run)).cfg
     layout = make_layout(
-        MeshConfig(data=1, pipeline=1, fsdp=4, context=1, tensor=2, dcn_data=1, rules=cfg.mesh.rules, microbatches=0),
+        MeshConfig(
+            data=1,
+            pipeline=1,
+            fsdp=4,
+            context=1,
+            tensor=2,
+            dcn_data=1,
+            rules=cfg.mesh.rules,
+            microbatches=0,
+            pipeline_repeats=1,
+        ),
         jax.devices()[:8],
     )
     sharded = load_run(str(run), layout, inference=True)

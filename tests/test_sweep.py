@@ -21,7 +21,7 @@ def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path,
             "--config",
             "tiny",
             "--meshes",
-            "8,1,1; 1,8,1; 1,1,8; 4,1,1,2,2; 2,1,1,1,0,4",
+            "8,1,1; 1,8,1; 1,1,8; 4,1,1,2,2; 2,1,1,1,0,4; 4,1,1,2,2,1,2",
             "--batch-sizes",
             "8",
             "--steps",
@@ -29,12 +29,13 @@ def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path,
             "--out",
             str(tmp_path),
             "model.n_kv_heads=4",
+            "model.n_layers=4",
             "model.dtype=float32",
             "mesh.rules=fsdp_tp",
         ]
     )
     rows = {r["mesh"]: r for r in csv.DictReader((tmp_path / "sweep.csv").open())}
-    assert list(rows) == ["8x1x1", "1x8x1", "1x1x8", "4x1x1 p2m2", "2x1x1 c4"]
+    assert list(rows) == ["8x1x1", "1x8x1", "1x1x8", "4x1x1 p2m2", "2x1x1 c4", "4x1x1 p2m2r2"]
     dp, fsdp, bad = rows["8x1x1"], rows["1x8x1"], rows["1x1x8"]
     for r in (dp, fsdp):
         assert r["error"] == "" and float(r["tokens_per_s"]) > 0 and float(r["compile_s"]) > 0
@@ -45,12 +46,17 @@ def test_sweep_measures_each_layout_and_skips_the_ones_that_do_not_fit(tmp_path,
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "8x1x1 |     8 |" in out and "skipped: heads=4" in out
-    # Two stages of one layer each hold half the layer parameters per device; 2 micro-batches
+    # Two stages of two layers each hold half the layer parameters per device; 2 micro-batches
     # leave a bubble of (2 - 1) / (2 + 2 - 1) = 33% in theory, measured against 8x1x1.
     piped = rows["4x1x1 p2m2"]
     assert piped["error"] == "" and int(piped["arg_bytes"]) < int(dp["arg_bytes"])
     assert float(piped["bubble_theory"]) == pytest.approx(1 / 3) and piped["bubble_measured"] != ""
     assert "4x1x1 p2m2, batch 8: bubble 33.3% in theory" in out
+    # circular: each stage holds 2 chunks of one layer, every micro-batch goes round twice:
+    # (2 - 1) / (2 x 2 + 2 - 1) = 20%
+    circular = rows["4x1x1 p2m2r2"]
+    assert circular["error"] == "" and circular["arg_bytes"] == piped["arg_bytes"]
+    assert float(circular["bubble_theory"]) == pytest.approx(1 / 5) and circular["bubble_measured"] != ""
     # the sequence split over 4 devices of the context axis (data 2): each holds a quarter of every row
     assert rows["2x1x1 c4"]["error"] == "" and float(rows["2x1x1 c4"]["tokens_per_s"]) > 0
 
@@ -72,12 +78,12 @@ def test_malformed_meshes_name_the_layout(text, message):
 
 def test_a_sweep_where_nothing_fits_is_an_error():
     with pytest.raises(UserError, match="no layout fits: 1x1x8: heads=4 is split"):
-        run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8, 1, 0, 1)], [8], 1, log=lambda *_: None)
+        run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8, 1, 0, 1, 1)], [8], 1, log=lambda *_: None)
 
 
 def test_batch_sizes_are_swept_and_one_that_does_not_split_is_listed(capsys):
     cfg = load_config("tiny", ["model.n_kv_heads=4"])
-    rows = run_sweep(cfg, [(2, 2, 2, 1, 0, 1)], [2, 8], 1, log=lambda *_: None)
+    rows = run_sweep(cfg, [(2, 2, 2, 1, 0, 1, 1)], [2, 8], 1, log=lambda *_: None)
     assert [(r["mesh"], r["batch_size"]) for r in rows] == [("2x2x2", 2), ("2x2x2", 8)]
     assert "batch=2 is split over mesh data=2 x fsdp=2 = 4 shards" in rows[0]["error"]
     assert rows[1]["error"] == "" and rows[1]["tokens_per_s"] > 0 and rows[1]["peak_bytes"] > 0
@@ -90,7 +96,7 @@ def test_bad_batch_sizes_and_grad_accum_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide train.batch_size=8"):
         run_sweep(
             load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]),
-            [(8, 1, 1, 1, 0, 1)],
+            [(8, 1, 1, 1, 0, 1, 1)],
             [8],
             1,
             log=lambda *_: None,

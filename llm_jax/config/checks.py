@@ -134,6 +134,23 @@ def validate(cfg: Config) -> None:
             f"make n_layers a multiple of the stage count",
         ),
         (
+            cfg.mesh.pipeline_repeats > 0,
+            f"mesh.pipeline_repeats={cfg.mesh.pipeline_repeats} must be positive (1: GPipe, more: a circular pipeline)",
+        ),
+        (
+            cfg.mesh.pipeline_repeats <= 1 or cfg.mesh.pipeline > 1,
+            f"mesh.pipeline_repeats={cfg.mesh.pipeline_repeats} needs pipeline stages: set mesh.pipeline > 1 "
+            f"(or pipeline_repeats=1)",
+        ),
+        (
+            cfg.mesh.pipeline <= 0
+            or cfg.mesh.pipeline_repeats <= 0
+            or m.n_layers % (cfg.mesh.pipeline * cfg.mesh.pipeline_repeats) == 0,
+            f"the {m.n_layers // max(cfg.mesh.pipeline, 1)} layers per stage (model.n_layers={m.n_layers} / "
+            f"mesh.pipeline={cfg.mesh.pipeline}) do not split into mesh.pipeline_repeats={cfg.mesh.pipeline_repeats} "
+            f"equal chunks: make n_layers a multiple of pipeline x pipeline_repeats",
+        ),
+        (
             cfg.mesh.microbatches == 0 or cfg.mesh.microbatches >= cfg.mesh.pipeline,
             f"mesh.microbatches={cfg.mesh.microbatches} is fewer than the mesh.pipeline={cfg.mesh.pipeline} stages: "
             f"every stage needs a micro-batch in flight (0 means one per stage)",

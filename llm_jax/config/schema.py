@@ -142,10 +142,17 @@ class MeshConfig:
     dcn_data: int
     rules: str
     microbatches: int
+    pipeline_repeats: int
 
     @property
     def pipeline_microbatches(self) -> int:
         return self.microbatches or self.pipeline
+
+    @property
+    def pipeline_bubble(self) -> float:
+        """The share of a pipelined step in which stages compute on padding: (S - 1) / (R M + S - 1)."""
+        stages = self.pipeline
+        return (stages - 1) / (self.pipeline_repeats * self.pipeline_microbatches + stages - 1)
 
 
 @dataclass(frozen=True)

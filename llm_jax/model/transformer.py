@@ -27,12 +27,18 @@ from llm_jax.model.device import compute_dtype, on_cpu
 from llm_jax.model.kv_cache import Cache, write_and_attend
 from llm_jax.model.kv_pages import paged_kernel, paged_write_and_attend
 from llm_jax.model.loss import cross_entropy_sum, token_log_probs
-from llm_jax.model.pipeline import gpipe
+from llm_jax.model.pipeline import run_pipeline
 
 # dots: keep the matmul outputs (and, on CPU in bfloat16, the transposed matmul inputs that the weight
 # gradients take: model/dense.py) and the blocked attention's output and log-sum-exp; recompute the rest
 _SAVED_BY_DOTS = ("matmul_out", "matmul_input_t", "attention_out", "attention_lse")
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.save_only_these_names(*_SAVED_BY_DOTS)}
+# a circular pipeline's layers (Transformer._pipelined) never save the weights of the tick's round
+_ROUND_REMAT = _REMAT_POLICIES | {"none": jax.checkpoint_policies.save_anything_except_these_names("round_weights")}
+
+
+def _round(weights: jax.Array) -> jax.Array:
+    return jax.ad_checkpoint.checkpoint_name(weights, "round_weights")
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -151,7 +157,9 @@ def scanned_blocks(cfg: ModelConfig, train: bool, n_layers: int, **kwargs) -> nn
 class Transformer(nn.Module):
     cfg: ModelConfig
     train: bool = False  # enables dropout (needs a "dropout" rng)
-    pipeline: tuple[int, int] = (1, 1)  # (stages, micro-batches): > 1 stage runs the layers as a GPipe schedule
+    # (stages, micro-batches, repeats): > 1 stage runs the layers as a GPipe (1 repeat) or circular schedule,
+    # its `layers` parameters in stage order (model/pipeline.py)
+    pipeline: tuple[int, int, int] = (1, 1, 1)
     # Serving on CPU: the layers are n_layers separate modules, their parameters layer_0, layer_1, ...
     # (unstack_layers), run one after the other. Scanned, each decode step copied every layer's weights
     # out of the stacked ones (the demo model's decode step at batch 16 in bfloat16: 6.6 -> 3.2 ms).
@@ -204,9 +212,8 @@ class Transformer(nn.Module):
         if context > 1:  # one early and one late chunk per device (model/context_parallel.py)
             x, positions = balance(x, context), balance(positions, context)
             segments = None if segments is None else balance(segments, context)
-        stages, microbatches = self.pipeline
-        if stages > 1 and cache is None and not self.is_initializing():
-            x = self._pipelined(x, positions, segments, stages, microbatches)
+        if self.pipeline[0] > 1 and cache is None and not self.is_initializing():
+            x = self._pipelined(x, positions, segments)
         else:
             rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             if self.unstacked:  # each layer with its own cache (init_cache per_layer)
@@ -226,19 +233,39 @@ class Transformer(nn.Module):
     def unstacked(self) -> bool:
         return self.serving and on_cpu()
 
-    def _pipelined(self, x, positions, segments, stages: int, microbatches: int) -> jax.Array:
-        """The layer stack as `stages` stages of n_layers / stages layers (llm_jax/model/pipeline.py)."""
-        cfg = self.cfg
-        stage = scanned_blocks(cfg, self.train, cfg.n_layers // stages, parent=None)  # a standalone module
+    def _pipelined(self, x, positions, segments) -> jax.Array:
+        """The layer stack as S stages of R chunks of K = n_layers / (S R) layers (llm_jax/model/pipeline.py)."""
+        cfg, (stages, microbatches, repeats) = self.cfg, self.pipeline
+        block = Block(cfg, self.train, parent=None)  # one layer (standalone), given the weights of each round
         rng = self.make_rng("dropout") if self.train and cfg.dropout else None
 
-        def run_stage(params, h, pos, seg, key):  # one stage on one micro-batch: [b, T, D] -> [b, T, D]
+        def layer(h, weights, r, rope, pos, seg, key):  # weights: one layer's, every round [R, ...]
+            if repeats == 1:
+                chosen = jax.tree_util.tree_map(lambda w: w[0], weights)
+            else:
+                chosen = jax.tree_util.tree_map(lambda w: _round(jax.lax.dynamic_index_in_dim(w, r, 0, False)), weights)
             rngs = {"dropout": key} if key is not None else None
-            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            carry = (h, None, jnp.zeros((), jnp.int32))
-            return stage.apply({"params": params}, carry, rope, pos, 0, seg, rngs=rngs)[0][0]
+            return block.apply({"params": chosen}, (h, None, None), rope, pos, 0, seg, rngs=rngs)[0][0]
 
-        return gpipe(run_stage, self.layers.variables["params"], x, positions, segments, stages, microbatches, rng)
+        # a round's weights are picked inside the remat, so the backward picks them again: saved, they
+        # would be a copy of the stage's weights per tick (model.remat=none keeps everything else)
+        if repeats > 1:
+            layer = jax.checkpoint(layer, policy=_ROUND_REMAT[cfg.remat], prevent_cse=False)
+        elif cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+        def run_stage(params, r, h, pos, seg, key):  # params [K, R, ...]: h [b, T, D] through round r's K layers
+            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+            def step(h, xs):
+                weights, k = xs
+                return layer(h, weights, r, rope, pos, seg, None if key is None else jax.random.fold_in(key, k)), None
+
+            n = jax.tree_util.tree_leaves(params)[0].shape[0]
+            return jax.lax.scan(step, h, (params, jnp.arange(n)))[0]
+
+        layers = nn.meta.unbox(self.layers.variables["params"])  # plain arrays: each layer is applied alone
+        return run_pipeline(run_stage, layers, x, positions, segments, stages, microbatches, repeats, rng)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, vocab] float32 (generation; training uses `nll_sum`)."""

@@ -164,7 +164,9 @@ def make_layout(cfg: MeshConfig, devices: list | None = None) -> Layout:
 def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
     return make_layout(
-        MeshConfig(data=1, pipeline=1, fsdp=1, context=1, tensor=1, dcn_data=1, rules=rules, microbatches=0),
+        MeshConfig(
+            data=1, pipeline=1, fsdp=1, context=1, tensor=1, dcn_data=1, rules=rules, microbatches=0, pipeline_repeats=1
+        ),
         jax.devices()[:1],
     )
 
@@ -181,9 +183,9 @@ def abstract_params(cfg: ModelConfig, layout: Layout):
 
 
 def parse_meshes(text: str) -> list[tuple[int, ...]]:
-    """'8,1,1;2,2,1,2,4;1,1,1,1,0,8' -> [(8, 1, 1, 1, 0, 1), (2, 2, 1, 2, 4, 1), (1, 1, 1, 1, 0, 8)]:
-    (data, fsdp, tensor, pipeline, microbatches, context) per layout; pipeline defaults to 1,
-    microbatches to 0 (one per stage), context to 1."""
+    """'8,1,1;2,2,1,2,4,1,2;1,1,1,1,0,8' -> [(8, 1, 1, 1, 0, 1, 1), (2, 2, 1, 2, 4, 1, 2), (1, 1, 1, 1, 0, 8, 1)]:
+    (data, fsdp, tensor, pipeline, microbatches, context, repeats) per layout; pipeline defaults to 1,
+    microbatches to 0 (one per stage), context and repeats (of a circular pipeline) to 1."""
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         try:
@@ -191,7 +193,7 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
         except ValueError:
             sizes = ()
         if (
-            not 3 <= len(sizes) <= 6
+            not 3 <= len(sizes) <= 7
             or any(s == 0 or s < -1 for s in sizes[:3])
             or sizes[:3].count(-1) > 1
             or any(s < 1 for s in sizes[3:4])
@@ -199,10 +201,10 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
             or any(s < 1 for s in sizes[5:])
         ):
             raise UserError(
-                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches[,context]]] (positive "
-                f"integers; one of the first three may be -1, microbatches 0 means one per stage)"
+                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats]]]] "
+                f"(positive integers; one of the first three may be -1, microbatches 0 means one per stage)"
             )
-        meshes.append(sizes + (1, 0, 1)[len(sizes) - 3 :])
+        meshes.append(sizes + (1, 0, 1, 1)[len(sizes) - 3 :])
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes
@@ -217,7 +219,7 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
     """An inference command's --mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of
     this host's devices, with the run's rules (None for 1,1,1: one device)."""
     layouts = parse_meshes(mesh)
-    if len(layouts) != 1 or layouts[0][3:] != (1, 0, 1):
+    if len(layouts) != 1 or layouts[0][3:] != (1, 0, 1, 1):
         raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages for inference)")
     data, fsdp, tensor = layouts[0][:3]
     if (data, fsdp, tensor) == (1, 1, 1):
@@ -227,7 +229,15 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
         raise UserError(f"--mesh {mesh} needs {data * fsdp * tensor} devices; this host has {len(devices)}")
     layout = make_layout(
         MeshConfig(
-            data=data, pipeline=1, fsdp=fsdp, context=1, tensor=tensor, dcn_data=1, rules=cfg.mesh.rules, microbatches=0
+            data=data,
+            pipeline=1,
+            fsdp=fsdp,
+            context=1,
+            tensor=tensor,
+            dcn_data=1,
+            rules=cfg.mesh.rules,
+            microbatches=0,
+            pipeline_repeats=1,
         ),
         devices[: data * fsdp * tensor],
     )

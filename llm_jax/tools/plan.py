@@ -99,8 +99,9 @@ def activation_bytes(
     c = compute_dtype(model.dtype, "tpu").itemsize  # plans are for accelerators, where auto is bfloat16
     context = shards(mesh, rules, "length")  # a sequence split over the context axis: t of it here
     b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len // context, model.d_model
-    L = model.n_layers // shards(mesh, rules, "layers")  # a pipeline stage's layers (GPipe keeps all of its
-    #                                                       micro-batches: together the rows of one micro_batch)
+    # a pipeline stage's layers: GPipe and circular schedules keep each of them for all of its micro-batches
+    # (together the rows of one micro_batch)
+    L = model.n_layers // shards(mesh, rules, "layers")
     q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")  # query width here
     kv = model.n_kv_heads * model.head_dim // shards(mesh, rules, "kv_heads")
     f = model.mlp_dim // shards(mesh, rules, "mlp")

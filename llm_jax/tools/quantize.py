@@ -78,7 +78,9 @@ def _held_out(cfg: Config, params, run_dir: Path, layout: Layout) -> dict | None
         return None
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     data = objective_of(cfg).prepare(cfg, run_dir, log=lambda *_: None)
-    unpipelined = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0))
+    unpipelined = dataclasses.replace(
+        cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, microbatches=0, pipeline_repeats=1)
+    )
     steps = make_steps(
         unpipelined,
         layout,

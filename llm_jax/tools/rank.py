@@ -60,7 +60,8 @@ def candidates(cfg: Config, topology: Topology) -> list[Config]:
                     continue
                 mesh = dataclasses.replace(
                     cfg.mesh, data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, context=1,
-                    microbatches=4 * pipeline if pipeline > 1 else 0, dcn_data=topology.slices, rules=RANK_RULES,
+                    pipeline_repeats=1, microbatches=4 * pipeline if pipeline > 1 else 0,
+                    dcn_data=topology.slices, rules=RANK_RULES,
                 )  # fmt: skip
                 fitted = _fewest_micro_batches(dataclasses.replace(cfg, mesh=mesh), topology)
                 if fitted is not None:
@@ -102,9 +103,8 @@ def rank(cfg: Config, topology: Topology, layouts: list[Config], log=print) -> l
     """Compiles each layout's train step; rows ordered: fitting ones by roofline step time, then the rest."""
     rows, tokens = [], cfg.train.batch_size * cfg.model.seq_len
     for trial in layouts:
-        s, m = trial.mesh.pipeline, trial.mesh.pipeline_microbatches
         row = {"mesh": label(trial), "grad_accum": trial.train.grad_accum, "error": ""}
-        row["bubble_theory"] = (s - 1) / (m + s - 1)
+        row["bubble_theory"] = trial.mesh.pipeline_bubble
         try:
             (r,) = compile_config(trial, topology, ("train",))
         except UserError as e:

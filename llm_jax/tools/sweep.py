@@ -1,8 +1,9 @@
 """`llm-jax sweep`: the same config on several mesh layouts and batch sizes, a few timed steps each.
 
-A layout is data,fsdp,tensor[,pipeline[,microbatches[,context]]] (context: the sequence split over
-mesh.context, model/context_parallel.py); pipelined rows also get the GPipe bubble,
-(S - 1) / (M + S - 1) in theory, and measured against the first unpipelined layout of the batch.
+A layout is data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats]]]] (context: the sequence
+split over mesh.context, model/context_parallel.py; repeats: mesh.pipeline_repeats, a circular
+pipeline); pipelined rows also get the bubble, (S - 1) / (R M + S - 1) in theory, and measured
+against the first unpipelined layout of the batch.
 
 Per layout: compile time, the compiled step's per-device memory (XLA's memory analysis: the
 arguments — train state and batch — plus outputs and temporaries, less what donation aliases),
@@ -89,7 +90,7 @@ def run_sweep(
     cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int, log=print
 ) -> list[dict]:
     rows = []
-    for data, fsdp, tensor, stages, microbatches, context in meshes:
+    for data, fsdp, tensor, stages, microbatches, context, repeats in meshes:
         for batch_size in batch_sizes:
             mesh = dataclasses.replace(
                 cfg.mesh,
@@ -99,17 +100,19 @@ def run_sweep(
                 pipeline=stages,
                 microbatches=microbatches,
                 context=context,
+                pipeline_repeats=repeats,
             )
             run = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=batch_size))
             m = mesh.pipeline_microbatches
             row = {
                 "mesh": f"{data}x{fsdp}x{tensor}"
                 + (f" c{context}" if context > 1 else "")
-                + (f" p{stages}m{m}" if stages > 1 else ""),
+                + (f" p{stages}m{m}" if stages > 1 else "")
+                + (f"r{repeats}" if repeats > 1 else ""),
                 "batch_size": batch_size,
                 "error": "",
                 "stages": stages,
-                "bubble_theory": (stages - 1) / (m + stages - 1),
+                "bubble_theory": mesh.pipeline_bubble,
             }
             try:
                 validate(run)  # what load_config checks of a config, for this layout
@@ -131,7 +134,7 @@ def run_sweep(
 
 
 def _measured_bubbles(rows: list[dict]) -> None:
-    """A pipelined step does (M + S - 1) / M of the useful work (its fill and drain ticks compute on
+    """A pipelined step does (R M + S - 1) / (R M) of the useful work (its fill and drain ticks compute on
     padding); against the first unpipelined layout of the same batch, which does the useful work
     alone, the measured bubble is 1 - t(unpipelined) / t(pipelined)."""
     for row in rows:

@@ -55,11 +55,12 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
             params, _ = run.newest_params(
                 cfg.train.init_from, steps.abstract_state.params, f"train.init_from={cfg.train.init_from}"
             )
+            params = steps.to_stage_order(params)
             ref = jax.tree_util.tree_map(lambda x: x.copy(), params) if state.ref_params is not None else None
             state = state.replace(params=params, ref_params=ref)
             log(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
     else:
-        state, _ = ckpt.restore(start, steps.abstract_state, it)
+        state = steps.to_stage_order(ckpt.restore(start, steps.abstract_state, it)[0])
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
     n, i = jax.process_count(), jax.process_index()
     device = jax.local_devices()[0]
@@ -89,7 +90,7 @@ def train(cfg: Config, devices: list | None = None, log=print) -> dict:
         writer.close()
     if jax.process_index() == 0 and run.metrics_path(run_dir).stat().st_size:
         log(f"loss curve -> {plot_losses(run_dir)}")
-    print_samples(cfg, state.params, data.tokenizer, run_dir, log)
+    print_samples(cfg, steps.to_layer_order(state.params), data.tokenizer, run_dir, log)
     return final
 
 
@@ -156,7 +157,9 @@ def _loop(
                 progress.mark(step)
             stopping = stop.due(step)
             if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-                ckpt.save(step, state, it, meta)
+                saved = steps.to_layer_order(state)  # checkpoints keep the layers in order (model/pipeline.py)
+                ckpt.save(step, saved, it, meta)
+                state = steps.to_stage_order(saved)
                 progress.mark(step)
             if stopping:
                 ckpt.close()

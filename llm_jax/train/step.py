@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from llm_jax.config import Config
+from llm_jax.model import pipeline
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.sharding import Layout
@@ -33,7 +34,9 @@ class Steps:
     """Everything compiled for one (config, layout): init, one optimizer step, one eval batch.
 
     Calls run under the layout's mesh and rules; `compile_train()` gives the compiled step itself
-    (memory_analysis(), cost_analysis(), as_text()) without running it.
+    (memory_analysis(), cost_analysis(), as_text()) without running it. A circular pipeline's state
+    keeps its layers in stage order (model/pipeline.py): `to_layer_order` before a checkpoint is
+    written or the parameters leave the step, `to_stage_order` after one is read.
     """
 
     layout: Layout
@@ -43,6 +46,8 @@ class Steps:
     jit_init: Callable
     jit_train: Callable
     jit_eval: Callable
+    pipeline: tuple[int, int]  # (stages, repeats)
+    _reorders: dict = field(default_factory=dict)
 
     def init(self, rng: jax.Array) -> TrainState:
         with self.layout.activate():
@@ -55,6 +60,26 @@ class Steps:
     def eval(self, params, batch: dict) -> dict:
         with self.layout.activate():
             return self.jit_eval(params, batch)
+
+    def to_stage_order(self, tree):
+        """A TrainState or its params from layer order (checkpoints) to this step's; the input is donated."""
+        return self._reorder(tree, pipeline.to_stage_order)
+
+    def to_layer_order(self, tree):
+        """The inverse of to_stage_order (the input is donated); both return `tree` itself without repeats."""
+        return self._reorder(tree, pipeline.to_layer_order)
+
+    def _reorder(self, tree, reorder: Callable):
+        if self.pipeline[1] == 1:
+            return tree
+        whole = isinstance(tree, TrainState)
+        if (reorder, whole) not in self._reorders:
+            sharding = self.state_sharding if whole else self.state_sharding.params
+            self._reorders[reorder, whole] = jax.jit(
+                lambda t: reorder(t, *self.pipeline), in_shardings=(sharding,), out_shardings=sharding, donate_argnums=0
+            )
+        with self.layout.activate():
+            return self._reorders[reorder, whole](tree)
 
     def compile_train(self):
         with self.layout.activate():
@@ -69,8 +94,9 @@ def make_steps(
     example: dict | None = None,
 ) -> Steps:
     """`example` is one row of the training data ({name: array}); default: a pretraining window."""
-    pipeline = (cfg.mesh.pipeline, cfg.mesh.pipeline_microbatches)
-    train_model, eval_model = Transformer(cfg.model, True, pipeline), Transformer(cfg.model, False, pipeline)
+    stages, repeats = cfg.mesh.pipeline, cfg.mesh.pipeline_repeats
+    schedule = (stages, cfg.mesh.pipeline_microbatches, repeats)
+    train_model, eval_model = Transformer(cfg.model, True, schedule), Transformer(cfg.model, False, schedule)
     objective = objective_of(cfg)
     sums, count = objective.train_sums(cfg, train_model, eval_model)
     in_step_reference = objective.in_step_reference(cfg)
@@ -80,7 +106,8 @@ def make_steps(
 
     def init(rng):
         dummy = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
-        params = eval_model.init(jax.random.fold_in(rng, 0), dummy)["params"]
+        params = eval_model.init(jax.random.fold_in(rng, 0), dummy)["params"]  # layers in layer order
+        params = pipeline.to_stage_order(params, stages, repeats)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -147,4 +174,6 @@ def make_steps(
         k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape), v.dtype, sharding=batch_sharding[k])
         for k, v in example.items()
     }
-    return Steps(layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval)
+    return Steps(
+        layout, state_sharding, abstract_state, abstract_batch, jit_init, jit_train, jit_eval, (stages, repeats)
+    )

@@ -138,6 +138,18 @@ def test_with_libtpu_the_plan_shows_the_compiled_memory(capsys):
     assert "compiled by XLA:TPU: arguments " in out and "(the estimate is " in out
 
 
+@pytest.mark.parametrize(
+    "repeats, schedule", [(1, "GPipe): bubble 27.3%"), (2, "circular, 2 repeats): bubble 15.8%")]
+)
+def test_plan_names_the_pipeline_schedule_and_its_bubble(capsys, repeats, schedule):
+    main([
+        "plan", "--config", "llama-7b", "--topology", "v5p-256", "--estimate", "mesh.pipeline=4",
+        f"mesh.pipeline_repeats={repeats}", "mesh.microbatches=8", "train.batch_size=1024",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"pipeline 4 stages x 8 micro-batches ({schedule}" in out  # (4 - 1) / (R x 8 + 4 - 1)
+
+
 def test_plan_reports_a_mesh_that_does_not_fit_the_chips():
     with pytest.raises(SystemExit) as e:
         main(["plan", "--config", "llama-7b", "--topology", "v5p-256", "mesh.fsdp=64"])

@@ -229,6 +229,16 @@ def _compiled(cfg: Config, topology: Topology, mesh: dict[str, int], accum: int 
     return report.memory
 
 
+def _pipeline(mesh) -> str:
+    if mesh.pipeline == 1:
+        return ""
+    schedule = f"circular, {mesh.pipeline_repeats} repeats" if mesh.pipeline_repeats > 1 else "GPipe"
+    return (
+        f" | pipeline {mesh.pipeline} stages x {mesh.pipeline_microbatches} micro-batches ({schedule}): "
+        f"bubble {mesh.pipeline_bubble:.1%}"
+    )
+
+
 def main(args) -> None:
     cfg = load_config(args.config, args.overrides)
     topology = parse_topology(args.topology, args.slices)
@@ -244,7 +254,7 @@ def main(args) -> None:
         f"{topology.describe()} x {chip.hbm / GiB:.0f} GiB | {m.n_layers} layers, d_model {m.d_model}, "
         f"seq {m.seq_len}, {compute_dtype(m.dtype, chip.platform).name}, remat {m.remat}, "
         f"attention {train_kernel(cfg, chip)} | batch {t.batch_size}, "
-        f"grad_accum {t.grad_accum} | rules {cfg.mesh.rules}{how}"
+        f"grad_accum {t.grad_accum} | rules {cfg.mesh.rules}{_pipeline(cfg.mesh)}{how}"
     )
     try:
         plan = plan_for(cfg, chip, mesh)

@@ -138,9 +138,7 @@ def test_with_libtpu_the_plan_shows_the_compiled_memory(capsys):
     assert "compiled by XLA:TPU: arguments " in out and "(the estimate is " in out
 
 
-@pytest.mark.parametrize(
-    "repeats, schedule", [(1, "GPipe): bubble 27.3%"), (2, "circular, 2 repeats): bubble 15.8%")]
-)
+@pytest.mark.parametrize("repeats, schedule", [(1, "GPipe): bubble 27.3%"), (2, "circular, 2 repeats): bubble 15.8%")])
 def test_plan_names_the_pipeline_schedule_and_its_bubble(capsys, repeats, schedule):
     main([
         "plan", "--config", "llama-7b", "--topology", "v5p-256", "--estimate", "mesh.pipeline=4",

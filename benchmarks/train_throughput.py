@@ -13,6 +13,10 @@ Variants (--variants, default all that can run here):
   backward, clipping, optimizer); bfloat16 = torch.autocast (bf16 matmuls, float32 master weights).
   Needs torch and transformers (the dev extra on Python 3.11, or the `hf` extra).
 
+Before the variants, one process measures the machine's matmul rate (2048 x 2048, float32 accumulation;
+XLA, and torch where installed) and the table ends with the ceiling it puts on any implementation: step
+FLOPs at that rate, i.e. the tokens/s of a step that did nothing but matmuls at the fastest rate seen.
+
     python benchmarks/train_throughput.py [--variants llm_jax-bfloat16,hf-compile-bfloat16] [--steps 10]
                                           [--rounds 3] [--json]
     python benchmarks/train_throughput.py --variants llm_jax-float32 model.remat=full   # extra llm_jax overrides
@@ -74,23 +78,54 @@ def main() -> None:
     if not has_torch and any(v in PEERS for v in variants):
         sys.exit("the PyTorch peers need torch and transformers: pip install -e '.[hf]'")
     header = machine()
+    ceiling = json.loads(worker_output("matmul", args) or "{}")
     runs = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: a noisy neighbour on a shared host hits every variant alike
         for variant in variants:  # one process each: no two frameworks share the cores or a thread pool
-            cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), *args.overrides]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{variant} failed:\n{done.stderr[-2000:]}")
-            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[variant].append(json.loads(worker_output(variant, args)))
             if not args.json:
                 rate = runs[variant][-1]["tokens_per_s"]
                 print(f"  {variant}: {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
     results = {v: median_run(r) for v, r in runs.items()}
     summary = ratios(results)
+    summary["ceiling"] = ceiling
     if args.json:
         print(json.dumps({"machine": header, "results": results, **summary}))
         return
     print(table(header, results, summary))
+
+
+def worker_output(variant: str, args) -> str:
+    """Runs one variant (or the matmul probe) in its own process; its last line of stdout."""
+    cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps), *args.overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{variant} failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def matmul_ceiling() -> dict:
+    """The fastest 2048^2 matmul rate seen (XLA float32 / bf16 inputs, torch likewise where installed) and
+    the tokens/s of a step of this shape made of nothing but matmuls at that rate."""
+    from llm_jax.config import load_config
+    from llm_jax.model.transformer import flops_per_token
+    from llm_jax.train.metrics import measured_matmul_flops
+
+    rates = {f"xla-{d}": measured_matmul_flops(d) for d in ("float32", "bfloat16")}
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+            best = float("inf")
+            for _ in range(6):
+                t = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - t)
+            rates[f"torch-{name}"] = 2 * 2048**3 / best
+    fastest = max(rates, key=rates.get)
+    per_token = flops_per_token(load_config(None, SHAPE).model)
+    return {"rates": rates, "fastest": fastest, "tokens_per_s": rates[fastest] / per_token}
 
 
 def machine() -> dict:
@@ -114,6 +149,8 @@ def machine() -> dict:
 
 def run_variant(variant: str, steps: int, overrides: list[str]) -> dict:
     """Compiles (or warms up) and times one variant in this process: tokens/s from the median step."""
+    if variant == "matmul":
+        return matmul_ceiling()
     framework, *mode, dtype = variant.split("-")
     step, tokens = (ours if framework == "llm_jax" else hf)(dtype, *mode, overrides=overrides)
     t0 = time.perf_counter()
@@ -232,8 +269,18 @@ def table(header: dict, results: dict, summary: dict) -> str:
         rate, ms, warm = r["tokens_per_s"], r["ms_per_step"], r["warmup_s"]
         rounds = ", ".join(f"{x:,.0f}" for x in r["rounds"])
         lines.append(f"| {name} | {rate:,.0f} | {ms:,.0f} | {lo:,.0f}-{hi:,.0f} | {warm:.0f} | {rounds} |")
+    ceiling = summary.pop("ceiling", None)
     for key, r in summary.items():
         lines.append(f"{key.replace('_', ' ')}: {r['ratio']:.2f}x ({r['ours']} / {r['peer']})")
+    if ceiling:
+        rates = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in ceiling["rates"].items())
+        best_peer = max((r["tokens_per_s"] for n, r in results.items() if n.startswith("hf")), default=None)
+        top = ceiling["tokens_per_s"]
+        line = f"matmul GFLOP/s (2048^2): {rates}; ceiling at {ceiling['fastest']}: {top:,.0f} tokens/s"
+        if best_peer:
+            need = 1.5 * best_peer
+            line += f"; 1.5x the best peer = {need:,.0f} tokens/s = {need / top:.0%} of the ceiling"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -257,6 +257,22 @@ def test_nothing_left_after_filtering_names_the_rule(tmp_path):
         _prepare(tmp_path, "run", corpus=corpus)
 
 
+def test_validation_kept_but_no_training_document_names_the_rule(tmp_path):
+    """A user's own two files: the rules remove the one training document while validation keeps its own;
+    one line naming the rule, not sentencepiece's '!sentences_.empty()' traceback."""
+    corpus, val = tmp_path / "corpus", tmp_path / "val"
+    corpus.mkdir()
+    val.mkdir()
+    (corpus / "short.jsonl").write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(3)))
+    (val / "v.jsonl").write_text(json.dumps({"text": prose(0)}) + "\n")
+    with pytest.raises(
+        UserError,
+        match=r"curation kept none of the training documents of \[.*corpus'\] \(words: 3\); 'words' removed "
+        r"the most: relax its threshold in the curate section, or drop 'words'",
+    ):
+        _prepare(tmp_path, "run", f"data.val_sources=[{val}]", corpus=corpus)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loader over the shards
 

@@ -66,14 +66,16 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
     exact: dict[bytes, int] = {}  # exact key -> kept index
     scores, sizes = [], []
     removed = collections.defaultdict(lambda: [0, 0])
+    removed_training = collections.defaultdict(lambda: [0, 0])  # of data.sources, when data.val_sources is set
     examples = collections.defaultdict(list)
     cluster_sizes = collections.Counter()  # kept index -> near copies dropped
     pairs = []
     writer = DocumentWriter(out_dir, int(d.shard_mb * 2**20))
 
-    def drop(rule: str, doc: Document, n_bytes: int) -> None:
-        removed[rule][0] += 1
-        removed[rule][1] += n_bytes
+    def drop(rule: str, doc: Document, n_bytes: int, score: float) -> None:
+        for counts in (removed, removed_training) if score >= 0 else (removed,):
+            counts[rule][0] += 1
+            counts[rule][1] += n_bytes
         if len(examples[rule]) < EXAMPLES_PER_RULE:
             examples[rule].append({"source": doc.source, "text": doc.text[:EXAMPLE_CHARS]})
 
@@ -90,7 +92,7 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
             if len(pairs) < EXAMPLES_PER_RULE:
                 pairs.append({"kept": first, "dropped": doc.source})  # kept: index, named in prepare's pass
         if rule is not None:
-            drop(rule, doc, n_bytes)
+            drop(rule, doc, n_bytes, score)
             continue
         if c.exact_dedup:
             exact[key] = len(scores)
@@ -104,6 +106,14 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
         worst = max(removed, key=lambda r: removed[r][0])
         raise UserError(
             f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
+            f"{worst!r} removed the most: {_fix_hint(worst)}"
+        )
+    if d.val_sources and max(scores) < 0:  # validation kept, training not: the tokenizer would have no text
+        worst = max(removed_training, key=lambda r: removed_training[r][0], default=None)
+        if worst is None:
+            raise UserError(f"the training sources {list(d.sources)} hold no documents: every file is empty or skipped")
+        raise UserError(
+            f"curation kept none of the training documents of {list(d.sources)} ({_summary(removed_training)}); "
             f"{worst!r} removed the most: {_fix_hint(worst)}"
         )
     clusters = {

@@ -3,6 +3,9 @@ dedup + shard writing, default curate settings) by number of worker processes, t
 tokens/s, and the grain loader's tokens/s against what the training step consumes (the loader must
 never be the bottleneck).
 
+Also the near-dedup index's memory per kept document (tracemalloc over 200k distinct signatures at the
+default curate settings: signature and LSH band entries; the exact-dedup key adds ~100 bytes).
+
 Corpus: the builtin Shakespeare works cut into paragraph documents (JSONL), plus an HTML-wrapped
 copy of every tenth and an exact copy of every twentieth, so every stage has work to do.
 
@@ -43,6 +46,26 @@ def build_corpus(out: Path, megabytes: float) -> Path:
                 size += len(line)
             i += 1
     return path
+
+
+def index_bytes_per_document(n: int = 200_000) -> float:
+    import tracemalloc
+
+    import numpy as np
+
+    from llm_jax.config import load_config
+    from llm_jax.data.dedup import NearDedup
+
+    c = load_config(None).curate
+    sigs = np.random.default_rng(0).integers(0, 2**32, (n, c.minhash_perms), dtype=np.uint32)
+    tracemalloc.start()
+    index = NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, seed=0)
+    for sig in sigs:
+        index.check_and_add(sig)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(index) == n
+    return held / n
 
 
 def main() -> None:
@@ -109,6 +132,8 @@ def main() -> None:
         out["loader_over_step"] = round(out["loader_tokens_s_0w"] / step_rate, 1)
         rows.append(("train step (shakespeare preset)", f"{step_rate:,.0f} tokens/s", "consumes"))
         rows.append(("loader / train step", f"{out['loader_over_step']:,.0f}x", "in the training thread"))
+        out["near_dedup_bytes_per_doc"] = round(index_bytes_per_document())
+        rows.append(("near-dedup index", f"{out['near_dedup_bytes_per_doc']:,} bytes", "per kept document"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

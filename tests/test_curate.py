@@ -5,6 +5,7 @@ loader over the token shards (workers, resume, hosts, no attention across docume
 import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 import jax
@@ -243,6 +244,20 @@ def test_validation_sources_win_over_training_copies(tmp_path):
         "with_a_train_near_copy": 0,
         "threshold": 0.7,
     }
+
+
+def test_curation_and_tokenizing_print_progress(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "c.jsonl").write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(12)))
+    *_, lines = _prepare(tmp_path, "run", "data.progress_s=0", corpus=corpus)
+    curating = [line for line in lines if line.startswith("curating: ")]
+    assert len(curating) == 12  # one per document at progress_s=0
+    assert re.fullmatch(r"curating: [\d.]+ MB in \d+ s \([\d.]+ MB/s\); 12 read, 11 kept", curating[-1])
+    assert any(re.fullmatch(r"tokenizing: 0.0 MB in \d+ s \([\d.]+ MB/s\); 0 of 12 documents, 0%", x) for x in lines)
+    assert any(re.fullmatch(r"tokenizer: training a \d+-piece BPE model on [\d.]+ MB of text \.\.\.", x) for x in lines)
+    *_, quiet = _prepare(tmp_path, "run2", corpus=corpus)  # the default: at most one line per 30 s
+    assert not any(line.startswith(("curating: ", "tokenizing: ")) for line in quiet)
 
 
 def test_nothing_left_after_filtering_names_the_rule(tmp_path):

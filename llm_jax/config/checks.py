@@ -75,8 +75,8 @@ def validate(cfg: Config) -> None:
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
         (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
         (
-            d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0,
-            "data.shard_mb must be positive; data.workers and data.loader_workers >= 0",
+            d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0 and d.progress_s >= 0,
+            "data.shard_mb must be positive; data.workers, data.loader_workers and data.progress_s >= 0",
         ),
         (
             not (bad := sorted(set(c.rules) - set(CURATE_RULES))),

@@ -64,6 +64,7 @@ class DataConfig:
     shard_mb: float
     workers: int
     loader_workers: int
+    progress_s: float
 
 
 @dataclass(frozen=True)

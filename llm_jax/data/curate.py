@@ -30,6 +30,7 @@ import numpy as np
 from llm_jax.config import Config, CurateConfig
 from llm_jax.data import dedup, filters
 from llm_jax.data.corpus import Document, ReadStats, read_documents
+from llm_jax.data.progress import rate_line, ticker
 from llm_jax.data.shards import DocumentWriter
 from llm_jax.errors import UserError
 
@@ -71,6 +72,7 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
     cluster_sizes = collections.Counter()  # kept index -> near copies dropped
     pairs = []
     writer = DocumentWriter(out_dir, int(d.shard_mb * 2**20))
+    progress_due = ticker(d.progress_s)
 
     def drop(rule: str, doc: Document, n_bytes: int, score: float) -> None:
         for counts in (removed, removed_training) if score >= 0 else (removed,):
@@ -80,6 +82,8 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
             examples[rule].append({"source": doc.source, "text": doc.text[:EXAMPLE_CHARS]})
 
     for doc, score, (text, rule, key, sig, n_bytes) in _processed(cfg, _scored(cfg, stats), log):
+        if progress_due():
+            log(rate_line("curating", stats.bytes, began, f"{stats.documents:,} read, {len(scores):,} kept"))
         if rule is None and c.exact_dedup and key in exact:
             first, rule = exact[key], "exact_dup"
         elif rule is None and near is not None:

@@ -19,6 +19,7 @@ from llm_jax.config import Config
 from llm_jax.data import dedup
 from llm_jax.data.curate import Curated, curate
 from llm_jax.data.loader import PreparedData
+from llm_jax.data.progress import rate_line, ticker
 from llm_jax.data.report import write_report
 from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
 from llm_jax.data.tokenizer import BaseTokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
@@ -82,7 +83,12 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     }
     doc_tokens = np.zeros(len(cur.scores), np.int64)
     wanted = {pair["kept"]: pair for pair in cur.clusters["examples"]}
+    progress_due, done, total = ticker(cfg.data.progress_s), 0, max(int(cur.sizes[:, 0].sum()), 1)
     for start, records in _chunks(read_documents(cur.paths)):
+        if progress_due():
+            details = f"{start:,} of {len(cur.scores):,} documents, {done / total:.0%}"
+            log(rate_line("tokenizing", done, began, details))
+        done += int(cur.sizes[start : start + len(records), 0].sum())
         for i, (record, ids) in enumerate(
             zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
         ):
@@ -123,6 +129,9 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -
         copy_tokenizer(cfg.data.tokenizer, path.parent)  # the run directory is self-contained
         return load_tokenizer(path.parent)
     if not path.is_file():
+        train_bytes = int(cur.sizes[~is_val, 0].sum())
+        sample = min(train_bytes, cfg.data.tokenizer_sample_bytes)
+        log(f"tokenizer: training a {cfg.model.vocab_size}-piece BPE model on {sample / 1e6:,.1f} MB of text ...")
         texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
         tokenizer = train_tokenizer(
             texts,
@@ -130,7 +139,7 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -
             path.with_suffix(""),
             cfg.data.tokenizer_sample_bytes,
             cfg.seed,
-            int(cur.sizes[~is_val, 0].sum()),
+            train_bytes,
         )
         log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
     return load_tokenizer(path)

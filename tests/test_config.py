@@ -44,8 +44,12 @@ def test_wrong_types_name_the_key():
 
 def test_invalid_values_are_all_reported_before_compiling():
     with pytest.raises(UserError) as e:
-        load_config("tiny", ["optim.lr=-1", "model.n_heads=3", "train.grad_accum=3"])
+        load_config(
+            "tiny",
+            ["optim.lr=-1", "model.n_heads=3", "train.grad_accum=3", "data.decontaminate=[bundled, no/tasks.jsonl]"],
+        )
     msg = str(e.value)
+    assert "data.decontaminate: no/tasks.jsonl not found: name eval task files or 'bundled'" in msg
     assert "optim.lr=-1.0 must be positive" in msg
     assert "model.n_heads=3 must divide model.d_model=64" in msg
     assert "model.n_kv_heads=2 must divide model.n_heads=3" in msg

@@ -191,7 +191,7 @@ def test_every_removed_document_is_attributed_to_the_first_rule_and_reported(cur
     assert report["removed_examples"]["code"][0]["text"].startswith("import numpy as np;")
     assert report["near_dup_clusters"]["clusters"] == 10 and report["near_dup_clusters"]["largest"] == 2
     assert report["near_dup_clusters"]["examples"][0]["kept"].endswith("web.jsonl:11")
-    assert report["contamination_check"]["with_a_train_near_copy"] == 0
+    assert report["contamination_check"]["removed_train_documents"] == 0  # clean data: the gate finds nothing
     assert (run / "data" / "report.png").stat().st_size > 1000
     assert any(line.startswith("near_dup") and line.split()[1] == "10" for line in lines)
     # What was kept is exactly the good documents, cleaned, split between train and val.
@@ -238,12 +238,7 @@ def test_validation_sources_win_over_training_copies(tmp_path):
     _, _, report, _ = _prepare(tmp_path, "run", f"data.val_sources=[{val}]", corpus=corpus)
     assert report["removed"]["contamination"][0] == 2  # the exact and the near copy of the val documents
     assert report["splits"]["val"]["documents"] == 2 and report["splits"]["train"]["documents"] == 10
-    assert report["contamination_check"] == {
-        "checked": True,
-        "val_documents": 2,
-        "with_a_train_near_copy": 0,
-        "threshold": 0.7,
-    }
+    assert report["contamination_check"]["removed_train_documents"] == 0  # dedup took the copies already
 
 
 def test_curation_and_tokenizing_print_progress(tmp_path):
@@ -258,6 +253,40 @@ def test_curation_and_tokenizing_print_progress(tmp_path):
     assert any(re.fullmatch(r"tokenizer: training a \d+-piece BPE model on [\d.]+ MB of text \.\.\.", x) for x in lines)
     *_, quiet = _prepare(tmp_path, "run2", corpus=corpus)  # the default: at most one line per 30 s
     assert not any(line.startswith(("curating: ", "tokenizing: ")) for line in quiet)
+
+
+def test_contamination_gate_removes_planted_13_gram_leaks(tmp_path):
+    """Training documents that quote 13+ words of a bundled eval task or of a validation document, inside
+    otherwise new text (far below any near-copy threshold), are removed from training and counted per
+    reference; the clean ones stay."""
+    from llm_jax.data.contamination import task_texts
+
+    corpus, val = tmp_path / "corpus", tmp_path / "val"
+    corpus.mkdir()
+    val.mkdir()
+    tasks = task_texts("bundled")
+    quotes = {name: next(t for t in texts if len(t.split()) >= 40) for name, texts in tasks.items()}
+    val_doc = prose(1000, 200)
+    (val / "v.jsonl").write_text(json.dumps({"text": val_doc}) + "\n")
+    docs = [prose(i, 300) for i in range(12)]
+    leaks = {name: 2 * k for k, name in enumerate(quotes)}  # doc index -> quoted task
+    for name, i in leaks.items():
+        words = docs[i].split(" ")
+        docs[i] = " ".join(words[:150] + quotes[name].split()[5:25] + words[150:])
+    words = docs[9].split(" ")
+    docs[9] = " ".join(words[:100] + val_doc.split(" ")[40:55] + words[100:])  # 15 words of the validation text
+    (corpus / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    *_, report, lines = _prepare(
+        tmp_path, "run", f"data.val_sources=[{val}]", "data.decontaminate=[bundled]", "curate.rules=[]", corpus=corpus
+    )
+    gate = report["contamination_check"]
+    assert gate["removed_train_documents"] == len(leaks) + 1
+    hits = {name: r["train_documents_hit"] for name, r in gate["references"].items()}
+    assert hits["validation"] == 1 and set(hits) == {"validation", *(f"task:{name}" for name in quotes)}
+    assert all(hits[f"task:{name}"] >= 1 for name in quotes)  # (the bundled tasks quote the same plays: 1-2 each)
+    assert gate["references"]["validation"]["examples"] == [f"{corpus / 'c.jsonl'}:10"]
+    assert report["splits"]["train"]["documents"] == 12 - len(leaks) - 1
+    assert any("contamination gate (13-grams): 4 training documents removed" in line for line in lines)
 
 
 def test_nothing_left_after_filtering_names_the_rule(tmp_path):

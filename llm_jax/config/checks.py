@@ -4,6 +4,8 @@ What depends on train.objective is checked by that objective (llm_jax/train/obje
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llm_jax.config.rules import rules_table
 from llm_jax.config.schema import CURATE_RULES, Config
 from llm_jax.errors import UserError
@@ -77,6 +79,10 @@ def validate(cfg: Config) -> None:
         (
             d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0 and d.progress_s >= 0,
             "data.shard_mb must be positive; data.workers, data.loader_workers and data.progress_s >= 0",
+        ),
+        (
+            not (missing := [x for x in d.decontaminate if x != "bundled" and not Path(x).expanduser().is_file()]),
+            f"data.decontaminate: {missing[0] if missing else ''} not found: name eval task files or 'bundled'",
         ),
         (
             not (bad := sorted(set(c.rules) - set(CURATE_RULES))),

@@ -65,6 +65,7 @@ class DataConfig:
     workers: int
     loader_workers: int
     progress_s: float
+    decontaminate: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,26 @@ class MinHasher:
 RECALL_AT_THRESHOLD = 0.99
 
 
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+    """[n-grams] uint64: 64-bit hashes of the text's n-word windows, words normalised as exact_key's
+    (case, punctuation and symbols folded); none for a text of fewer than n words (the contamination
+    gate's n-grams: data/contamination.py)."""
+    words = text.lower().translate(_STRIP).split()
+    if len(words) < n:
+        return np.zeros(0, np.uint64)
+    w = np.fromiter((zlib.crc32(x.encode("utf-8", "surrogatepass")) for x in words), np.uint64, len(words))
+    coef = _ngram_coefficients(n)
+    h = np.full(len(words) - n + 1, coef[-1], np.uint64)
+    for j in range(n):
+        h += w[j : j + len(h)] * coef[j]  # wraps mod 2**64
+    return h
+
+
+@cache
+def _ngram_coefficients(n: int) -> np.ndarray:
+    return np.random.default_rng([n, 13]).integers(0, 2**64, n + 1, dtype=np.uint64, endpoint=False)
+
+
 @cache
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows), bands * rows <= num_perm: of those whose S-curve 1 - (1 - s**rows)**bands reaches

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.data import dedup
+from llm_jax.data.contamination import NGRAM, leaks, reference_ngrams, task_texts
 from llm_jax.data.curate import Curated, curate
 from llm_jax.data.loader import PreparedData
 from llm_jax.data.progress import rate_line, ticker
@@ -68,8 +68,10 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
     cur = curate(cfg, partial / "documents", log)
     is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
+    leaked, contamination = _leaks(cfg, cur, is_val)
+    splits = {"train": ~is_val & ~leaked, "val": is_val}  # documents of each split (leaked: in neither)
 
-    tokenizer = _tokenizer(cfg, tokenizer_path, cur, is_val, log)
+    tokenizer = _tokenizer(cfg, tokenizer_path, cur, is_val | leaked, log)  # trained on what trains
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
             f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
@@ -92,7 +94,8 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         for i, (record, ids) in enumerate(
             zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
         ):
-            writers["val" if is_val[i] else "train"].add(ids)
+            if not leaked[i]:
+                writers["val" if is_val[i] else "train"].add(ids)
             doc_tokens[i] = len(ids)
             if i in wanted:
                 wanted[i]["kept"] = record["source"]
@@ -111,28 +114,26 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         "documents": {"read": cur.read.documents, "kept": len(cur.scores), "val": int(is_val.sum())},
         **{
             f"{split}_{unit}": int(value)
-            for split, mask in (("train", ~is_val), ("val", is_val))
+            for split, mask in splits.items()
             for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", writers[split].tokens))
         },
     }
-    report = write_report(
-        partial, cfg, cur, is_val, doc_tokens, _contamination(cfg, cur, is_val), meta, tokenize_seconds, log
-    )
+    report = write_report(partial, cfg, cur, splits, doc_tokens, contamination, meta, tokenize_seconds, log)
     meta["report"] = {"removed": {rule: n for rule, (n, _) in report["removed"].items()}}
     write_meta(partial / "meta.json", meta)
     partial.rename(data_dir)  # the dataset appears whole or not at all
     return meta
 
 
-def _tokenizer(cfg: Config, path: Path, cur: Curated, is_val: np.ndarray, log) -> BaseTokenizer:
+def _tokenizer(cfg: Config, path: Path, cur: Curated, held_out: np.ndarray, log) -> BaseTokenizer:
     if cfg.data.tokenizer:
         copy_tokenizer(cfg.data.tokenizer, path.parent)  # the run directory is self-contained
         return load_tokenizer(path.parent)
     if not path.is_file():
-        train_bytes = int(cur.sizes[~is_val, 0].sum())
+        train_bytes = int(cur.sizes[~held_out, 0].sum())
         sample = min(train_bytes, cfg.data.tokenizer_sample_bytes)
         log(f"tokenizer: training a {cfg.model.vocab_size}-piece BPE model on {sample / 1e6:,.1f} MB of text ...")
-        texts = (r["text"] for r, val in zip(read_documents(cur.paths), is_val) if not val)
+        texts = (r["text"] for r, out in zip(read_documents(cur.paths), held_out) if not out)
         tokenizer = train_tokenizer(
             texts,
             cfg.model.vocab_size,
@@ -158,19 +159,14 @@ def _chunks(records: Iterator[dict]) -> Iterator[tuple[int, list[dict]]]:
         yield start, batch
 
 
-def _contamination(cfg: Config, cur: Curated, is_val: np.ndarray) -> dict:
-    """Validation documents with a near copy among the training documents (MinHash LSH at
-    curate.near_dedup over the kept documents' signatures): 0 is the promise of dedup."""
-    if cur.signatures is None:
-        return {"checked": False, "why": "curate.near_dedup is off"}
-    c = cfg.curate
-    index = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, cfg.seed)
-    for sig in cur.signatures[~is_val]:
-        index.check_and_add(sig)
-    hits = sum(index.query(sig) is not None for sig in cur.signatures[is_val])
-    return {
-        "checked": True,
-        "val_documents": int(is_val.sum()),
-        "with_a_train_near_copy": int(hits),
-        "threshold": c.near_dedup,
-    }
+def _leaks(cfg: Config, cur: Curated, is_val: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The contamination gate (data/contamination.py): a bool per kept document (a training document sharing
+    a 13-gram with the validation split or a data.decontaminate task) and the report's entry."""
+    references = {"validation": reference_ngrams(r["text"] for r, val in zip(read_documents(cur.paths), is_val) if val)}
+    for spec in cfg.data.decontaminate:
+        references |= {f"task:{name}": reference_ngrams(texts) for name, texts in task_texts(spec).items()}
+    train = ((r["text"], r["source"]) for r, val in zip(read_documents(cur.paths), is_val) if not val)
+    hit, report = leaks(references, train)
+    leaked = np.zeros(len(is_val), bool)
+    leaked[~is_val] = hit
+    return leaked, {"ngram": NGRAM, "removed_train_documents": int(hit.sum()), "references": report}

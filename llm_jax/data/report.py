@@ -20,7 +20,7 @@ def write_report(
     out_dir: Path,
     cfg: Config,
     cur: Curated,
-    is_val: np.ndarray,
+    splits: dict[str, np.ndarray],
     doc_tokens: np.ndarray,
     contamination: dict,
     meta: dict,
@@ -51,7 +51,7 @@ def write_report(
                 "tokens": meta[f"{split}_tokens"],
                 "shards": len(meta["shards"][split]),
             }
-            for split, mask in (("train", ~is_val), ("val", is_val))
+            for split, mask in splits.items()
         },
         "throughput": {
             "curation_seconds": round(cur.seconds, 3),
@@ -90,12 +90,10 @@ def table(report: dict) -> list[str]:
     c, t = report["contamination_check"], report["throughput"]
     lines.append(
         f"near-duplicate clusters: {report['near_dup_clusters']['clusters']} "
-        f"(largest {report['near_dup_clusters']['largest']}); contamination check: "
-        + (
-            f"{c['with_a_train_near_copy']} of {c['val_documents']} val documents have a train near copy"
-            if c["checked"]
-            else f"off ({c['why']})"
-        )
+        f"(largest {report['near_dup_clusters']['largest']}); contamination gate ({c['ngram']}-grams): "
+        f"{c['removed_train_documents']} training documents removed ("
+        + ", ".join(f"{name}: {r['train_documents_hit']}" for name, r in c["references"].items())
+        + ")"
     )
     lines.append(
         "splits: "

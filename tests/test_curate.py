@@ -192,6 +192,9 @@ def test_every_removed_document_is_attributed_to_the_first_rule_and_reported(cur
     assert report["near_dup_clusters"]["clusters"] == 10 and report["near_dup_clusters"]["largest"] == 2
     assert report["near_dup_clusters"]["examples"][0]["kept"].endswith("web.jsonl:11")
     assert report["contamination_check"]["removed_train_documents"] == 0  # clean data: the gate finds nothing
+    lsh = report["near_dup_lsh"]  # curate.near_dedup=0.7 here
+    assert (lsh["bands"], lsh["rows"]) == (17, 4) and lsh["candidate_probability"]["0.7"] >= 0.99
+    assert "near dedup at Jaccard 0.7: 17 bands x 4 rows, candidate 0.67 at 0.5, 0.99 at 0.7, 1.00 at 0.9" in lines
     assert (run / "data" / "report.png").stat().st_size > 1000
     assert any(line.startswith("near_dup") and line.split()[1] == "10" for line in lines)
     # What was kept is exactly the good documents, cleaned, split between train and val.

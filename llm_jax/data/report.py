@@ -1,5 +1,5 @@
 """The curation report: what was read, what each rule removed (documents, bytes, examples), near
-duplicate clusters, the contamination check, split sizes, throughput; printed as a table, saved as
+duplicate clusters and the LSH S-curve, the contamination gate, split sizes, throughput; printed as a table, saved as
 report.json, with document- and token-length histograms in report.png."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.data.curate import Curated
+from llm_jax.data.dedup import lsh_params
 
 # Removal reasons in pipeline order: cleaning, the quality rules (curate.rules order), then dedup.
 _BEFORE, _AFTER = ("empty",), ("exact_dup", "near_dup", "contamination")
@@ -43,6 +44,7 @@ def write_report(
         "removed_examples": {rule: cur.examples[rule] for rule in order},
         "kept": {"documents": len(cur.scores), "bytes": int(cur.sizes[:, 0].sum())},
         "near_dup_clusters": cur.clusters,
+        "near_dup_lsh": _s_curve(cfg.curate.near_dedup, cfg.curate.minhash_perms),
         "contamination_check": contamination,
         "splits": {
             split: {
@@ -68,6 +70,21 @@ def write_report(
     return report
 
 
+def _s_curve(threshold: float | None, num_perm: int) -> dict | None:
+    """The LSH bands and rows near dedup used and the chance that a pair of a given Jaccard becomes a
+    candidate (then confirmed by its signature estimate): 1 - (1 - s^rows)^bands."""
+    if not threshold:
+        return None
+    bands, rows = lsh_params(threshold, num_perm)
+    points = sorted({0.5, 0.7, threshold, 0.9})
+    return {
+        "threshold": threshold,
+        "bands": bands,
+        "rows": rows,
+        "candidate_probability": {f"{s:g}": round(1 - (1 - s**rows) ** bands, 4) for s in points},
+    }
+
+
 def table(report: dict) -> list[str]:
     read, kept = report["read"], report["kept"]
     lines = [
@@ -87,7 +104,12 @@ def table(report: dict) -> list[str]:
         f"{'kept':<16}{kept['documents']:>11,}{kept['documents'] / read['documents']:>8.1%}"
         f"{kept['bytes'] / 2**20:>9.2f}"
     )
-    c, t = report["contamination_check"], report["throughput"]
+    c, t, lsh = report["contamination_check"], report["throughput"], report["near_dup_lsh"]
+    if lsh:
+        curve = ", ".join(f"{p:.2f} at {s}" for s, p in lsh["candidate_probability"].items())
+        lines.append(
+            f"near dedup at Jaccard {lsh['threshold']:g}: {lsh['bands']} bands x {lsh['rows']} rows, candidate {curve}"
+        )
     lines.append(
         f"near-duplicate clusters: {report['near_dup_clusters']['clusters']} "
         f"(largest {report['near_dup_clusters']['largest']}); contamination gate ({c['ngram']}-grams): "

@@ -104,28 +104,49 @@ def worker_output(variant: str, args) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+# (M, K, N) of bf16 matmuls with float32 accumulation: the 2048^2 reference, then shapes of this step (2048 rows:
+# batch x seq): the LM head's vocabulary tile and the whole-vocabulary block, the SwiGLU up projection
+MATMUL_SHAPES = ((2048, 2048, 2048), (2048, D_MODEL, 2096), (2048, D_MODEL, 6288), (2048, D_MODEL, MLP))
+
+
 def matmul_ceiling() -> dict:
-    """The fastest 2048^2 matmul rate seen (XLA float32 / bf16 inputs, torch likewise where installed) and
-    the tokens/s of a step of this shape made of nothing but matmuls at that rate."""
+    """The fastest 2048^2 matmul rate seen (XLA float32 / bf16 inputs, torch likewise where installed), the
+    tokens/s of a step of this shape made of nothing but matmuls at that rate, and both libraries' bf16 rates
+    on the step's own shapes (MATMUL_SHAPES)."""
+    import jax
+    import jax.numpy as jnp
+
     from llm_jax.config import load_config
     from llm_jax.model.transformer import flops_per_token
     from llm_jax.train.metrics import measured_matmul_flops
 
+    def best_rate(run, args: tuple, flops: float) -> float:
+        run(*args)
+        best = float("inf")
+        for _ in range(6):
+            t = time.perf_counter()
+            run(*args)
+            best = min(best, time.perf_counter() - t)
+        return flops / best
+
     rates = {f"xla-{d}": measured_matmul_flops(d) for d in ("float32", "bfloat16")}
+    shapes = {}
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    for m, k, n in MATMUL_SHAPES:
+        x, y = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
+        shapes[f"{m}x{k}x{n}"] = {"xla": best_rate(lambda a, b: mm(a, b).block_until_ready(), (x, y), 2 * m * k * n)}
     if importlib.util.find_spec("torch"):
         import torch
 
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-            best = float("inf")
-            for _ in range(6):
-                t = time.perf_counter()
-                torch.mm(a, b)
-                best = min(best, time.perf_counter() - t)
-            rates[f"torch-{name}"] = 2 * 2048**3 / best
+            rates[f"torch-{name}"] = best_rate(torch.mm, (a, b), 2 * 2048**3)
+        for m, k, n in MATMUL_SHAPES:
+            a, b = torch.randn(m, k).bfloat16(), torch.randn(k, n).bfloat16()
+            shapes[f"{m}x{k}x{n}"]["torch"] = best_rate(torch.mm, (a, b), 2 * m * k * n)
     fastest = max(rates, key=rates.get)
     per_token = flops_per_token(load_config(None, SHAPE).model)
-    return {"rates": rates, "fastest": fastest, "tokens_per_s": rates[fastest] / per_token}
+    return {"rates": rates, "fastest": fastest, "tokens_per_s": rates[fastest] / per_token, "bf16_shapes": shapes}
 
 
 def machine() -> dict:
@@ -281,6 +302,11 @@ def table(header: dict, results: dict, summary: dict) -> str:
             need = 1.5 * best_peer
             line += f"; 1.5x the best peer = {need:,.0f} tokens/s = {need / top:.0%} of the ceiling"
         lines.append(line)
+        per_shape = ", ".join(
+            f"{shape} " + " / ".join(f"{lib} {rate / 1e9:,.0f}" for lib, rate in r.items())
+            for shape, r in ceiling["bf16_shapes"].items()
+        )
+        lines.append(f"bf16 matmul GFLOP/s by shape (M x K x N): {per_shape}")
     return "\n".join(lines)
 
 

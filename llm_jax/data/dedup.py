@@ -64,13 +64,8 @@ class MinHasher:
     def shingle_hashes(self, text: str) -> np.ndarray:
         """[n_shingles] uint64 values < 2**32 (n_shingles = max(words - k + 1, 1); 0 for no words)."""
         words = text.lower().split()
-        encoded = (w.encode("utf-8", "surrogatepass") for w in words)
-        w = np.fromiter(map(zlib.crc32, encoded), np.uint64, len(words))  # [W]
         n = max(len(words) - self.shingle_words + 1, 1) if words else 0
-        h = np.full(n, self._coef[-1], np.uint64)
-        for j in range(min(self.shingle_words, len(words))):
-            h += w[j : j + n] * self._coef[j]  # wraps mod 2**64
-        return h >> _32
+        return _window_hashes(words, self._coef, n) >> _32
 
     def signature(self, text: str) -> np.ndarray:
         """[num_perm] uint32: per permutation, min over the shingles of (a * h + b) mod 2**64, its
@@ -102,11 +97,17 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     words = text.lower().translate(_STRIP).split()
     if len(words) < n:
         return np.zeros(0, np.uint64)
-    w = np.fromiter((zlib.crc32(x.encode("utf-8", "surrogatepass")) for x in words), np.uint64, len(words))
-    coef = _ngram_coefficients(n)
-    h = np.full(len(words) - n + 1, coef[-1], np.uint64)
-    for j in range(n):
-        h += w[j : j + len(h)] * coef[j]  # wraps mod 2**64
+    return _window_hashes(words, _ngram_coefficients(n), len(words) - n + 1)
+
+
+def _window_hashes(words: list[str], coef: np.ndarray, windows: int) -> np.ndarray:
+    """[windows] uint64: window i hashes words i, i + 1, ... (up to len(coef) - 1 of them) as
+    sum_j coef[j] * crc32(word_{i+j}) + coef[-1] (mod 2**64, multilinear)."""
+    encoded = (w.encode("utf-8", "surrogatepass") for w in words)
+    w = np.fromiter(map(zlib.crc32, encoded), np.uint64, len(words))  # [W]
+    h = np.full(windows, coef[-1], np.uint64)
+    for j in range(min(len(coef) - 1, len(words))):
+        h += w[j : j + windows] * coef[j]  # wraps mod 2**64
     return h
 
 

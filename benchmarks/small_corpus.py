@@ -7,7 +7,11 @@ budget / step time steps, so every candidate gets the same training seconds, wha
 context, vocabulary or optimizer costs. One process per training run; data (tokenizer, packed
 shards) is prepared once per vocabulary size and copied into each run.
 
-    python benchmarks/small_corpus.py [--budget-s 240] [--only demo,muon] [--json] [--out runs/small_corpus]
+With --steps N every candidate trains N steps instead (equal tokens where the batch and context are the
+demo's): how the MoE demo (configs/shakespeare-moe.yaml: 8 experts of half the MLP's width, 2 per token, the
+dense demo's active parameters) compares with the dense one.
+
+    python benchmarks/small_corpus.py [--budget-s 240 | --steps 800] [--only demo,muon] [--json] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ CANDIDATES = {  # name: overrides of the demo's preset (wsd, vocab 16384, batch 
     "cosine schedule": ["optim.schedule=cosine"],
     "muon": ["optim.name=muon"],
     "no z-loss": ["optim.z_loss=0"],
+    "moe 8x2": ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.mlp_dim=384"],  # = configs/shakespeare-moe.yaml
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=240.0, help="training seconds per candidate")
+    parser.add_argument("--steps", type=int, default=0, help="train every candidate this many steps instead")
     parser.add_argument(
         "--only", default=None, help=f"comma-separated candidates (default all: {', '.join(CANDIDATES)})"
     )
@@ -68,7 +74,7 @@ def main() -> None:
     rows = {}
     for name, overrides in candidates.items():
         step_s = _worker_step_s(overrides)
-        steps = max(10, int(args.budget_s / step_s))
+        steps = args.steps or max(10, int(args.budget_s / step_s))
         run_dir = out / name.replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)
         _copy_data(out, overrides, run_dir)
@@ -97,10 +103,11 @@ def main() -> None:
             "run_s": wall,
         }
         print(f"  {name}: {steps} steps, bpb {val['bpb']:.4f}", file=sys.stderr, flush=True)
+    budget = f"{args.steps} steps" if args.steps else f"{args.budget_s:.0f} s"
     if args.json:
-        print(json.dumps({"budget_s": args.budget_s, "rows": rows}))
+        print(json.dumps({"budget": budget, "machine": machine(), "rows": rows}))
         return
-    print(table(args.budget_s, rows))
+    print(table(budget, rows))
 
 
 def step_seconds(overrides: list[str]) -> float:
@@ -164,9 +171,20 @@ def _copy_data(out: Path, overrides: list[str], run_dir: Path) -> None:
     shutil.copytree(template, run_dir, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "tb"))
 
 
-def table(budget_s: float, rows: dict) -> str:
+def machine() -> str:
+    import datetime
+
+    from llm_jax.model.device import cpu_info
+
+    cpu = cpu_info()
+    flags = ", ".join(cpu["flags"]) or "no bf16/AMX flags"
+    return f"{cpu['model']}, {cpu['cores']} cores ({flags}), {datetime.date.today()}"
+
+
+def table(budget: str, rows: dict) -> str:
     lines = [
-        f"equal training time: {budget_s:.0f} s per candidate; held-out bits per byte on the whole val split",
+        f"{machine()}",
+        f"equal training: {budget} per candidate; held-out bits per byte on the whole val split",
         "| candidate | overrides | ms/step | tokens/s | steps | tokens | held-out bpb |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

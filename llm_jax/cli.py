@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--meshes",
         required=True,
-        help='data,fsdp,tensor[,pipeline[,microbatches[,context]]] layouts separated by ";", e.g. "8,1,1;4,1,1,2,8"',
+        help='data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats[,expert]]]]] layouts separated by ";", '
+        'e.g. "8,1,1;4,1,1,2,8"; expert: an MoE model\'s mesh.expert',
     )
     p.add_argument("--batch-sizes", help="comma-separated global batch sizes (default: train.batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one untimed)")

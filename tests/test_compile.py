@@ -218,7 +218,7 @@ def test_compile_command_prints_every_step_and_json(capsys):
     args = ["compile", "--config", "tiny", "--topology", "v5e-8", "mesh.data=8", *TINY]
     main(args)
     out = capsys.readouterr().out
-    assert "v5e-8: 8 v5e chips | mesh data=8 pipeline=1 fsdp=1 context=1 tensor=1" in out
+    assert "v5e-8: 8 v5e chips | mesh data=8 pipeline=1 fsdp=1 expert=1 context=1 tensor=1" in out
     for step in ("train", "eval", "prefill", "decode", "paged_prefill", "paged_decode"):
         assert f"\n{step} " in out
     main([*args, "--json", "--steps", "train"])
@@ -235,7 +235,7 @@ def test_compile_command_prints_every_step_and_json(capsys):
         (["--topology", "l4-8"], "compiling knows a100, h100, h200 GPUs"),
         (
             ["--topology", "v5e-8", "mesh.data=16"],
-            "v5e-8: 8 v5e chips: mesh data=16 pipeline=1 fsdp=1 context=1 tensor=1 needs 16",
+            "v5e-8: 8 v5e chips: mesh data=16 pipeline=1 fsdp=1 expert=1 context=1 tensor=1 needs 16",
         ),
         (["--topology", "v5e-8", "--steps", "train,backward"], "unknown backward"),
     ],

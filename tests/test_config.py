@@ -67,17 +67,21 @@ def test_bad_override_syntax_and_sections():
 
 def test_base_yaml_documents_every_key_once():
     lines = (CONFIG_DIR / "base.yaml").read_text().splitlines()
-    section, seen = None, {}
+    path, seen = [], {}  # path: the enclosing keys, by indentation (a section, a subsection such as model.moe)
     for line in lines:
-        if m := re.match(r"(\w+):", line):  # top level: a key, or a section header
-            section = m.group(1)
-            seen.setdefault(section, []).append(line)
-        elif m := re.match(r"\s+(\w+):", line):
-            seen.setdefault(f"{section}.{m.group(1)}", []).append(line)
-    for section, value in to_dict(load_config()).items():
-        for key in [f"{section}.{k}" for k in value] if isinstance(value, dict) else [section]:
-            assert len(seen.get(key, [])) == 1, f"{key}: {len(seen.get(key, []))} entries in base.yaml"
-            assert "#" in seen[key][0], f"{key} has no comment in base.yaml"
+        if m := re.match(r"( *)(\w+):", line):
+            depth = len(m.group(1)) // 2
+            path = path[:depth] + [m.group(2)]
+            seen.setdefault(".".join(path), []).append(line)
+
+    def keys(prefix, value):
+        if isinstance(value, dict):
+            return [k for sub, v in value.items() for k in keys(f"{prefix}.{sub}" if prefix else sub, v)]
+        return [prefix]
+
+    for key in keys("", to_dict(load_config())):
+        assert len(seen.get(key, [])) == 1, f"{key}: {len(seen.get(key, []))} entries in base.yaml"
+        assert "#" in seen[key][0], f"{key} has no comment in base.yaml"
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,7 @@ def test_generation_on_a_mesh_splits_the_cache_and_matches_one_device():
             data=2,
             pipeline=1,
             fsdp=2,
+            expert=1,
             context=1,
             tensor=2,
             dcn_data=1,

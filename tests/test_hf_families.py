@@ -1,6 +1,6 @@
 """Hugging Face models beyond sentencepiece Llama: Llama 3 (byte-level BPE tokenizer.json, llama3
-RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS) and Mistral, made in the test by transformers
-and `tokenizers`; imported, compared with transformers, and exported back."""
+RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS), Mistral and Mixtral (mixture of experts), made in
+the test by transformers and `tokenizers`; imported, compared with transformers, and exported back."""
 
 from pathlib import Path
 
@@ -39,6 +39,7 @@ FAMILIES = {
     ),
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
     "mistral": (["<s>", "</s>"], "<s>", "</s>", None),
+    "mixtral": (["<s>", "</s>"], "<s>", "</s>", None),
 }
 VOCAB = 512
 MESSAGES = [
@@ -103,6 +104,11 @@ def _hf_model(family: str, tokenizer, seed: int, vocab: int = VOCAB):
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
+    elif family == "mixtral":  # 4 experts of width 128, 2 per token, in every layer
+        config = transformers.MixtralConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False
+        )
+        model = transformers.MixtralForCausalLM(config)
     else:
         config = transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
         model = transformers.MistralForCausalLM(config)
@@ -133,6 +139,7 @@ def test_imported_models_match_transformers_logits_and_greedy_tokens(imported):
     family, model, _, _, run = imported
     cfg = load_run(str(run)).cfg.model
     assert (cfg.qkv_bias, bool(cfg.rope_scaling)) == (family == "qwen2", family == "llama3")
+    assert (cfg.moe.experts, cfg.moe.top_k) == ((4, 2) if family == "mixtral" else (0, 2))
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))  # past the llama3 original context 16
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
@@ -157,7 +164,7 @@ def test_imported_tokenizers_and_chat_templates_give_transformers_ids(imported):
     assert ours.bos_id == bos  # qwen2: no BOS, its document separator
     assert sum(ours.token_utf8(t) != [] for t in ours.encode(text)) == len(ours.encode(text))
     assert bytes(b for t in ours.encode(text) for b in ours.token_utf8(t)).decode() == text
-    if family == "mistral":  # no chat template: generate only, and a clear line for chat
+    if family in ("mistral", "mixtral"):  # no chat template: generate only, and a clear line for chat
         assert ours.chat_template is None
         return
     for upto in (2, 4):
@@ -168,6 +175,27 @@ def test_imported_tokenizers_and_chat_templates_give_transformers_ids(imported):
     ids, weights = render(ours, MESSAGES[:3])
     trained = [t for t, w in zip(ids, weights) if w]  # the reply and its end of turn (the model learns to stop)
     assert ours.decode(trained).strip() == "A loyal earl." and theirs.eos_token_id in trained
+
+
+def test_a_mixtral_run_exports_in_the_hub_layout_and_transformers_reads_it_back(corpus_slice, tmp_path):
+    """Import reads transformers 5's fused experts; export writes the Hub's per-expert w1/w2/w3 tensors."""
+    tokenizer = _hf_tokenizer(corpus_slice, "mixtral")
+    model = _hf_model("mixtral", tokenizer, seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    run = import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+    out = export_hf(str(run), str(tmp_path / "back"), log=lambda *_: None)
+    from safetensors.numpy import load_file
+
+    names = set(load_file(out / "model.safetensors"))
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names and not any("gate_up_proj" in n for n in names)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(3).integers(0, VOCAB, size=(2, 24))
+    with torch.no_grad():
+        original, back = (m(torch.tensor(tokens)).logits.numpy() for m in (model, reloaded))
+    assert np.abs(back - original).max() <= 1e-5
+    assert np.abs(_our_logits(run, tokens) - original).max() <= 1e-4
 
 
 def test_a_bfloat16_checkpoint_exports_back_bit_for_bit_and_transformers_reads_it(corpus_slice, tmp_path):

@@ -155,6 +155,7 @@ def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
             data=2,
             pipeline=1,
             fsdp=2,
+            expert=1,
             context=1,
             tensor=2,
             dcn_data=1,

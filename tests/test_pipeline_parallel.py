@@ -225,5 +225,5 @@ def test_a_micro_batch_too_small_for_the_batch_shards_is_named():
     cfg = tiny_config(
         "unused", "model.n_layers=4", "mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4", "train.batch_size=8"
     )
-    with pytest.raises(UserError, match="batch=2 is split over mesh data=4 x fsdp=1 = 4 shards"):
+    with pytest.raises(UserError, match="batch=2 is split over mesh data=4 = 4 shards"):
         sharding.make_layout(cfg.mesh).check(cfg)

@@ -411,6 +411,7 @@ def test_inference_reads_a_run_straight_into_its_shards_in_the_compute_dtype(run
             data=1,
             pipeline=1,
             fsdp=4,
+            expert=1,
             context=1,
             tensor=2,
             dcn_data=1,

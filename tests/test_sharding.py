@@ -124,7 +124,7 @@ def test_parameter_and_optimizer_shardings_follow_the_rules(rules, mesh, expecte
         want, ndim = NamedSharding(layout.mesh, spec), _leaf(steps.abstract_state.params, path).ndim
         assert _leaf(steps.state_sharding.params, path).is_equivalent_to(want, ndim), path
         assert _leaf(adam_mu, path).is_equivalent_to(want, ndim), path
-    assert steps.abstract_batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
+    assert steps.abstract_batch["tokens"].sharding.spec == P(("data", "fsdp", "expert"), None)
 
 
 def test_vocab_split_logits_never_hold_the_full_vocabulary():
@@ -144,9 +144,9 @@ def test_vocab_split_logits_never_hold_the_full_vocabulary():
             ["mesh.rules=tp", "mesh.data=2", "mesh.tensor=4", "model.n_kv_heads=2"],
             "kv_heads=2 is split over mesh tensor=4 = 4 shards",
         ),
-        (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"),
+        (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 = 8 shards"),
         (["mesh.rules=dp", "mesh.data=4", "mesh.tensor=2"], "mesh.tensor=2 but the rules split nothing over 'tensor'"),
-        (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 context=1 tensor=1 needs 3 devices but 8 are present"),
+        (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 expert=1 context=1 tensor=1 needs 3 devices but 8 are present"),
         (["mesh.data=2", "mesh.tensor=4", "mesh.dcn_data=4"], "mesh.dcn_data=4 slices must divide the data axis (2)"),
     ],
 )
@@ -169,8 +169,8 @@ def test_rules_from_a_file_and_their_errors(tmp_path):
     bad_axis = tmp_path / "bad_axis.yaml"
     bad_axis.write_text("embed: model\n")
     with pytest.raises(
-        UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, context, tensor"
+        UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, expert, context, tensor"
     ):
         load_config("tiny", [f"mesh.rules={bad_axis}"])
-    with pytest.raises(UserError, match=r"mesh.rules='zero3' is neither a preset \(dp, fsdp, tp, fsdp_tp\)"):
+    with pytest.raises(UserError, match=r"mesh.rules='zero3' is neither a preset \(dp, fsdp, tp, fsdp_tp, ep\)"):
         load_config("tiny", ["mesh.rules=zero3"])

@@ -78,12 +78,12 @@ def test_malformed_meshes_name_the_layout(text, message):
 
 def test_a_sweep_where_nothing_fits_is_an_error():
     with pytest.raises(UserError, match="no layout fits: 1x1x8: heads=4 is split"):
-        run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8, 1, 0, 1, 1)], [8], 1, log=lambda *_: None)
+        run_sweep(load_config("tiny", ["model.n_kv_heads=4"]), [(1, 1, 8, 1, 0, 1, 1, 1)], [8], 1, log=lambda *_: None)
 
 
 def test_batch_sizes_are_swept_and_one_that_does_not_split_is_listed(capsys):
     cfg = load_config("tiny", ["model.n_kv_heads=4"])
-    rows = run_sweep(cfg, [(2, 2, 2, 1, 0, 1, 1)], [2, 8], 1, log=lambda *_: None)
+    rows = run_sweep(cfg, [(2, 2, 2, 1, 0, 1, 1, 1)], [2, 8], 1, log=lambda *_: None)
     assert [(r["mesh"], r["batch_size"]) for r in rows] == [("2x2x2", 2), ("2x2x2", 8)]
     assert "batch=2 is split over mesh data=2 x fsdp=2 = 4 shards" in rows[0]["error"]
     assert rows[1]["error"] == "" and rows[1]["tokens_per_s"] > 0 and rows[1]["peak_bytes"] > 0
@@ -96,7 +96,7 @@ def test_bad_batch_sizes_and_grad_accum_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="8x1x1: train.grad_accum=3 must divide train.batch_size=8"):
         run_sweep(
             load_config("tiny", ["train.batch_size=6", "train.grad_accum=3"]),
-            [(8, 1, 1, 1, 0, 1, 1)],
+            [(8, 1, 1, 1, 0, 1, 1, 1)],
             [8],
             1,
             log=lambda *_: None,

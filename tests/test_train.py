@@ -194,7 +194,7 @@ def test_a_run_directory_refuses_a_different_model(prepared_run, corpus_slice):
 def test_mesh_must_match_the_devices(prepared_run, corpus_slice):
     with pytest.raises(UserError, match=r"needs 3 devices but 8 are present"):
         train(tiny_config(prepared_run, "mesh.data=3", sources=corpus_slice))
-    with pytest.raises(UserError, match=r"batch=4 is split over mesh data=8 x fsdp=1 = 8 shards"):
+    with pytest.raises(UserError, match=r"batch=4 is split over mesh data=8 = 8 shards"):
         train(tiny_config(prepared_run, "train.batch_size=4", sources=corpus_slice))
 
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_jax.config.rules import rules_table
-from llm_jax.config.schema import CURATE_RULES, Config
+from llm_jax.config.schema import CURATE_RULES, Config, MeshConfig, ModelConfig
 from llm_jax.errors import UserError
 
 
 def validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
     m, o, t, d, s, p, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo, cfg.curate
-    checks = [
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.context, cfg.mesh.tensor)
+    checks = _moe_checks(m, cfg.mesh) + [
         (
             all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
             "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive",
@@ -128,8 +129,7 @@ def validate(cfg: Config) -> None:
             "train.log_every, eval_every, eval_batches, checkpoint_every and keep_checkpoints must be positive",
         ),
         (
-            sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)) <= 1
-            and all(v == -1 or v > 0 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)),
+            sum(v == -1 for v in sizes) <= 1 and all(v == -1 or v > 0 for v in sizes),
             "mesh sizes must be positive, with at most one -1 (which takes the remaining devices)",
         ),
         (cfg.mesh.dcn_data > 0, f"mesh.dcn_data={cfg.mesh.dcn_data} must be positive"),
@@ -179,3 +179,40 @@ def validate(cfg: Config) -> None:
     rules_table(cfg.mesh.rules)  # an unknown preset, file, logical or mesh axis: its own message
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
+    e = m.moe
+    return [
+        (
+            min(e.experts, e.shared_experts, e.mlp_dim) >= 0,
+            "model.moe.experts, shared_experts and mlp_dim must be >= 0",
+        ),
+        (
+            e.experts == 0 or 1 <= e.top_k <= e.experts,
+            f"model.moe.top_k={e.top_k} must be between 1 and model.moe.experts={e.experts}",
+        ),
+        (
+            e.every > 0 and m.n_layers % e.every == 0,
+            f"model.moe.every={e.every} must be positive and divide model.n_layers={m.n_layers}",
+        ),
+        (e.router in ("softmax", "sigmoid"), f"model.moe.router={e.router!r} must be softmax or sigmoid"),
+        (
+            min(e.aux_loss, e.z_loss, e.capacity_factor) >= 0,
+            "model.moe.aux_loss, z_loss and capacity_factor must be >= 0 (capacity_factor 0: dropless)",
+        ),
+        (
+            mesh.expert in (-1, 1) or e.experts > 0,
+            f"mesh.expert={mesh.expert} splits experts, but model.moe.experts=0 (a dense model): set model.moe.experts "
+            "or leave mesh.expert=1",
+        ),
+        (
+            mesh.expert <= 1 or e.experts % mesh.expert == 0,
+            f"model.moe.experts={e.experts} do not split evenly over mesh.expert={mesh.expert} devices: make the "
+            "expert count a multiple of the axis",
+        ),
+        (
+            e.experts == 0 or mesh.pipeline == 1,
+            "MoE layers (model.moe.experts > 0) do not run in a pipeline yet: set mesh.pipeline=1",
+        ),
+    ]

@@ -41,7 +41,8 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
         path = resolve_preset(preset)
         update = _read_yaml(path)
         _merge(tree, update, origin=str(path))
-        explicit |= set(update.get("model") or {})  # _merge checked that it is a section
+        model = update.get("model") or {}  # _merge checked that it is a section
+        explicit |= {f"{k}.{sub}" for k, v in model.items() if isinstance(v, dict) for sub in v} | set(model)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -62,7 +63,9 @@ def _inherit_model(tree: dict, init_run: Path, explicit: set[str]) -> None:
             "train the starting model first, or point init_from at its run_dir"
         )
     for key, value in saved.get("model", {}).items():
-        if key in tree["model"] and key not in explicit:
+        if isinstance(value, dict) and isinstance(tree["model"].get(key), dict):  # a subsection (moe): key by key
+            tree["model"][key] |= {k: v for k, v in value.items() if f"{key}.{k}" not in explicit}
+        elif key in tree["model"] and key not in explicit:
             tree["model"][key] = value
 
 

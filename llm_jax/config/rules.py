@@ -12,19 +12,21 @@ import yaml
 
 from llm_jax.errors import UserError
 
-MESH_AXES = ("data", "pipeline", "fsdp", "context", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "experts")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-# layers: a stage's layers on its devices; length: the sequence over the context axis (size 1: whole)
-_BATCH = {"batch": ("data", "fsdp"), "layers": "pipeline", "length": "context"}
+# layers: a stage's layers on its devices; length: the sequence over the context axis (size 1: whole); experts:
+# the MoE experts over the expert axis, which also splits the batch outside the MoE layers (size 1: neither)
+_BATCH = {"batch": ("data", "fsdp", "expert"), "layers": "pipeline", "length": "context", "experts": "expert"}
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PRESETS: dict[str, dict] = {
     "dp": _BATCH,  # replicated parameters (but for pipeline stages), batch over data x fsdp
     "fsdp": {**_BATCH, "embed": "fsdp"},  # + parameters and optimizer state split over fsdp
     "tp": {**_BATCH, **_TENSOR},  # + heads, kv_heads, mlp, vocab split over tensor
     "fsdp_tp": {**_BATCH, "embed": "fsdp", **_TENSOR},
+    "ep": _BATCH,  # expert parallelism alone: dp's table, named for it (every preset splits experts over `expert`)
 }
 
 

@@ -24,6 +24,19 @@ CURATE_RULES = (
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    experts: int
+    top_k: int
+    shared_experts: int
+    every: int
+    mlp_dim: int
+    router: str
+    aux_loss: float
+    z_loss: float
+    capacity_factor: float
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     d_model: int
@@ -44,10 +57,20 @@ class ModelConfig:
     attention: str
     context_parallel: str
     quant: str
+    moe: MoEConfig
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def expert_dim(self) -> int:
+        """An expert's SwiGLU hidden width (model.moe.mlp_dim; 0: model.mlp_dim)."""
+        return self.moe.mlp_dim or self.mlp_dim
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) routes its MLP over experts: the last of each group of moe.every."""
+        return self.moe.experts > 0 and (layer + 1) % self.moe.every == 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,7 @@ class MeshConfig:
     fsdp: int
     context: int
     tensor: int
+    expert: int
     dcn_data: int
     rules: str
     microbatches: int

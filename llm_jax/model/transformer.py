@@ -27,6 +27,7 @@ from llm_jax.model.device import compute_dtype, on_cpu
 from llm_jax.model.kv_cache import Cache, write_and_attend
 from llm_jax.model.kv_pages import paged_kernel, paged_write_and_attend
 from llm_jax.model.loss import cross_entropy_sum, token_log_probs
+from llm_jax.model.moe import moe_mlp
 from llm_jax.model.pipeline import run_pipeline
 
 # dots: keep the matmul outputs (and, on CPU in bfloat16, the transposed matmul inputs that the weight
@@ -81,13 +82,14 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     train: bool = False
+    moe: bool = False  # the MLP is routed over experts (model/moe.py)
 
     @nn.compact
     def __call__(self, carry, rope, positions, cache_index, segments):
-        """carry: (x [B, T, D], cache, layer) -> (the next carry, None). The cache is None (training),
-        the whole stacked cache with this layer's index (scanned layers: the cache travels in the carry
-        and is written in place; as the scan's per-layer output it was copied whole at every decode
-        step), or this layer's own cache with layer None (unstacked serving layers)."""
+        """carry: (x [B, T, D], cache, layer) -> (the next carry, the MoE router's statistics or None).
+        The cache is None (training), the whole stacked cache with this layer's index (scanned layers: the
+        cache travels in the carry and is written in place; as the scan's per-layer output it was copied
+        whole at every decode step), or this layer's own cache with layer None (unstacked serving layers)."""
         x, cache, layer = carry
         cfg, dt = self.cfg, compute_dtype(self.cfg.dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -118,40 +120,83 @@ class Block(nn.Module):
         x = x + self._dropout(dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-        # SwiGLU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]
+        # MLP: [B, T, D] -> SwiGLU [B, T, F] -> [B, T, D], or routed over experts (model/moe.py)
         y = rms_norm(x, param(self, "mlp_norm", (d,), ("embed",), None), cfg.norm_eps)
-        gate = dense(self, "w_gate", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
-        up = dense(self, "w_up", y, (d, cfg.mlp_dim), ("embed", "mlp"), cfg.init_std, 1)
+        stats = None
+        if self.moe:
+            out, stats = moe_mlp(self, y, out_std)
+            if cfg.moe.shared_experts:
+                out = out + self._swiglu(y, "shared_", cfg.moe.shared_experts * cfg.expert_dim, out_std)
+        else:
+            out = self._swiglu(y, "w_", cfg.mlp_dim, out_std)
+        x = x + self._dropout(out)
+        return (
+            nn.with_logical_constraint(x, ("batch", "length", "embed")),
+            cache,
+            None if layer is None else layer + 1,
+        ), stats
+
+    def _swiglu(self, y: jax.Array, prefix: str, width: int, out_std: float) -> jax.Array:
+        """[B, T, D] -> [B, T, D] through the weights {prefix}gate, {prefix}up [D, width], {prefix}down [width, D]."""
+        cfg, dt, d = self.cfg, compute_dtype(self.cfg.dtype), self.cfg.d_model
+        gate = dense(self, f"{prefix}gate", y, (d, width), ("embed", "mlp"), cfg.init_std, 1)
+        up = dense(self, f"{prefix}up", y, (d, width), ("embed", "mlp"), cfg.init_std, 1)
         # on CPU in float32, rounded once: XLA:CPU rounds every bfloat16 intermediate, 6 roundings here
         # (TPUs keep the fused op's intermediates in float32 anyway; as float32 operands there, its
         # backward's saved inputs grew llama-7b's train step on v5p-256 from 22.5 to 26.3 GiB)
         act = jnp.float32 if on_cpu() else dt
         hidden = (jax.nn.silu(gate.astype(act)) * up.astype(act)).astype(dt)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        x = x + self._dropout(dense(self, "w_down", hidden, (cfg.mlp_dim, d), ("mlp", "embed"), out_std, 1))
-        return (
-            nn.with_logical_constraint(x, ("batch", "length", "embed")),
-            cache,
-            None if layer is None else layer + 1,
-        ), None
+        return dense(self, f"{prefix}down", hidden, (width, d), ("mlp", "embed"), out_std, 1)
 
     def _dropout(self, x):
         return nn.Dropout(self.cfg.dropout, deterministic=not self.train)(x) if self.cfg.dropout else x
 
 
-def scanned_blocks(cfg: ModelConfig, train: bool, n_layers: int, **kwargs) -> nn.Module:
-    """n_layers Blocks as one nn.scan (params stacked on a leading `layers` axis), remat as configured."""
-    block = Block
-    if cfg.remat != "none":
-        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+class BlockGroup(nn.Module):
+    """model.moe.every = n > 1: n layers, dense but for the last (MoE): the unit the layer scan repeats."""
+
+    cfg: ModelConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, carry, *inputs):
+        n = self.cfg.moe.every
+        for i in range(n):
+            carry, stats = remat_block(self.cfg)(self.cfg, self.train, moe=i == n - 1, name=f"block_{i}")(
+                carry, *inputs
+            )
+        return carry, stats
+
+
+def layer_unit(cfg: ModelConfig) -> tuple[type[nn.Module], dict]:
+    """The repeated unit of the layer stack and its extra fields: a Block, or a BlockGroup of model.moe.every
+    layers (MoE every n-th layer)."""
+    if cfg.moe.experts and cfg.moe.every > 1:
+        return BlockGroup, {}
+    return remat_block(cfg), {"moe": cfg.moe.experts > 0}
+
+
+def units(cfg: ModelConfig) -> int:
+    """How many units (layer_unit) the n_layers make."""
+    return cfg.n_layers // (cfg.moe.every if cfg.moe.experts else 1)
+
+
+def remat_block(cfg: ModelConfig) -> type[nn.Module]:
+    return Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+def scanned_blocks(cfg: ModelConfig, train: bool, **kwargs) -> nn.Module:
+    """The layer units (layer_unit) as one nn.scan (params stacked on a leading `layers` axis), remat as configured."""
+    unit, fields = layer_unit(cfg)
     return nn.scan(
-        block,
-        length=n_layers,
+        unit,
+        length=units(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * 4,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, train, **kwargs)
+    )(cfg, train, **fields, **kwargs)
 
 
 class Transformer(nn.Module):
@@ -169,9 +214,10 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.cfg
         if self.unstacked:
-            self.blocks = [Block(cfg, self.train, name=f"layer_{i}") for i in range(cfg.n_layers)]
+            block = lambda i: Block(cfg, self.train, moe=cfg.is_moe(i), name=f"layer_{i}")  # noqa: E731
+            self.blocks = [block(i) for i in range(cfg.n_layers)]
         else:
-            self.layers = scanned_blocks(cfg, self.train, cfg.n_layers, name="layers")
+            self.layers = scanned_blocks(cfg, self.train, name="layers")
         self.embedding = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.final_norm = param(self, "final_norm", (cfg.d_model,), ("embed",), None)
         if not cfg.tie_embeddings:
@@ -224,7 +270,9 @@ class Transformer(nn.Module):
                 cache = cache and caches
             else:
                 carry = (x, cache, jnp.zeros((), jnp.int32))
-                (x, cache, _), _ = self.layers(carry, rope, positions, cache_index, segments)
+                (x, cache, _), stats = self.layers(carry, rope, positions, cache_index, segments)
+                if stats is not None:  # [units, ...] per MoE layer: lm_sums collects them (mutable intermediates)
+                    self.sow("intermediates", "moe", stats)
         if context > 1:
             x = nn.with_logical_constraint(unbalance(x, context), ("batch", "length", "embed"))
         return rms_norm(x, self.final_norm, cfg.norm_eps), cache
@@ -326,6 +374,13 @@ def unstack_layers(params: dict) -> dict:
             return jax.device_put(x[i], jax.sharding.NamedSharding(sharding.mesh, jax.P(*sharding.spec[1:])))
         return x[i]
 
+    if all(name.startswith("block_") for name in stacked):  # BlockGroups of model.moe.every layers
+        every = len(stacked)
+        return {k: v for k, v in params.items() if k != "layers"} | {
+            f"layer_{g * every + j}": jax.tree_util.tree_map(lambda x, g=g: layer(x, g), stacked[f"block_{j}"])
+            for g in range(n)
+            for j in range(every)
+        }
     per_layer = {f"layer_{i}": jax.tree_util.tree_map(lambda x, i=i: layer(x, i), stacked) for i in range(n)}
     return {k: v for k, v in params.items() if k != "layers"} | per_layer
 
@@ -335,9 +390,12 @@ def count_params(params) -> int:
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (LM head included) + 12 x layers x d x seq_len for
-    the attention scores and values (the PaLM appendix formula; XLA computes the full T x T square)."""
-    d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.n_layers
-    per_layer = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f
-    matmul_params = layers * per_layer + d * cfg.vocab_size
+    """Training FLOPs per token: 6 x matmul parameters a token passes (LM head included; of an MoE layer the
+    router and its top_k + shared experts) + 12 x layers x d x seq_len for the attention scores and values
+    (the PaLM appendix formula; XLA computes the full T x T square)."""
+    d, layers, moe = cfg.d_model, cfg.n_layers, cfg.moe
+    moe_layers = sum(cfg.is_moe(i) for i in range(layers))
+    mlp = (layers - moe_layers) * 3 * d * cfg.mlp_dim
+    mlp += moe_layers * (3 * d * cfg.expert_dim * (moe.top_k + moe.shared_experts) + d * moe.experts)
+    matmul_params = layers * d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + mlp + d * cfg.vocab_size
     return 6 * matmul_params + 12 * layers * cfg.n_heads * cfg.head_dim * cfg.seq_len

@@ -28,8 +28,8 @@ from llm_jax.model.transformer import Transformer
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
-    """(data, pipeline, fsdp, context, tensor) with a -1 resolved; `data` counts all slices (dcn_data of them)."""
-    sizes = [cfg.data, cfg.pipeline, cfg.fsdp, cfg.context, cfg.tensor]
+    """The sizes of MESH_AXES with a -1 resolved; `data` counts all slices (dcn_data of them)."""
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
     named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -58,7 +58,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         try:
             grid = mesh_utils.create_hybrid_device_mesh(
-                ici, (cfg.dcn_data, 1, 1, 1, 1), devices, process_is_granule=granule
+                ici, (cfg.dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices, process_is_granule=granule
             )
         except (ValueError, AssertionError) as e:
             raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the slices present: {e}") from None
@@ -136,12 +136,15 @@ def check_fit(mesh_shape: dict[str, int], rules: Rules, model: ModelConfig, micr
         "mlp": model.mlp_dim,
         "vocab": model.vocab_size,
         "layers": model.n_layers,
+        "experts": model.moe.experts,
     }
     problems = []
     for name, size in dims.items():
         n = shards(mesh_shape, rules, name)
         if size % n:
-            axes = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in as_tuple(dict(rules)[name]))
+            axes = " x ".join(
+                f"{a}={mesh_shape.get(a, 1)}" for a in as_tuple(dict(rules)[name]) if mesh_shape.get(a, 1) > 1
+            )
             fix = "train.batch_size / train.grad_accum" if name == "batch" else f"the model's {name} size"
             problems.append(
                 f"{name}={size} is split over mesh {axes} = {n} shards, which does not divide "
@@ -165,7 +168,16 @@ def single_device_layout(rules: str = "fsdp_tp") -> Layout:
     """One device: generation, checkpoint inspection, tests' reference runs."""
     return make_layout(
         MeshConfig(
-            data=1, pipeline=1, fsdp=1, context=1, tensor=1, dcn_data=1, rules=rules, microbatches=0, pipeline_repeats=1
+            data=1,
+            pipeline=1,
+            fsdp=1,
+            expert=1,
+            context=1,
+            tensor=1,
+            dcn_data=1,
+            rules=rules,
+            microbatches=0,
+            pipeline_repeats=1,
         ),
         jax.devices()[:1],
     )
@@ -183,9 +195,9 @@ def abstract_params(cfg: ModelConfig, layout: Layout):
 
 
 def parse_meshes(text: str) -> list[tuple[int, ...]]:
-    """'8,1,1;2,2,1,2,4,1,2;1,1,1,1,0,8' -> [(8, 1, 1, 1, 0, 1, 1), (2, 2, 1, 2, 4, 1, 2), (1, 1, 1, 1, 0, 8, 1)]:
-    (data, fsdp, tensor, pipeline, microbatches, context, repeats) per layout; pipeline defaults to 1,
-    microbatches to 0 (one per stage), context and repeats (of a circular pipeline) to 1."""
+    """'8,1,1;2,2,1,2,4,1,2' -> [(8, 1, 1, 1, 0, 1, 1, 1), (2, 2, 1, 2, 4, 1, 2, 1)]: (data, fsdp, tensor,
+    pipeline, microbatches, context, repeats, expert) per layout; pipeline defaults to 1, microbatches to 0
+    (one per stage), context, repeats (of a circular pipeline) and expert (MoE) to 1."""
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         try:
@@ -193,7 +205,7 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
         except ValueError:
             sizes = ()
         if (
-            not 3 <= len(sizes) <= 7
+            not 3 <= len(sizes) <= 8
             or any(s == 0 or s < -1 for s in sizes[:3])
             or sizes[:3].count(-1) > 1
             or any(s < 1 for s in sizes[3:4])
@@ -201,10 +213,11 @@ def parse_meshes(text: str) -> list[tuple[int, ...]]:
             or any(s < 1 for s in sizes[5:])
         ):
             raise UserError(
-                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats]]]] "
-                f"(positive integers; one of the first three may be -1, microbatches 0 means one per stage)"
+                f"mesh {item!r} in --meshes must be data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats"
+                "[,expert]]]]] (positive integers; one of the first three may be -1, microbatches 0 means one "
+                "per stage)"
             )
-        meshes.append(sizes + (1, 0, 1, 1)[len(sizes) - 3 :])
+        meshes.append(sizes + (1, 0, 1, 1, 1)[len(sizes) - 3 :])
     if not meshes:
         raise UserError('--meshes is empty: give layouts like "8,1,1;2,4,1;4,1,1,2,8"')
     return meshes
@@ -219,7 +232,7 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
     """An inference command's --mesh 'data,fsdp,tensor' -> a Layout over the first data x fsdp x tensor of
     this host's devices, with the run's rules (None for 1,1,1: one device)."""
     layouts = parse_meshes(mesh)
-    if len(layouts) != 1 or layouts[0][3:] != (1, 0, 1, 1):
+    if len(layouts) != 1 or layouts[0][3:] != (1, 0, 1, 1, 1):
         raise UserError(f"--mesh {mesh!r}: give one layout data,fsdp,tensor (no pipeline stages for inference)")
     data, fsdp, tensor = layouts[0][:3]
     if (data, fsdp, tensor) == (1, 1, 1):
@@ -232,6 +245,7 @@ def inference_layout(cfg: Config, mesh: str) -> Layout | None:
             data=data,
             pipeline=1,
             fsdp=fsdp,
+            expert=1,
             context=1,
             tensor=tensor,
             dcn_data=1,

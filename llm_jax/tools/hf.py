@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama 2/3, Mistral, Qwen2): `llm-jax export-hf` and `llm-jax import-hf`.
+"""Hugging Face checkpoints (Llama 2/3, Mistral, Qwen2, Mixtral): `llm-jax export-hf` and `llm-jax import-hf`.
 
 Our model is the Llama architecture, so the conversion is a renaming and a transpose. Our weights
 are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, in] per layer:
@@ -10,6 +10,7 @@ are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, i
     q_bias [L, N, H], k_bias, v_bias [L, K, H] <-> self_attn.q_proj.bias [N*H], k_proj, v_proj (Qwen2)
     embedding [V, D] <-> model.embed_tokens.weight;  final_norm <-> model.norm.weight;
     lm_head [V, D] <-> lm_head.weight (absent when tied)
+    router, moe_gate, moe_up, moe_down (an MoE model) <-> Mixtral's block_sparse_moe tensors (tools/hf_moe.py)
 
 RoPE needs no permutation: apply_rope pairs the two halves of each head, as HF's rotate_half does.
 Llama 3.1's rope_scaling (type llama3) becomes model.rope_scaling. An imported run computes in
@@ -34,17 +35,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from llm_jax.config import load_config
-from llm_jax.data.chat_template import CHAT_TEMPLATE, special_ids
-from llm_jax.data.tokenizer import CHAT_TOKENS, EOS, PAD, copy_tokenizer, load_tokenizer
+from llm_jax.data.tokenizer import CHAT_TOKENS, copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.dense import IN_DIMS
 from llm_jax.parallel.sharding import abstract_params, inference_layout, single_device_layout
 from llm_jax.run import load_config_of, load_run, write_params_run
+from llm_jax.tools import hf_moe
 from llm_jax.tools.chat_tokens import add_chat_tokens, grow_embeddings, grown_vocab
+from llm_jax.tools.hf_files import read_safetensors, write_our_tokenizer, write_safetensors
 
 LAYER_NAMES = {
     "wq": "self_attn.q_proj.weight",
@@ -61,7 +61,12 @@ LAYER_NAMES = {
     "v_bias": "self_attn.v_proj.bias",
 }
 TOP_NAMES = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": hf_moe.ARCHITECTURE,
+}
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
@@ -77,6 +82,8 @@ def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32) -> dict[str, np
             if ours in IN_DIMS:  # [*in, *out] -> [out, in]
                 w = w.reshape(math.prod(w.shape[: IN_DIMS[ours]]), -1).T
             out[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(w.reshape(-1) if "bias" in ours else w).astype(dtype)
+    if "router" in params["layers"]:
+        out |= hf_moe.to_hf(params["layers"], n_layers, dtype)
     return out
 
 
@@ -107,6 +114,8 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
         shape = shapes["layers"][ours][1:]
         rows = [take(f"model.layers.{i}.{hf}", shape, IN_DIMS.get(ours, 0)) for i in range(n_layers)]
         layers[ours] = None if any(r is None for r in rows) else np.stack(rows)
+    if "router" in shapes["layers"]:
+        layers |= hf_moe.from_hf(tensors, shapes["layers"], n_layers, problems)
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise UserError("the checkpoint does not match its config.json:\n  - " + "\n  - ".join(shown))
@@ -116,7 +125,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
 def hf_config(model, tokenizer, pad_id: int | None, eos_ids: list[int], dtype: str) -> dict:
     """Our ModelConfig -> a config.json: Qwen2ForCausalLM where the projections have biases, else
     LlamaForCausalLM."""
-    kind = "qwen2" if model.qkv_bias else "llama"
+    kind = "mixtral" if model.moe.experts else "qwen2" if model.qkv_bias else "llama"
     scaling = None
     if model.rope_scaling:
         factor, low, high, context = model.rope_scaling
@@ -153,6 +162,8 @@ def hf_config(model, tokenizer, pad_id: int | None, eos_ids: list[int], dtype: s
     }
     if kind == "llama":
         config |= {"attention_bias": False, "mlp_bias": False}
+    elif kind == "mixtral":
+        config |= hf_moe.config_fields(model)
     else:
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model.n_layers}
     return config
@@ -196,7 +207,8 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
         window is None or window >= context,
         f"attention is full; pass --seq-len {window} or less to import it",
     )
-    return [
+    moe = hf_moe.overrides(config) if kind == "mixtral" else []
+    return moe + [
         f"model.vocab_size={config['vocab_size']}",
         f"model.d_model={d}",
         f"model.n_layers={config['num_hidden_layers']}",
@@ -215,49 +227,6 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
     ]
 
 
-def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
-    """model.safetensors, or the shards its index lists -> float32 numpy arrays (bf16/f16 upcast)."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise UserError(
-            f"{hf_dir} has no model.safetensors or model.safetensors.index.json "
-            "(PyTorch .bin checkpoints: re-save with save_pretrained(safe_serialization=True))"
-        )
-    tensors = {}
-    for name in files:
-        if not (hf_dir / name).is_file():
-            raise UserError(f"{hf_dir}: shard {name} listed in model.safetensors.index.json is missing")
-        with safe_open(hf_dir / name, framework="flax") as f:  # flax: bf16 arrives as jax bfloat16, not an error
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[key] = np.asarray(f.get_tensor(key), np.float32)
-    return tensors
-
-
-def write_safetensors(tensors: dict[str, np.ndarray], out: Path, shard_bytes: int) -> None:
-    """One model.safetensors, or model-0000i-of-0000n.safetensors + an index above shard_bytes."""
-    shards, size = [{}], 0
-    for name, w in tensors.items():
-        if size and size + w.nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = w
-        size += w.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, name)
-    index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def export_hf(
     run_dir: str, out_dir: str, shard_bytes: int = 2000 << 20, mesh: str = "1,1,1", dtype: str = "float32", log=print
 ) -> Path:
@@ -269,6 +238,8 @@ def export_hf(
         raise UserError(f"{run_dir} holds {cfg.model.quant} weights; export the float run it was quantized from")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if cfg.model.moe.experts:
+        hf_moe.check_exportable(cfg.model)
     out = Path(out_dir).expanduser()
     if out.exists():
         raise UserError(f"{out} exists; remove it or choose another --out")
@@ -282,7 +253,7 @@ def export_hf(
         copy_tokenizer(tokenizer.path, tmp)
         eos_ids, pad_id = list(tokenizer.stop_ids), None
     else:
-        eos_ids, pad_id = _write_our_tokenizer(tokenizer, cfg.model.seq_len, tmp)
+        eos_ids, pad_id = write_our_tokenizer(tokenizer, cfg.model.seq_len, tmp)
     config = hf_config(cfg.model, tokenizer, pad_id, eos_ids, dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if not (tmp / "generation_config.json").is_file():
@@ -305,48 +276,6 @@ def export_hf(
     return out
 
 
-def _write_our_tokenizer(tokenizer, seq_len: int, out: Path) -> tuple[list[int], int | None]:
-    """A run trained here: its sentencepiece model with a LlamaTokenizer config that puts <|endoftext|>
-    before the text as BOS (as llm_jax does), and our chat template -> (the end ids, the pad id)."""
-    try:
-        chat_ids = special_ids(tokenizer)
-    except UserError:
-        chat_ids = None
-    pad_id = tokenizer.piece_id(PAD)
-    shutil.copyfile(tokenizer.path, out / "tokenizer.model")  # Hugging Face's name for it
-    specials = {i: tokenizer.piece(i) for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)}
-    tok_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": True,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "bos_token": tokenizer.piece(tokenizer.bos_id),
-        "eos_token": EOS,
-        "unk_token": tokenizer.sp.id_to_piece(tokenizer.sp.unk_id()),
-        "pad_token": PAD if pad_id is not None else None,
-        "model_max_length": seq_len,
-        "clean_up_tokenization_spaces": False,
-        "spaces_between_special_tokens": False,
-        "added_tokens_decoder": {
-            str(i): {
-                "content": p,
-                "special": True,
-                "normalized": False,
-                "lstrip": False,
-                "rstrip": False,
-                "single_word": False,
-            }
-            for i, p in specials.items()
-        },
-        "additional_special_tokens": [p for p in specials.values() if p.startswith("<|") and p not in (EOS, PAD)],
-    }
-    if chat_ids:
-        tok_config["chat_template"] = CHAT_TEMPLATE
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    return [tokenizer.eos_id] + ([chat_ids["end_of_turn"]] if chat_ids else []), pad_id
-
-
 def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, chat_tokens: bool = False, log=print) -> Path:
     """chat_tokens: add our chat format's tokens to a base model without a template (chat_tokens.py)."""
     src, out = Path(hf_dir).expanduser(), Path(out_dir).expanduser()
@@ -367,7 +296,7 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, chat_tokens
     if cfg.model.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     params = from_hf_tensors(tensors, shapes, cfg.model.n_layers)
-    expected = set(to_hf_tensors(params, cfg.model.n_layers))
+    expected = set(to_hf_tensors(params, cfg.model.n_layers)) | hf_moe.fused_names(cfg.model.n_layers)
     unexpected = sorted(k for k in tensors if k not in expected and "rotary_emb" not in k)
     if unexpected:
         raise UserError(

@@ -104,8 +104,8 @@ def activation_bytes(
     L = model.n_layers // shards(mesh, rules, "layers")
     q = model.n_heads * model.head_dim // shards(mesh, rules, "heads")  # query width here
     kv = model.n_kv_heads * model.head_dim // shards(mesh, rules, "kv_heads")
-    f = model.mlp_dim // shards(mesh, rules, "mlp")
-    matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c  # q, k, v, o, gate, up, down
+    f, mlp_weights, copies = _mlp(model, mesh, rules)
+    matmul_outs = b * t * (q + 2 * kv + d + 2 * f + d) * c + b * t * copies * c  # q, k, v, o, gate, up, down
     others = b * t * (2 * d + q + 2 * f + 2 * d) * c  # norms, attn out, silu*up, residuals
     scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * t * 4 if kernel == "xla" else 0
     if context > 1:  # model/context_parallel.py: a block pair's scores per ring hop, or against the whole K/V
@@ -115,7 +115,7 @@ def activation_bytes(
     kept = {"full": b * t * d * c, "dots": b * t * d * c + matmul_outs, "none": layer}[model.remat]
     v = model.vocab_size // shards(mesh, rules, "vocab")
     rows = chunk_rows(b * t, model.vocab_size, ACCELERATOR_CHUNK_BYTES)
-    weights = d * (q + 2 * kv) + q * d + 3 * d * f  # one layer's matrices, as the tensor axis leaves them
+    weights = d * (q + 2 * kv) + q * d + mlp_weights  # one layer's matrices, as the tensor and expert axes leave them
     gathered = shards(mesh, rules, "embed") > 1  # ZeRO-3: each layer's weights are all-gathered for use
     local = weights * L // (shards(mesh, rules, "embed") if gathered else 1)  # this device's layer weights
     return {
@@ -126,6 +126,24 @@ def activation_bytes(
         "logits chunk": rows * v * (4 + 4 + c),  # logits, softmax, d_logits
         "embedding table for the lookup": model.vocab_size * d * c,
     }  # gathered whole (transformer.py)
+
+
+def _mlp(model: ModelConfig, mesh: dict[str, int], rules: Rules) -> tuple[int, int, int]:
+    """A layer's MLP on one device, averaged over the dense and MoE layers: (the hidden width a token's rows
+    take here, the layer's MLP weights here, extra values per token for an MoE layer's routed copies). Under
+    expert parallelism each device holds the copies of the whole expert group in buffers sized for any routing
+    (model/moe.py): top_k x the expert axis rows per local token, each with its input, output and hidden."""
+    tensor, dense = shards(mesh, rules, "mlp"), model.mlp_dim // shards(mesh, rules, "mlp")
+    if not model.moe.experts:
+        return dense, 3 * model.d_model * dense, 0
+    m, share = model.moe, 1 / model.moe.every  # the share of layers that are MoE
+    ep, fe = shards(mesh, rules, "experts"), model.expert_dim // tensor
+    routed = m.top_k * ep  # copies per local token in this device's buffers
+    width = m.shared_experts * fe + routed * fe  # per local token
+    weights = 3 * model.d_model * fe * (m.experts // ep + m.shared_experts) + model.d_model * m.experts
+    copies = routed * 2 * model.d_model  # each copy's input and output rows
+    mixed = lambda moe, dense: round(share * moe + (1 - share) * dense)  # noqa: E731
+    return mixed(width, dense), mixed(weights, 3 * model.d_model * dense), mixed(copies, 0)
 
 
 @dataclass
@@ -167,14 +185,22 @@ def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
 
 def suggest(cfg: Config, chip: Chip, chips: int) -> tuple[Plan, int] | None:
     """The fitting mesh with the most data parallelism, then the least tensor parallelism, at the
-    fewest micro-batches (train.grad_accum) that fit; None if no mesh fits even one sequence per chip."""
+    fewest micro-batches (train.grad_accum) that fit (an MoE model's expert axis tried at each divisor of
+    its experts); None if no mesh fits even one sequence per chip."""
     accum = cfg.train.grad_accum
     while cfg.train.batch_size % accum == 0:
         trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
         best = None
-        for tensor in (t for t in (1, 2, 4, 8) if t <= chip.per_host and chips % t == 0):
-            for fsdp in (n for n in range(1, chips // tensor + 1) if chips // tensor % n == 0):
-                mesh = {"data": chips // tensor // fsdp, "fsdp": fsdp, "tensor": tensor}
+        experts = cfg.model.moe.experts
+        for tensor, ep in (
+            (t, e)
+            for t in (1, 2, 4, 8)
+            for e in range(1, max(experts, 1) + 1)
+            if t <= chip.per_host and max(experts, 1) % e == 0 and chips % (t * e) == 0
+        ):
+            for fsdp in (n for n in range(1, chips // tensor // ep + 1) if chips // tensor // ep % n == 0):
+                mesh = {"data": chips // tensor // ep // fsdp, "fsdp": fsdp, "tensor": tensor}
+                mesh |= {"expert": ep} if experts else {}
                 try:
                     plan = plan_for(dataclasses.replace(trial, mesh=dataclasses.replace(cfg.mesh, **mesh)), chip, mesh)
                 except UserError:

@@ -1,9 +1,9 @@
 """`llm-jax sweep`: the same config on several mesh layouts and batch sizes, a few timed steps each.
 
-A layout is data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats]]]] (context: the sequence
-split over mesh.context, model/context_parallel.py; repeats: mesh.pipeline_repeats, a circular
-pipeline); pipelined rows also get the bubble, (S - 1) / (R M + S - 1) in theory, and measured
-against the first unpipelined layout of the batch.
+A layout is data,fsdp,tensor[,pipeline[,microbatches[,context[,repeats[,expert]]]]] (context: the
+sequence split over mesh.context, model/context_parallel.py; repeats: mesh.pipeline_repeats, a circular
+pipeline; expert: mesh.expert, an MoE model's experts split over it); pipelined rows also get the
+bubble, (S - 1) / (R M + S - 1) in theory, and measured against the first unpipelined layout of the batch.
 
 Per layout: compile time, the compiled step's per-device memory (XLA's memory analysis: the
 arguments — train state and batch — plus outputs and temporaries, less what donation aliases),
@@ -90,7 +90,7 @@ def run_sweep(
     cfg: Config, meshes: list[tuple[int, ...]], batch_sizes: list[int], steps_timed: int, log=print
 ) -> list[dict]:
     rows = []
-    for data, fsdp, tensor, stages, microbatches, context, repeats in meshes:
+    for data, fsdp, tensor, stages, microbatches, context, repeats, expert in meshes:
         for batch_size in batch_sizes:
             mesh = dataclasses.replace(
                 cfg.mesh,
@@ -101,12 +101,14 @@ def run_sweep(
                 microbatches=microbatches,
                 context=context,
                 pipeline_repeats=repeats,
+                expert=expert,
             )
             run = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=batch_size))
             m = mesh.pipeline_microbatches
             row = {
                 "mesh": f"{data}x{fsdp}x{tensor}"
                 + (f" c{context}" if context > 1 else "")
+                + (f" e{expert}" if expert > 1 else "")
                 + (f" p{stages}m{m}" if stages > 1 else "")
                 + (f"r{repeats}" if repeats > 1 else ""),
                 "batch_size": batch_size,

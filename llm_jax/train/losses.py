@@ -22,26 +22,40 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import DPOConfig
+from llm_jax.model.moe import router_terms
 from llm_jax.model.transformer import Transformer
 
 DPO_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected")
 
 
-def _hidden(model: Transformer, params, batch: dict, rng) -> jax.Array:
-    """tokens [B, L+1] (+ segments [B, L+1]) -> final hidden states of the L inputs [B, L, D]."""
+def _hidden(model: Transformer, params, batch: dict, rng) -> tuple[jax.Array, dict | None]:
+    """tokens [B, L+1] (+ segments [B, L+1]) -> final hidden states of the L inputs [B, L, D], and the MoE
+    layers' router statistics (None for a dense model)."""
     segments = batch["segments"][:, :-1] if "segments" in batch else None
     rngs = {"dropout": rng} if rng is not None else None
-    hidden, _ = model.apply({"params": params}, batch["tokens"][:, :-1], segments=segments, rngs=rngs)
-    return hidden
+    tokens = batch["tokens"][:, :-1]
+    if not model.cfg.moe.experts:
+        return model.apply({"params": params}, tokens, segments=segments, rngs=rngs)[0], None
+    (hidden, _), state = model.apply(
+        {"params": params}, tokens, segments=segments, rngs=rngs, mutable=["intermediates"]
+    )
+    return hidden, state["intermediates"]["moe"][0]
 
 
 def lm_sums(model: Transformer, params, batch: dict, rng=None, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
-    """(nll sum + the z-loss term, {"z_loss": that term} when z_loss > 0)."""
+    """(nll sum + the z-loss term + the MoE router losses per target, {"z_loss": that term} when z_loss > 0, and
+    the router's metrics (model/moe.py router_terms), each times the targets)."""
     tokens = batch["tokens"]
     weights = batch.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    hidden = _hidden(model, params, batch, rng)
+    hidden, router = _hidden(model, params, batch, rng)
     loss, z_part = model.apply({"params": params}, hidden, tokens[:, 1:], weights, z_loss, method=Transformer.nll_sum)
-    return loss, ({"z_loss": z_part} if z_loss else {})
+    metrics = {"z_loss": z_part} if z_loss else {}
+    if router is not None:  # sums like the rest: the step divides by the batch's targets
+        count = lm_count(batch)
+        term, router_metrics = router_terms(model.cfg, router)
+        loss = loss + count * term
+        metrics |= {k: count * v for k, v in router_metrics.items()}
+    return loss, metrics
 
 
 def lm_count(batch: dict) -> jax.Array:
@@ -55,7 +69,7 @@ def sequence_logps(model: Transformer, params, tokens: jax.Array, weights: jax.A
     """tokens [..., L+1], weights [..., L] -> sum of weights * log p(target) per sequence [...]."""
     lead = tokens.shape[:-1]
     flat = {"tokens": tokens.reshape(-1, tokens.shape[-1])}
-    hidden = _hidden(model, params, flat, rng)
+    hidden, _ = _hidden(model, params, flat, rng)  # DPO leaves the router's losses out
     logps = model.apply({"params": params}, hidden, flat["tokens"][:, 1:], method=Transformer.token_logps)
     return jnp.sum(logps * weights.reshape(logps.shape), axis=-1).reshape(lead)
 

@@ -76,8 +76,11 @@ class Objective(abc.ABC):
     def val_line(self, metrics: dict) -> str: ...
 
     def progress_extra(self, metrics: dict) -> str:
-        """What the progress line adds to loss, lr, tokens/s and MFU."""
-        return ""
+        """What the progress line adds to loss, lr, tokens/s and MFU (an MoE model: its router's state)."""
+        if "moe_aux" not in metrics:
+            return ""
+        dropped = f", dropped {metrics['moe_dropped']:.1%}" if metrics["moe_dropped"] else ""
+        return f" | balance {metrics['moe_aux']:.3f}, load cv {metrics['moe_load_cv']:.2f}{dropped}"
 
     @abc.abstractmethod
     def sample(self, tokenizer: Tokenizer, prompt: str, system: str | None) -> tuple[list[int], tuple[int, ...]]:
@@ -220,7 +223,7 @@ class DPO(_ChatSamples, Objective):
         )
 
     def progress_extra(self, m):
-        return f" | reward acc {m['reward_accuracy']:.2f}, margin {m['reward_margin']:.3f}"
+        return super().progress_extra(m) + f" | reward acc {m['reward_accuracy']:.2f}, margin {m['reward_margin']:.3f}"
 
 
 OBJECTIVES: dict[str, Objective] = {"pretrain": Pretrain(), "sft": SFT(), "dpo": DPO()}

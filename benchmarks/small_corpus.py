@@ -42,6 +42,7 @@ CANDIDATES = {  # name: overrides of the demo's preset (wsd, vocab 16384, batch 
     "muon": ["optim.name=muon"],
     "no z-loss": ["optim.z_loss=0"],
     "moe 8x2": ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.mlp_dim=384"],  # = configs/shakespeare-moe.yaml
+    "moe 1x1": ["model.moe.experts=1", "model.moe.top_k=1"],  # the MoE code path holding the dense MLP: a check
 }
 
 

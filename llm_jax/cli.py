@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     p = sub.add_parser(
-        "export-hf", help="write a run as a Hugging Face Llama / Qwen2 checkpoint (safetensors + tokenizer)"
+        "export-hf", help="write a run as a Hugging Face Llama / Qwen2 / Mixtral checkpoint (safetensors + tokenizer)"
     )
     p.add_argument("--run", required=True, help="a float run directory")
     p.add_argument("--out", required=True, help="the Hugging Face model directory to create")
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     _mesh_arg(p)
 
-    p = sub.add_parser("import-hf", help="a local Hugging Face Llama / Mistral / Qwen2 checkpoint -> an llm_jax run")
+    p = sub.add_parser(
+        "import-hf", help="a local Hugging Face Llama / Mistral / Qwen2 / Mixtral checkpoint -> an llm_jax run"
+    )
     p.add_argument(
         "--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.json or tokenizer.model"
     )

@@ -55,7 +55,9 @@ DATA_KEYS = (
 )
 CHECKPOINT_KEYS = DATA_KEYS + ("model.", "train.batch_size", "optim.name")  # optim.name: the optimizer state
 # How a step computes, not what it saves: a run resumes with any of these (parameters stay float32).
-UNPINNED = ("model.dtype", "model.remat", "model.attention", "model.context_parallel")
+UNPINNED = ("model.dtype", "model.remat", "model.attention", "model.context_parallel") + tuple(
+    f"model.moe.{k}" for k in ("aux_loss", "z_loss", "capacity_factor")
+)
 
 # Reading a step's state alone (restore_params) makes orbax warn that the step-level metadata file is
 # absent; the parameters are complete without it.

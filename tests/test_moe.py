@@ -17,6 +17,7 @@ from llm_jax.model.transformer import Transformer, flops_per_token, unstack_laye
 from llm_jax.parallel import sharding
 from llm_jax.tools.plan import param_bytes
 from llm_jax.tools.sweep import run_sweep
+from llm_jax.train import losses
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
 
@@ -177,6 +178,7 @@ def test_flops_per_token_count_active_experts_only():
         (["model.moe.every=3"], "model.moe.every=3 must be positive and divide model.n_layers=2"),
         (["model.moe.router=relu"], "model.moe.router='relu' must be softmax or sigmoid"),
         (["mesh.pipeline=2"], "MoE layers (model.moe.experts > 0) do not run in a pipeline yet"),
+        (["model.quant=int8"], "model.quant=int8 does not take MoE weights yet"),
     ],
 )
 def test_bad_moe_settings_get_one_line_each(overrides, message):
@@ -219,6 +221,7 @@ MESHES = {
     "ep8": ["mesh.expert=8", "mesh.data=1"],
     "ep4_fsdp2": ["mesh.expert=4", "mesh.fsdp=2", "mesh.data=1", "mesh.rules=fsdp"],
     "ep2_tp2_data2": ["mesh.expert=2", "mesh.tensor=2", "mesh.data=2", "mesh.rules=fsdp_tp"],
+    "ep2_context2_data2": ["mesh.expert=2", "mesh.context=2", "mesh.data=2"],
 }
 CASES = [("dropless", mesh) for mesh in MESHES] + [
     ("capacity_every2_shared", "ep8"),
@@ -252,3 +255,32 @@ def test_sweep_and_plan_take_the_expert_axis():
     expert_params = mixtral.n_layers * 3 * mixtral.d_model * mixtral.mlp_dim * mixtral.moe.experts  # 45.1B of 46.7B
     whole, split = (param_bytes(mixtral, {"fsdp": 8, "expert": e}, rules) for e in (1, 8))
     assert whole - split == 4 * expert_params // 8 * 7 // 8  # the experts' fsdp shards, split 8 ways more
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_one_expert_is_the_dense_mlp_loss_and_gradients(dtype, tolerance):
+    """The MoE path with E = top_k = 1 (router weight 1) against the dense model with the same matrices: the
+    whole train loss's gradients, relative norm of the difference per leaf (bfloat16: its rounding, not the
+    zeros a gradient lost on the way would give)."""
+    shape = ["model.vocab_size=512", "model.n_kv_heads=1", f"model.dtype={dtype}", "model.moe.aux_loss=0"]
+    dense = load_config("tiny", shape + ["model.moe.z_loss=0"]).model
+    one = load_config("tiny", shape + ["model.moe.z_loss=0", "model.moe.experts=1", "model.moe.top_k=1"]).model
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 33)), jnp.int32)
+    params = nn.meta.unbox(Transformer(dense).init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
+    layers = {k: v for k, v in params["layers"].items() if not k.startswith("w_")} | {
+        "moe_gate": params["layers"]["w_gate"][:, None],
+        "moe_up": params["layers"]["w_up"][:, None],
+        "moe_down": params["layers"]["w_down"][:, None],
+        "router": jnp.zeros((dense.n_layers, dense.d_model, 1)),
+    }
+    as_moe = {**params, "layers": layers}
+    loss = lambda cfg, p: losses.lm_sums(Transformer(cfg, True), p, {"tokens": tokens})[0]  # noqa: E731
+    (want, grads), (got, moe_grads) = (
+        jax.value_and_grad(lambda p, c=c: loss(c, p))(p) for c, p in ((dense, params), (one, as_moe))
+    )
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    pairs = [(grads["embedding"], moe_grads["embedding"])]
+    pairs += [(grads["layers"][k], moe_grads["layers"][k]) for k in ("wq", "wo", "attn_norm", "mlp_norm")]
+    pairs += [(grads["layers"][f"w_{k}"], moe_grads["layers"][f"moe_{k}"][:, 0]) for k in ("gate", "up", "down")]
+    for a, b in pairs:
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < tolerance

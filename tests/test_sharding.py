@@ -146,7 +146,10 @@ def test_vocab_split_logits_never_hold_the_full_vocabulary():
         ),
         (["mesh.data=8", "train.grad_accum=2"], "batch=4 is split over mesh data=8 = 8 shards"),
         (["mesh.rules=dp", "mesh.data=4", "mesh.tensor=2"], "mesh.tensor=2 but the rules split nothing over 'tensor'"),
-        (["mesh.data=3"], "mesh data=3 pipeline=1 fsdp=1 expert=1 context=1 tensor=1 needs 3 devices but 8 are present"),
+        (
+            ["mesh.data=3"],
+            "mesh data=3 pipeline=1 fsdp=1 expert=1 context=1 tensor=1 needs 3 devices but 8 are present",
+        ),
         (["mesh.data=2", "mesh.tensor=4", "mesh.dcn_data=4"], "mesh.dcn_data=4 slices must divide the data axis (2)"),
     ],
 )
@@ -169,7 +172,8 @@ def test_rules_from_a_file_and_their_errors(tmp_path):
     bad_axis = tmp_path / "bad_axis.yaml"
     bad_axis.write_text("embed: model\n")
     with pytest.raises(
-        UserError, match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, expert, context, tensor"
+        UserError,
+        match="embed maps to unknown mesh axis 'model'; mesh axes are data, pipeline, fsdp, expert, context, tensor",
     ):
         load_config("tiny", [f"mesh.rules={bad_axis}"])
     with pytest.raises(UserError, match=r"mesh.rules='zero3' is neither a preset \(dp, fsdp, tp, fsdp_tp, ep\)"):

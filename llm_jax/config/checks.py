@@ -212,6 +212,10 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
             "expert count a multiple of the axis",
         ),
         (
+            e.experts == 0 or m.quant == "none",
+            f"model.quant={m.quant} does not take MoE weights yet (model.moe.experts={e.experts}): use none",
+        ),
+        (
             e.experts == 0 or mesh.pipeline == 1,
             "MoE layers (model.moe.experts > 0) do not run in a pipeline yet: set mesh.pipeline=1",
         ),

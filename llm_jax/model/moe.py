@@ -212,7 +212,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, sizes: j
     if not on_cpu():
         y = jax.lax.ragged_dot(x, w.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
-    return saved(_block_matmul(x, w, block_expert), "matmul_out")
+    return _block_matmul(x, w, block_expert)
 
 
 def _blocks(x: jax.Array, w: jax.Array, block_expert: jax.Array):
@@ -222,15 +222,21 @@ def _blocks(x: jax.Array, w: jax.Array, block_expert: jax.Array):
     return xb, w.astype(x.dtype)[jnp.maximum(block_expert, 0)], (block_expert >= 0)[:, None, None]
 
 
-@jax.custom_vjp
-def _block_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
+def _block_product(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
     xb, wb, full = _blocks(x, w, block_expert)
     y = jnp.einsum("bmk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)
     return jnp.where(full, y, 0).astype(x.dtype).reshape(x.shape[0], -1)
 
 
+@jax.custom_vjp
+def _block_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
+    return _block_product(x, w, block_expert)
+
+
 def _block_matmul_fwd(x, w, block_expert):
-    return _block_matmul(x, w, block_expert), (x, w, block_expert)
+    # named for the remat policy inside the forward rule, where it is not differentiated: on CPU `saved` passes
+    # bfloat16 through its bits, a bitcast whose derivative is zero
+    return saved(_block_product(x, w, block_expert), "matmul_out"), (x, w, block_expert)
 
 
 def _block_matmul_bwd(res, g):

@@ -29,6 +29,8 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, mesh: str 
     whole float32 tree (the quantized tree comes out split by the same rules)."""
     if mode not in ("int8", "int4", "fp4"):
         raise UserError(f"--mode {mode!r} must be int8, int4 or fp4")
+    if runs.load_config_of(run_dir).model.moe.experts:
+        raise UserError(f"{run_dir} is a mixture of experts: quantize does not take MoE weights yet")
     layout = inference_layout(runs.load_config_of(run_dir), mesh) or single_device_layout()
     run = runs.load_run(run_dir, layout)
     micro, shards = run.cfg.train.batch_size // run.cfg.train.grad_accum, layout.axis_size("batch")

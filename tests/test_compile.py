@@ -107,6 +107,15 @@ def test_a_context_parallel_step_compiles_for_tpu(form):
     assert train.collectives["collective-permute" if form == "ring" else "all-gather"][0] > 0
 
 
+def test_an_expert_parallel_moe_step_compiles_for_tpu_with_the_grouped_matmul():
+    cfg = _tiny("model.moe.experts=8", "mesh.expert=4", "mesh.data=2", "mesh.rules=fsdp_tp")  # 2 experts a chip
+    (train,) = compile_config(cfg, parse_topology("v5e-8"), ("train",))
+    assert train.collectives["all-gather"][0] > 0 and train.collectives["reduce-scatter"][0] > 0  # tokens to experts
+    assert 0 < train.memory["peak"] < parse_topology("v5e-8").chip.hbm
+    steps = make_steps(cfg, _layout(cfg, "v5e-8"), make_optimizer(cfg.optim, 10))
+    assert "ragged-dot" in steps.compile_train().as_text()  # XLA:TPU's grouped matmul, not the CPU's blocks
+
+
 def test_two_slices_over_dcn_data_compile():
     # 128-wide heads: libtpu 0.0.50 (jax 0.12) cannot fuse the cross-slice reduce-scatter of the
     # tiny model's 64-wide arrays ("AllReduceScatterFusion not implemented for 2nd-minor compaction")

@@ -381,6 +381,7 @@ def test_a_serving_mesh_must_fit_the_devices_and_the_model(run):
         "data": 4,
         "pipeline": 1,
         "fsdp": 1,
+        "expert": 1,
         "context": 1,
         "tensor": 2,
     }

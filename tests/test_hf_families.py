@@ -115,6 +115,13 @@ def _hf_model(family: str, tokenizer, seed: int, vocab: int = VOCAB):
     return model.eval()
 
 
+def _save_and_import(model, tokenizer, directory: Path, run: str = "run") -> Path:
+    """The transformers model and tokenizer saved to directory/hf, imported as the run directory/run."""
+    model.save_pretrained(directory / "hf")
+    tokenizer.save_pretrained(directory / "hf")
+    return import_hf(str(directory / "hf"), str(directory / run), log=lambda *_: None)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def imported(request, corpus_slice, tmp_path_factory):
     """(family, transformers model, its tokenizer, the HF directory, our imported run)."""
@@ -122,9 +129,7 @@ def imported(request, corpus_slice, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(family)
     tokenizer = _hf_tokenizer(corpus_slice, family)
     model = _hf_model(family, tokenizer, seed=len(family))
-    model.save_pretrained(tmp / "hf")
-    tokenizer.save_pretrained(tmp / "hf")
-    run = import_hf(str(tmp / "hf"), str(tmp / "run"), log=lambda *_: None)
+    run = _save_and_import(model, tokenizer, tmp)
     return family, model, tokenizer, tmp / "hf", run
 
 
@@ -181,9 +186,7 @@ def test_a_mixtral_run_exports_in_the_hub_layout_and_transformers_reads_it_back(
     """Import reads transformers 5's fused experts; export writes the Hub's per-expert w1/w2/w3 tensors."""
     tokenizer = _hf_tokenizer(corpus_slice, "mixtral")
     model = _hf_model("mixtral", tokenizer, seed=5)
-    model.save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    run = import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+    run = _save_and_import(model, tokenizer, tmp_path)
     out = export_hf(str(run), str(tmp_path / "back"), log=lambda *_: None)
     from safetensors.numpy import load_file
 
@@ -230,9 +233,7 @@ def test_an_imported_model_serves_its_own_chat_format_to_the_openai_client(corpu
 
     theirs = _hf_tokenizer(corpus_slice, "qwen2")
     model = _hf_model("qwen2", theirs, seed=4)
-    model.save_pretrained(tmp_path / "hf")
-    theirs.save_pretrained(tmp_path / "hf")
-    run = import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+    run = _save_and_import(model, theirs, tmp_path)
 
     proc, port = _start(run, tmp_path / "server.log", "--max-batch", "4")
     try:
@@ -261,9 +262,7 @@ def test_sft_and_dpo_train_an_imported_model_in_its_own_chat_format(corpus_slice
     from llm_jax.train.loop import train
 
     theirs = _hf_tokenizer(corpus_slice, "llama3")
-    _hf_model("llama3", theirs, seed=5).save_pretrained(tmp_path / "hf")
-    theirs.save_pretrained(tmp_path / "hf")
-    start = import_hf(str(tmp_path / "hf"), str(tmp_path / "base"), log=lambda *_: None)
+    start = _save_and_import(_hf_model("llama3", theirs, seed=5), theirs, tmp_path, "base")
     sft_data, dpo_data = synth.write_sft(tmp_path / "sft_data", 200, 0), synth.write_dpo(tmp_path / "dpo_data", 200, 0)
 
     def stage(name, init, data):
@@ -302,9 +301,7 @@ def test_a_base_model_serves_completions_and_learns_chat_through_added_chat_toke
 
     theirs = _hf_tokenizer(corpus_slice, "mistral")
     model = _hf_model("mistral", theirs, seed=6, vocab=len(theirs))
-    model.save_pretrained(tmp_path / "hf")
-    theirs.save_pretrained(tmp_path / "hf")
-    base = import_hf(str(tmp_path / "hf"), str(tmp_path / "base"), log=lambda *_: None)
+    base = _save_and_import(model, theirs, tmp_path, "base")
     prompt = "Enter KING LEAR"
     ids = [theirs.bos_token_id, *theirs.encode(prompt, add_special_tokens=False)]  # BOS first, as ours start
     with torch.no_grad():

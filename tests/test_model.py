@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from llm_jax.config import load_config
+from llm_jax.model.block import apply_rope, rope_tables
 from llm_jax.model.kv_cache import init_cache
-from llm_jax.model.transformer import Transformer, apply_rope, rope_tables
+from llm_jax.model.transformer import Transformer
 
 
 def _init(model):

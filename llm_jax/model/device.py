@@ -47,7 +47,7 @@ def transposed(x: jax.Array) -> jax.Array:
 
 
 def saved(x: jax.Array, name: str) -> jax.Array:
-    """x, named for the remat policies of model/transformer.py; on CPU what is saved are its bits."""
+    """x, named for the remat policies of model/block.py; on CPU what is saved are its bits."""
     if not on_cpu():
         return checkpoint_name(x, name)
     return from_bits(checkpoint_name(to_bits(x), name))

@@ -148,7 +148,7 @@ def _run_experts(y, experts, weights, slot, expert_weights, dt, capacity: int, m
 
 
 def _swiglu(x, w_gate, w_up, w_down, matmul):
-    act = jnp.float32 if on_cpu() else x.dtype  # as the dense MLP (model/transformer.py): rounded once on CPU
+    act = jnp.float32 if on_cpu() else x.dtype  # as the dense MLP (model/block.py): rounded once on CPU
     gate, up = matmul(x, w_gate).astype(act), matmul(x, w_up).astype(act)
     return matmul((jax.nn.silu(gate) * up).astype(x.dtype), w_down)
 

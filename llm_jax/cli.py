@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         help="require 'Authorization: Bearer KEY' (default: $LLM_JAX_API_KEY; unset: no key)",
     )
 
-    p = sub.add_parser(
-        "export-hf", help="write a run as a Hugging Face Llama / Qwen2 / Mixtral checkpoint (safetensors + tokenizer)"
-    )
+    p = sub.add_parser("export-hf", help="write a run as a Hugging Face checkpoint (safetensors + tokenizer)")
     p.add_argument("--run", required=True, help="a float run directory")
     p.add_argument("--out", required=True, help="the Hugging Face model directory to create")
     p.add_argument("--shard-mb", type=int, default=2000, help="split model.safetensors into shards above this size")
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     _mesh_arg(p)
 
     p = sub.add_parser(
-        "import-hf", help="a local Hugging Face Llama / Mistral / Qwen2 / Mixtral checkpoint -> an llm_jax run"
+        "import-hf", help="a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE) -> a run"
     )
     p.add_argument(
         "--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.json or tokenizer.model"

@@ -51,9 +51,21 @@ def test_invalid_values_are_all_reported_before_compiling():
     msg = str(e.value)
     assert "data.decontaminate: no/tasks.jsonl not found: name eval task files or 'bundled'" in msg
     assert "optim.lr=-1.0 must be positive" in msg
-    assert "model.n_heads=3 must divide model.d_model=64" in msg
+    assert "model.n_heads=3 must divide model.d_model=64, or set model.head_dim" in msg
     assert "model.n_kv_heads=2 must divide model.n_heads=3" in msg
     assert "train.grad_accum=3 must divide train.batch_size=8" in msg
+
+
+def test_head_dim_is_d_model_over_heads_unless_set_and_then_the_heads_may_not_divide_d_model():
+    assert load_config("tiny").model.head_dim == 16  # d_model 64 / 4 heads
+    cfg = load_config("tiny", ["model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=24"]).model
+    assert cfg.head_dim == 24
+    from llm_jax.parallel.sharding import abstract_params, single_device_layout
+
+    shapes = abstract_params(cfg, single_device_layout())["layers"]
+    assert (shapes["wq"].shape, shapes["wo"].shape) == ((2, 64, 3, 24), (2, 3, 24, 64))
+    with pytest.raises(UserError, match=r"- head_dim = 7 must be even for RoPE"):
+        load_config("tiny", ["model.head_dim=7"])
 
 
 def test_bad_override_syntax_and_sections():

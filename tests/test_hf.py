@@ -22,7 +22,7 @@ from llm_jax.tools.hf import export_hf, import_hf
 CONFIGS = [(4, 4, True, 10000.0), (4, 2, False, 500000.0), (8, 1, False, 1e6)]
 
 
-def _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta, name="run"):
+def _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta, name="run", extra=()):
     """A run directory with random (scaled-up, so logits are far from uniform) float parameters."""
     cfg = load_config(
         "tiny",
@@ -34,6 +34,7 @@ def _run(tmp_path, tokenizer_path, heads, kv_heads, tie, theta, name="run"):
             f"model.n_kv_heads={kv_heads}",
             f"model.tie_embeddings={str(tie).lower()}",
             f"model.rope_theta={theta}",
+            *extra,
         ],
     )
     model = Transformer(cfg.model)
@@ -107,12 +108,22 @@ def test_bad_checkpoints_name_the_problem(tmp_path, tokenizer_path):
         attempt(change_config=lambda c: c | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, name="b5")
     with pytest.raises(UserError, match="no place for: model.layers.0.self_attn.q_proj.bias"):
         attempt(lambda t: t | {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}, name="b6")
+    qwen3_moe = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    with pytest.raises(
+        UserError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: llm_jax imports Qwen3-MoE models"
+    ):
+        attempt(change_config=lambda c: c | qwen3_moe | {"decoder_sparse_step": 2}, name="b8")
+    with pytest.raises(UserError, match=r"num_experts_per_tok=None must be a positive integer"):
+        attempt(change_config=lambda c: c | qwen3_moe | {"num_experts_per_tok": None}, name="b9")
     (tmp_path / "b7").mkdir()
     (tmp_path / "b7" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="has no tokenizer \\(tokenizer.json or a sentencepiece tokenizer.model\\)"):
         import_hf(str(tmp_path / "b7"), str(tmp_path / "out7"))
     with pytest.raises(UserError, match="exists; remove it"):
         export_hf(str(tmp_path / "run"), str(hf))
+    both = _run(tmp_path, tokenizer_path, 4, 4, True, 1e4, "both", ["model.qkv_bias=true", "model.qk_norm=true"])
+    with pytest.raises(UserError, match="model.qkv_bias with model.qk_norm or experts has no Hugging Face form"):
+        export_hf(str(both), str(tmp_path / "hf_both"))
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Hugging Face models beyond sentencepiece Llama: Llama 3 (byte-level BPE tokenizer.json, llama3
-RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS), Mistral and Mixtral (mixture of experts), made in
-the test by transformers and `tokenizers`; imported, compared with transformers, and exported back."""
+RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS), Qwen3 (q/k norms, head_dim of its own), Mistral,
+and the mixtures of experts Mixtral and Qwen3-MoE, made in the test by transformers and `tokenizers`;
+imported, compared with transformers, and exported back."""
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -40,7 +42,10 @@ FAMILIES = {
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
     "mistral": (["<s>", "</s>"], "<s>", "</s>", None),
     "mixtral": (["<s>", "</s>"], "<s>", "</s>", None),
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
+    "qwen3_moe": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
 }
+MOE = ("mixtral", "qwen3_moe")
 VOCAB = 512
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -109,6 +114,19 @@ def _hf_model(family: str, tokenizer, seed: int, vocab: int = VOCAB):
             **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False
         )
         model = transformers.MixtralForCausalLM(config)
+    elif family.startswith("qwen3"):  # heads of 32 (hidden_size / heads = 16), q/k norms
+        qwen3 = {"head_dim": 32, "tie_word_embeddings": family == "qwen3", "rope_theta": 1e6}
+        if family == "qwen3":
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, **qwen3))
+        else:  # 4 experts of width 32, 2 per token, weights not renormalised (norm_topk_prob false)
+            config = transformers.Qwen3MoeConfig(
+                **common, **qwen3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False
+            )
+            model = transformers.Qwen3MoeForCausalLM(config)
+        with torch.no_grad():  # transformers initialises the norms to one: make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(1.0, 0.3)
     else:
         config = transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
         model = transformers.MistralForCausalLM(config)
@@ -144,7 +162,9 @@ def test_imported_models_match_transformers_logits_and_greedy_tokens(imported):
     family, model, _, _, run = imported
     cfg = load_run(str(run)).cfg.model
     assert (cfg.qkv_bias, bool(cfg.rope_scaling)) == (family == "qwen2", family == "llama3")
-    assert (cfg.moe.experts, cfg.moe.top_k) == ((4, 2) if family == "mixtral" else (0, 2))
+    assert (cfg.qk_norm, cfg.head_dim) == ((True, 32) if family.startswith("qwen3") else (False, 16))
+    assert (cfg.moe.experts, cfg.moe.top_k) == ((4, 2) if family in MOE else (0, 2))
+    assert cfg.moe.norm_topk == (family != "qwen3_moe")
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))  # past the llama3 original context 16
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
@@ -182,17 +202,29 @@ def test_imported_tokenizers_and_chat_templates_give_transformers_ids(imported):
     assert ours.decode(trained).strip() == "A loyal earl." and theirs.eos_token_id in trained
 
 
-def test_a_mixtral_run_exports_in_the_hub_layout_and_transformers_reads_it_back(corpus_slice, tmp_path):
-    """Import reads transformers 5's fused experts; export writes the Hub's per-expert w1/w2/w3 tensors."""
-    tokenizer = _hf_tokenizer(corpus_slice, "mixtral")
-    model = _hf_model("mixtral", tokenizer, seed=5)
+# per family: a tensor only the Hub's layout has, and one it must not have
+HUB_NAMES = {
+    "mixtral": ("model.layers.1.block_sparse_moe.experts.3.w2.weight", "gate_up_proj"),
+    "qwen3_moe": ("model.layers.1.mlp.experts.3.down_proj.weight", "gate_up_proj"),
+    "qwen3": ("model.layers.1.self_attn.k_norm.weight", "lm_head.weight"),
+}
+
+
+@pytest.mark.parametrize("family", list(HUB_NAMES))
+def test_mixtral_qwen3_and_qwen3_moe_runs_export_in_the_hub_layout_and_transformers_reads_them_back(
+    family, corpus_slice, tmp_path
+):
+    """Import reads transformers 5's fused experts; export writes the Hub's per-expert tensors."""
+    tokenizer = _hf_tokenizer(corpus_slice, family)
+    model = _hf_model(family, tokenizer, seed=5)
     run = _save_and_import(model, tokenizer, tmp_path)
     out = export_hf(str(run), str(tmp_path / "back"), log=lambda *_: None)
     from safetensors.numpy import load_file
 
     names = set(load_file(out / "model.safetensors"))
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
-    assert "model.layers.0.block_sparse_moe.gate.weight" in names and not any("gate_up_proj" in n for n in names)
+    present, absent = HUB_NAMES[family]
+    assert present in names and not any(absent in n for n in names)
+    assert json.loads((out / "config.json").read_text())["architectures"] == model.config.architectures
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = np.random.default_rng(3).integers(0, VOCAB, size=(2, 24))
     with torch.no_grad():

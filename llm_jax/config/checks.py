@@ -21,16 +21,18 @@ def validate(cfg: Config) -> None:
             "model sizes (vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_dim, seq_len) must be positive",
         ),
         (
-            m.n_heads > 0 and m.d_model % m.n_heads == 0,
-            f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}",
+            m.head_dim > 0,
+            f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}, or set model.head_dim"
+            if m.head_dim == 0
+            else f"model.head_dim={m.head_dim} must be positive (0: d_model / n_heads)",
         ),
         (
             m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}",
         ),
         (
-            m.n_heads <= 0 or m.head_dim % 2 == 0,
-            f"head_dim = d_model / n_heads = {m.d_model / max(m.n_heads, 1):g} must be even for RoPE",
+            m.head_dim <= 0 or m.head_dim % 2 == 0,
+            f"head_dim = {m.head_dim} must be even for RoPE (model.head_dim, or d_model / n_heads where it is 0)",
         ),
         (m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive"),
         (

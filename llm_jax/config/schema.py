@@ -31,6 +31,7 @@ class MoEConfig:
     every: int
     mlp_dim: int
     router: str
+    norm_topk: bool
     aux_loss: float
     z_loss: float
     capacity_factor: float
@@ -43,11 +44,13 @@ class ModelConfig:
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    head_dim: int  # 0 in the YAML: d_model / n_heads, resolved in __post_init__
     mlp_dim: int
     seq_len: int
     rope_theta: float
     rope_scaling: tuple[float, ...]
     qkv_bias: bool
+    qk_norm: bool
     norm_eps: float
     tie_embeddings: bool
     init_std: float
@@ -59,9 +62,9 @@ class ModelConfig:
     quant: str
     moe: MoEConfig
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def __post_init__(self):
+        if self.head_dim == 0 and self.n_heads > 0 and self.d_model % self.n_heads == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
     @property
     def expert_dim(self) -> int:

@@ -37,12 +37,13 @@ from llm_jax.model.device import compute_dtype, on_cpu, saved
 MAX_BLOCK_ROWS = 256  # rows per block of the dropless grouped matmul (fewer for small batches: block_rows)
 
 
-def route(logits: jax.Array, top_k: int, router: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [..., E] float32 -> scores [..., E], weights [..., k] (the top_k scores normalised to sum 1),
-    experts [..., k] int32 (highest score first)."""
+def route(logits: jax.Array, top_k: int, router: str, norm_topk: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [..., E] float32 -> scores [..., E], weights [..., k] (the top_k scores, normalised to sum 1
+    where norm_topk), experts [..., k] int32 (highest score first)."""
     scores = jax.nn.softmax(logits, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits)
     top, experts = jax.lax.top_k(scores, top_k)
-    return scores, top / jnp.sum(top, axis=-1, keepdims=True), experts.astype(jnp.int32)
+    weights = top / jnp.sum(top, axis=-1, keepdims=True) if norm_topk else top
+    return scores, weights, experts.astype(jnp.int32)
 
 
 def balance_loss(scores: jax.Array, experts: jax.Array) -> jax.Array:
@@ -98,7 +99,7 @@ def moe_mlp(module: nn.Module, y: jax.Array, out_std: float) -> tuple[jax.Array,
     w_down = param(module, "moe_down", (m.experts, f, d), ("experts", "mlp", "embed"), out_std)
 
     logits = jnp.einsum("btd,de->bte", y.astype(jnp.float32), router)  # float32: the choice is discrete
-    scores, weights, experts = route(logits, m.top_k, m.router)
+    scores, weights, experts = route(logits, m.top_k, m.router, m.norm_topk)
     capacity = capacity_of(cfg, y.shape[1]) if m.capacity_factor else 0
     slot = capacity_slots(experts, m.experts, capacity) if capacity else jnp.zeros_like(experts)
     out = _run_experts(y, experts, weights, slot, (w_gate, w_up, w_down), dt, capacity, module)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama 2/3, Mistral, Qwen2, Mixtral): `llm-jax export-hf` and `llm-jax import-hf`.
+"""Hugging Face checkpoints (Llama 2/3, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE): `llm-jax export-hf` / `import-hf`.
 
 Our model is the Llama architecture, so the conversion is a renaming and a transpose. Our weights
 are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, in] per layer:
@@ -8,9 +8,10 @@ are [*in, *out] (stacked over layers); Hugging Face's linear weights are [out, i
     w_gate, w_up [L, D, F] <-> mlp.gate_proj / mlp.up_proj.weight [F, D];  w_down [L, F, D] <-> [D, F]
     attn_norm, mlp_norm [L, D] <-> input_layernorm, post_attention_layernorm.weight [D]
     q_bias [L, N, H], k_bias, v_bias [L, K, H] <-> self_attn.q_proj.bias [N*H], k_proj, v_proj (Qwen2)
+    q_norm, k_norm [L, H] <-> self_attn.q_norm.weight, k_norm.weight [H] (Qwen3; head_dim its own)
     embedding [V, D] <-> model.embed_tokens.weight;  final_norm <-> model.norm.weight;
     lm_head [V, D] <-> lm_head.weight (absent when tied)
-    router, moe_gate, moe_up, moe_down (an MoE model) <-> Mixtral's block_sparse_moe tensors (tools/hf_moe.py)
+    router, moe_gate, moe_up, moe_down (an MoE model) <-> Mixtral's or Qwen3-MoE's experts (tools/hf_moe.py)
 
 RoPE needs no permutation: apply_rope pairs the two halves of each head, as HF's rotate_half does.
 Llama 3.1's rope_scaling (type llama3) becomes model.rope_scaling. An imported run computes in
@@ -59,19 +60,21 @@ LAYER_NAMES = {
     "q_bias": "self_attn.q_proj.bias",
     "k_bias": "self_attn.k_proj.bias",
     "v_bias": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
 }
 TOP_NAMES = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
-    "mixtral": hf_moe.ARCHITECTURE,
-}
+    "qwen3": "Qwen3ForCausalLM",
+} | hf_moe.ARCHITECTURES
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
-def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Our float params -> {HF tensor name: array of `dtype`}."""
+def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32, kind: str = "llama") -> dict[str, np.ndarray]:
+    """Our float params -> {HF tensor name: array of `dtype`} (kind: the model_type, naming an MoE's experts)."""
     out = {hf: np.asarray(params[ours]).astype(dtype) for ours, hf in TOP_NAMES.items() if ours in params}
     for ours, hf in LAYER_NAMES.items():
         if ours not in params["layers"]:
@@ -83,11 +86,11 @@ def to_hf_tensors(params: dict, n_layers: int, dtype=np.float32) -> dict[str, np
                 w = w.reshape(math.prod(w.shape[: IN_DIMS[ours]]), -1).T
             out[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(w.reshape(-1) if "bias" in ours else w).astype(dtype)
     if "router" in params["layers"]:
-        out |= hf_moe.to_hf(params["layers"], n_layers, dtype)
+        out |= hf_moe.to_hf(params["layers"], n_layers, dtype, kind)
     return out
 
 
-def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int) -> dict:
+def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int, kind: str = "llama") -> dict:
     """{HF name: array} -> our params, given our shapes (a tree like the params); each missing or
     misshapen tensor is named, all at once."""
     problems, params, layers = [], {}, {}
@@ -115,17 +118,30 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int)
         rows = [take(f"model.layers.{i}.{hf}", shape, IN_DIMS.get(ours, 0)) for i in range(n_layers)]
         layers[ours] = None if any(r is None for r in rows) else np.stack(rows)
     if "router" in shapes["layers"]:
-        layers |= hf_moe.from_hf(tensors, shapes["layers"], n_layers, problems)
+        layers |= hf_moe.from_hf(tensors, shapes["layers"], n_layers, problems, kind)
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise UserError("the checkpoint does not match its config.json:\n  - " + "\n  - ".join(shown))
     return {**params, "layers": layers}
 
 
+def export_kind(model) -> str:
+    """The Hugging Face model_type our ModelConfig exports as: Mixtral or Qwen3-MoE (q/k norms) for an MoE
+    model, Qwen3 with q/k norms, Qwen2 with q/k/v biases, else Llama."""
+    if model.qkv_bias and (model.qk_norm or model.moe.experts):
+        raise UserError(
+            "model.qkv_bias with model.qk_norm or experts has no Hugging Face form to export to "
+            "(Qwen3's attention_bias adds an output bias llm_jax does not have; Mixtral has none)"
+        )
+    if model.moe.experts:
+        hf_moe.check_exportable(model)
+        return hf_moe.kind_of(model)
+    return "qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama"
+
+
 def hf_config(model, tokenizer, pad_id: int | None, eos_ids: list[int], dtype: str) -> dict:
-    """Our ModelConfig -> a config.json: Qwen2ForCausalLM where the projections have biases, else
-    LlamaForCausalLM."""
-    kind = "mixtral" if model.moe.experts else "qwen2" if model.qkv_bias else "llama"
+    """Our ModelConfig -> a config.json of its export_kind."""
+    kind = export_kind(model)
     scaling = None
     if model.rope_scaling:
         factor, low, high, context = model.rope_scaling
@@ -162,10 +178,12 @@ def hf_config(model, tokenizer, pad_id: int | None, eos_ids: list[int], dtype: s
     }
     if kind == "llama":
         config |= {"attention_bias": False, "mlp_bias": False}
-    elif kind == "mixtral":
+    if kind in hf_moe.ARCHITECTURES:
         config |= hf_moe.config_fields(model)
-    else:
+    if kind.startswith("qwen"):
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model.n_layers}
+    if kind.startswith("qwen3"):
+        config |= {"attention_bias": False}
     return config
 
 
@@ -183,7 +201,8 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
     d, n = config["hidden_size"], config["num_attention_heads"]
     k = config.get("num_key_value_heads") or n
     need("num_key_value_heads", isinstance(k, int) and n % k == 0, "it must divide num_attention_heads")
-    need("head_dim", config.get("head_dim") in (None, d // n) and d % n == 0, "llm_jax uses hidden_size / heads")
+    head_dim = config.get("head_dim") or (d // n if d % n == 0 else None)
+    need("head_dim", isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0, "a positive even integer")
     need("hidden_act", config.get("hidden_act", "silu") == "silu", "the MLP is SwiGLU")
     need("attention_bias", not config.get("attention_bias"), "only Qwen2's q/k/v biases are implemented")
     need("mlp_bias", not config.get("mlp_bias"), "the MLP has no bias")
@@ -201,24 +220,26 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
     theta = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
     context = seq_len or min(config.get("max_position_embeddings", 2048), 4096)
     dtype = config.get("torch_dtype", config.get("dtype", "bfloat16"))  # compute as stored: float32 stays exact
-    window = config.get("sliding_window") if config.get("use_sliding_window", kind != "qwen2") else None
+    window = config.get("sliding_window") if config.get("use_sliding_window", not kind.startswith("qwen")) else None
     need(
         "sliding_window",
         window is None or window >= context,
         f"attention is full; pass --seq-len {window} or less to import it",
     )
-    moe = hf_moe.overrides(config) if kind == "mixtral" else []
+    moe = hf_moe.overrides(config, kind) if kind in hf_moe.ARCHITECTURES else []
     return moe + [
         f"model.vocab_size={config['vocab_size']}",
         f"model.d_model={d}",
         f"model.n_layers={config['num_hidden_layers']}",
         f"model.n_heads={n}",
         f"model.n_kv_heads={k}",
+        f"model.head_dim={head_dim}",
         f"model.mlp_dim={config['intermediate_size']}",
         f"model.seq_len={context}",
         f"model.rope_theta={float(theta)}",
         f"model.rope_scaling={rope_scaling}",
         f"model.qkv_bias={str(kind == 'qwen2').lower()}",
+        f"model.qk_norm={str(kind.startswith('qwen3')).lower()}",
         f"model.norm_eps={float(config.get('rms_norm_eps', 1e-6))}",
         f"model.tie_embeddings={str(bool(config.get('tie_word_embeddings', False))).lower()}",
         f"model.init_std={float(config.get('initializer_range', 0.02))}",
@@ -238,15 +259,14 @@ def export_hf(
         raise UserError(f"{run_dir} holds {cfg.model.quant} weights; export the float run it was quantized from")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if cfg.model.moe.experts:
-        hf_moe.check_exportable(cfg.model)
+    kind = export_kind(cfg.model)
     out = Path(out_dir).expanduser()
     if out.exists():
         raise UserError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = to_hf_tensors(params, cfg.model.n_layers, DTYPES[dtype])
+    tensors = to_hf_tensors(params, cfg.model.n_layers, DTYPES[dtype], kind)
     write_safetensors(tensors, tmp, shard_bytes)
     imported = (tokenizer.path.parent / "tokenizer_config.json").is_file()
     if imported:  # the model's own files, as they came
@@ -295,8 +315,9 @@ def import_hf(hf_dir: str, out_dir: str, seq_len: int | None = None, chat_tokens
     tensors = read_safetensors(src)
     if cfg.model.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    params = from_hf_tensors(tensors, shapes, cfg.model.n_layers)
-    expected = set(to_hf_tensors(params, cfg.model.n_layers)) | hf_moe.fused_names(cfg.model.n_layers)
+    kind = config["model_type"]
+    params = from_hf_tensors(tensors, shapes, cfg.model.n_layers, kind)
+    expected = set(to_hf_tensors(params, cfg.model.n_layers, kind=kind)) | hf_moe.fused_names(cfg.model.n_layers)
     unexpected = sorted(k for k in tensors if k not in expected and "rotary_emb" not in k)
     if unexpected:
         raise UserError(

@@ -1,14 +1,16 @@
-"""Mixtral's experts <-> llm_jax's MoE layers (model/moe.py), for tools/hf.py. Per layer i and expert e:
+"""Mixtral's and Qwen3-MoE's experts <-> llm_jax's MoE layers (model/moe.py), for tools/hf.py. Per layer i
+and expert e, with P = model.layers.{i}.block_sparse_moe. (Mixtral) or model.layers.{i}.mlp. (Qwen3-MoE):
 
-    router [L, D, E]          <-> model.layers.{i}.block_sparse_moe.gate.weight [E, D]
-    moe_gate, moe_up [L, E, D, F] <-> block_sparse_moe.experts.{e}.w1.weight, w3.weight [F, D]
-    moe_down [L, E, F, D]     <-> block_sparse_moe.experts.{e}.w2.weight [D, F]
+    router [L, D, E]              <-> P gate.weight [E, D]
+    moe_gate, moe_up [L, E, D, F] <-> P experts.{e}.w1.weight, w3.weight [F, D]   (Qwen3-MoE: gate_proj, up_proj)
+    moe_down [L, E, F, D]         <-> P experts.{e}.w2.weight [D, F]               (Qwen3-MoE: down_proj)
 
-That is the layout of Mixtral's checkpoints on the Hub, and what export writes (transformers 4 reads it,
+That is the layout of their checkpoints on the Hub, and what export writes (transformers 4 reads it,
 and transformers 5 converts it when it loads). Import also reads transformers 5's own fused layout:
 mlp.gate.weight [E, D], mlp.experts.gate_up_proj [E, 2F, D] (the gate's F rows first),
-mlp.experts.down_proj [E, D, F]. Mixtral routes as model.moe.router=softmax does: softmax over all
-experts, top_k, the top_k weights renormalised to sum to 1.
+mlp.experts.down_proj [E, D, F]. Both route as model.moe.router=softmax does: softmax over all experts,
+top_k, the top_k weights renormalised to sum to 1 (Qwen3-MoE: where norm_topk_prob, model.moe.norm_topk).
+A Qwen3-MoE model is told from a Mixtral by its attention's q/k norms (model.qk_norm).
 """
 
 from __future__ import annotations
@@ -18,72 +20,95 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.errors import UserError
 
-ARCHITECTURE = "MixtralForCausalLM"
-_LEGACY = "model.layers.{i}.block_sparse_moe."
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# the experts' prefix and names of each expert's gate, up and down projections in the Hub's layout
+_LEGACY = {
+    "mixtral": ("model.layers.{i}.block_sparse_moe.", ("w1", "w3", "w2")),
+    "qwen3_moe": ("model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj")),
+}
 _FUSED = "model.layers.{i}.mlp."
 
 
+def kind_of(model: ModelConfig) -> str:
+    return "qwen3_moe" if model.qk_norm else "mixtral"
+
+
 def check_exportable(model: ModelConfig) -> None:
-    """Mixtral has MoE in every layer, no shared experts, a softmax router and no capacity limit."""
-    m = model.moe
-    problems = [
-        f"{key}={value} (Mixtral: {want})"
-        for key, value, want in (
-            ("model.moe.every", m.every, 1),
-            ("model.moe.shared_experts", m.shared_experts, 0),
-            ("model.moe.router", m.router, "softmax"),
-            ("model.moe.capacity_factor", m.capacity_factor, 0.0),
-        )
-        if value != want
-    ]
+    """Both have MoE in every layer, no shared experts, a softmax router and no capacity limit; Mixtral
+    normalises the top_k weights."""
+    m, kind = model.moe, kind_of(model)
+    wants = [
+        ("model.moe.every", m.every, 1),
+        ("model.moe.shared_experts", m.shared_experts, 0),
+        ("model.moe.router", m.router, "softmax"),
+        ("model.moe.capacity_factor", m.capacity_factor, 0.0),
+    ] + ([("model.moe.norm_topk", m.norm_topk, True)] if kind == "mixtral" else [])
+    problems = [f"{key}={value} ({ARCHITECTURES[kind]}: {want})" for key, value, want in wants if value != want]
     if problems:
-        raise UserError("this MoE model has no Mixtral form to export to: " + "; ".join(problems))
+        raise UserError(f"this MoE model has no {ARCHITECTURES[kind]} form to export to: " + "; ".join(problems))
 
 
 def config_fields(model: ModelConfig) -> dict:
     m = model.moe
-    return {
-        "intermediate_size": model.expert_dim,
-        "num_local_experts": m.experts,
-        "num_experts_per_tok": m.top_k,
-        "router_aux_loss_coef": m.aux_loss,
-        "output_router_logits": False,
-        "router_jitter_noise": 0.0,
-        "sliding_window": None,
+    common = {"num_experts_per_tok": m.top_k, "router_aux_loss_coef": m.aux_loss, "output_router_logits": False}
+    if kind_of(model) == "mixtral":
+        return common | {
+            "intermediate_size": model.expert_dim,
+            "num_local_experts": m.experts,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        }
+    return common | {
+        "moe_intermediate_size": model.expert_dim,
+        "num_experts": m.experts,
+        "norm_topk_prob": m.norm_topk,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
     }
 
 
-def overrides(config: dict) -> list[str]:
-    """A Mixtral config.json -> our model.moe.* overrides (intermediate_size is the experts' width: model.mlp_dim)."""
-    experts, top_k = config.get("num_local_experts"), config.get("num_experts_per_tok")
-    for field, value in (("num_local_experts", experts), ("num_experts_per_tok", top_k)):
+def overrides(config: dict, kind: str) -> list[str]:
+    """A Mixtral or Qwen3-MoE config.json -> our model.moe.* overrides (Mixtral's intermediate_size is the
+    experts' width: model.mlp_dim; Qwen3-MoE's is moe_intermediate_size)."""
+    experts = config.get("num_local_experts") if kind == "mixtral" else config.get("num_experts")
+    experts = experts or config.get("num_local_experts")  # transformers 5 writes Qwen3-MoE's under Mixtral's name
+    fields = [("num_experts_per_tok", config.get("num_experts_per_tok")), ("num_experts", experts)]
+    if kind == "qwen3_moe":
+        fields.append(("moe_intermediate_size", config.get("moe_intermediate_size")))
+        step, dense_layers = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
+        if step != 1 or dense_layers:
+            raise UserError(
+                f"config.json: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: llm_jax imports Qwen3-MoE "
+                "models with experts in every layer (decoder_sparse_step 1, no mlp_only_layers)"
+            )
+    for field, value in fields:
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"config.json: {field}={value!r} must be a positive integer")
-    return [
+    out = [
         f"model.moe.experts={experts}",
-        f"model.moe.top_k={top_k}",
+        f"model.moe.top_k={config['num_experts_per_tok']}",
         f"model.moe.aux_loss={float(config.get('router_aux_loss_coef', 0.02))}",
         "model.moe.router=softmax",
+        f"model.moe.norm_topk={str(kind == 'mixtral' or bool(config.get('norm_topk_prob', False))).lower()}",
     ]
+    return out + ([f"model.moe.mlp_dim={config['moe_intermediate_size']}"] if kind == "qwen3_moe" else [])
 
 
-def to_hf(layers: dict, n_layers: int, dtype) -> dict[str, np.ndarray]:
-    """Our stacked MoE weights -> Mixtral's tensors of `dtype`."""
-    out = {}
+def to_hf(layers: dict, n_layers: int, dtype, kind: str) -> dict[str, np.ndarray]:
+    """Our stacked MoE weights -> the Hub layout's tensors of `dtype` (kind: mixtral | qwen3_moe)."""
+    out, (prefix, names) = {}, _LEGACY[kind]
     router, gate, up, down = (np.asarray(layers[k]) for k in ("router", "moe_gate", "moe_up", "moe_down"))
     for i in range(n_layers):
-        prefix = _LEGACY.format(i=i)
-        out[f"{prefix}gate.weight"] = router[i].T
+        out[f"{prefix.format(i=i)}gate.weight"] = router[i].T
         for e in range(gate.shape[1]):
-            out[f"{prefix}experts.{e}.w1.weight"] = gate[i, e].T
-            out[f"{prefix}experts.{e}.w3.weight"] = up[i, e].T
-            out[f"{prefix}experts.{e}.w2.weight"] = down[i, e].T
+            for name, w in zip(names, (gate, up, down), strict=True):
+                out[f"{prefix.format(i=i)}experts.{e}.{name}.weight"] = w[i, e].T
     return {k: np.ascontiguousarray(v).astype(dtype) for k, v in out.items()}
 
 
-def from_hf(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int, problems: list[str]) -> dict:
-    """Mixtral's tensors (either layout) -> our stacked router, moe_gate, moe_up, moe_down given their shapes
-    ([L, ...]); a missing or misshapen tensor is added to `problems` (named) and its weight left None."""
+def from_hf(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int, problems: list[str], kind: str) -> dict:
+    """Mixtral's or Qwen3-MoE's tensors (either layout) -> our stacked router, moe_gate, moe_up, moe_down given
+    their shapes ([L, ...]); a missing or misshapen tensor is added to `problems` (named) and its weight left None."""
     _, d, n_experts = shapes["router"]
     f = shapes["moe_gate"][-1]
     layers = {"router": [], "moe_gate": [], "moe_up": [], "moe_down": []}
@@ -106,11 +131,11 @@ def from_hf(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int, problem
             if gate_up is not None:
                 gate, up = gate_up[:, :f], gate_up[:, f:]
         else:
-            legacy = _LEGACY.format(i=i) + "experts.{e}."
-            router = take(_LEGACY.format(i=i) + "gate.weight", (n_experts, d))
+            prefix, names = _LEGACY[kind]
+            router = take(prefix.format(i=i) + "gate.weight", (n_experts, d))
             gate, up, down = (
-                [take(legacy.format(e=e) + f"{w}.weight", shape) for e in range(n_experts)]
-                for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f)))
+                [take(f"{prefix.format(i=i)}experts.{e}.{w}.weight", shape) for e in range(n_experts)]
+                for w, shape in zip(names, ((f, d), (f, d), (d, f)), strict=True)
             )
             gate, up, down = (None if any(x is None for x in w) else np.stack(w) for w in (gate, up, down))
         if router is None or gate is None or down is None:

@@ -177,7 +177,10 @@ def test_flops_per_token_count_active_experts_only():
         (["model.moe.experts=0", "mesh.expert=2"], "mesh.expert=2 splits experts, but model.moe.experts=0"),
         (["model.moe.every=3"], "model.moe.every=3 must be positive and divide model.n_layers=2"),
         (["model.moe.router=relu"], "model.moe.router='relu' must be softmax or sigmoid"),
-        (["mesh.pipeline=2"], "MoE layers (model.moe.experts > 0) do not run in a pipeline yet"),
+        (
+            ["model.moe.every=2", "mesh.pipeline=2"],
+            "model.n_layers=2 must be a multiple of every x mesh.pipeline x mesh.pipeline_repeats",
+        ),
         (["model.quant=int8"], "model.quant=int8 does not take MoE weights yet"),
     ],
 )
@@ -245,6 +248,32 @@ def test_expert_parallel_trains_like_one_device(one_device, variant, mesh):
     layers = got_state.params["layers"]
     expert_gate = layers.get("block_1", layers)["moe_gate"]  # [layers, E, D, F]: E split over the expert axis
     assert expert_gate.addressable_shards[0].data.shape[1] == 8 // steps.layout.mesh.shape["expert"]
+
+
+# A pipeline of M micro-batches runs the rows train.grad_accum = M gives each accumulation step, and takes each
+# micro-batch's balance loss: the same steps as one device accumulating over M (the load CV, of the whole batch
+# under the pipeline and averaged over accumulation steps without, is compared per layer loads instead).
+PIPELINES = {
+    "pp2_data4": ["mesh.pipeline=2", "mesh.data=4"],
+    "pp2_ep2_data2": ["mesh.pipeline=2", "mesh.expert=2", "mesh.data=2"],
+    "pp2_circular_data4": ["mesh.pipeline=2", "mesh.pipeline_repeats=2", "mesh.data=4", "model.n_layers=4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant,mesh", [("dropless", m) for m in PIPELINES] + [("capacity_every2_shared", "pp2_data4")]
+)
+def test_moe_in_a_pipeline_trains_like_one_device_accumulating_its_micro_batches(one_device, variant, mesh):
+    variant = (CAPACITY if variant != "dropless" else []) + ["train.grad_accum=2"]
+    extra = [o for o in PIPELINES[mesh] if o.startswith("model.")]
+    history, state, _ = one_device(variant + extra)
+    got, got_state, steps = _train(variant + PIPELINES[mesh] + ["train.grad_accum=1", "mesh.microbatches=2"], None)
+    np.testing.assert_allclose(np.asarray(got)[:, :3], np.asarray(history)[:, :3], rtol=1e-5, atol=1e-5)
+    params = steps.to_layer_order(got_state).params  # a circular pipeline keeps its layers in stage order
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert "collective-permute" in steps.compile_train().as_text()
 
 
 def test_sweep_and_plan_take_the_expert_axis():

@@ -218,7 +218,11 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
             f"model.quant={m.quant} does not take MoE weights yet (model.moe.experts={e.experts}): use none",
         ),
         (
-            e.experts == 0 or mesh.pipeline == 1,
-            "MoE layers (model.moe.experts > 0) do not run in a pipeline yet: set mesh.pipeline=1",
+            e.experts == 0
+            or e.every <= 1
+            or mesh.pipeline <= 1
+            or m.n_layers % (e.every * mesh.pipeline * max(mesh.pipeline_repeats, 1)) == 0,
+            f"a pipeline cuts the layers into groups of model.moe.every={e.every} (a dense layers and an MoE one): "
+            f"model.n_layers={m.n_layers} must be a multiple of every x mesh.pipeline x mesh.pipeline_repeats",
         ),
     ]

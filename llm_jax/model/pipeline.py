@@ -23,7 +23,10 @@ cost of smaller matmuls; more repeats at the cost of R times the stage-to-stage 
 activations stay the same: R M + S - 1 ticks of K layers instead of M + S - 1 of R K).
 
 Micro-batch m holds rows m, m + M, m + 2M, ... of the batch, so each batch shard (data x fsdp)
-keeps an equal share of every micro-batch and nothing moves between batch shards.
+keeps an equal share of every micro-batch and nothing moves between batch shards: the rows
+train.grad_accum = M gives each accumulation step. An MoE model's units also return router statistics;
+the pipeline sums each unit's over the micro-batches it ran on (padding ticks excluded), so its balance
+loss is per micro-batch, as it is with train.grad_accum = M.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-StageFn = Callable[..., jax.Array]
+StageFn = Callable[..., tuple[jax.Array, dict | None]]
 # (stage params: leaves [K, R, ...], round r [], h [b, T, D], positions [b, T], segments [b, T] | None, rng)
-#   -> h [b, T, D]: the stage's K layers of round r (chunk r S + s) on one micro-batch
+#   -> h [b, T, D]: the stage's K units of round r (chunk r S + s) on one micro-batch, and their statistics
+#   (leaves [K, ...]) or None
 
 
 def run_pipeline(
@@ -50,8 +54,9 @@ def run_pipeline(
     microbatches: int,
     repeats: int = 1,
     rng: jax.Array | None = None,
-) -> jax.Array:
-    """x [B, T, D] through all layers -> [B, T, D]; layer_params: leaves [n_layers, ...] in stage order."""
+) -> tuple[jax.Array, dict | None]:
+    """x [B, T, D] through all units -> [B, T, D], and the units' statistics summed over the micro-batches
+    (leaves [units, ...] in layer order) or None; layer_params: leaves [units, ...] in stage order."""
     S, M, R, B = stages, microbatches, repeats, x.shape[0]
     stage_axis = nn.logical_to_mesh_axes(("layers",))[0]  # the mesh axis the rules put the stages on
 
@@ -74,9 +79,12 @@ def run_pipeline(
 
     run_stages = jax.vmap(run, spmd_axis_name=stage_axis)
     first = (jnp.arange(S) == 0).reshape(S, 1, 1)
+    keys0 = jax.random.split(rng, S) if has_rng else jnp.zeros((S,), jnp.uint32)
+    shapes = jax.eval_shape(run_stages, params, jnp.zeros(S, jnp.int32), *(s[:1].repeat(S, 0) for s in fresh), keys0)
+    totals = jax.tree_util.tree_map(lambda a: jnp.zeros((S, a.shape[1], R, *a.shape[2:]), a.dtype), shapes[1])
 
     def tick(carry, t):
-        state, done = carry
+        state, done, totals = carry
         m = t % M
         incoming = [jnp.where(t < M, fresh[0][m], done[m]), fresh[1][m], fresh[2][m]]
         # stage 0 takes micro-batch m; stage s > 0 what stage s - 1 produced last tick
@@ -87,16 +95,24 @@ def run_pipeline(
         h = nn.with_logical_constraint(shifted[0], ("layers", "batch", "length", "embed"))
         keys = jax.random.split(jax.random.fold_in(rng, t), S) if has_rng else jnp.zeros((S,), jnp.uint32)
         rounds = jnp.clip((t - jnp.arange(S)) // M, 0, R - 1)
-        out = run_stages(params, rounds, h, shifted[1], shifted[2], keys)
+        out, stats = run_stages(params, rounds, h, shifted[1], shifted[2], keys)
         out = nn.with_logical_constraint(out, ("layers", "batch", "length", "embed"))
+        # stage s ran a real micro-batch (not fill or drain padding) where 0 <= t - s < R M: add to its round's
+        real = (t >= jnp.arange(S)) & (t - jnp.arange(S) < R * M)
+        slot = jax.nn.one_hot(rounds, R) * real[:, None]  # [S, R]
+        totals = jax.tree_util.tree_map(
+            lambda a, x: a + slot.reshape(S, 1, R, *[1] * (x.ndim - 2)) * x[:, :, None], totals, stats
+        )
         # the last stage's output is micro-batch t - S + 1's (before tick S - 1: padding, overwritten later)
         last = nn.with_logical_constraint(out[S - 1], micro[1:])
         done = jax.lax.dynamic_update_index_in_dim(done, last, (t - S + 1) % M, 0)
         done = nn.with_logical_constraint(done, micro)
-        return ([out, *shifted[1:]], done), None
+        return ([out, *shifted[1:]], done, totals), None
 
-    (_, done), _ = jax.lax.scan(tick, (state, done), jnp.arange(R * M + S - 1))
-    return done.swapaxes(0, 1).reshape(B, *done.shape[2:])  # [M, B / M, T, D] -> [B, T, D]
+    (_, done, totals), _ = jax.lax.scan(tick, (state, done, totals), jnp.arange(R * M + S - 1))
+    # [S, K, R, ...] -> [R, S, K, ...]: chunk r S + s holds units (r S + s) K + k
+    totals = jax.tree_util.tree_map(lambda a: a.transpose(2, 0, 1, *range(3, a.ndim)).reshape(-1, *a.shape[3:]), totals)
+    return done.swapaxes(0, 1).reshape(B, *done.shape[2:]), totals  # [M, B / M, T, D] -> [B, T, D]
 
 
 def _permute_layers(tree, view: tuple[int, int, int], axes: tuple[int, int, int], repeats: int):

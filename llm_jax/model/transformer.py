@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.block import REMAT_POLICIES, Block, rms_norm, rope_tables, scanned_blocks
+from llm_jax.model.block import REMAT_POLICIES, Block, BlockGroup, rms_norm, rope_tables, scanned_blocks
 from llm_jax.model.context_parallel import balance, context_shards, unbalance
 from llm_jax.model.dense import param
 from llm_jax.model.device import compute_dtype, on_cpu
@@ -94,7 +94,9 @@ class Transformer(nn.Module):
             x, positions = balance(x, context), balance(positions, context)
             segments = None if segments is None else balance(segments, context)
         if self.pipeline[0] > 1 and cache is None and not self.is_initializing():
-            x = self._pipelined(x, positions, segments)
+            x, stats = self._pipelined(x, positions, segments)
+            if stats is not None:
+                self.sow("intermediates", "moe", stats)
         else:
             rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             if self.unstacked:  # each layer with its own cache (init_cache per_layer)
@@ -116,10 +118,15 @@ class Transformer(nn.Module):
     def unstacked(self) -> bool:
         return self.serving and on_cpu()
 
-    def _pipelined(self, x, positions, segments) -> jax.Array:
-        """The layer stack as S stages of R chunks of K = n_layers / (S R) layers (llm_jax/model/pipeline.py)."""
+    def _pipelined(self, x, positions, segments) -> tuple[jax.Array, dict | None]:
+        """The layer stack as S stages of R chunks of K units (layer_unit) (llm_jax/model/pipeline.py) -> x, and
+        an MoE model's router statistics per unit (each micro-batch's, averaged; expert loads summed)."""
         cfg, (stages, microbatches, repeats) = self.cfg, self.pipeline
-        block = Block(cfg, self.train, parent=None)  # one layer (standalone), given the weights of each round
+        # one unit (standalone), given the weights of each round: a layer, or a BlockGroup (model.moe.every)
+        if cfg.moe.experts and cfg.moe.every > 1:
+            block = BlockGroup(cfg, self.train, parent=None)
+        else:
+            block = Block(cfg, self.train, moe=cfg.moe.experts > 0, parent=None)
         rng = self.make_rng("dropout") if self.train and cfg.dropout else None
 
         def layer(h, weights, r, rope, pos, seg, key):  # weights: one layer's, every round [R, ...]
@@ -128,7 +135,8 @@ class Transformer(nn.Module):
             else:
                 chosen = jax.tree_util.tree_map(lambda w: _round(jax.lax.dynamic_index_in_dim(w, r, 0, False)), weights)
             rngs = {"dropout": key} if key is not None else None
-            return block.apply({"params": chosen}, (h, None, None), rope, pos, 0, seg, rngs=rngs)[0][0]
+            (h, _, _), stats = block.apply({"params": chosen}, (h, None, None), rope, pos, 0, seg, rngs=rngs)
+            return h, stats
 
         # a round's weights are picked inside the remat, so the backward picks them again: saved, they
         # would be a copy of the stage's weights per tick (model.remat=none keeps everything else)
@@ -137,18 +145,20 @@ class Transformer(nn.Module):
         elif cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
-        def run_stage(params, r, h, pos, seg, key):  # params [K, R, ...]: h [b, T, D] through round r's K layers
+        def run_stage(params, r, h, pos, seg, key):  # params [K, R, ...]: h [b, T, D] through round r's K units
             rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
             def step(h, xs):
                 weights, k = xs
-                return layer(h, weights, r, rope, pos, seg, None if key is None else jax.random.fold_in(key, k)), None
+                return layer(h, weights, r, rope, pos, seg, None if key is None else jax.random.fold_in(key, k))
 
             n = jax.tree_util.tree_leaves(params)[0].shape[0]
-            return jax.lax.scan(step, h, (params, jnp.arange(n)))[0]
+            return jax.lax.scan(step, h, (params, jnp.arange(n)))  # h, and the K units' statistics or None
 
         layers = nn.meta.unbox(self.layers.variables["params"])  # plain arrays: each layer is applied alone
-        return run_pipeline(run_stage, layers, x, positions, segments, stages, microbatches, repeats, rng)
+        x, stats = run_pipeline(run_stage, layers, x, positions, segments, stages, microbatches, repeats, rng)
+        # expert loads are counts (summed over the micro-batches), the rest each micro-batch's mean
+        return x, stats and {k: v if k == "load" else v / microbatches for k, v in stats.items()}
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, vocab] float32 (generation; training uses `nll_sum`)."""

@@ -42,6 +42,7 @@ DATA_KEYS = (
     "seed",
     "model.vocab_size",
     "data.sources",
+    "data.mixture",
     "data.text_field",
     "data.val_fraction",
     "data.tokenizer",

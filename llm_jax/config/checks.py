@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llm_jax.config.mixture import parse_mixture
 from llm_jax.config.rules import rules_table
 from llm_jax.config.schema import CURATE_RULES, Config, MeshConfig, ModelConfig
 from llm_jax.errors import UserError
@@ -76,6 +77,8 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.distributed.timeout_s > 0, f"distributed.timeout_s={cfg.distributed.timeout_s} must be positive"),
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
+        (not d.mixture or t.objective == "pretrain", f"data.mixture is for pretraining, not objective {t.objective}"),
+        (not d.mixture or d.loader_workers == 0, "data.mixture is read in the training thread: data.loader_workers=0"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
         (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
@@ -178,6 +181,10 @@ def validate(cfg: Config) -> None:
         (0 < s.top_p <= 1, f"sample.top_p={s.top_p} must be in (0, 1]"),
     ]
     problems = [msg for ok, msg in checks if not ok]
+    try:
+        parse_mixture(d.mixture)
+    except UserError as e:
+        problems.append(str(e))
     rules_table(cfg.mesh.rules)  # an unknown preset, file, logical or mesh axis: its own message
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))

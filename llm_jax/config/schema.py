@@ -79,6 +79,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...]
+    mixture: tuple[str, ...]
     text_field: str
     cache_dir: str
     val_fraction: float

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from llm_jax.data.mixture import Mixture, MixtureIterator
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 
@@ -26,6 +27,7 @@ class PreparedData:
     train: Any  # a random-access source of rows: TokenShards (pretraining) or ExampleRows (sft, dpo)
     val: Any
     meta: dict  # what the data was built from and its counts (<data dir>/meta.json)
+    val_parts: dict | None = None  # data.mixture: each part's validation windows (parts with any), by name
 
 
 # Windows are memory-mapped and a batch is a few KB: reading them in the training thread is cheaper
@@ -49,6 +51,8 @@ def train_iterator(
             f"the training split has {len(source)} rows ({source!r}), fewer than "
             f"train.batch_size={global_batch}: add data, or lower train.batch_size or model.seq_len"
         )
+    if isinstance(source, Mixture):  # data.mixture: rows drawn by the weights (llm_jax/data/mixture.py)
+        return MixtureIterator(source, global_batch, seed, process_index, process_count)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     ds = ds.to_iter_dataset(_READ)

@@ -1,5 +1,6 @@
 """Pretraining data: sources -> curated document shards -> tokenizer -> packed token shards
-(train / val) + report, in a data directory (a run's data/), built once and reused.
+(train / val; with data.mixture, per part) + report, in a data directory (a run's data/), built once
+and reused.
 
 Everything is written under <data dir>.partial and renamed when whole, so an interrupted build
 leaves no half-written dataset: rerunning rebuilds it, byte for byte the same for the same config
@@ -8,6 +9,7 @@ and seed (timings live in report.json only).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config
+from llm_jax.config.mixture import parse_mixture
 from llm_jax.data.contamination import NGRAM, leaks, reference_ngrams, task_texts
 from llm_jax.data.curate import Curated, curate
 from llm_jax.data.loader import PreparedData
+from llm_jax.data.mixture import Mixture, part_finder
 from llm_jax.data.progress import rate_line, ticker
 from llm_jax.data.report import write_report
 from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
@@ -35,13 +39,17 @@ def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -
     if meta is None or "shards" not in meta:  # none yet, or data without token shards: rebuilt
         meta = _build(cfg, data_dir, tokenizer_path, log)
     tokenizer = load_tokenizer(tokenizer_path.parent)  # the run's: tokenizer.json first, else .model
-    splits = {
-        split: TokenShards(
-            [data_dir / name for name in meta["shards"][split]], meta["dtype"], cfg.model.seq_len, tokenizer.eos_id
-        )
-        for split in ("train", "val")
-    }
-    return PreparedData(tokenizer, splits["train"], splits["val"], meta)
+
+    def windows(names: list[str]) -> TokenShards:
+        return TokenShards([data_dir / name for name in names], meta["dtype"], cfg.model.seq_len, tokenizer.eos_id)
+
+    train, val = windows(meta["shards"]["train"]), windows(meta["shards"]["val"])
+    if "mixture" not in meta:
+        return PreparedData(tokenizer, train, val, meta)
+    parts = parse_mixture(cfg.data.mixture)
+    train = Mixture(parts, [windows(meta["mixture"][p.name]["shards"]["train"]) for p in parts])
+    by_part = {p.name: windows(meta["mixture"][p.name]["shards"]["val"]) for p in parts}
+    return PreparedData(tokenizer, train, val, meta, {name: v for name, v in by_part.items() if len(v)})
 
 
 def val_threshold(scores: np.ndarray, val_fraction: float, val_sources: bool) -> float:
@@ -65,6 +73,10 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     partial = data_dir.with_name(data_dir.name + ".partial")
     for stale in (partial, data_dir):  # an interrupted build, or a directory without a whole dataset
         shutil.rmtree(stale, ignore_errors=True)
+    parts = parse_mixture(cfg.data.mixture)
+    if parts:  # the parts' sources curated together (dedup across parts), then tokenized per part
+        union = tuple(dict.fromkeys(s for p in parts for s in p.sources))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=union))
     log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
     cur = curate(cfg, partial / "documents", log)
     is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
@@ -79,10 +91,15 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         )
     began = time.perf_counter()
     dtype = token_dtype(cfg.model.vocab_size)
+    names, shard_bytes = [p.name for p in parts] or [None], int(cfg.data.shard_mb * 2**20)  # writers per split, part
     writers = {
-        split: TokenWriter(partial, split, dtype, tokenizer.eos_id, int(cfg.data.shard_mb * 2**20))
+        (split, name): TokenWriter(
+            partial, split if name is None else f"{split}.{name}", dtype, tokenizer.eos_id, shard_bytes
+        )
         for split in ("train", "val")
+        for name in names
     }
+    part_of = part_finder(parts, cfg.data) if parts else lambda source: None
     doc_tokens = np.zeros(len(cur.scores), np.int64)
     wanted = {pair["kept"]: pair for pair in cur.clusters["examples"]}
     progress_due, done, total = ticker(cfg.data.progress_s), 0, max(int(cur.sizes[:, 0].sum()), 1)
@@ -95,16 +112,18 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
             zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
         ):
             if not leaked[i]:
-                writers["val" if is_val[i] else "train"].add(ids)
+                writers["val" if is_val[i] else "train", part_of(record["source"])].add(ids)
             doc_tokens[i] = len(ids)
             if i in wanted:
                 wanted[i]["kept"] = record["source"]
     tokenize_seconds = time.perf_counter() - began
-    shards = {split: [p.name for p in w.close()] for split, w in writers.items()}
+    closed = {key: [p.name for p in w.close()] for key, w in writers.items()}
+    shards = {split: [n for (s, _), files in closed.items() if s == split for n in files] for split in ("train", "val")}
+    tokens = {split: sum(w.tokens for (s, _), w in writers.items() if s == split) for split in ("train", "val")}
     for split in ("train", "val"):
-        if writers[split].tokens < cfg.model.seq_len + 1:
+        if tokens[split] < cfg.model.seq_len + 1:
             raise UserError(
-                f"the {split} split holds {writers[split].tokens} tokens, fewer than model.seq_len + 1 = "
+                f"the {split} split holds {tokens[split]} tokens, fewer than model.seq_len + 1 = "
                 f"{cfg.model.seq_len + 1}: add documents, raise data.val_fraction or lower model.seq_len"
             )
 
@@ -115,9 +134,19 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         **{
             f"{split}_{unit}": int(value)
             for split, mask in splits.items()
-            for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", writers[split].tokens))
+            for unit, value in (("bytes", cur.sizes[mask, 0].sum()), ("tokens", tokens[split]))
         },
     }
+    if parts:
+        meta["mixture"] = {
+            p.name: {
+                "schedule": [list(x) for x in p.schedule],
+                "shards": {split: closed[split, p.name] for split in ("train", "val")},
+                **{f"{split}_tokens": writers[split, p.name].tokens for split in ("train", "val")},
+            }
+            for p in parts
+        }
+        log("mixture: " + ", ".join(f"{n} {m['train_tokens']:,} train tokens" for n, m in meta["mixture"].items()))
     report = write_report(partial, cfg, cur, splits, doc_tokens, contamination, meta, tokenize_seconds, log)
     meta["report"] = {"removed": {rule: n for rule, (n, _) in report["removed"].items()}}
     write_meta(partial / "meta.json", meta)

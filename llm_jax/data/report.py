@@ -63,6 +63,9 @@ def write_report(
         },
         "histograms": "report.png",
     }
+    if "mixture" in meta:  # data.mixture: each part's weights by step and tokens per split
+        parts = meta["mixture"].items()
+        report["mixture"] = {name: {k: v for k, v in part.items() if k != "shards"} for name, part in parts}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _histograms(out_dir / "report.png", cur.sizes[:, 1], doc_tokens)
     for line in table(report):

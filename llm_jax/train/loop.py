@@ -147,6 +147,8 @@ def _loop(
             if step % t.log_every == 0 or step == t.steps:
                 row = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(step - 1))}
                 row |= progress.rates(step)
+                if hasattr(it, "shares"):  # data.mixture: each part's share of the rows so far
+                    row |= {f"share/{name}": share for name, share in it.shares().items()}
                 writer.write(step, "train", row)
                 log(progress.line(step, row, objective.progress_extra(row)))
                 progress.mark(step)
@@ -179,12 +181,19 @@ def evaluate(cfg: Config, steps: Steps, params, data: PreparedData) -> dict:
     """The objective's metrics over the first train.eval_batches validation batches (pretrain, sft:
     loss, perplexity and bits per byte; dpo: loss, reward accuracy and margin, rewards and log-probs,
     means over held-out pairs)."""
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    sums = {}
-    for batch in eval_batches(data.val, micro, cfg.train.eval_batches, jax.process_index(), jax.process_count()):
-        out = steps.eval(params, steps.layout.put_batch(batch))
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
-    return objective_of(cfg).eval_metrics(sums)
+    micro, metrics = cfg.train.batch_size // cfg.train.grad_accum, objective_of(cfg).eval_metrics
+
+    def sums_over(source) -> dict:
+        sums = {}
+        for batch in eval_batches(source, micro, cfg.train.eval_batches, jax.process_index(), jax.process_count()):
+            out = steps.eval(params, steps.layout.put_batch(batch))
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+        return sums
+
+    final = metrics(sums_over(data.val))
+    for name, source in (data.val_parts or {}).items():  # data.mixture: each part's own figures too
+        final |= {f"{k}/{name}": v for k, v in metrics(sums_over(source)).items() if k in ("loss", "bpb")}
+    return final
 
 
 def print_samples(cfg: Config, params, tokenizer, run_dir: Path, log) -> None:

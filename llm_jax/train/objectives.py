@@ -76,11 +76,14 @@ class Objective(abc.ABC):
     def val_line(self, metrics: dict) -> str: ...
 
     def progress_extra(self, metrics: dict) -> str:
-        """What the progress line adds to loss, lr, tokens/s and MFU (an MoE model: its router's state)."""
+        """What the progress line adds to loss, lr, tokens/s and MFU (a mixture: each part's share of the rows so
+        far; an MoE model: its router's state)."""
+        shares = ", ".join(f"{k.removeprefix('share/')} {v:.0%}" for k, v in metrics.items() if k.startswith("share/"))
+        mixture = f" | mix {shares}" if shares else ""
         if "moe_aux" not in metrics:
-            return ""
+            return mixture
         dropped = f", dropped {metrics['moe_dropped']:.1%}" if metrics["moe_dropped"] else ""
-        return f" | balance {metrics['moe_aux']:.3f}, load cv {metrics['moe_load_cv']:.2f}{dropped}"
+        return f"{mixture} | balance {metrics['moe_aux']:.3f}, load cv {metrics['moe_load_cv']:.2f}{dropped}"
 
     @abc.abstractmethod
     def sample(self, tokenizer: Tokenizer, prompt: str, system: str | None) -> tuple[list[int], tuple[int, ...]]:
@@ -117,7 +120,8 @@ class _LanguageModel(Objective):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": sums["nll"] / math.log(2) / sums["bytes"]}
 
     def val_line(self, m):
-        return f"  val | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | bpb {m['bpb']:.4f}"
+        parts = "".join(f" | {k.removeprefix('bpb/')} bpb {v:.4f}" for k, v in m.items() if k.startswith("bpb/"))
+        return f"  val | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | bpb {m['bpb']:.4f}{parts}"
 
 
 class Pretrain(_LanguageModel):

@@ -44,6 +44,7 @@ DATA_KEYS = (
     "data.sources",
     "data.mixture",
     "data.text_field",
+    "data.txt_split_kb",
     "data.val_fraction",
     "data.tokenizer",
     "data.tokenizer_sample_bytes",

@@ -16,6 +16,7 @@ import pytest
 import zstandard
 from conftest import tiny_config
 
+from llm_jax.config import load_config
 from llm_jax.data.corpus import ReadStats, read_documents
 from llm_jax.data.loader import train_iterator
 from llm_jax.errors import UserError
@@ -367,3 +368,43 @@ def test_attention_never_crosses_a_document_boundary():
     np.testing.assert_allclose(packed[0, len(a) : len(a) + 1 + len(b)], alone[0], atol=1e-5)
     leaky, _ = model.apply({"params": params}, window)  # without segments the first document leaks in
     assert np.abs(leaky[0, len(a) + 1 : len(a) + 1 + len(b)] - alone[0, 1:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("split_kb", [64, 0])
+def test_a_single_text_file_is_cut_into_documents_and_trains_with_the_default_rules(tmp_path, corpus_slice, split_kb):
+    """One ~750 KB .txt of plays for training and one for validation, the default curate section: whole, the
+    training file fails the rules (a book is not a web page); cut at blank lines into ~64 KB documents, it
+    keeps most of them, and its documents stay together on the training side."""
+    base = load_config(None).curate
+    (tmp_path / "train.txt").write_text("\n\n".join(Path(p).read_text() for p in corpus_slice[:4]))
+    (tmp_path / "val.txt").write_text(Path(corpus_slice[4]).read_text())
+    cfg = tiny_config(
+        tmp_path / "run",
+        f"curate.rules=[{', '.join(base.rules)}]",
+        "curate.exact_dedup=true",
+        f"curate.near_dedup={base.near_dedup}",
+        f"data.val_sources=[{tmp_path / 'val.txt'}]",
+        f"data.txt_split_kb={split_kb}",
+        sources=[str(tmp_path / "train.txt")],
+    )
+    if not split_kb:
+        with pytest.raises(UserError, match=r"curation kept none of the training documents of \[.*train.txt'\]"):
+            prepare_data(cfg, tmp_path / "run", log=lambda *_: None)
+        return
+    data = prepare_data(cfg, tmp_path / "run", log=lambda *_: None)
+    report = json.loads((tmp_path / "run" / "data" / "report.json").read_text())
+    size = (tmp_path / "train.txt").stat().st_size
+    assert report["read"]["documents"] == -(-size // (64 << 10)) + 2  # pieces just under 64 KB, and the val file's
+    assert report["splits"]["train"]["documents"] >= 0.8 * (report["read"]["documents"] - 2)
+    assert len(data.train) > 1000 and len(data.val) > 0
+
+
+def test_split_text_cuts_near_the_size_at_blank_lines_then_line_ends_and_loses_nothing():
+    from llm_jax.data.corpus import split_text
+
+    text = "a line\nanother\n\n" * 200 + "x" * 3000 + "\n" + ("y" * 99 + "\n") * 30 + "z" * 2500
+    pieces = split_text(text, 1000)
+    assert "".join(pieces) == text
+    assert all(p.endswith("\n\n") and 500 <= len(p) <= 1000 for p in pieces[:3])  # blank lines before the size
+    assert [len(p) for p in pieces[-3:]] == [1000, 1000, 500]  # no line end at all: cut at the size
+    assert split_text("short", 1000) == ["short"]

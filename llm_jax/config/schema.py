@@ -81,6 +81,7 @@ class DataConfig:
     sources: tuple[str, ...]
     mixture: tuple[str, ...]
     text_field: str
+    txt_split_kb: float
     cache_dir: str
     val_fraction: float
     tokenizer: str | None

@@ -1,6 +1,9 @@
-"""Text sources -> a stream of documents: the builtin Shakespeare corpus, local .txt (one document
-per file), .jsonl / .jsonl.gz / .jsonl.zst (one per line) and .parquet (one per row) files,
-directories and globs of them, and TFDS datasets (`tfds:<name>[:<version>][#<split>]`).
+"""Text sources -> a stream of documents: the builtin Shakespeare corpus (a document per play), local
+.txt (a document per file, or a long file cut at blank lines into documents of about txt_split_kb: the
+quality rules were made for web documents of a few KB, and a whole book fails their length and
+repetition limits; a file's documents share its group, so one side of the split), .jsonl / .jsonl.gz /
+.jsonl.zst (one per line) and .parquet (one per row) files, directories and globs of them, and TFDS
+datasets (`tfds:<name>[:<version>][#<split>]`).
 
 Nothing is loaded whole: files are read one at a time, JSONL and Parquet row by row. Bytes that are
 not UTF-8 are decoded as U+FFFD and counted; binary files (in a directory, or under a text name) are
@@ -85,9 +88,16 @@ def suffix_of(path: Path) -> str:
 
 
 def read_documents(
-    sources: Sequence[str], text_field: str, cache_dir: str, bad_rows: str, tfds_data_dir: str | None, stats: ReadStats
+    sources: Sequence[str],
+    text_field: str,
+    cache_dir: str,
+    bad_rows: str,
+    tfds_data_dir: str | None,
+    stats: ReadStats,
+    txt_split_kb: float = 0,
 ) -> Iterator[Document]:
-    """Every document of every source, in a deterministic order, streamed."""
+    """Every document of every source, in a deterministic order, streamed (txt_split_kb: module docstring;
+    0 keeps a document per .txt file)."""
     for source in sources:
         if source.startswith("tfds:"):
             for text, where in tfds_documents(source, text_field, tfds_data_dir):
@@ -95,7 +105,8 @@ def read_documents(
             continue
         for path in resolve_source(source, cache_dir, stats):
             stats.files += 1
-            for doc in _read_file(path, source, text_field, bad_rows, stats):
+            split = 0 if source.startswith("builtin:") else int(txt_split_kb * 1024)
+            for doc in _read_file(path, source, text_field, bad_rows, stats, split):
                 yield _counted(doc, stats)
 
 
@@ -162,7 +173,9 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
         return text
 
 
-def _read_file(path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_file(
+    path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats, split: int = 0
+) -> Iterator[Document]:
     kind = suffix_of(path)
     with path.open("rb") as f:
         head = f.read(8192)
@@ -170,11 +183,35 @@ def _read_file(path: epath.Path, source: str, text_field: str, bad_rows: str, st
         stats.note("skipped_files", f"{path}: binary, or not {kind} data")
         return
     if kind == ".txt":
-        yield Document(_decode(path.read_bytes(), stats), str(path), _group(source, str(path)))
+        text, group = _decode(path.read_bytes(), stats), _group(source, str(path))
+        if not split or len(text) <= split:
+            yield Document(text, str(path), group)
+            return
+        for i, piece in enumerate(split_text(text, split)):
+            yield Document(piece, f"{path}:{i + 1}", group)
     elif kind == ".parquet":
         yield from _read_parquet(path, text_field, bad_rows, stats)
     else:
         yield from _read_jsonl(path, kind, text_field, bad_rows, stats)
+
+
+def split_text(text: str, size: int) -> list[str]:
+    """text cut into pieces of about `size` characters: after the last blank line before `size`, else the
+    first one after it (within size / 2 either way), else the same at line ends, else at `size`."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        low, mid, high = start + size // 2, start + size, start + size + size // 2
+        for sep in ("\n\n", "\n"):
+            at = text.rfind(sep, low, mid)
+            at = at if at >= 0 else text.find(sep, mid, high)
+            if at >= 0:
+                cut = at + len(sep)
+                break
+        else:
+            cut = mid
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces + [text[start:]] if start < len(text) else pieces
 
 
 def _bad_row(where: str, problem: str, bad_rows: str, stats: ReadStats) -> None:

@@ -160,7 +160,9 @@ def _scored(cfg: Config, stats: ReadStats) -> Iterator[tuple[Document, float]]:
         (d.val_sources, lambda g: -1.0),
         (d.sources, (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g))),
     ):
-        for doc in read_documents(sources, d.text_field, d.cache_dir, d.bad_rows, d.tfds_data_dir, stats):
+        for doc in read_documents(
+            sources, d.text_field, d.cache_dir, d.bad_rows, d.tfds_data_dir, stats, d.txt_split_kb
+        ):
             yield doc, score(doc.group)
 
 

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("prepare", help="curate, train the tokenizer and pack a run's data, with a report")
     a.add_argument("--config", required=True)
+    a.add_argument("--out", help="write a dataset any run can use (data.prepared) to OUT/<id> instead")
     a.add_argument("overrides", nargs="*", metavar="section.key=value")
     for action in ("synth-sft", "synth-dpo"):
         a = actions.add_parser(action, help=f"write a seeded synthetic {action[6:].upper()} dataset")
@@ -233,7 +234,13 @@ def _data(args) -> None:
         from llm_jax.config import load_config
         from llm_jax.train.loop import prepare_run_data
 
-        run_dir, data = prepare_run_data(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.out:
+            from llm_jax.data.dataset import build_dataset
+
+            build_dataset(cfg, args.out)
+            return
+        run_dir, data = prepare_run_data(cfg)
         print(f"prepared: {len(data.train):,} train / {len(data.val):,} val rows in {run_dir / 'data'}")
         return
     from llm_jax.data import synth

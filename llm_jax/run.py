@@ -43,6 +43,7 @@ DATA_KEYS = (
     "model.vocab_size",
     "data.sources",
     "data.mixture",
+    "data.prepared",
     "data.text_field",
     "data.txt_split_kb",
     "data.val_fraction",

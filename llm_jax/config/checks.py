@@ -78,6 +78,7 @@ def validate(cfg: Config) -> None:
         (cfg.distributed.timeout_s > 0, f"distributed.timeout_s={cfg.distributed.timeout_s} must be positive"),
         (len(d.sources) > 0, "data.sources is empty: name at least one file, directory, glob or builtin:shakespeare"),
         (not d.mixture or t.objective == "pretrain", f"data.mixture is for pretraining, not objective {t.objective}"),
+        (not d.prepared or t.objective == "pretrain", f"data.prepared is for pretraining, not objective {t.objective}"),
         (not d.mixture or d.loader_workers == 0, "data.mixture is read in the training thread: data.loader_workers=0"),
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),

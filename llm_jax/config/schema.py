@@ -80,6 +80,7 @@ class ModelConfig:
 class DataConfig:
     sources: tuple[str, ...]
     mixture: tuple[str, ...]
+    prepared: str | None
     text_field: str
     txt_split_kb: float
     cache_dir: str

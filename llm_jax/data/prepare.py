@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config
-from llm_jax.config.mixture import parse_mixture
+from llm_jax.config.mixture import MixturePart, parse_mixture
 from llm_jax.data.contamination import NGRAM, leaks, reference_ngrams, task_texts
 from llm_jax.data.curate import Curated, curate
 from llm_jax.data.loader import PreparedData
@@ -46,9 +46,17 @@ def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -
     train, val = windows(meta["shards"]["train"]), windows(meta["shards"]["val"])
     if "mixture" not in meta:
         return PreparedData(tokenizer, train, val, meta)
-    parts = parse_mixture(cfg.data.mixture)
-    train = Mixture(parts, [windows(meta["mixture"][p.name]["shards"]["train"]) for p in parts])
-    by_part = {p.name: windows(meta["mixture"][p.name]["shards"]["val"]) for p in parts}
+    built = meta["mixture"]  # the run's data.mixture may reweigh the parts (data.prepared), not rename them
+    parts = parse_mixture(cfg.data.mixture) or [
+        MixturePart(name, tuple(map(tuple, part["schedule"])), ()) for name, part in built.items()
+    ]
+    if sorted(p.name for p in parts) != sorted(built):
+        raise UserError(
+            f"data.mixture names the parts {', '.join(p.name for p in parts)}; the data was built with "
+            f"{', '.join(built)}: keep their names (weights may change)"
+        )
+    train = Mixture(parts, [windows(built[p.name]["shards"]["train"]) for p in parts])
+    by_part = {p.name: windows(built[p.name]["shards"]["val"]) for p in parts}
     return PreparedData(tokenizer, train, val, meta, {name: v for name, v in by_part.items() if len(v)})
 
 

@@ -24,6 +24,7 @@ from llm_jax import run
 from llm_jax.config import Config, ModelConfig
 from llm_jax.data.chat_data import ExampleRows, prepare_chat, save_array
 from llm_jax.data.chat_template import prompt_ids
+from llm_jax.data.dataset import use_dataset
 from llm_jax.data.loader import PreparedData, eval_batches
 from llm_jax.data.prepare import prepare_text
 from llm_jax.data.tokenizer import Tokenizer
@@ -131,6 +132,8 @@ class Pretrain(_LanguageModel):
         return row | ({"weights": np.ones(cfg.model.seq_len, np.float32)} if split == "val" else {})
 
     def prepare(self, cfg, run_dir, log):
+        if cfg.data.prepared:  # a dataset built once by `llm-jax data prepare --out` (llm_jax/data/dataset.py)
+            return use_dataset(cfg, run_dir, log)
         return prepare_text(cfg, run.data_dir(run_dir), run.tokenizer_path(run_dir), log)
 
     def sample(self, tokenizer, prompt, system):

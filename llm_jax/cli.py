@@ -13,6 +13,8 @@ from llm_jax.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):  # a file or pipe (`make demo > log`): per line
+        sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(prog="llm-jax", description="Build a language model from scratch in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 

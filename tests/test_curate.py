@@ -259,6 +259,16 @@ def test_curation_and_tokenizing_print_progress(tmp_path):
     assert not any(line.startswith(("curating: ", "tokenizing: ")) for line in quiet)
 
 
+def test_loops_of_known_length_print_periodic_lines_when_the_output_is_not_a_terminal():
+    from llm_jax.data.progress import progress
+
+    lines = []
+    assert list(progress(iter(range(5)), 5, "judging (pairwise)", lines.append, every_s=0)) == list(range(5))
+    assert len(lines) == 4 and re.fullmatch(r"judging \(pairwise\): 2 of 5 \(40%\), [\d.]+/s, \d+ min left", lines[1])
+    lines.clear()
+    assert list(progress(range(3), 3, "scoring", lines.append)) == [0, 1, 2] and lines == []  # under 30 s: quiet
+
+
 def test_contamination_gate_removes_planted_13_gram_leaks(tmp_path):
     """Training documents that quote 13+ words of a bundled eval task or of a validation document, inside
     otherwise new text (far below any near-copy threshold), are removed from training and counted per

@@ -21,6 +21,7 @@ import numpy as np
 from llm_jax.config import to_dict
 from llm_jax.data.chat_template import prompt_ids
 from llm_jax.data.corpus import ReadStats, read_documents
+from llm_jax.data.progress import progress
 from llm_jax.errors import UserError
 from llm_jax.evals.tasks import Task, extract, load_task
 from llm_jax.inference.generate import Generator, first_stop, fit_prompt
@@ -59,7 +60,8 @@ class Scorer:
         """[(tokens, segment ids) of at most seq_len + 1] -> log p of each token after the first
         (with `greedy`: and whether each is the model's most likely token, as (log p, bool) pairs)."""
         out = []
-        for start in range(0, len(windows), self.batch):
+        batches = range(0, len(windows), self.batch)
+        for start in progress(batches, len(batches), f"scoring {len(windows):,} windows"):
             chunk = windows[start : start + self.batch]
             tokens = np.zeros((self.batch, self.width), np.int32)
             segments = np.zeros((self.batch, self.width), np.int32)
@@ -138,7 +140,8 @@ def greedy_outputs(
     """Each row's greedy text ({"prompt" or "messages", "max_tokens", "stop"}), cut before its first
     stop string; rows decode `batch` at a time."""
     outputs = []
-    for start in range(0, len(rows), batch):
+    batches = range(0, len(rows), batch)
+    for start in progress(batches, len(batches), f"generating {len(rows):,} answers"):
         chunk, prompts, budgets, stops = rows[start : start + batch], [], [], set()
         for row in chunk:
             if "messages" in row:

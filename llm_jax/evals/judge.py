@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from llm_jax.data.chat_template import check_messages
+from llm_jax.data.progress import progress
 from llm_jax.errors import UserError
 from llm_jax.evals.harness import generation
 from llm_jax.run import load_run
@@ -166,7 +167,8 @@ def judge(questions: str, a: str, b: str | None, endpoint: Endpoint, out: str, m
     answers_b = answers(b, conversations, max_tokens) if b else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a") as f:
-        for i in range(len(done), len(conversations)):
+        left = range(len(done), len(conversations))
+        for i in progress(left, len(left), f"judging ({mode})", log):
             question = conversations[i][-1]["content"]
             try:
                 if mode == "single":

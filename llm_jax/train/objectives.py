@@ -27,6 +27,7 @@ from llm_jax.data.chat_template import prompt_ids
 from llm_jax.data.dataset import use_dataset
 from llm_jax.data.loader import PreparedData, eval_batches
 from llm_jax.data.prepare import prepare_text
+from llm_jax.data.progress import progress
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model.transformer import Transformer
@@ -280,7 +281,8 @@ def reference_logps(cfg: Config, layout: Layout, data: PreparedData, log) -> Pre
         for split in missing:
             source = getattr(data, split)
             out = np.zeros((len(source), 2), np.float32)
-            for start, batch in zip(range(0, len(source), micro), eval_batches(source, micro, len(source), pi, pc)):
+            batches = zip(range(0, len(source), micro), eval_batches(source, micro, len(source), pi, pc))
+            for start, batch in progress(batches, -(-len(source) // micro), f"reference log-probs ({split})", log):
                 with layout.activate():
                     logps = np.asarray(score(params, layout.put_batch(batch)))
                 # global row j is host j // per_host's (j % per_host)-th row: source row start + host + k * hosts

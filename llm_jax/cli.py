@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     _mesh_arg(p)
 
     p = sub.add_parser(
-        "import-hf", help="a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE) -> a run"
+        "import-hf", help="a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE) -> a run"
     )
     p.add_argument(
         "--hf", required=True, help="directory with config.json, *.safetensors, tokenizer.json or tokenizer.model"

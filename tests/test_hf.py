@@ -110,7 +110,7 @@ def test_bad_checkpoints_name_the_problem(tmp_path, tokenizer_path):
         attempt(lambda t: t | {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}, name="b6")
     qwen3_moe = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
     with pytest.raises(
-        UserError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: llm_jax imports Qwen3-MoE models"
+        UserError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: llm_jax imports Qwen MoE models"
     ):
         attempt(change_config=lambda c: c | qwen3_moe | {"decoder_sparse_step": 2}, name="b8")
     with pytest.raises(UserError, match=r"num_experts_per_tok=None must be a positive integer"):
@@ -122,7 +122,7 @@ def test_bad_checkpoints_name_the_problem(tmp_path, tokenizer_path):
     with pytest.raises(UserError, match="exists; remove it"):
         export_hf(str(tmp_path / "run"), str(hf))
     both = _run(tmp_path, tokenizer_path, 4, 4, True, 1e4, "both", ["model.qkv_bias=true", "model.qk_norm=true"])
-    with pytest.raises(UserError, match="model.qkv_bias with model.qk_norm or experts has no Hugging Face form"):
+    with pytest.raises(UserError, match="model.qkv_bias with model.qk_norm, or with experts but no shared_gate"):
         export_hf(str(both), str(tmp_path / "hf_both"))
 
 

@@ -1,7 +1,7 @@
 """Hugging Face models beyond sentencepiece Llama: Llama 3 (byte-level BPE tokenizer.json, llama3
 RoPE scaling), Qwen2 (q/k/v biases, ChatML, no BOS), Qwen3 (q/k norms, head_dim of its own), Mistral,
-and the mixtures of experts Mixtral and Qwen3-MoE, made in the test by transformers and `tokenizers`;
-imported, compared with transformers, and exported back."""
+and the mixtures of experts Mixtral, Qwen2-MoE (a gated shared expert) and Qwen3-MoE, made in the test
+by transformers and `tokenizers`; imported, compared with transformers, and exported back."""
 
 import json
 from pathlib import Path
@@ -44,8 +44,9 @@ FAMILIES = {
     "mixtral": (["<s>", "</s>"], "<s>", "</s>", None),
     "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
     "qwen3_moe": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
+    "qwen2_moe": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
 }
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
 VOCAB = 512
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -114,6 +115,21 @@ def _hf_model(family: str, tokenizer, seed: int, vocab: int = VOCAB):
             **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False
         )
         model = transformers.MixtralForCausalLM(config)
+    elif family == "qwen2_moe":  # 4 experts of width 32, 2 per token; a gated shared expert of width 64
+        config = transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
+        with torch.no_grad():  # transformers initialises the biases to zero: make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
     elif family.startswith("qwen3"):  # heads of 32 (hidden_size / heads = 16), q/k norms
         qwen3 = {"head_dim": 32, "tie_word_embeddings": family == "qwen3", "rope_theta": 1e6}
         if family == "qwen3":
@@ -161,10 +177,11 @@ def _our_logits(run, tokens):
 def test_imported_models_match_transformers_logits_and_greedy_tokens(imported):
     family, model, _, _, run = imported
     cfg = load_run(str(run)).cfg.model
-    assert (cfg.qkv_bias, bool(cfg.rope_scaling)) == (family == "qwen2", family == "llama3")
+    assert (cfg.qkv_bias, bool(cfg.rope_scaling)) == (family in ("qwen2", "qwen2_moe"), family == "llama3")
     assert (cfg.qk_norm, cfg.head_dim) == ((True, 32) if family.startswith("qwen3") else (False, 16))
     assert (cfg.moe.experts, cfg.moe.top_k) == ((4, 2) if family in MOE else (0, 2))
-    assert cfg.moe.norm_topk == (family != "qwen3_moe")
+    assert cfg.moe.norm_topk == (family not in ("qwen3_moe", "qwen2_moe"))
+    assert (cfg.moe.shared_experts, cfg.moe.shared_gate) == ((2, True) if family == "qwen2_moe" else (0, False))
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))  # past the llama3 original context 16
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
@@ -207,6 +224,7 @@ HUB_NAMES = {
     "mixtral": ("model.layers.1.block_sparse_moe.experts.3.w2.weight", "gate_up_proj"),
     "qwen3_moe": ("model.layers.1.mlp.experts.3.down_proj.weight", "gate_up_proj"),
     "qwen3": ("model.layers.1.self_attn.k_norm.weight", "lm_head.weight"),
+    "qwen2_moe": ("model.layers.1.mlp.shared_expert_gate.weight", "gate_up_proj"),
 }
 
 

@@ -182,6 +182,10 @@ def test_flops_per_token_count_active_experts_only():
             "model.n_layers=2 must be a multiple of every x mesh.pipeline x mesh.pipeline_repeats",
         ),
         (["model.quant=int8"], "model.quant=int8 does not take MoE weights yet"),
+        (
+            ["model.moe.shared_gate=true"],
+            "model.moe.shared_gate gates the shared experts, but model.moe.shared_experts=0",
+        ),
     ],
 )
 def test_bad_moe_settings_get_one_line_each(overrides, message):

@@ -208,6 +208,10 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
         ),
         (e.router in ("softmax", "sigmoid"), f"model.moe.router={e.router!r} must be softmax or sigmoid"),
         (
+            not e.shared_gate or e.shared_experts > 0,
+            "model.moe.shared_gate gates the shared experts, but model.moe.shared_experts=0: set both or neither",
+        ),
+        (
             min(e.aux_loss, e.z_loss, e.capacity_factor) >= 0,
             "model.moe.aux_loss, z_loss and capacity_factor must be >= 0 (capacity_factor 0: dropless)",
         ),

@@ -28,6 +28,7 @@ class MoEConfig:
     experts: int
     top_k: int
     shared_experts: int
+    shared_gate: bool
     every: int
     mlp_dim: int
     router: str

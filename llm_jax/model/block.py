@@ -115,7 +115,12 @@ class Block(nn.Module):
         if self.moe:
             out, stats = moe_mlp(self, y, out_std)
             if cfg.moe.shared_experts:
-                out = out + self._swiglu(y, "shared_", cfg.moe.shared_experts * cfg.expert_dim, out_std)
+                shared = self._swiglu(y, "shared_", cfg.moe.shared_experts * cfg.expert_dim, out_std)
+                if cfg.moe.shared_gate:  # Qwen1.5/2-MoE: a learned sigmoid gate per token
+                    w = param(self, "shared_router", (d,), ("embed",), cfg.init_std)
+                    gate = jax.nn.sigmoid(jnp.einsum("btd,d->bt", y.astype(jnp.float32), w))
+                    shared = shared * gate[..., None].astype(shared.dtype)
+                out = out + shared
         else:
             out = self._swiglu(y, "w_", cfg.mlp_dim, out_std)
         x = x + self._dropout(out)

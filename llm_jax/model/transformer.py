@@ -241,6 +241,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
     d, layers, moe = cfg.d_model, cfg.n_layers, cfg.moe
     moe_layers = sum(cfg.is_moe(i) for i in range(layers))
     mlp = (layers - moe_layers) * 3 * d * cfg.mlp_dim
-    mlp += moe_layers * (3 * d * cfg.expert_dim * (moe.top_k + moe.shared_experts) + d * moe.experts)
+    routers = d * (moe.experts + moe.shared_gate)  # the router, and the shared experts' gate
+    mlp += moe_layers * (3 * d * cfg.expert_dim * (moe.top_k + moe.shared_experts) + routers)
     matmul_params = layers * d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + mlp + d * cfg.vocab_size
     return 6 * matmul_params + 12 * layers * cfg.n_heads * cfg.head_dim * cfg.seq_len

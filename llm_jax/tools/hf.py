@@ -128,10 +128,10 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int,
 def export_kind(model) -> str:
     """The Hugging Face model_type our ModelConfig exports as: Mixtral or Qwen3-MoE (q/k norms) for an MoE
     model, Qwen3 with q/k norms, Qwen2 with q/k/v biases, else Llama."""
-    if model.qkv_bias and (model.qk_norm or model.moe.experts):
+    if model.qkv_bias and (model.qk_norm or (model.moe.experts and not model.moe.shared_gate)):
         raise UserError(
-            "model.qkv_bias with model.qk_norm or experts has no Hugging Face form to export to "
-            "(Qwen3's attention_bias adds an output bias llm_jax does not have; Mixtral has none)"
+            "model.qkv_bias with model.qk_norm, or with experts but no shared_gate, has no Hugging Face form to "
+            "export to (Qwen3's attention_bias adds an output bias llm_jax does not have; Mixtral has none)"
         )
     if model.moe.experts:
         hf_moe.check_exportable(model)
@@ -238,7 +238,7 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
         f"model.seq_len={context}",
         f"model.rope_theta={float(theta)}",
         f"model.rope_scaling={rope_scaling}",
-        f"model.qkv_bias={str(kind == 'qwen2').lower()}",
+        f"model.qkv_bias={str(kind == 'qwen2' or (kind == 'qwen2_moe' and config.get('qkv_bias', True))).lower()}",
         f"model.qk_norm={str(kind.startswith('qwen3')).lower()}",
         f"model.norm_eps={float(config.get('rms_norm_eps', 1e-6))}",
         f"model.tie_embeddings={str(bool(config.get('tie_word_embeddings', False))).lower()}",

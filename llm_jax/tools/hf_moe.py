@@ -1,16 +1,19 @@
-"""Mixtral's and Qwen3-MoE's experts <-> llm_jax's MoE layers (model/moe.py), for tools/hf.py. Per layer i
-and expert e, with P = model.layers.{i}.block_sparse_moe. (Mixtral) or model.layers.{i}.mlp. (Qwen3-MoE):
+"""Mixtral's, Qwen1.5/2-MoE's and Qwen3-MoE's experts <-> llm_jax's MoE layers (model/moe.py), for tools/hf.py.
+Per layer i and expert e, with P = model.layers.{i}.block_sparse_moe. (Mixtral) or model.layers.{i}.mlp. (Qwen):
 
     router [L, D, E]              <-> P gate.weight [E, D]
     moe_gate, moe_up [L, E, D, F] <-> P experts.{e}.w1.weight, w3.weight [F, D]   (Qwen3-MoE: gate_proj, up_proj)
     moe_down [L, E, F, D]         <-> P experts.{e}.w2.weight [D, F]               (Qwen3-MoE: down_proj)
+    shared_gate, shared_up [L, D, S], shared_down [L, S, D] <-> P shared_expert.gate_proj ... (Qwen2-MoE)
+    shared_router [L, D]          <-> P shared_expert_gate.weight [1, D]  (its sigmoid scales the shared expert)
 
 That is the layout of their checkpoints on the Hub, and what export writes (transformers 4 reads it,
 and transformers 5 converts it when it loads). Import also reads transformers 5's own fused layout:
 mlp.gate.weight [E, D], mlp.experts.gate_up_proj [E, 2F, D] (the gate's F rows first),
 mlp.experts.down_proj [E, D, F]. Both route as model.moe.router=softmax does: softmax over all experts,
 top_k, the top_k weights renormalised to sum to 1 (Qwen3-MoE: where norm_topk_prob, model.moe.norm_topk).
-A Qwen3-MoE model is told from a Mixtral by its attention's q/k norms (model.qk_norm).
+A Qwen2-MoE model is told by its gated shared expert (model.moe.shared_gate), a Qwen3-MoE model by its
+attention's q/k norms (model.qk_norm), anything else MoE exports as Mixtral.
 """
 
 from __future__ import annotations
@@ -20,26 +23,38 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.errors import UserError
 
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 # the experts' prefix and names of each expert's gate, up and down projections in the Hub's layout
 _LEGACY = {
     "mixtral": ("model.layers.{i}.block_sparse_moe.", ("w1", "w3", "w2")),
+    "qwen2_moe": ("model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj")),
+}
+_SHARED = {  # Qwen2-MoE's gated shared expert: ours -> its tensor
+    "shared_gate": "mlp.shared_expert.gate_proj.weight",
+    "shared_up": "mlp.shared_expert.up_proj.weight",
+    "shared_down": "mlp.shared_expert.down_proj.weight",
+    "shared_router": "mlp.shared_expert_gate.weight",
 }
 _FUSED = "model.layers.{i}.mlp."
 
 
 def kind_of(model: ModelConfig) -> str:
-    return "qwen3_moe" if model.qk_norm else "mixtral"
+    return "qwen2_moe" if model.moe.shared_gate else "qwen3_moe" if model.qk_norm else "mixtral"
 
 
 def check_exportable(model: ModelConfig) -> None:
-    """Both have MoE in every layer, no shared experts, a softmax router and no capacity limit; Mixtral
-    normalises the top_k weights."""
+    """All have MoE in every layer, a softmax router and no capacity limit; only Qwen2-MoE a (gated) shared
+    expert, only Qwen3-MoE q/k norms; Mixtral normalises the top_k weights."""
     m, kind = model.moe, kind_of(model)
     wants = [
         ("model.moe.every", m.every, 1),
-        ("model.moe.shared_experts", m.shared_experts, 0),
+        ("model.qk_norm", model.qk_norm, kind == "qwen3_moe"),
+        ("model.moe.shared_experts", m.shared_experts > 0, kind == "qwen2_moe"),
         ("model.moe.router", m.router, "softmax"),
         ("model.moe.capacity_factor", m.capacity_factor, 0.0),
     ] + ([("model.moe.norm_topk", m.norm_topk, True)] if kind == "mixtral" else [])
@@ -58,13 +73,16 @@ def config_fields(model: ModelConfig) -> dict:
             "router_jitter_noise": 0.0,
             "sliding_window": None,
         }
-    return common | {
+    qwen = {
         "moe_intermediate_size": model.expert_dim,
         "num_experts": m.experts,
         "norm_topk_prob": m.norm_topk,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
     }
+    if kind_of(model) == "qwen2_moe":
+        qwen |= {"shared_expert_intermediate_size": m.shared_experts * model.expert_dim, "qkv_bias": model.qkv_bias}
+    return common | qwen
 
 
 def overrides(config: dict, kind: str) -> list[str]:
@@ -73,12 +91,12 @@ def overrides(config: dict, kind: str) -> list[str]:
     experts = config.get("num_local_experts") if kind == "mixtral" else config.get("num_experts")
     experts = experts or config.get("num_local_experts")  # transformers 5 writes Qwen3-MoE's under Mixtral's name
     fields = [("num_experts_per_tok", config.get("num_experts_per_tok")), ("num_experts", experts)]
-    if kind == "qwen3_moe":
+    if kind != "mixtral":
         fields.append(("moe_intermediate_size", config.get("moe_intermediate_size")))
         step, dense_layers = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
         if step != 1 or dense_layers:
             raise UserError(
-                f"config.json: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: llm_jax imports Qwen3-MoE "
+                f"config.json: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: llm_jax imports Qwen MoE "
                 "models with experts in every layer (decoder_sparse_step 1, no mlp_only_layers)"
             )
     for field, value in fields:
@@ -91,7 +109,18 @@ def overrides(config: dict, kind: str) -> list[str]:
         "model.moe.router=softmax",
         f"model.moe.norm_topk={str(kind == 'mixtral' or bool(config.get('norm_topk_prob', False))).lower()}",
     ]
-    return out + ([f"model.moe.mlp_dim={config['moe_intermediate_size']}"] if kind == "qwen3_moe" else [])
+    if kind == "mixtral":
+        return out
+    out.append(f"model.moe.mlp_dim={config['moe_intermediate_size']}")
+    if kind == "qwen2_moe":
+        shared, width = config.get("shared_expert_intermediate_size") or 0, config["moe_intermediate_size"]
+        if shared % width:
+            raise UserError(
+                f"config.json: shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size="
+                f"{width}: llm_jax's shared experts are model.moe.shared_experts experts of the routed ones' width"
+            )
+        out += [f"model.moe.shared_experts={shared // width}", f"model.moe.shared_gate={str(shared > 0).lower()}"]
+    return out
 
 
 def to_hf(layers: dict, n_layers: int, dtype, kind: str) -> dict[str, np.ndarray]:
@@ -103,6 +132,11 @@ def to_hf(layers: dict, n_layers: int, dtype, kind: str) -> dict[str, np.ndarray
         for e in range(gate.shape[1]):
             for name, w in zip(names, (gate, up, down), strict=True):
                 out[f"{prefix.format(i=i)}experts.{e}.{name}.weight"] = w[i, e].T
+    for ours, theirs in _SHARED.items():
+        if ours in layers:
+            for i in range(n_layers):
+                w = np.asarray(layers[ours][i])
+                out[f"model.layers.{i}.{theirs}"] = w[None] if ours == "shared_router" else w.T
     return {k: np.ascontiguousarray(v).astype(dtype) for k, v in out.items()}
 
 
@@ -144,6 +178,13 @@ def from_hf(tensors: dict[str, np.ndarray], shapes: dict, n_layers: int, problem
         layers["moe_gate"].append(np.swapaxes(gate, 1, 2))
         layers["moe_up"].append(np.swapaxes(up, 1, 2))
         layers["moe_down"].append(np.swapaxes(down, 1, 2))
+    for ours, theirs in _SHARED.items():
+        if ours in shapes:  # [L, D, S] / [L, S, D] / [L, D] <- [S, D] / [D, S] / [1, D] per layer
+            shape = shapes[ours][1:]
+            want = (1, shape[0]) if ours == "shared_router" else shape[::-1]
+            rows = [take(f"model.layers.{i}.{theirs}", want) for i in range(n_layers)]
+            if all(r is not None for r in rows):
+                layers[ours] = [r[0] if ours == "shared_router" else r.T for r in rows]
     return {k: np.stack(v) if len(v) == n_layers else None for k, v in layers.items()}
 
 

@@ -1,6 +1,8 @@
 """int8, int4 and fp4 (MXFP4) weight-only quantization: the rounding bound, a quantized run that
 generate reads, and its held-out loss next to the float run's."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +136,10 @@ def test_quantize_export_and_eval_read_a_run_split_over_8_devices_and_give_what_
         record = run_eval(str(float_run), tasks, mesh=mesh, out=str(tmp_path / f"{mesh}.json"), log=lambda *_: None)
         outs[mesh] = (load_run(str(q)).params, held_out, load_file(str(hf / "model.safetensors")), record["results"])
     (q1, held1, hf1, res1), (q8, held8, hf8, res8) = outs.values()
-    assert len(held1) == 3 and held8 == held1
+    # float32, bfloat16 and int4 held-out lines; bfloat16 sums over other shards may round a last digit apart
+    numbers = [[float(x) for x in re.findall(r"\d+\.\d+", line)] for line in (*held1, *held8)]
+    assert len(held1) == 3 and held8[0] == held1[0]
+    np.testing.assert_allclose(numbers[3:], numbers[:3], rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q8)):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     assert hf8.keys() == hf1.keys() and all(np.array_equal(hf8[k], hf1[k]) for k in hf1)

@@ -1,7 +1,7 @@
 """Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
 dedup + shard writing, default curate settings) by number of worker processes, tokenize+pack
-tokens/s, and the grain loader's tokens/s against what the training step consumes (the loader must
-never be the bottleneck).
+tokens/s, and the grain loader's tokens/s (plain, and a 2-part data.mixture) against what the training
+step consumes (the loader must never be the bottleneck).
 
 Also the near-dedup index's memory per kept document (tracemalloc over 200k distinct signatures at the
 default curate settings: signature and LSH band entries; the exact-dedup key adds ~100 bytes).
@@ -116,6 +116,22 @@ def main() -> None:
             out[f"loader_tokens_s_{workers}w"] = round(rate)
             rows.append((f"loader, {workers or 'no'} worker processes", f"{rate:,.0f} tokens/s", f"batch {batch}"))
 
+        # data.mixture: the corpus's lines alternately in two parts, weighed 0.7 / 0.3 (llm_jax/data/mixture.py)
+        lines = corpus.read_text().splitlines(keepends=True)
+        parts = [tmp / "part_a.jsonl", tmp / "part_b.jsonl"]
+        for i, part in enumerate(parts):
+            part.write_text("".join(lines[i::2]))
+        mixture = f"data.mixture=[a:0.7={parts[0]}, b:0.3={parts[1]}]"
+        mixed_cfg = load_config("shakespeare", [f"run_dir={tmp / 'mix'}", mixture])
+        mixed = prepare_data(mixed_cfg, tmp / "mix", log=lambda *_: None)
+        it = train_iterator(mixed.train, batch, cfg.seed)
+        next(it)
+        n, t0 = 400, time.perf_counter()
+        for _ in range(n):
+            next(it)
+        out["mixture_loader_tokens_s"] = round(n * tokens_per_batch / (time.perf_counter() - t0))
+        rows.append(("loader, a 2-part mixture", f"{out['mixture_loader_tokens_s']:,} tokens/s", f"batch {batch}"))
+
         layout = make_layout(cfg.mesh)
         steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 100), example=data.train[0])
         state = steps.init(jax.random.PRNGKey(0))
@@ -132,6 +148,8 @@ def main() -> None:
         out["loader_over_step"] = round(out["loader_tokens_s_0w"] / step_rate, 1)
         rows.append(("train step (shakespeare preset)", f"{step_rate:,.0f} tokens/s", "consumes"))
         rows.append(("loader / train step", f"{out['loader_over_step']:,.0f}x", "in the training thread"))
+        out["mixture_loader_over_step"] = round(out["mixture_loader_tokens_s"] / step_rate, 1)
+        rows.append(("mixture loader / train step", f"{out['mixture_loader_over_step']:,.0f}x", "training thread"))
         out["near_dedup_bytes_per_doc"] = round(index_bytes_per_document())
         rows.append(("near-dedup index", f"{out['near_dedup_bytes_per_doc']:,} bytes", "per kept document"))
     finally:

@@ -418,3 +418,12 @@ def test_split_text_cuts_near_the_size_at_blank_lines_then_line_ends_and_loses_n
     assert all(p.endswith("\n\n") and 500 <= len(p) <= 1000 for p in pieces[:3])  # blank lines before the size
     assert [len(p) for p in pieces[-3:]] == [1000, 1000, 500]  # no line end at all: cut at the size
     assert split_text("short", 1000) == ["short"]
+
+
+def test_one_long_text_file_alone_holds_out_validation_pieces(tmp_path, corpus_slice):
+    """Its pieces are groups of their own, so the split needs no second file (nanoGPT-style: part of the text)."""
+    (tmp_path / "my.txt").write_text(Path(corpus_slice[0]).read_text())
+    cfg = tiny_config(tmp_path / "run", "data.val_fraction=0.2", sources=[str(tmp_path / "my.txt")])
+    data = prepare_data(cfg, tmp_path / "run", log=lambda *_: None)
+    docs = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["documents"]
+    assert docs["read"] >= 3 and 1 <= docs["val"] < docs["read"] and len(data.train) > 0 and len(data.val) > 0

@@ -1,7 +1,8 @@
 """Text sources -> a stream of documents: the builtin Shakespeare corpus (a document per play), local
 .txt (a document per file, or a long file cut at blank lines into documents of about txt_split_kb: the
 quality rules were made for web documents of a few KB, and a whole book fails their length and
-repetition limits; a file's documents share its group, so one side of the split), .jsonl / .jsonl.gz /
+repetition limits; each piece is a group of its own, so one file can hold out data.val_fraction of itself),
+.jsonl / .jsonl.gz /
 .jsonl.zst (one per line) and .parquet (one per row) files, directories and globs of them, and TFDS
 datasets (`tfds:<name>[:<version>][#<split>]`).
 
@@ -187,8 +188,8 @@ def _read_file(
         if not split or len(text) <= split:
             yield Document(text, str(path), group)
             return
-        for i, piece in enumerate(split_text(text, split)):
-            yield Document(piece, f"{path}:{i + 1}", group)
+        for i, piece in enumerate(split_text(text, split)):  # each its own group: one file is enough to hold out
+            yield Document(piece, f"{path}:{i + 1}", f"{group}:{i + 1}")
     elif kind == ".parquet":
         yield from _read_parquet(path, text_field, bad_rows, stats)
     else:

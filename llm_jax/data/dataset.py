@@ -3,7 +3,8 @@ that any run can read with data.prepared=ROOT/<id> (local, or gs://..., copied o
 
     ROOT/<id>/manifest.json     what it was built from: each source file's size and mtime (a tfds spec, the
                                 builtin corpus's version), the data.* and curate.* settings, data.tokenizer's
-                                hash, the seed and model.vocab_size; <id> is the first 16 hex digits of its hash
+                                hash, the seed, model.vocab_size and llm_jax's version; <id> is the first 16
+                                hex digits of its hash
     ROOT/<id>/tokenizer.model   (or tokenizer.json) trained on the training split, or data.tokenizer's copy
     ROOT/<id>/data/             curated documents, token shards, meta.json, report (llm_jax/data/prepare.py)
 
@@ -15,6 +16,7 @@ directory (a run stays self-contained for generate, serve and export) and reads 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -49,6 +51,7 @@ def manifest(cfg: Config) -> dict:
     settings = to_dict(d)
     return {
         "format": 1,
+        "llm_jax": importlib.metadata.version("llm_jax"),  # a release that curates differently builds anew
         "sources": files,
         "tokenizer_sha256": _sha256(load_tokenizer(d.tokenizer).path) if d.tokenizer else None,
         "data": {k: settings[k] for k in _DATA_KEYS},
@@ -72,8 +75,12 @@ def build_dataset(cfg: Config, root: str | Path, log=print) -> Path:
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    data = prepare_text(cfg, staging / "data", staging / "tokenizer.model", log)
-    (staging / MANIFEST).write_text(json.dumps(m | {"id": out.name}, indent=2))
+    try:
+        data = prepare_text(cfg, staging / "data", staging / "tokenizer.model", log)
+        (staging / MANIFEST).write_text(json.dumps(m | {"id": out.name}, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
+        raise
     staging.rename(out)
     log(f"dataset {out}: {len(data.train):,} train / {len(data.val):,} val windows; use it with data.prepared={out}")
     return out

@@ -208,6 +208,10 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
         ),
         (e.router in ("softmax", "sigmoid"), f"model.moe.router={e.router!r} must be softmax or sigmoid"),
         (
+            e.bias_update >= 0 and (e.bias_update == 0 or mesh.pipeline_repeats <= 1),
+            f"model.moe.bias_update={e.bias_update} must be >= 0, and 0 in a circular pipeline (pipeline_repeats > 1)",
+        ),
+        (
             not e.shared_gate or e.shared_experts > 0,
             "model.moe.shared_gate gates the shared experts, but model.moe.shared_experts=0: set both or neither",
         ),

@@ -34,6 +34,7 @@ class MoEConfig:
     router: str
     norm_topk: bool
     aux_loss: float
+    bias_update: float
     z_loss: float
     capacity_factor: float
 

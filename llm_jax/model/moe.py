@@ -37,11 +37,15 @@ from llm_jax.model.device import compute_dtype, on_cpu, saved
 MAX_BLOCK_ROWS = 256  # rows per block of the dropless grouped matmul (fewer for small batches: block_rows)
 
 
-def route(logits: jax.Array, top_k: int, router: str, norm_topk: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(
+    logits: jax.Array, top_k: int, router: str, norm_topk: bool = True, bias: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [..., E] float32 -> scores [..., E], weights [..., k] (the top_k scores, normalised to sum 1
-    where norm_topk), experts [..., k] int32 (highest score first)."""
+    where norm_topk), experts [..., k] int32 (highest score first). bias [E] (model.moe.bias_update) shifts
+    which experts are chosen, not their weights."""
     scores = jax.nn.softmax(logits, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits)
-    top, experts = jax.lax.top_k(scores, top_k)
+    _, experts = jax.lax.top_k(scores if bias is None else scores + bias, top_k)
+    top = jnp.take_along_axis(scores, experts, axis=-1)
     weights = top / jnp.sum(top, axis=-1, keepdims=True) if norm_topk else top
     return scores, weights, experts.astype(jnp.int32)
 
@@ -99,7 +103,10 @@ def moe_mlp(module: nn.Module, y: jax.Array, out_std: float) -> tuple[jax.Array,
     w_down = param(module, "moe_down", (m.experts, f, d), ("experts", "mlp", "embed"), out_std)
 
     logits = jnp.einsum("btd,de->bte", y.astype(jnp.float32), router)  # float32: the choice is discrete
-    scores, weights, experts = route(logits, m.top_k, m.router, m.norm_topk)
+    bias = None
+    if m.bias_update:  # moved by update_router_bias after each step, never by a gradient
+        bias = jax.lax.stop_gradient(param(module, "router_bias", (m.experts,), (None,), 0.0))
+    scores, weights, experts = route(logits, m.top_k, m.router, m.norm_topk, bias)
     capacity = capacity_of(cfg, y.shape[1]) if m.capacity_factor else 0
     slot = capacity_slots(experts, m.experts, capacity) if capacity else jnp.zeros_like(experts)
     out = _run_experts(y, experts, weights, slot, (w_gate, w_up, w_down), dt, capacity, module)
@@ -295,3 +302,15 @@ def router_terms(cfg: ModelConfig, stats: dict) -> tuple[jax.Array, dict]:
         metrics[f"moe/layer{layer}/load_cv"] = cv[i]
         metrics |= {f"moe/layer{layer}/expert{e}": share[i, e] for e in range(load.shape[1])}
     return cfg.moe.aux_loss * aux + cfg.moe.z_loss * z, metrics
+
+
+def update_router_bias(cfg: ModelConfig, params: dict, load: jax.Array) -> dict:
+    """model.moe.bias_update: each MoE layer's router_bias moves by bias_update toward even load, up for the
+    experts under the layer's mean load and down for those over it. load [units, E]: the step's copies per
+    expert (layer order, which is the parameters' order but in a circular pipeline)."""
+    step = cfg.moe.bias_update * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    layers = params["layers"]
+    key = f"block_{cfg.moe.every - 1}" if cfg.moe.every > 1 else None  # the MoE layer of each BlockGroup
+    owner = layers[key] if key else layers
+    owner = {**owner, "router_bias": owner["router_bias"] + step.astype(owner["router_bias"].dtype)}
+    return {**params, "layers": {**layers, key: owner} if key else owner}

@@ -57,6 +57,7 @@ def check_exportable(model: ModelConfig) -> None:
         ("model.moe.shared_experts", m.shared_experts > 0, kind == "qwen2_moe"),
         ("model.moe.router", m.router, "softmax"),
         ("model.moe.capacity_factor", m.capacity_factor, 0.0),
+        ("model.moe.bias_update", m.bias_update, 0.0),  # its routing biases have no place there
     ] + ([("model.moe.norm_topk", m.norm_topk, True)] if kind == "mixtral" else [])
     problems = [f"{key}={value} ({ARCHITECTURES[kind]}: {want})" for key, value, want in wants if value != want]
     if problems:

@@ -55,6 +55,8 @@ def lm_sums(model: Transformer, params, batch: dict, rng=None, z_loss: float = 0
         term, router_metrics = router_terms(model.cfg, router)
         loss = loss + count * term
         metrics |= {k: count * v for k, v in router_metrics.items()}
+        if model.cfg.moe.bias_update and model.train:  # [units, E] copies per expert: the step moves the biases
+            metrics["moe_load"] = router["load"]
     return loss, metrics
 
 

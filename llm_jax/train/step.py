@@ -16,6 +16,7 @@ from flax import struct
 from llm_jax.config import Config
 from llm_jax.model import pipeline
 from llm_jax.model.attention import prebuild_splash
+from llm_jax.model.moe import update_router_bias
 from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.sharding import Layout
 from llm_jax.train.objectives import objective_of
@@ -151,6 +152,8 @@ def make_steps(
         grads, (losses, aux) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if "moe_load" in aux:  # model.moe.bias_update: the routers' biases follow the step's expert loads
+            params = update_router_bias(cfg.model, params, jnp.sum(aux.pop("moe_load"), axis=0))
         metrics = {"loss": jnp.sum(losses), "grad_norm": optax.tree.norm(grads)}
         metrics |= {k: jnp.sum(v) / n for k, v in aux.items()}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -41,6 +41,10 @@ def test_the_same_inputs_give_the_same_dataset_and_a_rerun_does_nothing(tmp_path
     changed = tiny_config(tmp_path / "unused", "curate.min_words=3", sources=[str(corpus)])
     other = build_dataset(changed, tmp_path / "datasets", log=lambda *_: None)
     assert other != first and other.parent == first.parent
+    (tmp_path / "run").mkdir()
+    mixed = tiny_config(tmp_path / "run", f"data.prepared={first}", f"data.mixture=[a:1={corpus}]")
+    with pytest.raises(UserError, match="was built without data.mixture, so it has no parts to weigh"):
+        prepare_data(mixed, tmp_path / "run")
     (corpus / "extra.txt").write_text("A new document of a few words, enough to count.")
     assert build_dataset(cfg, tmp_path / "datasets", log=lambda *_: None) not in (first, other)
 
@@ -75,6 +79,8 @@ def test_a_run_may_reweigh_a_prepared_mixture_but_not_rename_its_parts(tmp_path,
     mixture = f"data.mixture=[plays:0.5={plays}, poems:0.5={poems}]"
     built = tiny_config(tmp_path / "unused", mixture, "data.txt_split_kb=8")
     dataset = build_dataset(built, tmp_path / "ds", log=lambda *_: None)
+    reweighed_build = tiny_config(tmp_path / "unused", mixture.replace("0.5", "0.8"), "data.txt_split_kb=8")
+    assert build_dataset(reweighed_build, tmp_path / "ds", log=lambda *_: None) == dataset  # weights: not an input
     (tmp_path / "run").mkdir()
     data = prepare_data(tiny_config(tmp_path / "run", f"data.prepared={dataset}"), tmp_path / "run")
     assert [(p.name, p.weight(1)) for p in data.train.parts] == [("plays", 0.5), ("poems", 0.5)]

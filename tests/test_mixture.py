@@ -123,3 +123,17 @@ def test_a_mixture_trains_resumes_exactly_and_reports_each_part(tmp_path, corpus
     train(tiny_config(tmp_path / "halves", *common, "train.steps=6"), log=lambda *_: None)
     resumed = train(tiny_config(tmp_path / "halves", *common, "train.steps=12"), log=lambda *_: None)
     assert resumed == pytest.approx(whole, rel=1e-6)  # the iterator's state came back from the checkpoint
+
+
+def test_validation_sources_beside_a_mixture_validate_the_whole(tmp_path, corpus_slice):
+    """data.val_sources belong to no part: they are the overall validation split, the parts get none of their own."""
+    from llm_jax.train.objectives import prepare_data
+
+    plays = _documents(tmp_path / "plays.jsonl", [Path(p).read_text() for p in corpus_slice[:2]])
+    poems = _documents(tmp_path / "poems.jsonl", [Path(corpus_slice[4]).read_text()])
+    held = _documents(tmp_path / "held.jsonl", [Path(corpus_slice[2]).read_text()])
+    mixture = f"data.mixture=[plays:0.5={plays}, poems:0.5={poems}]"
+    cfg = tiny_config(tmp_path / "run", mixture, f"data.val_sources=[{held}]")
+    (tmp_path / "run").mkdir()
+    data = prepare_data(cfg, tmp_path / "run", log=lambda *_: None)
+    assert len(data.val) > 0 and not data.val_parts and [p.name for p in data.train.parts] == ["plays", "poems"]

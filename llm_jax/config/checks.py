@@ -44,9 +44,9 @@ def validate(cfg: Config) -> None:
         ),
         (m.quant in ("none", "int8", "int4", "fp4"), f"model.quant={m.quant!r} must be none, int8, int4 or fp4"),
         (
-            m.quant not in ("int4", "fp4") or (m.d_model % 32 == 0 and m.mlp_dim % 32 == 0),
-            f"model.quant={m.quant} scales groups of 32 inputs: d_model={m.d_model} and mlp_dim={m.mlp_dim} must be "
-            "multiples of 32",
+            m.quant not in ("int4", "fp4") or all(x % 32 == 0 for x in (m.d_model, m.mlp_dim, m.n_heads * m.head_dim)),
+            f"model.quant={m.quant} scales groups of 32 inputs: d_model={m.d_model}, mlp_dim={m.mlp_dim} and "
+            f"n_heads x head_dim={m.n_heads * m.head_dim} must be multiples of 32",
         ),
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
         (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),
@@ -83,6 +83,7 @@ def validate(cfg: Config) -> None:
         (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
         (d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive"),
         (d.bad_rows in ("strict", "skip"), f"data.bad_rows={d.bad_rows!r} must be strict or skip"),
+        (d.txt_split_kb >= 0, f"data.txt_split_kb={d.txt_split_kb} must be >= 0 (0: a document per .txt file)"),
         (
             d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0 and d.progress_s >= 0,
             "data.shard_mb must be positive; data.workers, data.loader_workers and data.progress_s >= 0",
@@ -238,7 +239,7 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
             or e.every <= 1
             or mesh.pipeline <= 1
             or m.n_layers % (e.every * mesh.pipeline * max(mesh.pipeline_repeats, 1)) == 0,
-            f"a pipeline cuts the layers into groups of model.moe.every={e.every} (a dense layers and an MoE one): "
+            f"a pipeline cuts the layers into groups of model.moe.every={e.every} (dense layers, then an MoE one): "
             f"model.n_layers={m.n_layers} must be a multiple of every x mesh.pipeline x mesh.pipeline_repeats",
         ),
     ]

@@ -8,6 +8,7 @@ Weights are relative: at every step the parts' current weights are normalised to
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ def _parse(entry: str) -> MixturePart:
             value, first = float(weight), int(step) if at else 1
         except ValueError:
             raise bad(f"{item!r} is not WEIGHT or WEIGHT@STEP") from None
-        if value < 0 or first < 1 or (i == 0) != (first == 1) or (schedule and first <= schedule[-1][0]):
+        rising = (i == 0) == (first == 1) and (not schedule or first > schedule[-1][0])
+        if not math.isfinite(value) or value < 0 or first < 1 or not rising:
             raise bad("weights must be >= 0, the first without @STEP and the others at rising steps > 1")
         schedule.append((first, value))
     listed = tuple(s.strip() for s in sources.split(";") if s.strip())

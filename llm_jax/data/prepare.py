@@ -45,6 +45,11 @@ def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -
 
     train, val = windows(meta["shards"]["train"]), windows(meta["shards"]["val"])
     if "mixture" not in meta:
+        if cfg.data.mixture:
+            raise UserError(
+                f"{data_dir} was built without data.mixture, so it has no parts to weigh: prepare the data with "
+                "the mixture (llm-jax data prepare ... data.mixture=[...]), or drop data.mixture"
+            )
         return PreparedData(tokenizer, train, val, meta)
     built = meta["mixture"]  # the run's data.mixture may reweigh the parts (data.prepared), not rename them
     parts = parse_mixture(cfg.data.mixture) or [
@@ -99,7 +104,8 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         )
     began = time.perf_counter()
     dtype = token_dtype(cfg.model.vocab_size)
-    names, shard_bytes = [p.name for p in parts] or [None], int(cfg.data.shard_mb * 2**20)  # writers per split, part
+    # writers per split and mixture part; part None: no mixture, or data.val_sources beside one
+    names, shard_bytes = [p.name for p in parts] + [None], int(cfg.data.shard_mb * 2**20)
     writers = {
         (split, name): TokenWriter(
             partial, split if name is None else f"{split}.{name}", dtype, tokenizer.eos_id, shard_bytes

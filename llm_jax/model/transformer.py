@@ -13,6 +13,8 @@ compile time does not grow with depth (a serving model on CPU unrolls them: `ser
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,8 +125,8 @@ class Transformer(nn.Module):
         an MoE model's router statistics per unit (each micro-batch's, averaged; expert loads summed)."""
         cfg, (stages, microbatches, repeats) = self.cfg, self.pipeline
         # one unit (standalone), given the weights of each round: a layer, or a BlockGroup (model.moe.every)
-        if cfg.moe.experts and cfg.moe.every > 1:
-            block = BlockGroup(cfg, self.train, parent=None)
+        if cfg.moe.experts and cfg.moe.every > 1:  # remat around the whole unit below, not again inside it
+            block = BlockGroup(dataclasses.replace(cfg, remat="none"), self.train, parent=None)
         else:
             block = Block(cfg, self.train, moe=cfg.moe.experts > 0, parent=None)
         rng = self.make_rng("dropout") if self.train and cfg.dropout else None

@@ -202,7 +202,11 @@ def model_overrides(config: dict, path: Path, seq_len: int | None) -> list[str]:
     k = config.get("num_key_value_heads") or n
     need("num_key_value_heads", isinstance(k, int) and n % k == 0, "it must divide num_attention_heads")
     head_dim = config.get("head_dim") or (d // n if d % n == 0 else None)
-    need("head_dim", isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0, "a positive even integer")
+    need(
+        "head_dim",
+        isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0,
+        "a positive even integer is needed, or hidden_size divisible by num_attention_heads",
+    )
     need("hidden_act", config.get("hidden_act", "silu") == "silu", "the MLP is SwiGLU")
     need("attention_bias", not config.get("attention_bias"), "only Qwen2's q/k/v biases are implemented")
     need("mlp_bias", not config.get("mlp_bias"), "the MLP has no bias")

@@ -50,7 +50,7 @@ def lm_sums(model: Transformer, params, batch: dict, rng=None, z_loss: float = 0
     hidden, router = _hidden(model, params, batch, rng)
     loss, z_part = model.apply({"params": params}, hidden, tokens[:, 1:], weights, z_loss, method=Transformer.nll_sum)
     metrics = {"z_loss": z_part} if z_loss else {}
-    if router is not None:  # sums like the rest: the step divides by the batch's targets
+    if router is not None and model.train:  # sums like the rest: the step divides by the batch's targets
         count = lm_count(batch)
         term, router_metrics = router_terms(model.cfg, router)
         loss = loss + count * term

@@ -88,6 +88,7 @@ def validate(cfg: Config) -> None:
             d.shard_mb > 0 and d.workers >= 0 and d.loader_workers >= 0 and d.progress_s >= 0,
             "data.shard_mb must be positive; data.workers, data.loader_workers and data.progress_s >= 0",
         ),
+        (d.engine in ("local", "beam"), f"data.engine={d.engine!r} must be local or beam"),
         (
             not (missing := [x for x in d.decontaminate if x != "bundled" and not Path(x).expanduser().is_file()]),
             f"data.decontaminate: {missing[0] if missing else ''} not found: name eval task files or 'bundled'",

@@ -94,6 +94,8 @@ class DataConfig:
     tfds_data_dir: str | None
     shard_mb: float
     workers: int
+    engine: str
+    beam_options: tuple[str, ...]
     loader_workers: int
     progress_s: float
     decontaminate: tuple[str, ...]

@@ -27,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import zstandard
@@ -78,6 +78,14 @@ class ReadStats:
         if len(self.examples[kind]) < _EXAMPLES:
             self.examples[kind].append(what)
 
+    def add(self, later: ReadStats) -> None:
+        """Counts and examples of a later stretch of the reading (curation spread over workers)."""
+        for f in fields(self):
+            if f.name != "examples":
+                setattr(self, f.name, getattr(self, f.name) + getattr(later, f.name))
+        for kind, names in later.examples.items():
+            self.examples[kind] = (self.examples[kind] + names)[:_EXAMPLES]
+
 
 def cache_root(cache_dir: str) -> Path:
     return Path(os.environ.get("LLM_JAX_CACHE") or cache_dir).expanduser()
@@ -100,15 +108,33 @@ def read_documents(
     """Every document of every source, in a deterministic order, streamed (txt_split_kb: module docstring;
     0 keeps a document per .txt file)."""
     for source in sources:
-        if source.startswith("tfds:"):
-            for text, where in tfds_documents(source, text_field, tfds_data_dir):
-                yield _counted(Document(text, where, where), stats)
-            continue
-        for path in resolve_source(source, cache_dir, stats):
-            stats.files += 1
-            split = 0 if source.startswith("builtin:") else int(txt_split_kb * 1024)
-            for doc in _read_file(path, source, text_field, bad_rows, stats, split):
-                yield _counted(doc, stats)
+        for path in source_files(source, cache_dir, stats):
+            yield from read_file(source, path, text_field, bad_rows, tfds_data_dir, stats, txt_split_kb)
+
+
+def source_files(source: str, cache_dir: str, stats: ReadStats) -> list[str | None]:
+    """The files of a source in reading order ([None] for a tfds dataset, read as one unit)."""
+    return [None] if source.startswith("tfds:") else [str(p) for p in resolve_source(source, cache_dir, stats)]
+
+
+def read_file(
+    source: str,
+    path: str | None,
+    text_field: str,
+    bad_rows: str,
+    tfds_data_dir: str | None,
+    stats: ReadStats,
+    txt_split_kb: float = 0,
+) -> Iterator[Document]:
+    """The documents of one of source_files(source), in order: the unit curation spreads over workers."""
+    if path is None:
+        for text, where in tfds_documents(source, text_field, tfds_data_dir):
+            yield _counted(Document(text, where, where), stats)
+        return
+    stats.files += 1
+    split = 0 if source.startswith("builtin:") else int(txt_split_kb * 1024)
+    for doc in _read_file(epath.Path(path), source, text_field, bad_rows, stats, split):
+        yield _counted(doc, stats)
 
 
 def _counted(doc: Document, stats: ReadStats) -> Document:

@@ -19,7 +19,7 @@ import hashlib
 import multiprocessing
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_jax.config import Config, CurateConfig
+from llm_jax.config import Config, CurateConfig, DataConfig
 from llm_jax.data import dedup, filters
 from llm_jax.data.corpus import Document, ReadStats, read_documents
 from llm_jax.data.progress import rate_line, ticker
@@ -49,7 +49,6 @@ class Curated:
     removed: dict[str, list[int]]  # rule -> [documents, bytes]
     examples: dict[str, list[dict]]  # rule -> a few removed documents
     clusters: dict  # near-duplicate clusters
-    signatures: np.ndarray | None  # [kept, perms] MinHash signatures (None without near dedup)
     seconds: float
 
 
@@ -104,22 +103,7 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
         sizes.append((len(text.encode("utf-8", "surrogatepass")), len(text.split())))
         writer.add(text, doc.source, score)
     paths = writer.close()
-    if stats.documents == 0:
-        raise UserError(f"the corpus {list(d.sources)} holds no documents: every file is empty, binary or skipped")
-    if not scores:
-        worst = max(removed, key=lambda r: removed[r][0])
-        raise UserError(
-            f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
-            f"{worst!r} removed the most: {_fix_hint(worst)}"
-        )
-    if d.val_sources and max(scores) < 0:  # validation kept, training not: the tokenizer would have no text
-        worst = max(removed_training, key=lambda r: removed_training[r][0], default=None)
-        if worst is None:
-            raise UserError(f"the training sources {list(d.sources)} hold no documents: every file is empty or skipped")
-        raise UserError(
-            f"curation kept none of the training documents of {list(d.sources)} ({_summary(removed_training)}); "
-            f"{worst!r} removed the most: {_fix_hint(worst)}"
-        )
+    check_kept(d, stats, np.asarray(scores), removed, removed_training)
     clusters = {
         "clusters": len(cluster_sizes),
         "largest": max(cluster_sizes.values(), default=-1) + 1,
@@ -133,9 +117,28 @@ def curate(cfg: Config, out_dir: Path, log=print) -> Curated:
         dict(removed),
         dict(examples),
         clusters,
-        near.signatures() if near else None,
         time.perf_counter() - began,
     )
+
+
+def check_kept(d: DataConfig, stats: ReadStats, scores: np.ndarray, removed: dict, removed_training: dict) -> None:
+    """One line naming the rules that emptied the corpus, or its training side, and how to relax them."""
+    if stats.documents == 0:
+        raise UserError(f"the corpus {list(d.sources)} holds no documents: every file is empty, binary or skipped")
+    if not len(scores):
+        worst = max(removed, key=lambda r: removed[r][0])
+        raise UserError(
+            f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
+            f"{worst!r} removed the most: {_fix_hint(worst)}"
+        )
+    if d.val_sources and max(scores) < 0:  # validation kept, training not: the tokenizer would have no text
+        worst = max(removed_training, key=lambda r: removed_training[r][0], default=None)
+        if worst is None:
+            raise UserError(f"the training sources {list(d.sources)} hold no documents: every file is empty or skipped")
+        raise UserError(
+            f"curation kept none of the training documents of {list(d.sources)} ({_summary(removed_training)}); "
+            f"{worst!r} removed the most: {_fix_hint(worst)}"
+        )
 
 
 def _summary(removed: dict) -> str:
@@ -152,14 +155,17 @@ def _fix_hint(rule: str) -> str:
     return f"relax its threshold in the curate section, or drop {rule!r} from curate.rules"
 
 
-def _scored(cfg: Config, stats: ReadStats) -> Iterator[tuple[Document, float]]:
-    """Validation sources first (score -1), then the sources (score: the group's hash, or 1 when
-    data.val_sources decide validation)."""
+def sides(cfg: Config) -> list[tuple[tuple[str, ...], Callable[[str], float]]]:
+    """(sources, group -> score) in reading order: data.val_sources (score -1), then data.sources (the
+    group's hash, or 1 when data.val_sources decide validation)."""
     d = cfg.data
-    for sources, score in (
-        (d.val_sources, lambda g: -1.0),
-        (d.sources, (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g))),
-    ):
+    train = (lambda g: 1.0) if d.val_sources else (lambda g: group_score(cfg.seed, g))
+    return [(d.val_sources, lambda g: -1.0), (d.sources, train)]
+
+
+def _scored(cfg: Config, stats: ReadStats) -> Iterator[tuple[Document, float]]:
+    d = cfg.data
+    for sources, score in sides(cfg):
         for doc in read_documents(
             sources, d.text_field, d.cache_dir, d.bad_rows, d.tfds_data_dir, stats, d.txt_split_kb
         ):

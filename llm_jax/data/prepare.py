@@ -9,6 +9,7 @@ and seed (timings live in report.json only).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import shutil
 import time
@@ -91,7 +92,12 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         union = tuple(dict.fromkeys(s for p in parts for s in p.sources))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=union))
     log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
-    cur = curate(cfg, partial / "documents", log)
+    if cfg.data.engine == "beam":
+        from llm_jax.data.beam_curate import curate_beam  # the llm_jax[beam] extra, imported only when used
+
+        cur = curate_beam(cfg, partial / "documents", log)
+    else:
+        cur = curate(cfg, partial / "documents", log)
     is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
     leaked, contamination = _leaks(cfg, cur, is_val)
     splits = {"train": ~is_val & ~leaked, "val": is_val}  # documents of each split (leaked: in neither)
@@ -115,7 +121,9 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     }
     part_of = part_finder(parts, cfg.data) if parts else lambda source: None
     doc_tokens = np.zeros(len(cur.scores), np.int64)
-    wanted = {pair["kept"]: pair for pair in cur.clusters["examples"]}
+    wanted = collections.defaultdict(list)  # kept index -> the cluster examples naming it
+    for pair in cur.clusters["examples"]:
+        wanted[pair["kept"]].append(pair)
     progress_due, done, total = ticker(cfg.data.progress_s), 0, max(int(cur.sizes[:, 0].sum()), 1)
     for start, records in _chunks(read_documents(cur.paths)):
         if progress_due():
@@ -128,8 +136,8 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
             if not leaked[i]:
                 writers["val" if is_val[i] else "train", part_of(record["source"])].add(ids)
             doc_tokens[i] = len(ids)
-            if i in wanted:
-                wanted[i]["kept"] = record["source"]
+            for pair in wanted.pop(i, ()):
+                pair["kept"] = record["source"]
     tokenize_seconds = time.perf_counter() - began
     closed = {key: [p.name for p in w.close()] for key, w in writers.items()}
     shards = {split: [n for (s, _), files in closed.items() if s == split for n in files] for split in ("train", "val")}

@@ -71,6 +71,9 @@ class _Rotating:
         return self.paths
 
 
+_GROUP_SIZE_1 = "group_size:1"  # random access per record
+
+
 class DocumentWriter(_Rotating):
     """Curated documents as ArrayRecord shards."""
 
@@ -78,7 +81,7 @@ class DocumentWriter(_Rotating):
         super().__init__(directory, "documents", ".array_record", max_bytes)
 
     def _open(self, tmp):
-        self._writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: random access per record
+        self._writer = ArrayRecordWriter(str(tmp), _GROUP_SIZE_1)
 
     def _write(self, data):
         self._writer.write(data)
@@ -87,7 +90,21 @@ class DocumentWriter(_Rotating):
         self._writer.close()
 
     def add(self, text: str, source: str, score: float) -> None:
-        self.write(json.dumps({"text": text, "source": source, "score": score}, ensure_ascii=False).encode())
+        self.write(document_record(text, source, score))
+
+
+def document_record(text: str, source: str, score: float) -> bytes:
+    return json.dumps({"text": text, "source": source, "score": score}, ensure_ascii=False).encode()
+
+
+def write_document_shard(path: Path, records: Iterable[bytes]) -> None:
+    """One document shard whole (a temporary name renamed when written), as DocumentWriter writes it."""
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), _GROUP_SIZE_1)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    os.replace(tmp, path)
 
 
 def read_documents(paths: Iterable[Path]) -> Iterator[dict]:

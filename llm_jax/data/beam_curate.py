@@ -1,0 +1,377 @@
+"""Curation on Apache Beam (data.engine=beam; pip install 'llm_jax[beam]'): llm_jax/data/curate.py's stages
+spread over a Beam runner's workers, with its result: byte-identical document shards, the same kept
+documents, scores, removal counts, examples and near-duplicate clusters.
+
+    files --read, clean, rules, exact key, MinHash (one file per task)--> documents, each with its order
+      |-- failed a rule ---------------------------------------------> tallied per rule (a combiner)
+      '-- passed -- group by exact key --> first copy of each text -- LSH band buckets --> near pairs
+                                                 |                        (j, i < j, estimated Jaccard >= t)
+        decide (one task; no text, ~100 bytes a document) <--------------'
+          '--> each kept document's index and shard -- joined to its text -- grouped by shard --> documents-NNNNN
+
+The streaming pass keeps the first copy in source order; so does this. `decide` replays its loop over
+the exact groups and near pairs: a first copy is dropped when an earlier *kept* one is a near pair of
+it (the lowest kept index is its cluster's), and a later exact copy follows its first copy (an exact
+duplicate of it when kept, else a near duplicate of the same document), which is what the streaming
+index answers for a text it has seen. Shard boundaries come from the records' sizes in kept order, as
+DocumentWriter rotates them.
+
+What one task holds: `decide` the passing documents' order, score and sizes (memory like the streaming
+pass's exact dict, without its LSH index), a band bucket its members' signatures. Everything else is
+spread. Runners: the DirectRunner in multi-process mode by default (data.workers processes); a cluster
+runner (Flink, Spark) through data.beam_options, with the dataset directory and the sources on storage
+every worker reads and writes (the shards are written by the workers).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llm_jax.config import Config
+from llm_jax.data import curate as local
+from llm_jax.data import dedup
+from llm_jax.data.corpus import ReadStats, read_file, source_files
+from llm_jax.data.shards import document_record, shard_name, write_document_shard
+from llm_jax.errors import UserError
+
+_FILE_DOCS = 1 << 40  # a document's order: its file's index x _FILE_DOCS + its index in the file
+_DUP_RULES = ("exact_dup", "near_dup", "contamination")
+
+
+def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
+    d, began = cfg.data, time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / "beam.partial"  # the pipeline's small results and its workers' log, read back here
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    beam_log = scratch / "beam.log"
+    try:
+        with _stderr_to(beam_log):  # Beam's import and its workers log at length
+            import apache_beam as beam
+            from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise UserError("data.engine=beam needs Apache Beam: pip install 'llm_jax[beam]'") from None
+    files, stats_before = [], []  # (order base, side, source, path); per source its resolving notes
+    for side, (sources, _) in enumerate(local.sides(cfg)):
+        for source in sources:
+            notes = ReadStats()
+            paths = source_files(source, d.cache_dir, notes)
+            stats_before.append((len(files), notes))
+            files += [((len(files) + i) * _FILE_DOCS, side, source, path) for i, path in enumerate(paths)]
+    options = list(d.beam_options) or [
+        "--runner=DirectRunner",
+        "--direct_running_mode=multi_processing",
+        f"--direct_num_workers={d.workers or os.cpu_count() or 1}",
+    ]
+    log(f"curating {len(files)} files on Apache Beam ({' '.join(options)}) ...")
+    try:
+        with _stderr_to(beam_log), beam.Pipeline(options=PipelineOptions(options)) as p:
+            _graph(beam, p, cfg, files, out_dir, scratch)
+    except Exception as e:  # a worker's traceback is in the log; one line here
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"the Beam curation pipeline failed ({last[:300]}); its log: {beam_log}") from None
+
+    def load(name):
+        return pickle.loads((scratch / f"{name}.pkl").read_bytes())
+
+    kept, tallies, per_file, examples = load("decide"), load("tallies"), load("files"), load("examples")
+    stats = ReadStats()
+    for _, item in sorted([*stats_before, *[(base // _FILE_DOCS, s) for base, s in per_file]], key=lambda x: x[0]):
+        if isinstance(item, str):
+            raise UserError(item)  # the first failing file's message (data.bad_rows=strict)
+        stats.add(item)
+    shutil.rmtree(scratch)
+    removed, removed_training, shown = kept["removed"], kept["removed_training"], collections.defaultdict(list)
+    for rule, (docs, n_bytes, train_docs, train_bytes, first) in tallies.items():
+        removed[rule], shown[rule] = [docs, n_bytes], [{"source": s, "text": t} for s, t in first]
+        if train_docs:
+            removed_training[rule] = [train_docs, train_bytes]
+    for rule, orders in kept["example_orders"].items():
+        shown[rule] = [{"source": examples[o][0], "text": examples[o][1]} for o in orders]
+    local.check_kept(d, stats, kept["scores"], removed, removed_training)
+    clusters = kept["clusters"] | {
+        "examples": [{"kept": first, "dropped": examples[o][0]} for first, o in kept["clusters"]["examples"]]
+    }
+    paths = [out_dir / shard_name("documents", i, ".array_record") for i in range(kept["shards"])]
+    return local.Curated(
+        paths,
+        kept["scores"],
+        kept["sizes"],
+        stats,
+        removed,
+        dict(shown),
+        clusters,
+        time.perf_counter() - began,
+    )
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2 appended to path (worker processes inherit it), restored after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _graph(beam, p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
+    c = cfg.curate
+    docs = (
+        p
+        | "files" >> beam.Create(files)
+        | "spread" >> beam.Reshuffle()
+        | "process" >> beam.ParDo(_Process(cfg)).with_outputs("failed", "file", main="passed")
+    )
+    # passed: (order, (score, exact key, signature, n_bytes, (bytes, words), record, source, head))
+    meta = docs.passed | "meta" >> beam.Map(lambda kv: (kv[0], kv[1][:5] + (len(kv[1][5]),)))
+    if c.exact_dedup:
+        groups = meta | "by key" >> beam.Map(lambda kv: (kv[1][1], kv)) | "exact" >> beam.GroupByKey()
+        split = groups | "first copies" >> beam.FlatMap(_first_copies).with_outputs("copy", main="first")
+        firsts, copies = split.first, split.copy
+    else:
+        firsts, copies = meta, p | "no copies" >> beam.Create([])
+    if c.near_dedup:
+        pairs = (
+            firsts
+            | "bands" >> beam.ParDo(_Bands(cfg))
+            | "buckets" >> beam.GroupByKey()
+            | "near pairs" >> beam.FlatMap(_near_pairs, c.near_dedup)
+        )
+    else:
+        pairs = p | "no pairs" >> beam.Create([])
+    decided = (
+        p
+        | "once" >> beam.Create([None])
+        | "decide"
+        >> beam.Map(
+            _decide,
+            beam.pvalue.AsList(firsts | "first meta" >> beam.Map(lambda kv: (kv[0], kv[1][0], kv[1][3:]))),
+            beam.pvalue.AsList(copies),
+            beam.pvalue.AsList(pairs),
+            int(cfg.data.shard_mb * 2**20),
+        )
+    )
+    summary = decided | "summary" >> beam.Map(lambda x: x[0])
+    summary | "save decide" >> beam.Map(_save, scratch / "decide.pkl")
+    shards = decided | "shard of each" >> beam.FlatMap(lambda x: x[1])  # (order, shard)
+    (
+        {"shard": shards, "doc": docs.passed | "records" >> beam.Map(lambda kv: (kv[0], kv[1][5]))}
+        | "join" >> beam.CoGroupByKey()
+        | "to shards" >> beam.FlatMap(lambda kv: [(s, (kv[0], kv[1]["doc"][0])) for s in kv[1]["shard"]])
+        | "by shard" >> beam.GroupByKey()
+        | "write" >> beam.Map(_write_shard, out_dir)
+    )
+    wanted = summary | "wanted" >> beam.Map(_example_orders)
+    (
+        docs.passed
+        | "pick examples" >> beam.FlatMap(_pick, beam.pvalue.AsSingleton(wanted))
+        | "examples" >> beam.combiners.ToDict()
+        | "save examples" >> beam.Map(_save, scratch / "examples.pkl")
+    )
+    (
+        docs.failed
+        | "tally" >> beam.CombinePerKey(_Tally())
+        | "tallies" >> beam.combiners.ToDict()
+        | "save tallies" >> beam.Map(_save, scratch / "tallies.pkl")
+    )
+    docs.file | "per file" >> beam.combiners.ToList() | "save files" >> beam.Map(_save, scratch / "files.pkl")
+
+
+class _Process:
+    """A file's documents read, cleaned, judged and hashed (curate.py's worker code) -> passed
+    (order, (score, exact key, signature, n_bytes, sizes, record, source, head)), failed (rule, (order,
+    score, n_bytes, source, head)) and one (file base, ReadStats or an error line) per file."""
+
+    def __new__(cls, cfg: Config):  # a DoFn subclass made here: apache_beam is imported only when used
+        import apache_beam as beam
+
+        class Process(beam.DoFn):
+            def setup(self):
+                local._init(cfg.curate, cfg.seed)
+
+            def process(self, item):
+                base, side, source, path = item
+                score, d, stats = local.sides(cfg)[side][1], cfg.data, ReadStats()
+                docs = read_file(source, path, d.text_field, d.bad_rows, d.tfds_data_dir, stats, d.txt_split_kb)
+                try:
+                    for i, doc in enumerate(docs):
+                        yield from _out(beam, base + i, doc, score(doc.group), local._work([doc.text])[0])
+                except UserError as e:
+                    yield beam.pvalue.TaggedOutput("file", (base, str(e)))
+                    return
+                yield beam.pvalue.TaggedOutput("file", (base, stats))
+
+        return Process()
+
+
+def _out(beam, order: int, doc, score: float, result: tuple):
+    text, rule, key, sig, n_bytes = result
+    head = doc.text[: local.EXAMPLE_CHARS]
+    if rule is not None:
+        yield beam.pvalue.TaggedOutput("failed", (rule, (order, score, n_bytes, doc.source, head)))
+        return
+    sizes = (len(text.encode("utf-8", "surrogatepass")), len(text.split()))
+    yield order, (score, key, sig, n_bytes, sizes, document_record(text, doc.source, score), doc.source, head)
+
+
+def _first_copies(group):
+    """An exact group -> its first document (main) and the others tagged copy: (order, (first's order, score,
+    n_bytes))."""
+    import apache_beam as beam
+
+    _, members = group
+    members = sorted(members, key=lambda kv: kv[0])
+    yield members[0]
+    for order, m in members[1:]:
+        yield beam.pvalue.TaggedOutput("copy", (order, (members[0][0], m[0], m[3])))
+
+
+class _Bands:
+    def __new__(cls, cfg: Config):
+        import apache_beam as beam
+
+        class Bands(beam.DoFn):
+            def setup(self):
+                c = cfg.curate
+                self.near = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, cfg.seed)
+
+            def process(self, kv):
+                order, m = kv
+                for band, key in enumerate(self.near._keys(m[2])):
+                    yield (band, key), (order, m[2])
+
+        return Bands()
+
+
+def _near_pairs(bucket, threshold: float):
+    """(j, i) for i < j sharing the bucket whose estimated Jaccard (NearDedup's) reaches the threshold."""
+    members = sorted(bucket[1], key=lambda m: m[0])
+    if len(members) < 2:
+        return
+    sigs = np.stack([m[1] for m in members])  # [members, perms]
+    for j in range(1, len(members)):
+        jaccard = (sigs[:j] == sigs[j]).sum(axis=1) / sigs.shape[1]
+        for i in np.flatnonzero(jaccard >= threshold):
+            yield members[j][0], members[i][0]
+
+
+def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):
+    """The streaming pass's decisions (module docstring) -> (summary, [(order, shard) of each kept document])."""
+    near_of = collections.defaultdict(set)
+    for j, i in pairs:
+        near_of[j].add(i)
+    events = sorted([(o, True, rest) for o, *rest in firsts] + [(o, False, rest) for o, rest in copies])
+    kept, scores, sizes, shard_of = {}, [], [], []  # kept: order -> kept index
+    near_first = {}  # a first copy dropped as a near duplicate -> the kept index it matched
+    removed, removed_training = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
+    example_orders, cluster_sizes, pair_examples = collections.defaultdict(list), collections.Counter(), []
+    shard, filled = 0, 0
+    for order, is_first, rest in events:
+        if is_first:
+            score, (n_bytes, size, record_len) = rest
+            matches = [kept[i] for i in near_of.get(order, ()) if i in kept]
+            if not matches:
+                kept[order] = len(scores)
+                scores.append(score)
+                sizes.append(size)
+                shard_of.append((order, shard))
+                filled += record_len
+                if filled >= shard_bytes:
+                    shard, filled = shard + 1, 0
+                continue
+            first, rule = near_first.setdefault(order, min(matches)), "near_dup"
+        else:
+            first_order, score, n_bytes = rest
+            if first_order in kept:
+                first, rule = kept[first_order], "exact_dup"
+            else:
+                first, rule = near_first[first_order], "near_dup"
+        if scores[first] < 0 <= score:
+            rule = "contamination"
+        if rule == "near_dup":
+            cluster_sizes[first] += 1
+            if len(pair_examples) < local.EXAMPLES_PER_RULE:
+                pair_examples.append((first, order))
+        for counts in (removed, removed_training) if score >= 0 else (removed,):
+            counts[rule][0] += 1
+            counts[rule][1] += n_bytes
+        if len(example_orders[rule]) < local.EXAMPLES_PER_RULE:
+            example_orders[rule].append(order)
+    summary = {
+        "scores": np.asarray(scores, np.float64),
+        "sizes": np.asarray(sizes, np.int64).reshape(-1, 2),
+        "shards": shard + (filled > 0),
+        "removed": dict(removed),
+        "removed_training": dict(removed_training),
+        "example_orders": dict(example_orders),
+        "clusters": {
+            "clusters": len(cluster_sizes),
+            "largest": max(cluster_sizes.values(), default=-1) + 1,
+            "examples": pair_examples,
+        },
+    }
+    return summary, shard_of
+
+
+def _example_orders(summary: dict) -> set:
+    return {o for orders in summary["example_orders"].values() for o in orders} | {
+        o for _, o in summary["clusters"]["examples"]
+    }
+
+
+def _pick(kv, wanted: set):
+    if kv[0] in wanted:
+        yield kv[0], (kv[1][6], kv[1][7])
+
+
+def _write_shard(group, out_dir: Path) -> None:
+    shard, records = group
+    write_document_shard(out_dir / shard_name("documents", shard, ".array_record"), (r for _, r in sorted(records)))
+
+
+def _save(value, path: Path) -> None:
+    path.write_bytes(pickle.dumps(value))
+
+
+class _Tally:
+    """Per rule: [documents, bytes, training documents, training bytes, the first few (order, source, head)]."""
+
+    def __new__(cls):
+        import apache_beam as beam
+
+        class Tally(beam.CombineFn):
+            def create_accumulator(self):
+                return [0, 0, 0, 0, []]
+
+            def add_input(self, acc, item):
+                order, score, n_bytes, source, head = item
+                acc[0], acc[1] = acc[0] + 1, acc[1] + n_bytes
+                if score >= 0:
+                    acc[2], acc[3] = acc[2] + 1, acc[3] + n_bytes
+                acc[4] = sorted([*acc[4], (order, source, head)])[: local.EXAMPLES_PER_RULE]
+                return acc
+
+            def merge_accumulators(self, accs):
+                accs = list(accs)
+                first = sorted(x for a in accs for x in a[4])[: local.EXAMPLES_PER_RULE]
+                return [*(sum(a[k] for a in accs) for k in range(4)), first]
+
+            def extract_output(self, acc):
+                return (*acc[:4], [(s, t) for _, s, t in acc[4]])
+
+        return Tally()

@@ -1,6 +1,6 @@
 """Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
-dedup + shard writing, default curate settings) by number of worker processes, tokenize+pack
-tokens/s, and the grain loader's tokens/s (plain, and a 2-part data.mixture) against what the training
+dedup + shard writing, default curate settings) and tokenize+pack tokens/s, by engine (local, and
+Apache Beam's DirectRunner in multi-process mode: data.engine) and number of worker processes, and the grain loader's tokens/s (plain, and a 2-part data.mixture) against what the training
 step consumes (the loader must never be the bottleneck).
 
 Also the near-dedup index's memory per kept document (tracemalloc over 200k distinct signatures at the
@@ -87,23 +87,33 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llm_jax_bench_"))
     try:
         corpus = build_corpus(tmp, args.mb)
-        for workers in (1, 2):
-            run = tmp / f"run{workers}"
-            cfg = load_config("shakespeare", [f"run_dir={run}", f"data.sources=[{corpus}]", f"data.workers={workers}"])
+        for engine, workers in (("local", 1), ("local", 2), ("beam", 1), ("beam", 2)):
+            run = tmp / f"{engine}{workers}"
+            overrides = [f"data.sources=[{corpus}]", f"data.workers={workers}", f"data.engine={engine}"]
+            cfg = load_config("shakespeare", [f"run_dir={run}", *overrides])
             data = prepare_data(cfg, run, log=lambda *_: None)
             t = json.loads((run / "data" / "report.json").read_text())["throughput"]
-            out[f"curation_mb_s_{workers}w"] = t["curation_mb_per_s"]
+            name = "" if engine == "local" else "_beam"
+            out[f"curation{name}_mb_s_{workers}w"] = t["curation_mb_per_s"]
+            out[f"tokenize_pack{name}_tokens_s_{workers}w"] = t["tokenize_pack_tokens_per_s"]
+            what = f"{workers} process{'es' if workers > 1 else ''}" + (", Beam DirectRunner" if name else "")
+            rows.append((f"curation, {what}", f"{t['curation_mb_per_s']:.2f} MB/s", f"{t['curation_seconds']:.1f} s"))
             rows.append(
                 (
-                    f"curation, {workers} process{'es' if workers > 1 else ''}",
-                    f"{t['curation_mb_per_s']:.2f} MB/s",
-                    f"{t['curation_seconds']:.1f} s for {args.mb:g} MB",
+                    f"tokenize + pack, {what}",
+                    f"{t['tokenize_pack_tokens_per_s']:,} tokens/s",
+                    f"{t['tokenize_pack_seconds']:.1f} s",
                 )
             )
-        out["tokenize_pack_tokens_s"] = t["tokenize_pack_tokens_per_s"]
-        rows.append(
-            ("tokenize + pack", f"{t['tokenize_pack_tokens_per_s']:,} tokens/s", f"{t['tokenize_pack_seconds']:.1f} s")
-        )
+            if engine == "beam":  # the engines' datasets are the same files (tests/test_beam_curate.py)
+                local = tmp / f"local{workers}" / "data"
+                same = all(
+                    (local / f.relative_to(run / "data")).read_bytes() == f.read_bytes()
+                    for f in (run / "data").rglob("*")
+                    if f.is_file() and not f.name.startswith("report")
+                )
+                out[f"beam_identical_{workers}w"] = same
+                rows.append((f"Beam's files = local's, {workers} w", "yes" if same else "NO", "byte for byte"))
 
         batch, tokens_per_batch = cfg.train.batch_size, cfg.train.batch_size * cfg.model.seq_len
         for workers in (0, 2):

@@ -23,6 +23,7 @@ LAYERS = (
     "llm_jax.cli",
 )
 TOP = {"llm_jax.cli", "llm_jax.__main__"}  # the command line: argument parsing and dispatch
+EXTRAS = ("llm_jax.data.beam",)  # need an optional extra of pyproject.toml (llm_jax[beam])
 
 
 def _modules() -> dict[str, Path]:
@@ -95,9 +96,22 @@ def test_the_import_graph_has_no_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def _extra(module: str) -> bool:
+    return any(module == e or module.startswith(e + ".") for e in EXTRAS)
+
+
 def test_only_the_command_line_imports_llm_jax_inside_functions():
-    local = {m: sorted({dep for dep, inside in _imports(p) if inside}) for m, p in MODULES.items() if m not in TOP}
+    """... and the modules of an optional extra, imported where they are used (by nothing at the top)."""
+    local = {
+        m: sorted({dep for dep, inside in _imports(p) if inside and not _extra(dep)})
+        for m, p in MODULES.items()
+        if m not in TOP
+    }
     assert not {m: deps for m, deps in local.items() if deps}
+    at_top = {
+        m: dep for m, p in MODULES.items() if not _extra(m) for dep, inside in _imports(p) if _extra(dep) and not inside
+    }
+    assert not at_top, f"a default install must import without the extras: {at_top}"
 
 
 def test_the_graph_is_read_right():

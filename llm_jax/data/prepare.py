@@ -9,7 +9,6 @@ and seed (timings live in report.json only).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import shutil
 import time
@@ -26,7 +25,17 @@ from llm_jax.data.loader import PreparedData
 from llm_jax.data.mixture import Mixture, part_finder
 from llm_jax.data.progress import rate_line, ticker
 from llm_jax.data.report import write_report
-from llm_jax.data.shards import TokenShards, TokenWriter, read_documents, read_meta, token_dtype, write_meta
+from llm_jax.data.shards import (
+    Packed,
+    TokenShards,
+    TokenWriter,
+    documents_at,
+    read_documents,
+    read_meta,
+    stream_prefix,
+    token_dtype,
+    write_meta,
+)
 from llm_jax.data.tokenizer import BaseTokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 from llm_jax.errors import UserError
 
@@ -93,7 +102,7 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=union))
     log(f"curating {', '.join(cfg.data.val_sources + cfg.data.sources)} ...")
     if cfg.data.engine == "beam":
-        from llm_jax.data.beam_curate import curate_beam  # the llm_jax[beam] extra, imported only when used
+        from llm_jax.data.beam.curate import curate_beam  # the llm_jax[beam] extra, imported only when used
 
         cur = curate_beam(cfg, partial / "documents", log)
     else:
@@ -108,40 +117,25 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
             f"tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
             f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (or more)"
         )
-    began = time.perf_counter()
     dtype = token_dtype(cfg.model.vocab_size)
-    # writers per split and mixture part; part None: no mixture, or data.val_sources beside one
-    names, shard_bytes = [p.name for p in parts] + [None], int(cfg.data.shard_mb * 2**20)
-    writers = {
-        (split, name): TokenWriter(
-            partial, split if name is None else f"{split}.{name}", dtype, tokenizer.eos_id, shard_bytes
-        )
-        for split in ("train", "val")
-        for name in names
-    }
     part_of = part_finder(parts, cfg.data) if parts else lambda source: None
-    doc_tokens = np.zeros(len(cur.scores), np.int64)
-    wanted = collections.defaultdict(list)  # kept index -> the cluster examples naming it
-    for pair in cur.clusters["examples"]:
-        wanted[pair["kept"]].append(pair)
-    progress_due, done, total = ticker(cfg.data.progress_s), 0, max(int(cur.sizes[:, 0].sum()), 1)
-    for start, records in _chunks(read_documents(cur.paths)):
-        if progress_due():
-            details = f"{start:,} of {len(cur.scores):,} documents, {done / total:.0%}"
-            log(rate_line("tokenizing", done, began, details))
-        done += int(cur.sizes[start : start + len(records), 0].sum())
-        for i, (record, ids) in enumerate(
-            zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
-        ):
-            if not leaked[i]:
-                writers["val" if is_val[i] else "train", part_of(record["source"])].add(ids)
-            doc_tokens[i] = len(ids)
-            for pair in wanted.pop(i, ()):
-                pair["kept"] = record["source"]
-    tokenize_seconds = time.perf_counter() - began
-    closed = {key: [p.name for p in w.close()] for key, w in writers.items()}
+
+    def route(i: int, source: str) -> tuple[str, str | None] | None:
+        """Kept document i -> its token stream: (split, mixture part; None: no mixture, or data.val_sources
+        beside one), or None for a leaked document."""
+        return None if leaked[i] else ("val" if is_val[i] else "train", part_of(source))
+
+    keys = [(split, name) for split in ("train", "val") for name in [p.name for p in parts] + [None]]
+    if cfg.data.engine == "beam":
+        from llm_jax.data.beam.pack import pack_beam
+
+        packed = pack_beam(cfg, cur, tokenizer.path, dtype, keys, route, partial, log)
+    else:
+        packed = _pack(cfg, cur, tokenizer, dtype, keys, route, partial, log)
+    _name_kept(cur)
+    closed, doc_tokens = packed.shards, packed.doc_tokens
     shards = {split: [n for (s, _), files in closed.items() if s == split for n in files] for split in ("train", "val")}
-    tokens = {split: sum(w.tokens for (s, _), w in writers.items() if s == split) for split in ("train", "val")}
+    tokens = {split: sum(n for (s, _), n in packed.tokens.items() if s == split) for split in ("train", "val")}
     for split in ("train", "val"):
         if tokens[split] < cfg.model.seq_len + 1:
             raise UserError(
@@ -164,12 +158,12 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
             p.name: {
                 "schedule": [list(x) for x in p.schedule],
                 "shards": {split: closed[split, p.name] for split in ("train", "val")},
-                **{f"{split}_tokens": writers[split, p.name].tokens for split in ("train", "val")},
+                **{f"{split}_tokens": packed.tokens[split, p.name] for split in ("train", "val")},
             }
             for p in parts
         }
         log("mixture: " + ", ".join(f"{n} {m['train_tokens']:,} train tokens" for n, m in meta["mixture"].items()))
-    report = write_report(partial, cfg, cur, splits, doc_tokens, contamination, meta, tokenize_seconds, log)
+    report = write_report(partial, cfg, cur, splits, doc_tokens, contamination, meta, packed.seconds, log)
     meta["report"] = {"removed": {rule: n for rule, (n, _) in report["removed"].items()}}
     write_meta(partial / "meta.json", meta)
     partial.rename(data_dir)  # the dataset appears whole or not at all
@@ -195,6 +189,35 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, held_out: np.ndarray, log)
         )
         log(f"tokenizer: trained a {tokenizer.vocab_size}-piece BPE model -> {path}")
     return load_tokenizer(path)
+
+
+def _pack(cfg: Config, cur: Curated, tokenizer: BaseTokenizer, dtype, keys: list, route, out: Path, log) -> Packed:
+    """The kept documents tokenized (sentencepiece on all cores) and appended to their streams' token shards."""
+    began, shard_bytes = time.perf_counter(), int(cfg.data.shard_mb * 2**20)
+    writers = {key: TokenWriter(out, stream_prefix(key), dtype, tokenizer.eos_id, shard_bytes) for key in keys}
+    doc_tokens = np.zeros(len(cur.scores), np.int64)
+    progress_due, done, total = ticker(cfg.data.progress_s), 0, max(int(cur.sizes[:, 0].sum()), 1)
+    for start, records in _chunks(read_documents(cur.paths)):
+        if progress_due():
+            details = f"{start:,} of {len(cur.scores):,} documents, {done / total:.0%}"
+            log(rate_line("tokenizing", done, began, details))
+        done += int(cur.sizes[start : start + len(records), 0].sum())
+        for i, (record, ids) in enumerate(
+            zip(records, tokenizer.encode_batch([r["text"] for r in records])), start=start
+        ):
+            if (key := route(i, record["source"])) is not None:
+                writers[key].add(ids)
+            doc_tokens[i] = len(ids)
+    shards = {key: [p.name for p in w.close()] for key, w in writers.items()}
+    return Packed(shards, {k: w.tokens for k, w in writers.items()}, doc_tokens, time.perf_counter() - began)
+
+
+def _name_kept(cur: Curated) -> None:
+    """The near-duplicate cluster examples' kept documents, an index until here, named by their source."""
+    wanted = sorted({pair["kept"] for pair in cur.clusters["examples"]})
+    sources = dict(zip(wanted, (r["source"] for r in documents_at(cur.paths, wanted))))
+    for pair in cur.clusters["examples"]:
+        pair["kept"] = sources[pair["kept"]]
 
 
 def _chunks(records: Iterator[dict]) -> Iterator[tuple[int, list[dict]]]:

@@ -19,6 +19,7 @@ import bisect
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,30 @@ def read_documents(paths: Iterable[Path]) -> Iterator[dict]:
             reader.close()
 
 
+def documents_in(path: str | Path, start: int, stop: int) -> list[dict]:
+    """Records [start, stop) of one document shard."""
+    reader = ArrayRecordReader(str(path))
+    try:
+        return [json.loads(r) for r in reader.read(range(start, stop))]
+    finally:
+        reader.close()
+
+
+def documents_at(paths: list[Path], indices: list[int]) -> list[dict]:
+    """The records at these indices (sorted) of document shards read in order, by random access."""
+    out, start = [], 0
+    for path in paths:
+        reader = ArrayRecordReader(str(path))
+        try:
+            n = reader.num_records()
+            local = [i - start for i in indices if start <= i < start + n]
+            out += [json.loads(r) for r in reader.read(local)] if local else []
+            start += n
+        finally:
+            reader.close()
+    return out
+
+
 class TokenWriter(_Rotating):
     """Token streams: each document's ids then EOS, appended to the current shard."""
 
@@ -139,6 +164,19 @@ class TokenWriter(_Rotating):
         arr = np.asarray(ids + [self.eos_id], self.dtype)
         self.tokens += arr.size
         self.write(arr)
+
+
+@dataclass
+class Packed:
+    shards: dict[tuple[str, str | None], list[str]]  # token stream (split, part) -> its shard files, in order
+    tokens: dict[tuple[str, str | None], int]  # token stream -> tokens written (documents and their EOS)
+    doc_tokens: np.ndarray  # [kept] int64: tokens of each kept document, without its EOS
+    seconds: float
+
+
+def stream_prefix(key: tuple[str, str | None]) -> str:
+    split, part = key
+    return split if part is None else f"{split}.{part}"
 
 
 class TokenShards:

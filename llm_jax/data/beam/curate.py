@@ -2,7 +2,8 @@
 spread over a Beam runner's workers, with its result: byte-identical document shards, the same kept
 documents, scores, removal counts, examples and near-duplicate clusters.
 
-    files --read, clean, rules, exact key, MinHash (one file per task)--> documents, each with its order
+    files --read (a file per task)--> documents, each with its order (file index, index in the file)
+      '-- spread --clean, rules, exact key, MinHash (curate.py's worker code)--> judged documents
       |-- failed a rule ---------------------------------------------> tallied per rule (a combiner)
       '-- passed -- group by exact key --> first copy of each text -- LSH band buckets --> near pairs
                                                  |                        (j, i < j, estimated Jaccard >= t)
@@ -26,40 +27,27 @@ every worker reads and writes (the shards are written by the workers).
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
-import pickle
-import shutil
-import sys
 import time
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 
 from llm_jax.config import Config
 from llm_jax.data import curate as local
 from llm_jax.data import dedup
+from llm_jax.data.beam import runner
 from llm_jax.data.corpus import ReadStats, read_file, source_files
 from llm_jax.data.shards import document_record, shard_name, write_document_shard
 from llm_jax.errors import UserError
 
 _FILE_DOCS = 1 << 40  # a document's order: its file's index x _FILE_DOCS + its index in the file
-_DUP_RULES = ("exact_dup", "near_dup", "contamination")
 
 
 def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
     d, began = cfg.data, time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = out_dir / "beam.partial"  # the pipeline's small results and its workers' log, read back here
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    beam_log = scratch / "beam.log"
-    try:
-        with _stderr_to(beam_log):  # Beam's import and its workers log at length
-            import apache_beam as beam
-            from apache_beam.options.pipeline_options import PipelineOptions
-    except ImportError:
-        raise UserError("data.engine=beam needs Apache Beam: pip install 'llm_jax[beam]'") from None
+    scratch = runner.scratch_dir(out_dir / "beam.partial")
     files, stats_before = [], []  # (order base, side, source, path); per source its resolving notes
     for side, (sources, _) in enumerate(local.sides(cfg)):
         for source in sources:
@@ -67,29 +55,13 @@ def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
             paths = source_files(source, d.cache_dir, notes)
             stats_before.append((len(files), notes))
             files += [((len(files) + i) * _FILE_DOCS, side, source, path) for i, path in enumerate(paths)]
-    options = list(d.beam_options) or [
-        "--runner=DirectRunner",
-        "--direct_running_mode=multi_processing",
-        f"--direct_num_workers={d.workers or os.cpu_count() or 1}",
-    ]
-    log(f"curating {len(files)} files on Apache Beam ({' '.join(options)}) ...")
-    try:
-        with _stderr_to(beam_log), beam.Pipeline(options=PipelineOptions(options)) as p:
-            _graph(beam, p, cfg, files, out_dir, scratch)
-    except Exception as e:  # a worker's traceback is in the log; one line here
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"the Beam curation pipeline failed ({last[:300]}); its log: {beam_log}") from None
-
-    def load(name):
-        return pickle.loads((scratch / f"{name}.pkl").read_bytes())
-
-    kept, tallies, per_file, examples = load("decide"), load("tallies"), load("files"), load("examples")
+    runner.run(d, scratch, lambda p: _graph(p, cfg, files, out_dir, scratch), f"curating {len(files)} files", log)
+    kept, tallies, per_file, examples = (runner.load(scratch, n) for n in ("decide", "tallies", "files", "examples"))
     stats = ReadStats()
     for _, item in sorted([*stats_before, *[(base // _FILE_DOCS, s) for base, s in per_file]], key=lambda x: x[0]):
         if isinstance(item, str):
             raise UserError(item)  # the first failing file's message (data.bad_rows=strict)
         stats.add(item)
-    shutil.rmtree(scratch)
     removed, removed_training, shown = kept["removed"], kept["removed_training"], collections.defaultdict(list)
     for rule, (docs, n_bytes, train_docs, train_bytes, first) in tallies.items():
         removed[rule], shown[rule] = [docs, n_bytes], [{"source": s, "text": t} for s, t in first]
@@ -101,6 +73,7 @@ def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
     clusters = kept["clusters"] | {
         "examples": [{"kept": first, "dropped": examples[o][0]} for first, o in kept["clusters"]["examples"]]
     }
+    runner.done(scratch)
     paths = [out_dir / shard_name("documents", i, ".array_record") for i in range(kept["shards"])]
     return local.Curated(
         paths,
@@ -114,28 +87,18 @@ def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
     )
 
 
-@contextlib.contextmanager
-def _stderr_to(path: Path):
-    """File descriptor 2 appended to path (worker processes inherit it), restored after."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as f:
-        os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _graph(beam, p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
+def _graph(p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
     c = cfg.curate
-    docs = (
+    read = (
         p
         | "files" >> beam.Create(files)
-        | "spread" >> beam.Reshuffle()
-        | "process" >> beam.ParDo(_Process(cfg)).with_outputs("failed", "file", main="passed")
+        | "spread files" >> beam.Reshuffle()
+        | "read" >> beam.ParDo(_Read(cfg)).with_outputs("file", main="docs")
+    )
+    docs = (
+        read.docs
+        | "spread documents" >> beam.Reshuffle()  # a large file's documents over all workers
+        | "process" >> beam.ParDo(_Process(cfg)).with_outputs("failed", main="passed")
     )
     # passed: (order, (score, exact key, signature, n_bytes, (bytes, words), record, source, head))
     meta = docs.passed | "meta" >> beam.Map(lambda kv: (kv[0], kv[1][:5] + (len(kv[1][5]),)))
@@ -167,7 +130,7 @@ def _graph(beam, p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> N
         )
     )
     summary = decided | "summary" >> beam.Map(lambda x: x[0])
-    summary | "save decide" >> beam.Map(_save, scratch / "decide.pkl")
+    runner.saved(summary, scratch, "decide")
     shards = decided | "shard of each" >> beam.FlatMap(lambda x: x[1])  # (order, shard)
     (
         {"shard": shards, "doc": docs.passed | "records" >> beam.Map(lambda kv: (kv[0], kv[1][5]))}
@@ -177,63 +140,61 @@ def _graph(beam, p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> N
         | "write" >> beam.Map(_write_shard, out_dir)
     )
     wanted = summary | "wanted" >> beam.Map(_example_orders)
-    (
+    examples = (
         docs.passed
         | "pick examples" >> beam.FlatMap(_pick, beam.pvalue.AsSingleton(wanted))
         | "examples" >> beam.combiners.ToDict()
-        | "save examples" >> beam.Map(_save, scratch / "examples.pkl")
     )
-    (
-        docs.failed
-        | "tally" >> beam.CombinePerKey(_Tally())
-        | "tallies" >> beam.combiners.ToDict()
-        | "save tallies" >> beam.Map(_save, scratch / "tallies.pkl")
-    )
-    docs.file | "per file" >> beam.combiners.ToList() | "save files" >> beam.Map(_save, scratch / "files.pkl")
+    runner.saved(examples, scratch, "examples")
+    runner.saved(docs.failed | "tally" >> beam.CombinePerKey(_Tally()) | beam.combiners.ToDict(), scratch, "tallies")
+    runner.saved(read.file | "per file" >> beam.combiners.ToList(), scratch, "files")
 
 
-class _Process:
-    """A file's documents read, cleaned, judged and hashed (curate.py's worker code) -> passed
-    (order, (score, exact key, signature, n_bytes, sizes, record, source, head)), failed (rule, (order,
-    score, n_bytes, source, head)) and one (file base, ReadStats or an error line) per file."""
+class _Read(beam.DoFn):
+    """A file -> its documents (order, (document, score)) and one tagged (file base, ReadStats or the error
+    line of data.bad_rows=strict)."""
 
-    def __new__(cls, cfg: Config):  # a DoFn subclass made here: apache_beam is imported only when used
-        import apache_beam as beam
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-        class Process(beam.DoFn):
-            def setup(self):
-                local._init(cfg.curate, cfg.seed)
-
-            def process(self, item):
-                base, side, source, path = item
-                score, d, stats = local.sides(cfg)[side][1], cfg.data, ReadStats()
-                docs = read_file(source, path, d.text_field, d.bad_rows, d.tfds_data_dir, stats, d.txt_split_kb)
-                try:
-                    for i, doc in enumerate(docs):
-                        yield from _out(beam, base + i, doc, score(doc.group), local._work([doc.text])[0])
-                except UserError as e:
-                    yield beam.pvalue.TaggedOutput("file", (base, str(e)))
-                    return
-                yield beam.pvalue.TaggedOutput("file", (base, stats))
-
-        return Process()
+    def process(self, item):
+        base, side, source, path = item
+        score, d, stats = local.sides(self.cfg)[side][1], self.cfg.data, ReadStats()
+        try:
+            docs = read_file(source, path, d.text_field, d.bad_rows, d.tfds_data_dir, stats, d.txt_split_kb)
+            for i, doc in enumerate(docs):
+                yield base + i, (doc.text, doc.source, score(doc.group))  # primitives: Beam's fast coder
+        except UserError as e:
+            yield beam.pvalue.TaggedOutput("file", (base, str(e)))
+            return
+        yield beam.pvalue.TaggedOutput("file", (base, stats))
 
 
-def _out(beam, order: int, doc, score: float, result: tuple):
-    text, rule, key, sig, n_bytes = result
-    head = doc.text[: local.EXAMPLE_CHARS]
-    if rule is not None:
-        yield beam.pvalue.TaggedOutput("failed", (rule, (order, score, n_bytes, doc.source, head)))
-        return
-    sizes = (len(text.encode("utf-8", "surrogatepass")), len(text.split()))
-    yield order, (score, key, sig, n_bytes, sizes, document_record(text, doc.source, score), doc.source, head)
+class _Process(beam.DoFn):
+    """A document cleaned, judged and hashed (curate.py's worker code) -> passed (order, (score, exact key,
+    signature, n_bytes, sizes, record, source, head)) or failed (rule, (order, score, n_bytes, source, head))."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def setup(self):
+        local._init(self.cfg.curate, self.cfg.seed)
+
+    def process(self, item):
+        order, (raw, source, score) = item
+        text, rule, key, sig, n_bytes = local._work([raw])[0]
+        head = raw[: local.EXAMPLE_CHARS]
+        if rule is not None:
+            yield beam.pvalue.TaggedOutput("failed", (rule, (order, score, n_bytes, source, head)))
+            return
+        sizes = (len(text.encode("utf-8", "surrogatepass")), len(text.split()))
+        sig = None if sig is None else sig.tobytes()  # bytes travel faster than arrays
+        yield order, (score, key, sig, n_bytes, sizes, document_record(text, source, score), source, head)
 
 
 def _first_copies(group):
     """An exact group -> its first document (main) and the others tagged copy: (order, (first's order, score,
     n_bytes))."""
-    import apache_beam as beam
-
     _, members = group
     members = sorted(members, key=lambda kv: kv[0])
     yield members[0]
@@ -241,21 +202,20 @@ def _first_copies(group):
         yield beam.pvalue.TaggedOutput("copy", (order, (members[0][0], m[0], m[3])))
 
 
-class _Bands:
-    def __new__(cls, cfg: Config):
-        import apache_beam as beam
+class _Bands(beam.DoFn):
+    """A first copy -> ((band, bucket key), (order, signature)) for each LSH band (NearDedup's keys)."""
 
-        class Bands(beam.DoFn):
-            def setup(self):
-                c = cfg.curate
-                self.near = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, cfg.seed)
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-            def process(self, kv):
-                order, m = kv
-                for band, key in enumerate(self.near._keys(m[2])):
-                    yield (band, key), (order, m[2])
+    def setup(self):
+        c = self.cfg.curate
+        self.near = dedup.NearDedup(c.near_dedup, c.minhash_perms, c.shingle_words, self.cfg.seed)
 
-        return Bands()
+    def process(self, kv):
+        order, m = kv
+        for band, key in enumerate(self.near._keys(np.frombuffer(m[2], np.uint32))):
+            yield (band, key), (order, m[2])
 
 
 def _near_pairs(bucket, threshold: float):
@@ -263,7 +223,7 @@ def _near_pairs(bucket, threshold: float):
     members = sorted(bucket[1], key=lambda m: m[0])
     if len(members) < 2:
         return
-    sigs = np.stack([m[1] for m in members])  # [members, perms]
+    sigs = np.stack([np.frombuffer(m[1], np.uint32) for m in members])  # [members, perms]
     for j in range(1, len(members)):
         jaccard = (sigs[:j] == sigs[j]).sum(axis=1) / sigs.shape[1]
         for i in np.flatnonzero(jaccard >= threshold):
@@ -276,11 +236,10 @@ def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):
     for j, i in pairs:
         near_of[j].add(i)
     events = sorted([(o, True, rest) for o, *rest in firsts] + [(o, False, rest) for o, rest in copies])
-    kept, scores, sizes, shard_of = {}, [], [], []  # kept: order -> kept index
+    kept, scores, sizes, record_lens = {}, [], [], []  # kept: order -> kept index
     near_first = {}  # a first copy dropped as a near duplicate -> the kept index it matched
     removed, removed_training = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
     example_orders, cluster_sizes, pair_examples = collections.defaultdict(list), collections.Counter(), []
-    shard, filled = 0, 0
     for order, is_first, rest in events:
         if is_first:
             score, (n_bytes, size, record_len) = rest
@@ -289,10 +248,7 @@ def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):
                 kept[order] = len(scores)
                 scores.append(score)
                 sizes.append(size)
-                shard_of.append((order, shard))
-                filled += record_len
-                if filled >= shard_bytes:
-                    shard, filled = shard + 1, 0
+                record_lens.append(record_len)
                 continue
             first, rule = near_first.setdefault(order, min(matches)), "near_dup"
         else:
@@ -312,10 +268,11 @@ def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):
             counts[rule][1] += n_bytes
         if len(example_orders[rule]) < local.EXAMPLES_PER_RULE:
             example_orders[rule].append(order)
+    shard_of = list(zip(kept, runner.shard_indices(record_lens, shard_bytes)))  # kept: in order
     summary = {
         "scores": np.asarray(scores, np.float64),
         "sizes": np.asarray(sizes, np.int64).reshape(-1, 2),
-        "shards": shard + (filled > 0),
+        "shards": shard_of[-1][1] + 1 if shard_of else 0,
         "removed": dict(removed),
         "removed_training": dict(removed_training),
         "example_orders": dict(example_orders),
@@ -344,34 +301,24 @@ def _write_shard(group, out_dir: Path) -> None:
     write_document_shard(out_dir / shard_name("documents", shard, ".array_record"), (r for _, r in sorted(records)))
 
 
-def _save(value, path: Path) -> None:
-    path.write_bytes(pickle.dumps(value))
+class _Tally(beam.CombineFn):
+    """Per rule: (documents, bytes, training documents, training bytes, the first few (source, head))."""
 
+    def create_accumulator(self):
+        return [0, 0, 0, 0, []]
 
-class _Tally:
-    """Per rule: [documents, bytes, training documents, training bytes, the first few (order, source, head)]."""
+    def add_input(self, acc, item):
+        order, score, n_bytes, source, head = item
+        acc[0], acc[1] = acc[0] + 1, acc[1] + n_bytes
+        if score >= 0:
+            acc[2], acc[3] = acc[2] + 1, acc[3] + n_bytes
+        acc[4] = sorted([*acc[4], (order, source, head)])[: local.EXAMPLES_PER_RULE]
+        return acc
 
-    def __new__(cls):
-        import apache_beam as beam
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        first = sorted(x for a in accs for x in a[4])[: local.EXAMPLES_PER_RULE]
+        return [*(sum(a[k] for a in accs) for k in range(4)), first]
 
-        class Tally(beam.CombineFn):
-            def create_accumulator(self):
-                return [0, 0, 0, 0, []]
-
-            def add_input(self, acc, item):
-                order, score, n_bytes, source, head = item
-                acc[0], acc[1] = acc[0] + 1, acc[1] + n_bytes
-                if score >= 0:
-                    acc[2], acc[3] = acc[2] + 1, acc[3] + n_bytes
-                acc[4] = sorted([*acc[4], (order, source, head)])[: local.EXAMPLES_PER_RULE]
-                return acc
-
-            def merge_accumulators(self, accs):
-                accs = list(accs)
-                first = sorted(x for a in accs for x in a[4])[: local.EXAMPLES_PER_RULE]
-                return [*(sum(a[k] for a in accs) for k in range(4)), first]
-
-            def extract_output(self, acc):
-                return (*acc[:4], [(s, t) for _, s, t in acc[4]])
-
-        return Tally()
+    def extract_output(self, acc):
+        return (*acc[:4], [(s, t) for _, s, t in acc[4]])

@@ -1,0 +1,90 @@
+"""Running one of this package's pipelines: its options (data.beam_options, else the DirectRunner in
+multi-process mode with data.workers processes), its workers' log kept in a file instead of the
+terminal, a failure as one line naming that file, and the small results it leaves for the driver."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from llm_jax.config import DataConfig
+from llm_jax.errors import UserError
+
+
+def options(d: DataConfig) -> list[str]:
+    return list(d.beam_options) or [
+        "--runner=DirectRunner",
+        "--direct_running_mode=multi_processing",
+        f"--direct_num_workers={d.workers or os.cpu_count() or 1}",
+    ]
+
+
+def scratch_dir(path: Path) -> Path:
+    """An empty directory for a pipeline's results and log (removed by run() when it succeeds)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], what: str, log) -> None:
+    """build(pipeline) adds the stages; they run when it returns. Results saved with save() are read with
+    load() before the scratch directory is removed with done()."""
+    log(f"{what} on Apache Beam ({' '.join(options(d))}) ...")
+    beam_log = scratch / "beam.log"
+    try:
+        with _stderr_to(beam_log), beam.Pipeline(options=PipelineOptions(options(d))) as p:
+            build(p)
+    except Exception as e:  # a worker's traceback is in the log; one line here
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"the Beam pipeline ({what}) failed: {last[:300]}; its log: {beam_log}") from None
+
+
+def done(scratch: Path) -> None:
+    shutil.rmtree(scratch)
+
+
+def save(value, path: Path) -> None:
+    path.write_bytes(pickle.dumps(value))
+
+
+def load(scratch: Path, name: str):
+    return pickle.loads((scratch / f"{name}.pkl").read_bytes())
+
+
+def saved(pcoll, scratch: Path, name: str) -> None:
+    """A one-element PCollection pickled to scratch/<name>.pkl."""
+    pcoll | f"save {name}" >> beam.Map(save, scratch / f"{name}.pkl")
+
+
+def shard_indices(sizes: Iterable[int], max_bytes: int) -> Iterator[int]:
+    """The shard of each record of these sizes written in order, as shards.py's writers rotate: a shard
+    closes once it holds max_bytes or more."""
+    shard, filled = 0, 0
+    for size in sizes:
+        yield shard
+        filled += size
+        if filled >= max_bytes:
+            shard, filled = shard + 1, 0
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2 appended to path (worker processes inherit it), restored after."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)

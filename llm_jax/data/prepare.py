@@ -42,16 +42,20 @@ from llm_jax.errors import UserError
 _ENCODE_BYTES = 4 << 20  # text per sentencepiece batch call (encoded on all cores)
 
 
-def prepare_text(cfg: Config, data_dir: Path, tokenizer_path: Path, log=print) -> PreparedData:
+def prepare_text(
+    cfg: Config, data_dir: Path, tokenizer_path: Path, log=print, shards_at: str | None = None
+) -> PreparedData:
     """The packed token shards in data_dir (built if absent) and the tokenizer at tokenizer_path
-    (data.tokenizer copied there, or trained on the training split when there is none yet)."""
+    (data.tokenizer copied there, or trained on the training split when there is none yet). shards_at: where
+    the shards named by data_dir/meta.json are read instead (a gs:// dataset's data/, read in place)."""
     meta = read_meta(data_dir / "meta.json")
     if meta is None or "shards" not in meta:  # none yet, or data without token shards: rebuilt
         meta = _build(cfg, data_dir, tokenizer_path, log)
     tokenizer = load_tokenizer(tokenizer_path.parent)  # the run's: tokenizer.json first, else .model
 
     def windows(names: list[str]) -> TokenShards:
-        return TokenShards([data_dir / name for name in names], meta["dtype"], cfg.model.seq_len, tokenizer.eos_id)
+        paths = [f"{shards_at}/{name}" if shards_at else data_dir / name for name in names]
+        return TokenShards(paths, meta["dtype"], cfg.model.seq_len, tokenizer.eos_id)
 
     train, val = windows(meta["shards"]["train"]), windows(meta["shards"]["val"])
     if "mixture" not in meta:

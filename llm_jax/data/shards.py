@@ -185,9 +185,10 @@ class TokenShards:
 
     def __init__(self, paths: Iterable[str | Path], dtype: str, seq_len: int, eos_id: int):
         self.paths, self.dtype, self.seq_len, self.eos_id = [str(p) for p in paths], np.dtype(dtype), seq_len, eos_id
-        counts = [max(0, (os.path.getsize(p) // self.dtype.itemsize - 1) // seq_len) for p in self.paths]
+        self._sizes = [_size(p) // self.dtype.itemsize for p in self.paths]  # tokens per shard
+        counts = [max(0, (n - 1) // seq_len) for n in self._sizes]
         self._starts = np.cumsum([0] + counts).tolist()  # window index where each shard begins
-        self._maps: dict[int, np.memmap] = {}  # opened lazily, so the source pickles into grain workers cheaply
+        self._maps: dict[int, np.memmap | tuple] = {}  # opened lazily, so the source pickles into grain workers cheaply
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -198,9 +199,16 @@ class TokenShards:
             raise IndexError(f"window {i} of {len(self)}")
         shard = bisect.bisect_right(self._starts, i) - 1
         if shard not in self._maps:
-            self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
+            self._maps[shard] = _open(self.paths[shard], self.dtype)
         start = (i - self._starts[shard]) * self.seq_len
-        tokens = np.asarray(self._maps[shard][start : start + self.seq_len + 1], dtype=np.int32)
+        source = self._maps[shard]
+        if isinstance(source, np.memmap):
+            tokens = np.asarray(source[start : start + self.seq_len + 1], dtype=np.int32)
+        else:  # a remote shard: this window's bytes only, one stateless range read (safe from grain's threads)
+            fs, inner = source
+            first = start * self.dtype.itemsize
+            data = fs.cat_file(inner, first, first + (self.seq_len + 1) * self.dtype.itemsize)
+            tokens = np.frombuffer(data, self.dtype).astype(np.int32)
         return {"tokens": tokens, "segments": np.cumsum(tokens == self.eos_id, dtype=np.int32)}
 
     def __getstate__(self):
@@ -208,13 +216,39 @@ class TokenShards:
 
     @property
     def tokens(self) -> int:
-        return sum(os.path.getsize(p) // self.dtype.itemsize for p in self.paths)
+        return sum(self._sizes)
 
     def __repr__(self) -> str:  # grain logs sources by repr; keep it short and stable
         return (
             f"TokenShards({len(self.paths)} shards from {self.paths[0] if self.paths else None!r}, "
             f"seq_len={self.seq_len})"
         )
+
+
+def is_remote(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def remote_fs(url: str):
+    """(fsspec filesystem, its path) of a gs:// (or any fsspec) URL; one line when its package is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # gcsfs for gs://
+        raise UserError(f"reading {url} needs {e}: pip install 'llm_jax[gcs]' for gs://") from None
+
+
+def _size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, inner = remote_fs(path)
+    return fs.size(inner)
+
+
+def _open(path: str, dtype: np.dtype):
+    """A local shard memory-mapped; a remote one as (filesystem, path), read a window at a time."""
+    return remote_fs(path) if is_remote(path) else np.memmap(path, dtype=dtype, mode="r")
 
 
 def write_meta(path: Path, meta: dict) -> None:

@@ -5,7 +5,8 @@ the two engines' files compared; the grain loader's tokens/s (plain, and a 2-par
 against what the training step consumes (the loader must never be the bottleneck).
 
 Also the near-dedup index's memory per kept document (tracemalloc over 200k distinct signatures at the
-default curate settings: signature and LSH band entries; the exact-dedup key adds ~100 bytes).
+default curate settings: signature and LSH band entries; the exact-dedup key adds ~100 bytes), and the
+Beam engine's decide task's per passing document (tracemalloc over 200k).
 
 Corpus: the builtin Shakespeare works cut into paragraph documents (JSONL), plus an HTML-wrapped
 copy of every tenth and an exact copy of every twentieth, so every stage has work to do.
@@ -67,6 +68,23 @@ def index_bytes_per_document(n: int = 200_000) -> float:
     tracemalloc.stop()
     assert len(index) == n
     return held / n
+
+
+def decide_bytes_per_document(n: int = 200_000) -> float:
+    """Peak memory per passing document of the Beam engine's one-task decision (llm_jax/data/beam/curate.py):
+    its input list and everything it builds, for n distinct documents."""
+    import random
+    import tracemalloc
+
+    from llm_jax.data.beam.curate import _decide
+
+    rng = random.Random(0)
+    tracemalloc.start()
+    firsts = [(i << 20, rng.random(), (rng.randrange(9000), (rng.randrange(9000), 600), 9100)) for i in range(n)]
+    _decide(None, firsts, [], [], 64 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / n
 
 
 def main() -> None:
@@ -163,6 +181,8 @@ def main() -> None:
         rows.append(("mixture loader / train step", f"{out['mixture_loader_over_step']:,.0f}x", "training thread"))
         out["near_dedup_bytes_per_doc"] = round(index_bytes_per_document())
         rows.append(("near-dedup index", f"{out['near_dedup_bytes_per_doc']:,} bytes", "per kept document"))
+        out["beam_decide_bytes_per_doc"] = round(decide_bytes_per_document())
+        rows.append(("Beam's decide task", f"{out['beam_decide_bytes_per_doc']:,} bytes", "per passing document"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

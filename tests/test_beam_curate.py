@@ -94,3 +94,12 @@ def test_beam_engine_stops_on_a_strict_bad_row_with_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^.*web\.jsonl:57: malformed JSON") as err:
         _run(tmp_path, "strict", corpus, val, "data.engine=beam", "data.bad_rows=strict")
     assert "\n" not in str(err.value)
+
+
+def test_a_pipeline_that_cannot_run_is_one_line_naming_its_log(tmp_path):
+    corpus, val = _planted(tmp_path)
+    with pytest.raises(
+        UserError, match=r"the Beam pipeline \(curating 4 files\) failed: .*NoSuchRunner.*; its log: "
+    ) as err:
+        _run(tmp_path, "bad", corpus, val, "data.engine=beam", "data.beam_options=[--runner=NoSuchRunner]")
+    assert "\n" not in str(err.value) and Path(str(err.value).rsplit("its log: ", 1)[1]).is_file()

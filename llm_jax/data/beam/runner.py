@@ -44,7 +44,8 @@ def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], wh
             build(p)
     except Exception as e:  # a worker's traceback is in the log; one line here
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"the Beam pipeline ({what}) failed: {last[:300]}; its log: {beam_log}") from None
+        last = last if len(last) <= 400 else last[:400] + "..."
+        raise UserError(f"the Beam pipeline ({what}) failed: {last}; its log: {beam_log}") from None
 
 
 def done(scratch: Path) -> None:

@@ -223,6 +223,14 @@ def test_flops_per_token_count_active_experts_only():
             ["model.moe.shared_gate=true"],
             "model.moe.shared_gate gates the shared experts, but model.moe.shared_experts=0",
         ),
+        (
+            ["model.moe.experts=0", "model.moe.bias_update=0.001"],
+            "model.moe.bias_update, shared_experts and shared_gate act beside routed experts, but model.moe.experts=0",
+        ),
+        (
+            ["model.moe.experts=0", "model.moe.shared_experts=1"],
+            "model.moe.bias_update, shared_experts and shared_gate act beside routed experts, but model.moe.experts=0",
+        ),
     ],
 )
 def test_bad_moe_settings_get_one_line_each(overrides, message):

@@ -214,6 +214,11 @@ def _moe_checks(m: ModelConfig, mesh: MeshConfig) -> list[tuple[bool, str]]:
             f"model.moe.bias_update={e.bias_update} must be >= 0, and 0 in a circular pipeline (pipeline_repeats > 1)",
         ),
         (
+            e.experts > 0 or not (e.bias_update or e.shared_experts or e.shared_gate),
+            "model.moe.bias_update, shared_experts and shared_gate act beside routed experts, but model.moe.experts=0 "
+            "(a dense model): set model.moe.experts, or leave them at 0 / false",
+        ),
+        (
             not e.shared_gate or e.shared_experts > 0,
             "model.moe.shared_gate gates the shared experts, but model.moe.shared_experts=0: set both or neither",
         ),

@@ -87,7 +87,12 @@ def argument_bytes(cfg: Config, mesh: dict[str, int], platform: str = "cpu") -> 
 
 
 def activation_bytes(
-    model: ModelConfig, micro_batch: int, mesh: dict[str, int], rules: Rules, kernel: str = "xla"
+    model: ModelConfig,
+    micro_batch: int,
+    mesh: dict[str, int],
+    rules: Rules,
+    kernel: str = "xla",
+    pipeline: tuple[int, int, int] = (1, 1, 1),
 ) -> dict[str, int]:
     """Estimated bytes on one device for one micro-batch beyond the train state: this device's layer
     weights cast to the compute dtype, what the backward pass keeps across layers, one layer's
@@ -95,7 +100,10 @@ def activation_bytes(
     a layer's weights gathered in compute dtype with their float32 gradient (where the rules split
     parameters), and the loss's logits chunk. `kernel` is the
     attention kernel that runs (attention.kernel_for): only xla materialises the T x T scores, and
-    the context-parallel attention its blocks' (T / context square, or against the whole sequence)."""
+    the context-parallel attention its blocks' (T / context square, or against the whole sequence).
+    pipeline: (stages, micro-batches, repeats) of model/pipeline.py: a stage runs one micro-batch through a
+    layer at a time, so one layer's backward holds that share of the rows, and its schedule's R M + S - 1
+    ticks each save their layers' inputs (fill and drain ticks too: R M + S - 1 over R M of the rows)."""
     c = compute_dtype(model.dtype, "tpu").itemsize  # plans are for accelerators, where auto is bfloat16
     context = shards(mesh, rules, "length")  # a sequence split over the context axis: t of it here
     b, t, d = micro_batch // shards(mesh, rules, "batch"), model.seq_len // context, model.d_model
@@ -112,6 +120,7 @@ def activation_bytes(
         keys = t if model.context_parallel == "ring" else model.seq_len
         scores = b * (model.n_heads // shards(mesh, rules, "heads")) * t * keys * 4
     layer = matmul_outs + others + scores  # one layer's forward, nothing recomputed
+    S, M, R = pipeline
     kept = {"full": b * t * d * c, "dots": b * t * d * c + matmul_outs, "none": layer}[model.remat]
     v = model.vocab_size // shards(mesh, rules, "vocab")
     rows = chunk_rows(b * t, model.vocab_size, ACCELERATOR_CHUNK_BYTES)
@@ -120,8 +129,8 @@ def activation_bytes(
     local = weights * L // (shards(mesh, rules, "embed") if gathered else 1)  # this device's layer weights
     return {
         "layer weights in compute dtype": local * c if c < 4 else 0,  # the cast XLA hoists out of the layer loop
-        "saved across layers": L * kept,
-        "one layer's backward": layer if model.remat == "none" else 2 * layer,
+        "saved across layers": L * kept * (R * M + S - 1) // (R * M),
+        "one layer's backward": (layer if model.remat == "none" else 2 * layer) // M,
         "a gathered layer + its gradient": weights * (c + 4) if gathered else 0,
         "logits chunk": rows * v * (4 + 4 + c),  # logits, softmax, d_logits
         "embedding table for the lookup": model.vocab_size * d * c,
@@ -173,13 +182,15 @@ def train_kernel(cfg: Config, chip: Chip) -> str:
 def plan_for(cfg: Config, chip: Chip, mesh: dict[str, int]) -> Plan:
     rules = rules_table(cfg.mesh.rules)
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    check_fit(mesh, rules, cfg.model, micro // cfg.mesh.pipeline_microbatches)
+    stages = mesh.get("pipeline", 1)  # micro-batches and repeats as MeshConfig's, for this mesh's stages
+    pipeline = (stages, cfg.mesh.microbatches or stages, max(cfg.mesh.pipeline_repeats, 1)) if stages > 1 else (1, 1, 1)
+    check_fit(mesh, rules, cfg.model, micro // pipeline[1])
     params = param_bytes(cfg.model, mesh, rules, chip.platform)
     rows = {"parameters (f32)": params, "gradients (f32)": params, "AdamW moments (2 x f32)": 2 * params}
     if objective_of(cfg).in_step_reference(cfg):
         rows["DPO reference parameters (f32)"] = params
     model = dataclasses.replace(cfg.model, dtype=compute_dtype(cfg.model.dtype, chip.platform).name)
-    rows |= activation_bytes(model, micro, mesh, rules, train_kernel(cfg, chip))
+    rows |= activation_bytes(model, micro, mesh, rules, train_kernel(cfg, chip), pipeline)
     return Plan(mesh, rows, chip.hbm)
 
 

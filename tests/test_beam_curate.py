@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_config
 from test_curate import _corpus, prose
 
+from llm_jax.data.shards import read_documents
 from llm_jax.errors import UserError
 from llm_jax.train.objectives import prepare_data
 
@@ -28,7 +29,15 @@ def _planted(root: Path) -> tuple[Path, Path]:
     (root / "corpus" / "z_more.jsonl").write_text(  # read after web.jsonl
         "".join(
             json.dumps({"text": t}) + "\n"
-            for t in [near_of_12, near_of_12.upper(), prose(500), prose(501), prose(900).upper(), prose(901)]
+            for t in [
+                near_of_12,  # near web.jsonl:13: dropped
+                near_of_12.upper(),  # its exact key and signature: dropped as it was
+                near_of_12.replace(".", ""),  # its exact key, not its signature (punctuation): far from all, kept
+                prose(500),
+                prose(501),
+                prose(900).upper(),  # copies of validation documents
+                prose(901),
+            ]
         )
     )
     (root / "corpus" / "book.txt").write_text("\n\n".join(prose(600 + i, 90) for i in range(12)))
@@ -80,6 +89,9 @@ def test_beam_engine_writes_the_local_engines_dataset_byte_for_byte(tmp_path, de
     assert removed["contamination"] == 2 and removed["near_dup"] == 12
     assert removed.get("exact_dup", 0) == (10 if "true" in dedup[0] else 0)
     assert all(isinstance(pair["kept"], str) for pair in reports[0]["near_dup_clusters"]["examples"])
+    shards = sorted((local / "data" / "documents").glob("*.array_record"))
+    kept = {r["source"].rsplit("/", 1)[-1] for r in read_documents(shards)}
+    assert "z_more.jsonl:3" in kept and not kept & {"z_more.jsonl:1", "z_more.jsonl:2"}  # the punctuation variant
     assert reports[0]["read"]["files"] == 4 and reports[0]["read"]["bad_rows"] == 1
     streams = [getattr(data.train, "sources", [data.train]) for data in (local_data, beam_data)]  # a mixture's parts
     assert len(streams[0]) == len(streams[1]) == (2 if "false" in dedup[0] else 1)

@@ -11,11 +11,13 @@ documents, scores, removal counts, examples and near-duplicate clusters.
           '--> each kept document's index and shard -- joined to its text -- grouped by shard --> documents-NNNNN
 
 The streaming pass keeps the first copy in source order; so does this. `decide` replays its loop over
-the exact groups and near pairs: a first copy is dropped when an earlier *kept* one is a near pair of
-it (the lowest kept index is its cluster's), and a later exact copy follows its first copy (an exact
-duplicate of it when kept, else a near duplicate of the same document), which is what the streaming
-index answers for a text it has seen. Shard boundaries come from the records' sizes in kept order, as
-DocumentWriter rotates them.
+the exact groups and near pairs, in source order: a document whose exact key a kept one has is an exact
+duplicate of it; otherwise the streaming pass asks its LSH index, whose answer is the lowest kept index
+among the document's near pairs (none: kept). The pairs are computed for the first document of each
+(exact key, signature) in parallel: texts with one key can differ in punctuation, which the signature
+sees, so each such variant is asked on its own; a later document with the same key and signature gets
+its first's answer (the index only grows by later indices). Shard boundaries come from the records'
+sizes in kept order, as DocumentWriter rotates them.
 
 What one task holds: `decide` the passing documents' order, score and sizes (671 bytes a document at its
 peak, benchmarks/data_throughput.py; the local engine's index holds ~2.2 KB a kept one), a band bucket its
@@ -123,7 +125,7 @@ def _graph(p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
         | "decide"
         >> beam.Map(
             _decide,
-            beam.pvalue.AsList(firsts | "first meta" >> beam.Map(lambda kv: (kv[0], kv[1][0], kv[1][3:]))),
+            beam.pvalue.AsList(firsts | "first meta" >> beam.Map(lambda kv: (kv[0], *kv[1][:2], kv[1][3:]))),
             beam.pvalue.AsList(copies),
             beam.pvalue.AsList(pairs),
             int(cfg.data.shard_mb * 2**20),
@@ -193,13 +195,17 @@ class _Process(beam.DoFn):
 
 
 def _first_copies(group):
-    """An exact group -> its first document (main) and the others tagged copy: (order, (first's order, score,
-    n_bytes))."""
-    _, members = group
-    members = sorted(members, key=lambda kv: kv[0])
-    yield members[0]
-    for order, m in members[1:]:
-        yield beam.pvalue.TaggedOutput("copy", (order, (members[0][0], m[0], m[3])))
+    """An exact group -> the first document of each signature in it (main: what the streaming index would
+    be asked about) and the others tagged copy: (order, (their signature's first order, score, n_bytes,
+    key)). Texts with one key may differ in punctuation, which the signature sees: each its own question."""
+    key, members = group
+    first_of_sig = {}
+    for order, m in sorted(members, key=lambda kv: kv[0]):
+        if m[2] not in first_of_sig:
+            first_of_sig[m[2]] = order
+            yield order, m
+        else:
+            yield beam.pvalue.TaggedOutput("copy", (order, (first_of_sig[m[2]], m[0], m[3], key)))
 
 
 class _Bands(beam.DoFn):
@@ -237,26 +243,32 @@ def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):
         near_of[j].add(i)
     events = sorted([(o, True, rest) for o, *rest in firsts] + [(o, False, rest) for o, rest in copies])
     kept, scores, sizes, record_lens = {}, [], [], []  # kept: order -> kept index
+    kept_text = {}  # exact key -> the kept index of the one document kept with it (exact dedup)
     near_first = {}  # a first copy dropped as a near duplicate -> the kept index it matched
     removed, removed_training = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
     example_orders, cluster_sizes, pair_examples = collections.defaultdict(list), collections.Counter(), []
     for order, is_first, rest in events:
         if is_first:
-            score, (n_bytes, size, record_len) = rest
+            score, key, (n_bytes, size, record_len) = rest
             matches = [kept[i] for i in near_of.get(order, ()) if i in kept]
-            if not matches:
+            if key in kept_text:  # key None (no exact dedup) is never there
+                first, rule = kept_text[key], "exact_dup"
+            elif not matches:
                 kept[order] = len(scores)
+                if key is not None:
+                    kept_text[key] = len(scores)
                 scores.append(score)
                 sizes.append(size)
                 record_lens.append(record_len)
                 continue
-            first, rule = near_first.setdefault(order, min(matches)), "near_dup"
-        else:
-            first_order, score, n_bytes = rest
-            if first_order in kept:
-                first, rule = kept[first_order], "exact_dup"
             else:
-                first, rule = near_first[first_order], "near_dup"
+                first, rule = near_first.setdefault(order, min(matches)), "near_dup"
+        else:  # the same key and signature as an earlier first: the index's answer for it
+            of, score, n_bytes, key = rest
+            if key in kept_text:
+                first, rule = kept_text[key], "exact_dup"
+            else:
+                first, rule = near_first[of], "near_dup"
         if scores[first] < 0 <= score:
             rule = "contamination"
         if rule == "near_dup":

@@ -1,4 +1,4 @@
-"""data.engine=beam (llm_jax/data/beam_curate.py) against the local engine on the same planted corpus: the
+"""data.engine=beam (llm_jax/data/beam/) against the local engine on the same planted corpus: the
 same files byte for byte (document and token shards, tokenizer, meta), the same report but its timings,
 the same training batches; a strict bad row is one line. Beam runs its DirectRunner in multi-process
 mode with 2 worker processes, as the README's command does."""

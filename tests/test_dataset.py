@@ -108,7 +108,8 @@ def test_a_remote_dataset_is_read_in_place_each_host_only_its_windows(tmp_path, 
         (tmp_path / name).mkdir()
         cfg = tiny_config(tmp_path / name, f"data.prepared={where}", f"data.cache_dir={tmp_path / 'cache'}")
         runs[name] = (cfg, prepare_data(cfg, tmp_path / name))
-    cached = tmp_path / "cache" / "datasets" / dataset.name
+    (cached,) = (tmp_path / "cache" / "datasets").iterdir()  # <id>-<hash of the URL>
+    assert cached.name.startswith(dataset.name + "-")
     assert sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()) == [
         "data/meta.json",
         "data/report.json",

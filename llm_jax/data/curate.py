@@ -126,13 +126,13 @@ def check_kept(d: DataConfig, stats: ReadStats, scores: np.ndarray, removed: dic
     if stats.documents == 0:
         raise UserError(f"the corpus {list(d.sources)} holds no documents: every file is empty, binary or skipped")
     if not len(scores):
-        worst = max(removed, key=lambda r: removed[r][0])
+        worst = _worst(removed)
         raise UserError(
             f"curation kept none of the {stats.documents} documents ({_summary(removed)}); "
             f"{worst!r} removed the most: {_fix_hint(worst)}"
         )
     if d.val_sources and max(scores) < 0:  # validation kept, training not: the tokenizer would have no text
-        worst = max(removed_training, key=lambda r: removed_training[r][0], default=None)
+        worst = _worst(removed_training)
         if worst is None:
             raise UserError(f"the training sources {list(d.sources)} hold no documents: every file is empty or skipped")
         raise UserError(
@@ -142,7 +142,12 @@ def check_kept(d: DataConfig, stats: ReadStats, scores: np.ndarray, removed: dic
 
 
 def _summary(removed: dict) -> str:
-    return ", ".join(f"{rule}: {n}" for rule, (n, _) in sorted(removed.items(), key=lambda kv: -kv[1][0]))
+    """Rules by documents removed, ties by name: the same line whatever order the counts were made in."""
+    return ", ".join(f"{rule}: {n}" for rule, (n, _) in sorted(removed.items(), key=lambda kv: (-kv[1][0], kv[0])))
+
+
+def _worst(removed: dict) -> str | None:
+    return min(removed, key=lambda r: (-removed[r][0], r), default=None)
 
 
 def _fix_hint(rule: str) -> str:

@@ -118,12 +118,14 @@ _SMALL_FILES = (MANIFEST, *TOKENIZER_FILES, "data/meta.json", "data/report.json"
 
 
 def _small_files(source: str, cache_dir: str, log) -> Path:
-    """A remote dataset's manifest, tokenizer and meta.json copied into <cache>/datasets/<its name> once."""
+    """A remote dataset's manifest, tokenizer and meta.json copied into <cache>/datasets/<name>-<hash of the
+    URL>, again whenever the remote manifest differs from the copy's (a dataset rebuilt in place)."""
     fs, root = remote_fs(source)
-    local = cache_root(cache_dir) / "datasets" / root.rsplit("/", 1)[-1]
-    if not (local / MANIFEST).is_file():
-        if not fs.exists(f"{root}/{MANIFEST}"):
-            raise UserError(f"data.prepared={source} is not a prepared dataset (no {MANIFEST} there)")
+    if not fs.exists(f"{root}/{MANIFEST}"):
+        raise UserError(f"data.prepared={source} is not a prepared dataset (no {MANIFEST} there)")
+    name = f"{root.rsplit('/', 1)[-1]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+    local = cache_root(cache_dir) / "datasets" / name
+    if not (local / MANIFEST).is_file() or (local / MANIFEST).read_bytes() != fs.cat_file(f"{root}/{MANIFEST}"):
         log(f"reading {source} in place; its manifest, tokenizer and meta.json -> {local}")
         partial = local.with_name(local.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -131,6 +133,7 @@ def _small_files(source: str, cache_dir: str, log) -> Path:
             if fs.exists(f"{root}/{name}"):
                 (partial / name).parent.mkdir(parents=True, exist_ok=True)
                 (partial / name).write_bytes(fs.cat_file(f"{root}/{name}"))
+        shutil.rmtree(local, ignore_errors=True)
         partial.rename(local)
     return local
 

@@ -27,6 +27,7 @@ from llm_jax.data.progress import rate_line, ticker
 from llm_jax.data.report import write_report
 from llm_jax.data.shards import (
     Packed,
+    Routes,
     TokenShards,
     TokenWriter,
     documents_at,
@@ -124,11 +125,7 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     dtype = token_dtype(cfg.model.vocab_size)
     part_of = part_finder(parts, cfg.data) if parts else lambda source: None
 
-    def route(i: int, source: str) -> tuple[str, str | None] | None:
-        """Kept document i -> its token stream: (split, mixture part; None: no mixture, or data.val_sources
-        beside one), or None for a leaked document."""
-        return None if leaked[i] else ("val" if is_val[i] else "train", part_of(source))
-
+    route = Routes(is_val, leaked, part_of)
     keys = [(split, name) for split in ("train", "val") for name in [p.name for p in parts] + [None]]
     if cfg.data.engine == "beam":
         from llm_jax.data.beam.pack import pack_beam
@@ -195,7 +192,9 @@ def _tokenizer(cfg: Config, path: Path, cur: Curated, held_out: np.ndarray, log)
     return load_tokenizer(path)
 
 
-def _pack(cfg: Config, cur: Curated, tokenizer: BaseTokenizer, dtype, keys: list, route, out: Path, log) -> Packed:
+def _pack(
+    cfg: Config, cur: Curated, tokenizer: BaseTokenizer, dtype, keys: list, route: Routes, out: Path, log
+) -> Packed:
     """The kept documents tokenized (sentencepiece on all cores) and appended to their streams' token shards."""
     began, shard_bytes = time.perf_counter(), int(cfg.data.shard_mb * 2**20)
     writers = {key: TokenWriter(out, stream_prefix(key), dtype, tokenizer.eos_id, shard_bytes) for key in keys}

@@ -18,7 +18,8 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def document_record(text: str, source: str, score: float) -> bytes:
 
 def write_document_shard(path: Path, records: Iterable[bytes]) -> None:
     """One document shard whole (a temporary name renamed when written), as DocumentWriter writes it."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # a retried task's attempt writes its own
     writer = ArrayRecordWriter(str(tmp), _GROUP_SIZE_1)
     for record in records:
         writer.write(record)
@@ -174,6 +175,19 @@ class Packed:
     seconds: float
 
 
+@dataclass
+class Routes:
+    """Kept document i -> its token stream: (split, mixture part; None: no mixture, or data.val_sources
+    beside one), or None for a document the contamination gate took out."""
+
+    is_val: np.ndarray  # [kept] bool
+    leaked: np.ndarray  # [kept] bool
+    part_of: Callable[[str], str | None]  # a document's source -> its mixture part
+
+    def __call__(self, i: int, source: str) -> tuple[str, str | None] | None:
+        return None if self.leaked[i] else ("val" if self.is_val[i] else "train", self.part_of(source))
+
+
 def stream_prefix(key: tuple[str, str | None]) -> str:
     split, part = key
     return split if part is None else f"{split}.{part}"
@@ -185,7 +199,7 @@ class TokenShards:
 
     def __init__(self, paths: Iterable[str | Path], dtype: str, seq_len: int, eos_id: int):
         self.paths, self.dtype, self.seq_len, self.eos_id = [str(p) for p in paths], np.dtype(dtype), seq_len, eos_id
-        self._sizes = [_size(p) // self.dtype.itemsize for p in self.paths]  # tokens per shard
+        self._sizes = [n // self.dtype.itemsize for n in _sizes(self.paths)]  # tokens per shard
         counts = [max(0, (n - 1) // seq_len) for n in self._sizes]
         self._starts = np.cumsum([0] + counts).tolist()  # window index where each shard begins
         self._maps: dict[int, np.memmap | tuple] = {}  # opened lazily, so the source pickles into grain workers cheaply
@@ -208,6 +222,8 @@ class TokenShards:
             fs, inner = source
             first = start * self.dtype.itemsize
             data = fs.cat_file(inner, first, first + (self.seq_len + 1) * self.dtype.itemsize)
+            if len(data) != (self.seq_len + 1) * self.dtype.itemsize:
+                raise UserError(f"{self.paths[shard]} is shorter than when it was listed: was it rewritten?")
             tokens = np.frombuffer(data, self.dtype).astype(np.int32)
         return {"tokens": tokens, "segments": np.cumsum(tokens == self.eos_id, dtype=np.int32)}
 
@@ -239,11 +255,18 @@ def remote_fs(url: str):
         raise UserError(f"reading {url} needs {e}: pip install 'llm_jax[gcs]' for gs://") from None
 
 
-def _size(path: str) -> int:
-    if not is_remote(path):
-        return os.path.getsize(path)
-    fs, inner = remote_fs(path)
-    return fs.size(inner)
+def _sizes(paths: list[str]) -> list[int]:
+    """Bytes of each shard: local ones by stat, remote ones by one listing of each directory (not a request
+    per shard); a missing one is one line."""
+    listed: dict[str, int] = {}
+    for parent in dict.fromkeys(p.rsplit("/", 1)[0] for p in paths if is_remote(p)):
+        fs, inner = remote_fs(parent)
+        found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(inner, detail=True)}
+        listed |= {f"{parent}/{name}": size for name, size in found.items()}
+    missing = [p for p in paths if not (p in listed if is_remote(p) else os.path.isfile(p))]
+    if missing:
+        raise UserError(f"the token shard {missing[0]} is missing ({len(missing)} of {len(paths)}): rebuild the data")
+    return [listed[p] if is_remote(p) else os.path.getsize(p) for p in paths]
 
 
 def _open(path: str, dtype: np.dtype):

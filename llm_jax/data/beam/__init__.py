@@ -6,10 +6,11 @@ import logging
 
 from llm_jax.errors import UserError
 
-logging.disable(logging.WARNING)  # Beam's import warns about Google Cloud clients that a local run does not use
+_disabled = logging.root.manager.disable
+logging.disable(max(_disabled, logging.WARNING))  # Beam's import warns about Google Cloud clients not used here
 try:
     import apache_beam  # noqa: F401
 except ImportError:
     raise UserError("data.engine=beam needs Apache Beam: pip install 'llm_jax[beam]'") from None
 finally:
-    logging.disable(logging.NOTSET)
+    logging.disable(_disabled)

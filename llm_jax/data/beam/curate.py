@@ -115,7 +115,7 @@ def _graph(p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
             firsts
             | "bands" >> beam.ParDo(_Bands(cfg))
             | "buckets" >> beam.GroupByKey()
-            | "near pairs" >> beam.FlatMap(_near_pairs, c.near_dedup)
+            | "near pairs" >> beam.ParDo(_NearPairs(cfg))
         )
     else:
         pairs = p | "no pairs" >> beam.Create([])
@@ -224,16 +224,23 @@ class _Bands(beam.DoFn):
             yield (band, key), (order, m[2])
 
 
-def _near_pairs(bucket, threshold: float):
-    """(j, i) for i < j sharing the bucket whose estimated Jaccard (NearDedup's) reaches the threshold."""
-    members = sorted(bucket[1], key=lambda m: m[0])
-    if len(members) < 2:
-        return
-    sigs = np.stack([np.frombuffer(m[1], np.uint32) for m in members])  # [members, perms]
-    for j in range(1, len(members)):
-        jaccard = (sigs[:j] == sigs[j]).sum(axis=1) / sigs.shape[1]
-        for i in np.flatnonzero(jaccard >= threshold):
-            yield members[j][0], members[i][0]
+class _NearPairs(_Bands):
+    """A band bucket -> (j, i) for i < j in it whose estimated Jaccard (NearDedup's) reaches the threshold,
+    each pair from the lowest band the two share only. A cluster of m near copies still gives its
+    m (m - 1) / 2 pairs to `decide` (the streaming index keeps one of them and compares each new copy with it)."""
+
+    def process(self, bucket):
+        (band, _), members = bucket
+        if len(members) < 2:
+            return
+        members = sorted(members, key=lambda m: m[0])
+        sigs = np.stack([np.frombuffer(m[1], np.uint32) for m in members])  # [members, perms]
+        keys = np.asarray([self.near._keys(sig)[:band] for sig in sigs], np.uint64).reshape(len(members), band)
+        for j in range(1, len(members)):
+            close = (sigs[:j] == sigs[j]).sum(axis=1) / sigs.shape[1] >= self.near.threshold
+            seen = (keys[:j] == keys[j]).any(axis=1)  # shared an earlier band: paired there
+            for i in np.flatnonzero(close & ~seen):
+                yield members[j][0], members[i][0]
 
 
 def _decide(_, firsts: list, copies: list, pairs: list, shard_bytes: int):

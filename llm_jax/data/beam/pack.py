@@ -11,7 +11,9 @@ A stream's shards rotate where TokenWriter's would (shard_indices over the docum
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
+import uuid
 from pathlib import Path
 
 import apache_beam as beam
@@ -21,23 +23,29 @@ from array_record.python.array_record_module import ArrayRecordReader
 from llm_jax.config import Config
 from llm_jax.data.beam import runner
 from llm_jax.data.curate import Curated
-from llm_jax.data.shards import Packed, documents_in, shard_name, stream_prefix
+from llm_jax.data.shards import Packed, Routes, documents_in, shard_name, stream_prefix
 from llm_jax.data.tokenizer import load_tokenizer
 
 _TASK_DOCS = 1024
 
 
-def pack_beam(cfg: Config, cur: Curated, tokenizer_path: Path, dtype, keys: list, route, out: Path, log) -> Packed:
+def pack_beam(
+    cfg: Config, cur: Curated, tokenizer_path: Path, dtype, keys: list, route: Routes, out: Path, log
+) -> Packed:
     began = time.perf_counter()
     scratch = runner.scratch_dir(out / "beam.partial")
     tasks, start = [], 0  # (first kept index, document shard, its first record, end)
     for path in cur.paths:
         reader = ArrayRecordReader(str(path))
-        n = reader.num_records()
-        reader.close()
+        try:
+            n = reader.num_records()
+        finally:
+            reader.close()
         tasks += [(start + a, str(path), a, min(a + _TASK_DOCS, n)) for a in range(0, n, _TASK_DOCS)]
         start += n
-    args = (str(tokenizer_path), np.dtype(dtype).name, route)
+    routes = scratch / "routes.npz"  # a byte or two per document: read by the workers, not inside the pipeline
+    np.savez(routes, is_val=route.is_val, leaked=route.leaked)
+    args = (str(tokenizer_path), np.dtype(dtype).name, dataclasses.replace(route, is_val=None, leaked=None), routes)
     shard_bytes = int(cfg.data.shard_mb * 2**20)
     runner.run(cfg.data, scratch, lambda p: _graph(p, tasks, args, len(keys), shard_bytes, out, scratch),
                f"tokenizing {start:,} documents", log)  # fmt: skip
@@ -76,11 +84,13 @@ class _Tokenize(beam.DoFn):
     """(first index, shard, first record, end) -> tokens (i, [ids..., EOS] in the token dtype's bytes) of
     the documents that go to a stream, and size (i, stream or None, tokens without EOS) of each."""
 
-    def __init__(self, tokenizer_path: str, dtype: str, route):
-        self.tokenizer_path, self.dtype, self.route = tokenizer_path, np.dtype(dtype), route
+    def __init__(self, tokenizer_path: str, dtype: str, route: Routes, arrays: Path):
+        self.tokenizer_path, self.dtype, self.route, self.arrays = tokenizer_path, np.dtype(dtype), route, arrays
 
     def setup(self):
         self.tokenizer = load_tokenizer(self.tokenizer_path)
+        with np.load(self.arrays) as a:
+            self.route = dataclasses.replace(self.route, is_val=a["is_val"], leaked=a["leaked"])
 
     def process(self, task):
         first, path, a, b = task
@@ -114,7 +124,7 @@ def _assign(_, sizes: list, itemsize: int, shard_bytes: int):
 def _write(group, out: Path) -> None:
     (key, shard), docs = group
     path = out / shard_name(stream_prefix(key), shard, ".bin")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # a retried task's attempt writes its own
     with open(tmp, "wb") as f:
         for _, data in sorted(docs):
             f.write(data)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -43,9 +45,17 @@ def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], wh
         with _stderr_to(beam_log), beam.Pipeline(options=PipelineOptions(options(d))) as p:
             build(p)
     except Exception as e:  # a worker's traceback is in the log; one line here
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        last = last if len(last) <= 400 else last[:400] + "..."
-        raise UserError(f"the Beam pipeline ({what}) failed: {last}; its log: {beam_log}") from None
+        kept = Path(tempfile.mkstemp(prefix="llm_jax-beam-", suffix=".log")[1])  # outlives a cleaned-up build
+        shutil.copyfile(beam_log, kept)
+        raise UserError(f"the Beam pipeline ({what}) failed: {_error_line(e)}; its log: {kept}") from None
+
+
+def _error_line(e: Exception) -> str:
+    """The line of a (runner-wrapped, multi-line) exception that names the error, at most 400 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    line = (named or lines)[-1]
+    return line if len(line) <= 400 else line[:400] + "..."
 
 
 def done(scratch: Path) -> None:

@@ -4,6 +4,7 @@ the same training batches; a strict bad row is one line. Beam runs its DirectRun
 mode with 2 worker processes, as the README's command does."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,14 @@ def test_a_pipeline_that_cannot_run_is_one_line_naming_its_log(tmp_path):
     ) as err:
         _run(tmp_path, "bad", corpus, val, "data.engine=beam", "data.beam_options=[--runner=NoSuchRunner]")
     assert "\n" not in str(err.value) and Path(str(err.value).rsplit("its log: ", 1)[1]).is_file()
+
+
+def test_beam_engine_prints_progress_lines_from_its_workers(tmp_path):
+    corpus, _ = _planted(tmp_path)
+    lines = []
+    run = tmp_path / "progress"
+    cfg = tiny_config(run, "data.engine=beam", "data.workers=2", "data.progress_s=0", sources=[str(corpus)])
+    prepare_data(cfg, run, log=lines.append)
+    for stage in ("curating", "tokenizing"):
+        found = [x for x in lines if re.fullmatch(stage + r": [\d.]+ MB in \d+ s \([\d.]+ MB/s\); [\d,]+ documents", x)]
+        assert found, (stage, lines)

@@ -57,7 +57,8 @@ def curate_beam(cfg: Config, out_dir: Path, log=print) -> local.Curated:
             paths = source_files(source, d.cache_dir, notes)
             stats_before.append((len(files), notes))
             files += [((len(files) + i) * _FILE_DOCS, side, source, path) for i, path in enumerate(paths)]
-    runner.run(d, scratch, lambda p: _graph(p, cfg, files, out_dir, scratch), f"curating {len(files)} files", log)
+    build = lambda p: _graph(p, cfg, files, out_dir, scratch)  # noqa: E731
+    runner.run(d, scratch, build, f"curating {len(files)} files", "curating", log)
     kept, tallies, per_file, examples = (runner.load(scratch, n) for n in ("decide", "tallies", "files", "examples"))
     stats = ReadStats()
     for _, item in sorted([*stats_before, *[(base // _FILE_DOCS, s) for base, s in per_file]], key=lambda x: x[0]):
@@ -100,7 +101,7 @@ def _graph(p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
     docs = (
         read.docs
         | "spread documents" >> beam.Reshuffle()  # a large file's documents over all workers
-        | "process" >> beam.ParDo(_Process(cfg)).with_outputs("failed", main="passed")
+        | "process" >> beam.ParDo(_Process(cfg, scratch)).with_outputs("failed", main="passed")
     )
     # passed: (order, (score, exact key, signature, n_bytes, (bytes, words), record, source, head))
     meta = docs.passed | "meta" >> beam.Map(lambda kv: (kv[0], kv[1][:5] + (len(kv[1][5]),)))
@@ -176,15 +177,20 @@ class _Process(beam.DoFn):
     """A document cleaned, judged and hashed (curate.py's worker code) -> passed (order, (score, exact key,
     signature, n_bytes, sizes, record, source, head)) or failed (rule, (order, score, n_bytes, source, head))."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, scratch: Path):
+        self.cfg, self.counter = cfg, runner.Counter(scratch)
 
     def setup(self):
         local._init(self.cfg.curate, self.cfg.seed)
+        self.counter.start()
+
+    def finish_bundle(self):
+        self.counter.flush()
 
     def process(self, item):
         order, (raw, source, score) = item
         text, rule, key, sig, n_bytes = local._work([raw])[0]
+        self.counter.add(n_bytes)
         head = raw[: local.EXAMPLE_CHARS]
         if rule is not None:
             yield beam.pvalue.TaggedOutput("failed", (rule, (order, score, n_bytes, source, head)))

@@ -47,8 +47,8 @@ def pack_beam(
     np.savez(routes, is_val=route.is_val, leaked=route.leaked)
     args = (str(tokenizer_path), np.dtype(dtype).name, dataclasses.replace(route, is_val=None, leaked=None), routes)
     shard_bytes = int(cfg.data.shard_mb * 2**20)
-    runner.run(cfg.data, scratch, lambda p: _graph(p, tasks, args, len(keys), shard_bytes, out, scratch),
-               f"tokenizing {start:,} documents", log)  # fmt: skip
+    build = lambda p: _graph(p, tasks, args, len(keys), shard_bytes, out, scratch)  # noqa: E731
+    runner.run(cfg.data, scratch, build, f"tokenizing {start:,} documents", "tokenizing", log)
     assigned = runner.load(scratch, "assign")
     runner.done(scratch)
     shards = {
@@ -63,7 +63,7 @@ def _graph(p, tasks: list, args: tuple, n_keys: int, shard_bytes: int, out: Path
         p
         | "tasks" >> beam.Create(tasks)
         | "spread" >> beam.Reshuffle()
-        | "tokenize" >> beam.ParDo(_Tokenize(*args)).with_outputs("size", main="tokens")
+        | "tokenize" >> beam.ParDo(_Tokenize(*args, scratch)).with_outputs("size", main="tokens")
     )
     assigned = (
         p
@@ -84,20 +84,25 @@ class _Tokenize(beam.DoFn):
     """(first index, shard, first record, end) -> tokens (i, [ids..., EOS] in the token dtype's bytes) of
     the documents that go to a stream, and size (i, stream or None, tokens without EOS) of each."""
 
-    def __init__(self, tokenizer_path: str, dtype: str, route: Routes, arrays: Path):
+    def __init__(self, tokenizer_path: str, dtype: str, route: Routes, arrays: Path, scratch: Path):
         self.tokenizer_path, self.dtype, self.route, self.arrays = tokenizer_path, np.dtype(dtype), route, arrays
+        self.counter = runner.Counter(scratch)
 
     def setup(self):
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         with np.load(self.arrays) as a:
             self.route = dataclasses.replace(self.route, is_val=a["is_val"], leaked=a["leaked"])
+        self.counter.start()
+
+    def finish_bundle(self):
+        self.counter.flush()
 
     def process(self, task):
         first, path, a, b = task
         records = documents_in(path, a, b)
-        for i, (record, ids) in enumerate(
-            zip(records, self.tokenizer.encode_batch([r["text"] for r in records])), first
-        ):
+        encoded = self.tokenizer.encode_batch([r["text"] for r in records])
+        for i, (record, ids) in enumerate(zip(records, encoded), first):
+            self.counter.add(len(record["text"].encode("utf-8", "surrogatepass")))
             key = self.route(i, record["source"])
             yield beam.pvalue.TaggedOutput("size", (i, key, len(ids)))
             if key is not None:

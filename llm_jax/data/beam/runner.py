@@ -11,6 +11,9 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from llm_jax.config import DataConfig
+from llm_jax.data.progress import rate_line, ticker
 from llm_jax.errors import UserError
 
 
@@ -36,15 +40,31 @@ def scratch_dir(path: Path) -> Path:
     return path
 
 
-def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], what: str, log) -> None:
-    """build(pipeline) adds the stages; they run when it returns. Results saved with save() are read with
-    load() before the scratch directory is removed with done()."""
+def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], what: str, stage: str, log) -> None:
+    """build(pipeline) adds the stages; they run when it returns, with a progress line at most every
+    data.progress_s seconds from the workers' Counters (`stage: MB done, MB/s; documents`). Results saved
+    with save() are read with load() before the scratch directory is removed with done()."""
     log(f"{what} on Apache Beam ({' '.join(options(d))}) ...")
-    beam_log = scratch / "beam.log"
-    try:
-        with _stderr_to(beam_log), beam.Pipeline(options=PipelineOptions(options(d))) as p:
-            build(p)
-    except Exception as e:  # a worker's traceback is in the log; one line here
+    beam_log, counters = scratch / "beam.log", scratch / "progress"
+    counters.mkdir(exist_ok=True)
+    failed: list[Exception] = []
+
+    def pipeline() -> None:
+        try:
+            with beam.Pipeline(options=PipelineOptions(options(d))) as p:
+                build(p)
+        except Exception as e:  # re-raised below as one line
+            failed.append(e)
+
+    began, due = time.perf_counter(), ticker(d.progress_s)
+    with _stderr_to(beam_log):
+        worker = threading.Thread(target=pipeline, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=min(max(d.progress_s, 0.2), 5.0))
+            if worker.is_alive() and due() and (done := _totals(counters))[1]:
+                log(rate_line(stage, done[0], began, f"{done[1]:,} documents"))
+    for e in failed:  # a worker's traceback is in the log; one line here
         kept = Path(tempfile.mkstemp(prefix="llm_jax-beam-", suffix=".log")[1])  # outlives a cleaned-up build
         shutil.copyfile(beam_log, kept)
         raise UserError(f"the Beam pipeline ({what}) failed: {_error_line(e)}; its log: {kept}") from None
@@ -56,6 +76,38 @@ def _error_line(e: Exception) -> str:
     named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
     line = (named or lines)[-1]
     return line if len(line) <= 400 else line[:400] + "..."
+
+
+class Counter:
+    """A DoFn's running totals (bytes, documents) for the driver's progress lines: a file of its own under
+    the scratch directory, rewritten at most once a second and at the end of each bundle."""
+
+    def __init__(self, scratch: Path):
+        self.folder = scratch / "progress"
+
+    def start(self) -> None:  # in DoFn.setup
+        self.path, self.bytes, self.items, self.due = self.folder / uuid.uuid4().hex, 0, 0, ticker(1.0)
+
+    def add(self, n_bytes: int) -> None:
+        self.bytes, self.items = self.bytes + n_bytes, self.items + 1
+        if self.due():
+            self.flush()
+
+    def flush(self) -> None:  # in DoFn.finish_bundle
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(f"{self.bytes} {self.items}")
+        os.replace(tmp, self.path)
+
+
+def _totals(folder: Path) -> tuple[int, int]:
+    totals = [0, 0]
+    for path in folder.glob("*[!p]"):  # not the .tmp files
+        try:
+            for k, value in enumerate(path.read_text().split()):
+                totals[k] += int(value)
+        except (OSError, ValueError):  # replaced while read: counted next time
+            continue
+    return totals[0], totals[1]
 
 
 def done(scratch: Path) -> None:

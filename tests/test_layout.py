@@ -22,7 +22,7 @@ LAYERS = (
     "llm_jax.tools",
     "llm_jax.cli",
 )
-TOP = {"llm_jax.cli", "llm_jax.__main__"}  # the command line: argument parsing and dispatch
+TOP = {"llm_jax.cli", "llm_jax.cli_args", "llm_jax.__main__"}  # the command line: arguments and dispatch
 EXTRAS = ("llm_jax.data.beam",)  # need an optional extra of pyproject.toml (llm_jax[beam])
 
 

@@ -38,6 +38,7 @@ def _planted(root: Path) -> tuple[Path, Path]:
                 prose(501),
                 prose(900).upper(),  # copies of validation documents
                 prose(901),
+                f"{prose(700)} {' '.join(prose(902).split()[:20])} {prose(701)}",  # a 13-gram leak of one
             ]
         )
     )
@@ -68,8 +69,9 @@ def _run(tmp: Path, name: str, corpus: Path, val: Path, *overrides):
 @pytest.mark.parametrize("dedup", [["curate.exact_dedup=true"], ["curate.exact_dedup=false"]], ids=["exact", "near"])
 def test_beam_engine_writes_the_local_engines_dataset_byte_for_byte(tmp_path, dedup):
     corpus, val = _planted(tmp_path)
-    if "false" in dedup[0]:  # and token streams per mixture part
-        dedup = [*dedup, f"data.mixture=[web:0.6={corpus}/web.jsonl, rest:0.4={corpus}/z_more.jsonl;{corpus}/book.txt]"]
+    if "false" in dedup[0]:  # and token streams per mixture part, the bundled eval tasks as gate references
+        mixture = f"data.mixture=[web:0.6={corpus}/web.jsonl, rest:0.4={corpus}/z_more.jsonl;{corpus}/book.txt]"
+        dedup = [*dedup, mixture, "data.decontaminate=[bundled]"]
     local, local_data = _run(tmp_path, "local", corpus, val, *dedup)
     beam, beam_data = _run(tmp_path, "beam", corpus, val, "data.engine=beam", *dedup)
 
@@ -94,6 +96,8 @@ def test_beam_engine_writes_the_local_engines_dataset_byte_for_byte(tmp_path, de
     kept = {r["source"].rsplit("/", 1)[-1] for r in read_documents(shards)}
     assert "z_more.jsonl:3" in kept and not kept & {"z_more.jsonl:1", "z_more.jsonl:2"}  # the punctuation variant
     assert reports[0]["read"]["files"] == 4 and reports[0]["read"]["bad_rows"] == 1
+    gate = reports[0]["contamination_check"]
+    assert gate["removed_train_documents"] == 1 and gate["references"]["validation"]["examples"][0].endswith(":8")
     streams = [getattr(data.train, "sources", [data.train]) for data in (local_data, beam_data)]  # a mixture's parts
     assert len(streams[0]) == len(streams[1]) == (2 if "false" in dedup[0] else 1)
     for a, b in zip(*streams):  # the same training windows

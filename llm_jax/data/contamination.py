@@ -67,18 +67,32 @@ def reference_ngrams(texts: Iterable[str]) -> np.ndarray:
 def leaks(references: dict[str, np.ndarray], train: Iterable[tuple[str, str]]) -> tuple[np.ndarray, dict]:
     """train: (text, source) of every training document -> (a bool per document: shares a 13-gram with a
     reference, the report: per reference its n-grams, the training documents hit and examples of them)."""
+    found, n = [], 0
+    for n, (text, source) in enumerate(train, start=1):
+        if names := hits(text, references):
+            found.append((n - 1, names, source))
+    return tally(references, found, n)
+
+
+def hits(text: str, references: dict[str, np.ndarray]) -> list[str]:
+    """The references (sorted n-gram hashes) that share a 13-gram with the text."""
+    grams = ngram_hashes(text, NGRAM)
+    return [name for name, ref in references.items() if len(grams) and len(ref) and _any_in(grams, ref)]
+
+
+def tally(references: dict[str, np.ndarray], found: Iterable[tuple[int, list[str], str]], n: int):
+    """(a bool per training document, the report) from (position among the n, references hit, source) of the
+    documents hit, in order."""
     report = {name: {"ngrams": len(ref), "train_documents_hit": 0, "examples": []} for name, ref in references.items()}
-    hit = []
-    for text, source in train:
-        grams, found = ngram_hashes(text, NGRAM), False
-        for name, ref in references.items():
-            if len(grams) and len(ref) and _any_in(grams, ref):
-                found, entry = True, report[name]
-                entry["train_documents_hit"] += 1
-                if len(entry["examples"]) < EXAMPLES:
-                    entry["examples"].append(source)
-        hit.append(found)
-    return np.asarray(hit, bool), report
+    hit = np.zeros(n, bool)
+    for position, names, source in found:
+        hit[position] = True
+        for name in names:
+            entry = report[name]
+            entry["train_documents_hit"] += 1
+            if len(entry["examples"]) < EXAMPLES:
+                entry["examples"].append(source)
+    return hit, report
 
 
 def _any_in(values: np.ndarray, sorted_ref: np.ndarray) -> bool:

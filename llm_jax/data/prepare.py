@@ -113,7 +113,7 @@ def _build(cfg: Config, data_dir: Path, tokenizer_path: Path, log) -> dict:
     else:
         cur = curate(cfg, partial / "documents", log)
     is_val = cur.scores <= val_threshold(cur.scores, cfg.data.val_fraction, bool(cfg.data.val_sources))
-    leaked, contamination = _leaks(cfg, cur, is_val)
+    leaked, contamination = _leaks(cfg, cur, is_val, log)
     splits = {"train": ~is_val & ~leaked, "val": is_val}  # documents of each split (leaked: in neither)
 
     tokenizer = _tokenizer(cfg, tokenizer_path, cur, is_val | leaked, log)  # trained on what trains
@@ -236,14 +236,20 @@ def _chunks(records: Iterator[dict]) -> Iterator[tuple[int, list[dict]]]:
         yield start, batch
 
 
-def _leaks(cfg: Config, cur: Curated, is_val: np.ndarray) -> tuple[np.ndarray, dict]:
+def _leaks(cfg: Config, cur: Curated, is_val: np.ndarray, log) -> tuple[np.ndarray, dict]:
     """The contamination gate (data/contamination.py): a bool per kept document (a training document sharing
     a 13-gram with the validation split or a data.decontaminate task) and the report's entry."""
-    references = {"validation": reference_ngrams(r["text"] for r, val in zip(read_documents(cur.paths), is_val) if val)}
+    val = (r["text"] for r in documents_at(cur.paths, np.flatnonzero(is_val).tolist()))  # read only those
+    references = {"validation": reference_ngrams(val)}
     for spec in cfg.data.decontaminate:
         references |= {f"task:{name}": reference_ngrams(texts) for name, texts in task_texts(spec).items()}
-    train = ((r["text"], r["source"]) for r, val in zip(read_documents(cur.paths), is_val) if not val)
-    hit, report = leaks(references, train)
-    leaked = np.zeros(len(is_val), bool)
-    leaked[~is_val] = hit
-    return leaked, {"ngram": NGRAM, "removed_train_documents": int(hit.sum()), "references": report}
+    if cfg.data.engine == "beam":
+        from llm_jax.data.beam.gate import gate_beam
+
+        leaked, report = gate_beam(cfg, cur, is_val, references, log)
+    else:
+        train = ((r["text"], r["source"]) for r, val in zip(read_documents(cur.paths), is_val) if not val)
+        hit, report = leaks(references, train)
+        leaked = np.zeros(len(is_val), bool)
+        leaked[~is_val] = hit
+    return leaked, {"ngram": NGRAM, "removed_train_documents": int(leaked.sum()), "references": report}

@@ -130,19 +130,20 @@ def documents_in(path: str | Path, start: int, stop: int) -> list[dict]:
         reader.close()
 
 
-def documents_at(paths: list[Path], indices: list[int]) -> list[dict]:
-    """The records at these indices (sorted) of document shards read in order, by random access."""
-    out, start = [], 0
+def documents_at(paths: list[Path], indices: list[int]) -> Iterator[dict]:
+    """The records at these indices (sorted) of document shards read in order, by random access, a shard's
+    worth at a time."""
+    start = 0
     for path in paths:
         reader = ArrayRecordReader(str(path))
         try:
             n = reader.num_records()
-            local = [i - start for i in indices if start <= i < start + n]
-            out += [json.loads(r) for r in reader.read(local)] if local else []
+            here = indices[bisect.bisect_left(indices, start) : bisect.bisect_left(indices, start + n)]
+            for record in reader.read([i - start for i in here]) if here else ():
+                yield json.loads(record)
             start += n
         finally:
             reader.close()
-    return out
 
 
 class TokenWriter(_Rotating):

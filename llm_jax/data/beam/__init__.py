@@ -1,6 +1,6 @@
-"""The Apache Beam engine of data.engine=beam (the llm_jax[beam] extra): curate.py and pack.py write the
-local engine's files (llm_jax/data/curate.py, prepare.py) byte for byte from a Beam runner's workers;
-runner.py runs a pipeline. Imported only when that engine is chosen."""
+"""The Apache Beam engine of data.engine=beam (the llm_jax[beam] extra): curate.py, gate.py (the 13-gram
+contamination gate) and pack.py write the local engine's files (llm_jax/data/curate.py, prepare.py) byte for
+byte from a Beam runner's workers; runner.py runs a pipeline. Imported only when that engine is chosen."""
 
 import logging
 

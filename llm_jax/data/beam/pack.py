@@ -18,7 +18,6 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
 from llm_jax.config import Config
 from llm_jax.data.beam import runner
@@ -26,29 +25,19 @@ from llm_jax.data.curate import Curated
 from llm_jax.data.shards import Packed, Routes, documents_in, shard_name, stream_prefix
 from llm_jax.data.tokenizer import load_tokenizer
 
-_TASK_DOCS = 1024
-
 
 def pack_beam(
     cfg: Config, cur: Curated, tokenizer_path: Path, dtype, keys: list, route: Routes, out: Path, log
 ) -> Packed:
     began = time.perf_counter()
     scratch = runner.scratch_dir(out / "beam.partial")
-    tasks, start = [], 0  # (first kept index, document shard, its first record, end)
-    for path in cur.paths:
-        reader = ArrayRecordReader(str(path))
-        try:
-            n = reader.num_records()
-        finally:
-            reader.close()
-        tasks += [(start + a, str(path), a, min(a + _TASK_DOCS, n)) for a in range(0, n, _TASK_DOCS)]
-        start += n
+    tasks = runner.document_tasks(cur.paths)
     routes = scratch / "routes.npz"  # a byte or two per document: read by the workers, not inside the pipeline
     np.savez(routes, is_val=route.is_val, leaked=route.leaked)
     args = (str(tokenizer_path), np.dtype(dtype).name, dataclasses.replace(route, is_val=None, leaked=None), routes)
     shard_bytes = int(cfg.data.shard_mb * 2**20)
     build = lambda p: _graph(p, tasks, args, len(keys), shard_bytes, out, scratch)  # noqa: E731
-    runner.run(cfg.data, scratch, build, f"tokenizing {start:,} documents", "tokenizing", log)
+    runner.run(cfg.data, scratch, build, f"tokenizing {len(cur.scores):,} documents", "tokenizing", log)
     assigned = runner.load(scratch, "assign")
     runner.done(scratch)
     shards = {

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from array_record.python.array_record_module import ArrayRecordReader
 
 from llm_jax.config import DataConfig
 from llm_jax.data.progress import rate_line, ticker
@@ -125,6 +126,20 @@ def load(scratch: Path, name: str):
 def saved(pcoll, scratch: Path, name: str) -> None:
     """A one-element PCollection pickled to scratch/<name>.pkl."""
     pcoll | f"save {name}" >> beam.Map(save, scratch / f"{name}.pkl")
+
+
+def document_tasks(paths: list[Path], per_task: int = 1024) -> list[tuple[int, str, int, int]]:
+    """Document shards cut into tasks: (kept index of the first, shard, first record, end record)."""
+    tasks, start = [], 0
+    for path in paths:
+        reader = ArrayRecordReader(str(path))
+        try:
+            n = reader.num_records()
+        finally:
+            reader.close()
+        tasks += [(start + a, str(path), a, min(a + per_task, n)) for a in range(0, n, per_task)]
+        start += n
+    return tasks
 
 
 def shard_indices(sizes: Iterable[int], max_bytes: int) -> Iterator[int]:

@@ -80,7 +80,10 @@ def decide_bytes_per_document(n: int = 200_000) -> float:
 
     rng = random.Random(0)
     tracemalloc.start()
-    firsts = [(i << 20, rng.random(), (rng.randrange(9000), (rng.randrange(9000), 600), 9100)) for i in range(n)]
+    firsts = [  # (order, score, exact key, (bytes, (UTF-8 bytes, words), record bytes)), as the pipeline gives them
+        (i << 20, rng.random(), rng.randbytes(16), (rng.randrange(9000), (rng.randrange(9000), 600), 9100))
+        for i in range(n)
+    ]
     _decide(None, firsts, [], [], 64 << 20)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

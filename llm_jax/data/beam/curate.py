@@ -7,7 +7,7 @@ documents, scores, removal counts, examples and near-duplicate clusters.
       |-- failed a rule ---------------------------------------------> tallied per rule (a combiner)
       '-- passed -- group by exact key --> first copy of each text -- LSH band buckets --> near pairs
                                                  |                        (j, i < j, estimated Jaccard >= t)
-        decide (one task; no text, ~0.7 KB a document) <-----------------'
+        decide (one task; no text, ~0.8 KB a document) <-----------------'
           '--> each kept document's index and shard -- joined to its text -- grouped by shard --> documents-NNNNN
 
 The streaming pass keeps the first copy in source order; so does this. `decide` replays its loop over
@@ -19,7 +19,7 @@ sees, so each such variant is asked on its own; a later document with the same k
 its first's answer (the index only grows by later indices). Shard boundaries come from the records'
 sizes in kept order, as DocumentWriter rotates them.
 
-What one task holds: `decide` the passing documents' order, score and sizes (671 bytes a document at its
+What one task holds: `decide` the passing documents' order, score and sizes (824 bytes a document at its
 peak, benchmarks/data_throughput.py; the local engine's index holds ~2.2 KB a kept one), a band bucket its
 members' signatures. Everything else is spread. Runners: the DirectRunner in multi-process mode by default
 (data.workers processes); a cluster runner (Flink, Spark) through data.beam_options, with the dataset

@@ -119,7 +119,9 @@ def test_a_pipeline_that_cannot_run_is_one_line_naming_its_log(tmp_path):
         UserError, match=r"the Beam pipeline \(curating 4 files\) failed: .*NoSuchRunner.*; its log: "
     ) as err:
         _run(tmp_path, "bad", corpus, val, "data.engine=beam", "data.beam_options=[--runner=NoSuchRunner]")
-    assert "\n" not in str(err.value) and Path(str(err.value).rsplit("its log: ", 1)[1]).is_file()
+    log = Path(str(err.value).rsplit("its log: ", 1)[1])
+    assert "\n" not in str(err.value) and log.is_file()
+    log.unlink()
 
 
 def test_beam_engine_prints_progress_lines_from_its_workers(tmp_path):
@@ -131,3 +133,23 @@ def test_beam_engine_prints_progress_lines_from_its_workers(tmp_path):
     for stage in ("curating", "tokenizing"):
         found = [x for x in lines if re.fullmatch(stage + r": [\d.]+ MB in \d+ s \([\d.]+ MB/s\); [\d,]+ documents", x)]
         assert found, (stage, lines)
+
+
+def test_pipelines_run_in_the_main_thread(tmp_path):
+    """Cluster runners (Flink, Spark) start a job server that installs signal handlers, which Python allows in
+    the main thread only: the pipeline runs there, the progress reporter beside it."""
+    import threading
+
+    import apache_beam as beam
+
+    from llm_jax.data.beam import runner
+
+    threads = []
+
+    def build(p):
+        threads.append(threading.current_thread() is threading.main_thread())
+        p | beam.Create([1, 2]) | beam.Map(lambda x: x)
+
+    cfg = tiny_config(tmp_path / "run", "data.workers=1")
+    runner.run(cfg.data, runner.scratch_dir(tmp_path / "scratch"), build, "a test", "testing", lambda line: None)
+    assert threads == [True]

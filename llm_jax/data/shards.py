@@ -102,11 +102,14 @@ def document_record(text: str, source: str, score: float) -> bytes:
 def write_document_shard(path: Path, records: Iterable[bytes]) -> None:
     """One document shard whole (a temporary name renamed when written), as DocumentWriter writes it."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # a retried task's attempt writes its own
-    writer = ArrayRecordWriter(str(tmp), _GROUP_SIZE_1)
-    for record in records:
-        writer.write(record)
-    writer.close()
-    os.replace(tmp, path)
+    try:
+        writer = ArrayRecordWriter(str(tmp), _GROUP_SIZE_1)
+        for record in records:
+            writer.write(record)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 
 def read_documents(paths: Iterable[Path]) -> Iterator[dict]:
@@ -131,9 +134,9 @@ def documents_in(path: str | Path, start: int, stop: int) -> list[dict]:
 
 
 def documents_at(paths: list[Path], indices: list[int]) -> Iterator[dict]:
-    """The records at these indices (sorted) of document shards read in order, by random access, a shard's
-    worth at a time."""
-    start = 0
+    """The records at these indices of document shards read in order, in index order, by random access, a
+    shard's worth at a time."""
+    indices, start = sorted(indices), 0
     for path in paths:
         reader = ArrayRecordReader(str(path))
         try:

@@ -237,9 +237,9 @@ class _NearPairs(_Bands):
 
     def process(self, bucket):
         (band, _), members = bucket
+        members = sorted(members, key=lambda m: m[0])  # a runner's group may be a lazy iterable: no len() before
         if len(members) < 2:
             return
-        members = sorted(members, key=lambda m: m[0])
         sigs = np.stack([np.frombuffer(m[1], np.uint32) for m in members])  # [members, perms]
         keys = np.asarray([self.near._keys(sig)[:band] for sig in sigs], np.uint64).reshape(len(members), band)
         for j in range(1, len(members)):

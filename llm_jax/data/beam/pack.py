@@ -119,7 +119,10 @@ def _write(group, out: Path) -> None:
     (key, shard), docs = group
     path = out / shard_name(stream_prefix(key), shard, ".bin")
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # a retried task's attempt writes its own
-    with open(tmp, "wb") as f:
-        for _, data in sorted(docs):
-            f.write(data)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            for _, data in sorted(docs):
+                f.write(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write

@@ -42,31 +42,33 @@ def scratch_dir(path: Path) -> Path:
 
 
 def run(d: DataConfig, scratch: Path, build: Callable[[beam.Pipeline], None], what: str, stage: str, log) -> None:
-    """build(pipeline) adds the stages; they run when it returns, with a progress line at most every
-    data.progress_s seconds from the workers' Counters (`stage: MB done, MB/s; documents`). Results saved
-    with save() are read with load() before the scratch directory is removed with done()."""
+    """build(pipeline) adds the stages; they run when it returns (in this thread: cluster runners install
+    signal handlers), while a reporter thread prints a line at most every data.progress_s seconds from the
+    workers' Counters (`stage: MB done, MB/s; documents`). Results saved with save() are read with load()
+    before the scratch directory is removed with done()."""
     log(f"{what} on Apache Beam ({' '.join(options(d))}) ...")
     beam_log, counters = scratch / "beam.log", scratch / "progress"
     counters.mkdir(exist_ok=True)
-    failed: list[Exception] = []
+    finished, began, due = threading.Event(), time.perf_counter(), ticker(d.progress_s)
 
-    def pipeline() -> None:
-        try:
-            with beam.Pipeline(options=PipelineOptions(options(d))) as p:
-                build(p)
-        except Exception as e:  # re-raised below as one line
-            failed.append(e)
-
-    began, due = time.perf_counter(), ticker(d.progress_s)
-    with _stderr_to(beam_log):
-        worker = threading.Thread(target=pipeline, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(timeout=min(max(d.progress_s, 0.2), 5.0))
-            if worker.is_alive() and due() and (done := _totals(counters))[1]:
+    def report() -> None:
+        while not finished.wait(timeout=min(max(d.progress_s, 0.2), 5.0)):
+            if due() and (done := _totals(counters))[1]:
                 log(rate_line(stage, done[0], began, f"{done[1]:,} documents"))
-    for e in failed:  # a worker's traceback is in the log; one line here
-        kept = Path(tempfile.mkstemp(prefix="llm_jax-beam-", suffix=".log")[1])  # outlives a cleaned-up build
+
+    reporter = threading.Thread(target=report, daemon=True)
+    try:
+        with _stderr_to(beam_log):
+            reporter.start()
+            try:
+                with beam.Pipeline(options=PipelineOptions(options(d))) as p:
+                    build(p)
+            finally:
+                finished.set()
+                reporter.join()
+    except Exception as e:  # a worker's traceback is in the log; one line here
+        fd, kept = tempfile.mkstemp(prefix="llm_jax-beam-", suffix=".log")  # outlives a cleaned-up build
+        os.close(fd)
         shutil.copyfile(beam_log, kept)
         raise UserError(f"the Beam pipeline ({what}) failed: {_error_line(e)}; its log: {kept}") from None
 
@@ -112,6 +114,10 @@ def _totals(folder: Path) -> tuple[int, int]:
 
 
 def done(scratch: Path) -> None:
+    """The scratch directory removed, and any temporary shard a killed or retried task left beside the output
+    (a shard is written under <name>.<attempt>.tmp and renamed when whole)."""
+    for tmp in scratch.parent.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
     shutil.rmtree(scratch)
 
 

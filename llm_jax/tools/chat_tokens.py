@@ -17,11 +17,11 @@ tokens are unchanged.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import tokenizers
-from sentencepiece import sentencepiece_model_pb2
 
 from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.data.tokenizer import CHAT_TOKENS, copy_tokenizer, load_tokenizer
@@ -49,11 +49,7 @@ def add_chat_tokens(tokenizer: BaseTokenizer, out: Path) -> BaseTokenizer:
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
         tok.save(str(path))
     else:
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-        for t in CHAT_TOKENS:
-            proto.pieces.add(piece=t, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL)
-        path.write_bytes(proto.SerializeToString())
+        path.write_bytes(with_control_pieces(path.read_bytes(), CHAT_TOKENS))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     generation = read_json(out / "generation_config.json")
     ends = generation.get("eos_token_id")
@@ -63,6 +59,46 @@ def add_chat_tokens(tokenizer: BaseTokenizer, out: Path) -> BaseTokenizer:
         json.dumps(generation | {"eos_token_id": [*ends, end_of_turn]}, indent=2)
     )
     return load_tokenizer(path)
+
+
+def with_control_pieces(model: bytes, pieces: list[str]) -> bytes:
+    """A serialized sentencepiece ModelProto with control pieces appended to its vocabulary, written in
+    protobuf's wire format: `pieces` is field 1, a repeated SentencePiece {1: piece, 2: score (float),
+    3: type (CONTROL = 3)}, serialized first, so the new entries go after the last of them, where
+    ModelProto.SerializeToString would put them. (Not sentencepiece_model_pb2: the wheel's module is
+    generated for protobuf 7 and refuses older runtimes, such as the protobuf 6 that apache-beam requires.)"""
+    at = 0
+    while at < len(model):  # top-level fields: past the pieces (field 1, length-delimited)
+        key, after = _varint(model, at)
+        if key != (1 << 3) | 2:
+            break
+        length, after = _varint(model, after)
+        at = after + length
+    new = b""
+    for piece in pieces:
+        text = piece.encode()
+        body = b"\x0a" + _encode_varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x03"
+        new += b"\x0a" + _encode_varint(len(body)) + body
+    return model[:at] + new + model[at:]
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
 
 
 def grown_vocab(model_vocab: int, tokenizer_vocab: int) -> int:

@@ -121,6 +121,9 @@ def done(scratch: Path) -> None:
     shutil.rmtree(scratch)
 
 
+# pickle, for a pipeline's own results only: written into its scratch directory by this run's workers and read
+# back by the host that launched them, the way Beam itself moves every element and DoFn between them. Nothing a
+# user hands llm_jax is unpickled (datasets are JSON, ArrayRecord and raw token files).
 def save(value, path: Path) -> None:
     path.write_bytes(pickle.dumps(value))
 

@@ -154,8 +154,8 @@ def _graph(p, cfg: Config, files: list, out_dir: Path, scratch: Path) -> None:
 
 
 class _Read(beam.DoFn):
-    """A file -> its documents (order, (document, score)) and one tagged (file base, ReadStats or the error
-    line of data.bad_rows=strict)."""
+    """A file -> its documents (order, (text, source, score)) and one tagged (file base, ReadStats or the
+    error line of data.bad_rows=strict)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -36,7 +36,7 @@ def pack_beam(
     np.savez(routes, is_val=route.is_val, leaked=route.leaked)
     args = (str(tokenizer_path), np.dtype(dtype).name, dataclasses.replace(route, is_val=None, leaked=None), routes)
     shard_bytes = int(cfg.data.shard_mb * 2**20)
-    build = lambda p: _graph(p, tasks, args, len(keys), shard_bytes, out, scratch)  # noqa: E731
+    build = lambda p: _graph(p, tasks, args, shard_bytes, out, scratch)  # noqa: E731
     runner.run(cfg.data, scratch, build, f"tokenizing {len(cur.scores):,} documents", "tokenizing", log)
     assigned = runner.load(scratch, "assign")
     runner.done(scratch)
@@ -47,7 +47,7 @@ def pack_beam(
     return Packed(shards, tokens, assigned["doc_tokens"], time.perf_counter() - began)
 
 
-def _graph(p, tasks: list, args: tuple, n_keys: int, shard_bytes: int, out: Path, scratch: Path) -> None:
+def _graph(p, tasks: list, args: tuple, shard_bytes: int, out: Path, scratch: Path) -> None:
     docs = (
         p
         | "tasks" >> beam.Create(tasks)

@@ -7,7 +7,8 @@ import pytest
 
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import train_tokenizer
-from llm_jax.inference.generate import Generator, fit_prompt, sample_token, stream_text
+from llm_jax.inference.generate import Generator, first_argmax, fit_prompt, sample_token, stream_text
+from llm_jax.model.dense import matmul
 from llm_jax.model.transformer import Transformer
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
@@ -23,6 +24,33 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
     assert _draw(100, 0.0, 0, 1.0).tolist() == [1, 0, 0, 0]
     assert _draw(100, 1.0, 1, 1.0).tolist() == [1, 0, 0, 0]
     assert _draw(100, 1.0, 0, 0.01).tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("vocab", [16384, 1000])
+def test_greedy_takes_the_first_of_tied_maxima_in_any_block(vocab):
+    """first_argmax (blocks of 128, or jnp.argmax when the vocabulary is not a multiple) equals numpy's
+    argmax: the first index of the largest value, ties across and inside blocks included."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
+    logits[1, [700, 300, 301]] = 9.0  # tied in two blocks: the lowest index wins
+    logits[2, [129, 130]] = 9.0  # tied inside one block
+    logits[3, [vocab - 1]] = 9.0
+    logits[4] = 0.0  # all tied
+    got = jax.jit(first_argmax)(jnp.asarray(logits))
+    assert got.tolist() == np.argmax(logits, axis=-1).tolist()
+    assert got.tolist()[1:5] == [300, 129, vocab - 1, 0]
+
+
+def test_a_one_row_bfloat16_matmul_on_cpu_keeps_the_weight_in_bfloat16():
+    """One row (a prompt's last position, batch-1 decoding) through the LM head and a layer's matmul:
+    the weight is not converted to float32 for a matrix-vector product (XLA:CPU's route for a one-row
+    bfloat16 dot), and the row's result equals that of the same row in a batch of two."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((256, 2048)), jnp.bfloat16)
+    one = jax.jit(lambda x, w: matmul(x, w, 1, jnp.bfloat16))
+    assert "f32[256,2048]" not in one.lower(x[:1], w).compile().as_text()
+    np.testing.assert_array_equal(np.asarray(one(x[:1], w), np.float32), np.asarray(one(x, w)[:1], np.float32))
 
 
 def test_sampling_follows_the_filtered_distribution():

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.context_parallel import context_shards
-from llm_jax.model.device import compute_dtype, on_cpu, saved, transposed
+from llm_jax.model.device import compute_dtype, cpu_rows, on_cpu, saved, transposed
 
 INT4_GROUP = 32  # model.quant=int4 / fp4: weights share a scale in groups of this many inputs
 QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn}
@@ -54,11 +54,12 @@ def matmul(x: jax.Array, w: jax.Array, in_dims: int, dtype) -> jax.Array:
     out = w.shape[in_dims:]
     flat = context_shards()[1] == 1
     x2, w2 = (x.reshape(-1, k) if flat else x.reshape(*lead, k)).astype(dtype), w.reshape(k, -1)
+    rows = cpu_rows(x2)
     if jnp.issubdtype(w2.dtype, jnp.floating):
-        y = _trained_dot(x2, w2, flat and on_cpu() and x2.dtype == jnp.bfloat16)
+        y = _trained_dot(rows, w2, flat and on_cpu() and x2.dtype == jnp.bfloat16)
     else:  # quantized weights: inference only
-        y = jnp.dot(x2, w2.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    return y.reshape(*lead, *out)
+        y = jnp.dot(rows, w2.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    return y[: x2.shape[0]].reshape(*lead, *out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

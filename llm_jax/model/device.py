@@ -46,6 +46,17 @@ def transposed(x: jax.Array) -> jax.Array:
     return jax.lax.dot_general(eye, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def cpu_rows(x: jax.Array) -> jax.Array:
+    """x [1, K] -> [2, K] (a zero row below) for a bfloat16 matmul on CPU; other shapes, dtypes and
+    platforms: x. XLA:CPU runs a one-row bfloat16 dot as a float32 matrix-vector product after
+    converting the whole weight to float32 (the demo's LM head, 1 x 256 by 16384 x 256 on 2 Xeon cores:
+    1.1 ms) where two rows take its bfloat16 kernels (0.5 ms); a prompt's last position and batch-1
+    decoding meet it at every step. The caller keeps the first row of the product."""
+    if x.ndim == 2 and x.shape[0] == 1 and x.dtype == jnp.bfloat16 and on_cpu():
+        return jnp.pad(x, ((0, 1), (0, 0)))
+    return x
+
+
 def saved(x: jax.Array, name: str) -> jax.Array:
     """x, named for the remat policies of model/block.py; on CPU what is saved are its bits."""
     if not on_cpu():

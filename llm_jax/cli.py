@@ -151,8 +151,8 @@ def _quantize(args) -> None:
 def _serve(args) -> None:
     if min(args.max_tokens, args.max_batch, args.max_queue, args.kv_block_size) < 1 or not 0 <= args.port < 65536:
         raise UserError("need --max-tokens, --max-batch, --max-queue, --kv-block-size >= 1 and 0 <= --port < 65536")
-    if args.kv_blocks < 0 or args.prefill_chunk < 16:
-        raise UserError("need --kv-blocks >= 0 (0: automatic) and --prefill-chunk >= 16")
+    if args.kv_blocks < 0 or args.prefill_chunk < 16 or args.ride_tokens < 0:
+        raise UserError("need --kv-blocks >= 0 (0: automatic), --prefill-chunk >= 16 and --ride-tokens >= 0")
     from llm_jax.inference.server import serve
 
     engine = {
@@ -161,6 +161,7 @@ def _serve(args) -> None:
         "kv_blocks": args.kv_blocks,
         "block": args.kv_block_size,
         "chunk": args.prefill_chunk,
+        "rides": args.ride_tokens,
         "static": args.batching == "static",
     }
     serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.api_key, args.mesh, engine)

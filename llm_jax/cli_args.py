@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _paged_args(p)
     p.add_argument(
+        "--ride-tokens",
+        type=int,
+        default=64,
+        help="prompt tokens a decode step carries as rows of its own (0: every prompt prefilled apart)",
+    )
+    p.add_argument(
         "--batching",
         choices=["continuous", "static"],
         default="continuous",

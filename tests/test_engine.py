@@ -17,9 +17,10 @@ from llm_jax.model.transformer import Transformer
 ENGINES = []
 
 
-def _engine(cfg, params, rows=4, blocks=None, block=8, chunk=16, layout=None, static=False):
+def _engine(cfg, params, rows=4, blocks=None, block=8, chunk=16, layout=None, static=False, rides=0):
     blocks = blocks or rows * cfg.seq_len // block
-    ENGINES.append(Engine(PagedModel(cfg, params, layout, rows, blocks + 1, block, chunk), (), static=static))
+    model = PagedModel(cfg, params, layout, rows, blocks + 1, block, chunk, rides)
+    ENGINES.append(Engine(model, (), static=static))
     return ENGINES[-1]
 
 
@@ -47,22 +48,30 @@ def model():
     return _sharp_model()  # seq_len 48
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_requests_get_exactly_what_they_get_alone_whenever_they_arrive(model, dtype):
+@pytest.mark.parametrize("dtype,rides", [("float32", 0), ("bfloat16", 0), ("float32", 24)])
+def test_requests_get_exactly_what_they_get_alone_whenever_they_arrive(model, dtype, rides):
     """Greedy and sampled rows, arriving together and while others decode, prompts longer than the
     prefill chunk (21 tokens in chunks of 16) and more requests than rows: each request's tokens equal
-    the Generator's for its prompt alone."""
+    the Generator's for its prompt alone. With rides: prompts of up to 24 tokens a step ride in the
+    decode steps (the 21-token one alone, the short ones together), the rest are prefilled apart."""
     cfg, params = model
     cfg = dataclasses.replace(cfg, dtype=dtype)
     gen = Generator(cfg, params)
     rows = ROWS * 3  # 9 requests, 4 rows
     alone = [list(gen.stream(p, n, t, k, q, s)) for p, n, t, k, q, s in rows]
-    engine = _engine(cfg, params)
+    engine = _engine(cfg, params, rides=rides)
+    calls = {"prefill": 0, "ride": 0}
+    for name in calls:  # count the model's calls of each kind
+        step = getattr(engine.model, name)
+        setattr(
+            engine.model, name, lambda *a, _step=step, _name=name: calls.update({_name: calls[_name] + 1}) or _step(*a)
+        )
     early = [engine.submit(_request(r)) for r in rows[:5]]
     _wait(lambda: early[1].generated > 0)  # the long-prompt request is decoding when the rest arrive
     late = [engine.submit(_request(r)) for r in rows[5:]]
     got = [list(r.tokens()) for r in early + late]
     assert got == alone and [len(g) for g in got] == [12, 20, 7] * 3
+    assert (calls["ride"] > 0) == (rides > 0) and (calls["prefill"] > 0 or rides), calls
     assert all(r.finish_reason == "length" for r in early + late)
     assert engine.load()["kv_blocks_used"] == 0 and engine.model.pool.free == engine.model.pool.total
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from llm_jax.inference.paged import DECODE_STEPS, TOP_LOGPROBS, PagedModel, Scores
+from llm_jax.inference.paged import DECODE_STEPS, RIDERS, TOP_LOGPROBS, PagedModel, Scores
 
 PREFILL_ROWS = 8  # prompts prefilled together in one round, at most
 
@@ -141,10 +141,27 @@ class Engine:
         for r in [r for r in filter(None, self.slots) if r.cancelled.is_set()]:
             self._finish(r, "stop")
         self._admit()
-        if self.prefilling:
-            self._prefill()
-        if self._running():
+        riders = self._riders()
+        if apart := [r for r in self.prefilling if r not in riders]:
+            self._prefill(apart[:PREFILL_ROWS])
+        if riders:
+            self._ride(riders)
+        elif self._running():
             self._decode()
+
+    def _riders(self) -> list[Request]:
+        """The prefilling requests whose whole remaining prompt rides in this round's decode step (paged.py:
+        first come first, up to its RIDE_TOKENS and RIDERS; none that asked for log-probs)."""
+        riders, room = [], self.model.rides
+        if any(r.logprobs for r in self._running()):  # a ride step scores no tokens
+            return []
+        for r in self.prefilling[:RIDERS]:
+            left = len(r.ids) - r.prefilled
+            if r.logprobs or r.prompt_logprobs or left > room:
+                break
+            riders.append(r)
+            room -= left
+        return riders
 
     def _running(self) -> list[Request]:
         """The rows that decode: in a slot, their prompt prefilled."""
@@ -169,8 +186,8 @@ class Engine:
                 self.prefilling.append(r)
                 self.stats["requests"] += 1
 
-    def _prefill(self) -> None:
-        group, chunk = self.prefilling[:PREFILL_ROWS], self.model.chunk
+    def _prefill(self, group: list[Request]) -> None:
+        chunk = self.model.chunk
         chunks = []
         for r in group:
             start = r.prefilled
@@ -196,12 +213,55 @@ class Engine:
             self.stats["prompt_tokens"] += len(c["ids"])
             if r.prefilled < len(r.ids):
                 continue
-            self.prefilling.remove(r)
-            if r.max_new == 0:
-                self._finish(r, "length")
-            else:
-                self.first_token_s.append(time.perf_counter() - r.submitted)
-                self._emit(r, int(first[i]), first_scores and _entry(first_scores, i))
+            self._prefilled(r, int(first[i]), first_scores and _entry(first_scores, i))
+
+    def _prefilled(self, r: Request, first: int, scores) -> None:
+        self.prefilling.remove(r)
+        if r.max_new == 0:
+            self._finish(r, "length")
+        else:
+            self.first_token_s.append(time.perf_counter() - r.submitted)
+            self._emit(r, first, scores)
+
+    def _rows(self, running: list[Request], width: int) -> dict:
+        """The decode inputs of `width` rows, the running requests' at their slots, the rest idle."""
+        rows = {
+            "token": [0] * width,
+            "position": [-1] * width,
+            "table": [[]] * width,  # block lists (the caller makes them tables)
+            "step": [0] * width,
+            "seed": [0] * width,
+            "settings": [[0.0] * width, [0] * width, [1.0] * width],
+        }
+        for r in running:
+            self._place(rows, r.slot, r, r.last, len(r.ids) + r.generated - 1, r.generated)
+        return rows
+
+    @staticmethod
+    def _place(rows: dict, at: int, r: Request, token: int, position: int, step: int) -> None:
+        rows["token"][at], rows["position"][at], rows["table"][at] = token, position, r.blocks
+        rows["step"][at], rows["seed"][at] = step, r.seed
+        for k, value in enumerate((r.temperature, r.top_k, r.top_p)):
+            rows["settings"][k][at] = value
+
+    def _ride(self, riders: list[Request]) -> None:
+        """One decode step of the running rows with the riders' remaining prompt tokens as rows of their own;
+        each rider's last prompt row samples its first token."""
+        running = self._running()
+        used = self.model.decode_rows(1 + max(r.slot for r in running)) if running else 0
+        prompt = [(r, i) for r in riders for i in range(r.prefilled, len(r.ids))]
+        rows = self._rows(running, self.model.ride_rows(used + len(prompt)))
+        for at, (r, i) in enumerate(prompt, start=used):
+            self._place(rows, at, r, r.ids[i], i, 0)
+        rows["table"] = [self.model.table(t) for t in rows["table"]]
+        lasts = [used + k for k, (r, i) in enumerate(prompt) if i == len(r.ids) - 1]
+        tokens = self.model.ride(rows, [r.slot for r in running] + lasts)
+        for r, token in zip(riders, tokens[len(running) :]):
+            self.stats["prompt_tokens"] += len(r.ids) - r.prefilled
+            r.prefilled = len(r.ids)
+            self._prefilled(r, int(token), None)
+        for r, token in zip(running, tokens):
+            self._emit(r, int(token), None)
 
     def _decode(self) -> None:
         running = self._running()
@@ -209,23 +269,8 @@ class Engine:
         if self.waiting and None in self.slots and not self.static:
             left = 1  # someone can join next round
         steps = max(s for s in DECODE_STEPS if s <= left)  # no row decodes past its budget
-        rows = self.model.decode_rows(1 + max(r.slot for r in running))
-        slots = {
-            "token": [0] * rows,
-            "position": [-1] * rows,
-            "table": [self.model.table([])] * rows,
-            "step": [0] * rows,
-            "seed": [0] * rows,
-            "settings": [[0.0] * rows, [0] * rows, [1.0] * rows],
-        }
-        for r in running:
-            s = r.slot
-            slots["token"][s] = r.last
-            slots["position"][s] = len(r.ids) + r.generated - 1
-            slots["table"][s] = self.model.table(r.blocks)
-            slots["step"][s], slots["seed"][s] = r.generated, r.seed
-            for k, value in enumerate((r.temperature, r.top_k, r.top_p)):
-                slots["settings"][k][s] = value
+        slots = self._rows(running, self.model.decode_rows(1 + max(r.slot for r in running)))
+        slots["table"] = [self.model.table(t) for t in slots["table"]]
         tokens, scores = self.model.decode(slots, steps, any(r.logprobs for r in running))
         for t in range(steps):
             for r in running:

@@ -79,7 +79,14 @@ class Service:
         self.chat = bool(tokenizer.chat_template) or all(tokenizer.piece_id(t) is not None for t in CHAT_TOKENS)
         stop_ids = prompt_ids(tokenizer, [{"role": "user", "content": ""}])[1] if self.chat else tokenizer.stop_ids
         model = PagedModel(
-            cfg.model, params, layout, engine["rows"], engine["blocks"], engine["block"], engine["chunk"]
+            cfg.model,
+            params,
+            layout,
+            engine["rows"],
+            engine["blocks"],
+            engine["block"],
+            engine["chunk"],
+            engine["rides"],
         )
         self.engine = Engine(model, stop_ids, engine["max_queue"], engine["static"])
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away

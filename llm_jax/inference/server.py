@@ -204,7 +204,15 @@ OPENAPI = {
 
 
 def engine_options(
-    cfg: Config, max_batch: int, max_queue: int, kv_blocks: int, block: int, chunk: int, static: bool, shards: int = 1
+    cfg: Config,
+    max_batch: int,
+    max_queue: int,
+    kv_blocks: int,
+    block: int,
+    chunk: int,
+    static: bool,
+    rides: int,
+    shards: int = 1,
 ) -> dict:
     """The serve command's engine flags, checked against the run and the mesh's batch shards (each holds
     its share of the pool, and a request's blocks come from one shard) -> Service's `engine` dict."""
@@ -224,6 +232,7 @@ def engine_options(
         "blocks": blocks + 1,
         "block": block,
         "chunk": chunk,
+        "rides": rides,
         "max_queue": max_queue,
         "static": static,
     }

@@ -194,7 +194,7 @@ def _paged(m, topology: Topology, layout: Layout, steps, b: int, params, block: 
         return jax.ShapeDtypeStruct((b, *shape), dtype, sharding=layout.sharding(("batch",) + (None,) * len(shape)))
 
     settings = tuple(rows(jnp.float32) for _ in range(3))
-    prefill, decode = paged_steps(m)
+    prefill, decode, _ = paged_steps(m)
     out = []
     if "paged_prefill" in steps:
         jitted = jax.jit(prefill, static_argnums=PREFILL_STATIC, donate_argnums=1)

@@ -31,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt added when a conversation has none")
 
     p = sub.add_parser(
-        "quantize", help="int8 / int4 / fp4 weight-only copy of a run, with held-out bpb before and after"
+        "quantize", help="int8 / int4 / fp4 / nvfp4 weight-only copy of a run, with held-out bpb before and after"
     )
     p.add_argument("--run", required=True, help="a trained run directory")
-    p.add_argument("--mode", required=True, choices=["int8", "int4", "fp4"])
+    p.add_argument("--mode", required=True, choices=["int8", "int4", "fp4", "nvfp4"])
     p.add_argument("--out", help="the quantized run directory (default: <run>-<mode>)")
     _mesh_arg(p)
 

@@ -1,4 +1,4 @@
-"""int8, int4 and fp4 (MXFP4) weight-only quantization: the rounding bound, a quantized run that
+"""int8, int4, fp4 (MXFP4) and nvfp4 weight-only quantization: the rounding bound, a quantized run that
 generate reads, and its held-out loss next to the float run's."""
 
 import re
@@ -67,6 +67,34 @@ def test_fp4_weights_are_the_nearest_e2m1_value_times_a_power_of_two_per_block()
     assert np.all(error <= np.maximum(want_scale[:, :, None], np.abs(blocks) - 6 * want_scale[:, :, None]))
 
 
+def test_nvfp4_weights_are_the_nearest_e2m1_value_times_an_e4m3_group_scale_and_a_layer_scale():
+    """NVFP4: a float32 scale per layer, max|w| / (6 x 448); per group of 16 inputs and output channel an
+    e4m3 scale, the group's max|w| / 6 over the layer's scale rounded to e4m3 (ml_dtypes' rounding); each
+    value w / (both scales) rounded to the nearest e2m1 value (a direct search of the grid), saturating at 6."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(2, 64, 12)).astype(np.float32) * rng.uniform(0.01, 10, size=(2, 64, 12)).astype(np.float32)
+    params = {"layers": {n: (w if n != "wo" else w.reshape(2, 64, 3, 4)) for n in IN_DIMS}, "embedding": np.ones(1)}
+    q = quantize(params, "nvfp4")["layers"]
+    assert q["wq"].dtype == jnp.float4_e2m1fn and q["wq_scale"].dtype == jnp.float8_e4m3fn
+    values, scale, tensor = (np.asarray(q[k].astype(jnp.float32)) for k in ("wq", "wq_scale", "wq_tensor_scale"))
+    want_tensor = np.abs(w).max(axis=(1, 2)) / (6 * 448)
+    np.testing.assert_allclose(tensor, want_tensor, rtol=1e-6)
+    blocks = w.reshape(2, 4, 16, 12)
+    exact = np.abs(blocks).max(axis=2) / 6 / tensor[:, None, None]
+    want_scale = exact.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(scale, want_scale)  # [2, 4 groups, 12]
+    per_group = want_scale[:, :, None] * tensor[:, None, None, None]
+    x = np.clip(blocks / per_group, -6, 6)
+    grid = np.concatenate([-E2M1[::-1], E2M1])
+    nearest = grid[np.abs(x[..., None] - grid).argmin(axis=-1)]
+    np.testing.assert_array_equal(values.reshape(2, 4, 16, 12), nearest)
+    error = np.abs(values.reshape(x.shape) * per_group - blocks)  # half the widest e2m1 gap, or the saturation
+    assert np.all(error <= np.maximum(per_group, np.abs(blocks) - 6 * per_group) * (1 + 1e-6))
+    assert np.abs(values).max() == 6
+
+
 @pytest.fixture(scope="module")
 def float_run(tmp_path_factory, prepared_template, corpus_slice):
     import shutil
@@ -77,7 +105,7 @@ def float_run(tmp_path_factory, prepared_template, corpus_slice):
     return run
 
 
-@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10), ("fp4", 0.10)])
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.01), ("int4", 0.10), ("fp4", 0.10), ("nvfp4", 0.10)])
 @pytest.mark.slow
 def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, tolerance):
     lines = []
@@ -90,7 +118,7 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
     assert abs(ppl[mode] - ppl["bfloat16"]) <= tolerance * ppl["bfloat16"], ppl  # int8 within 1%, int4 10%
     quantized = load_run(str(out))
     cfg, params, tokenizer = quantized.cfg, quantized.params, quantized.tokenizer
-    dtypes = {"int8": np.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn}
+    dtypes = {"int8": np.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn, "nvfp4": jnp.float4_e2m1fn}
     assert cfg.model.quant == mode and params["layers"]["wq"].dtype == dtypes[mode]
     fparams = load_run(str(float_run)).params
     nbytes = [sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for p in (params, fparams)]

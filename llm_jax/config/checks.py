@@ -16,6 +16,7 @@ def validate(cfg: Config) -> None:
     """Every violated constraint at once, each with the numbers involved."""
     m, o, t, d, s, p, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.sample, cfg.dpo, cfg.curate
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.context, cfg.mesh.tensor)
+    quant_group = 16 if m.quant == "nvfp4" else 32  # inputs sharing a scale (model/dense.py's GROUPS)
     checks = _moe_checks(m, cfg.mesh) + [
         (
             all(v > 0 for v in (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.seq_len)),
@@ -42,11 +43,15 @@ def validate(cfg: Config) -> None:
             f"model.rope_scaling={list(m.rope_scaling)} must be [] or [factor, low_freq_factor, "
             "high_freq_factor, original_context], all positive, high_freq_factor > low_freq_factor",
         ),
-        (m.quant in ("none", "int8", "int4", "fp4"), f"model.quant={m.quant!r} must be none, int8, int4 or fp4"),
         (
-            m.quant not in ("int4", "fp4") or all(x % 32 == 0 for x in (m.d_model, m.mlp_dim, m.n_heads * m.head_dim)),
-            f"model.quant={m.quant} scales groups of 32 inputs: d_model={m.d_model}, mlp_dim={m.mlp_dim} and "
-            f"n_heads x head_dim={m.n_heads * m.head_dim} must be multiples of 32",
+            m.quant in ("none", "int8", "int4", "fp4", "nvfp4"),
+            f"model.quant={m.quant!r} must be none, int8, int4, fp4 or nvfp4",
+        ),
+        (
+            m.quant not in ("int4", "fp4", "nvfp4")
+            or all(x % quant_group == 0 for x in (m.d_model, m.mlp_dim, m.n_heads * m.head_dim)),
+            f"model.quant={m.quant} scales groups of {quant_group} inputs: d_model={m.d_model}, mlp_dim={m.mlp_dim} "
+            f"and n_heads x head_dim={m.n_heads * m.head_dim} must be multiples of {quant_group}",
         ),
         (m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive"),
         (m.init_std > 0, f"model.init_std={m.init_std} must be positive"),

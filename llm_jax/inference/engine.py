@@ -1,10 +1,11 @@
 """The server's scheduler: continuous batching over a paged KV cache (llm_jax/inference/paged.py).
 
 One thread runs the model. Each round it admits waiting requests (first come, first served) while a
-decode slot and the KV blocks for prompt + max_tokens are free, prefills the next chunk of every
-admitted prompt (chunks of `--prefill-chunk` tokens, so a long prompt never stalls the running rows
-for more than a chunk), and decodes one step of every running row; a request joins the batch the round
-its prompt is prefilled and leaves the step it ends, freeing its slot and blocks. While nothing waits,
+decode slot and the KV blocks for prompt + max_tokens are free; short prompts (up to `--ride-tokens`
+in all) ride in the round's decode step as rows of their own, the others are prefilled apart, the next
+chunk of each (chunks of `--prefill-chunk` tokens, so a long prompt never stalls the running rows for
+more than a chunk); then one step of every running row. A request joins the batch the round its prompt
+is prefilled and leaves the step it ends, freeing its slot and blocks. While nothing waits,
 a round decodes up to 16 steps in one dispatch (DECODE_STEPS; no row past its budget), over the fewest
 slots that hold every running row.
 
@@ -151,7 +152,8 @@ class Engine:
 
     def _riders(self) -> list[Request]:
         """The prefilling requests whose whole remaining prompt rides in this round's decode step (paged.py:
-        first come first, up to its RIDE_TOKENS and RIDERS; none that asked for log-probs)."""
+        first come first, up to the model's `rides` tokens and RIDERS prompts; none while a request wants
+        log-probs)."""
         riders, room = [], self.model.rides
         if any(r.logprobs for r in self._running()):  # a ride step scores no tokens
             return []

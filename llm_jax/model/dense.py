@@ -1,4 +1,4 @@
-"""Linear layers and the formats of their weights: float32, or weight-only int8 / int4 / fp4.
+"""Linear layers and the formats of their weights: float32, or weight-only int8 / int4 / fp4 / nvfp4.
 
 The quantized formats (model.quant) are written by `quantize` and read by `dense`:
 - int8: a scale per layer and output channel, max |w| over the inputs / 127;
@@ -8,6 +8,10 @@ The quantized formats (model.quant) are written by `quantize` and read by `dense
   and their negatives) sharing a power-of-two scale (jnp.float8_e8m0fnu, one byte) per group of
   INT4_GROUP inputs and output channel: 2^(floor(log2 max|w|) - 2), so the largest weight lands in
   [4, 8) and saturates at 6; rounding to nearest, ties to even. 4.25 bits a weight.
+- nvfp4: NVIDIA's NVFP4: e2m1 values with a scale per group of 16 inputs and output channel in
+  jnp.float8_e4m3fn (3 mantissa bits, so the largest weight of a group lands near 6 rather than
+  anywhere in [4, 8)), times a float32 scale per layer and weight, max|w| / (6 x 448), which keeps the
+  group scales inside e4m3's range. 4.5 bits a weight.
 The integer scales are set so each group's largest weight lands on the largest integer. Norms and
 the embedding / LM head are not quantized. On hardware without FP4 matmuls (all but NVIDIA Blackwell's
 tensor cores, today) fp4 weights are dequantized to the compute dtype for the matmul, like int4: they
@@ -27,9 +31,10 @@ from llm_jax.config import ModelConfig
 from llm_jax.model.context_parallel import context_shards
 from llm_jax.model.device import compute_dtype, cpu_rows, on_cpu, saved, transposed
 
-INT4_GROUP = 32  # model.quant=int4 / fp4: weights share a scale in groups of this many inputs
-QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn}
-FP4_MAX = 6.0  # the largest e2m1 value
+GROUPS = {"int4": 32, "fp4": 32, "nvfp4": 16}  # model.quant: inputs that share a scale
+QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp4": jnp.float4_e2m1fn, "nvfp4": jnp.float4_e2m1fn}
+SCALE_DTYPES = {"int4": jnp.float32, "fp4": jnp.float8_e8m0fnu, "nvfp4": jnp.float8_e4m3fn}
+FP4_MAX, E4M3_MAX = 6.0, 448.0  # the largest e2m1 and e4m3 values
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}  # each weight's contracted axes
 
 
@@ -112,28 +117,37 @@ def dense(
         scale = param(module, f"{name}_scale", out_shape, out_axes, None)
         y = matmul(x, q, in_dims, dt)  # int8 values are exact in bf16 and f32
         return (y.astype(jnp.float32) * scale).astype(y.dtype)
-    groups = math.prod(shape[:in_dims]) // INT4_GROUP
-    scale_dtype = jnp.float8_e8m0fnu if cfg.quant == "fp4" else jnp.float32
+    group = GROUPS[cfg.quant]
+    groups = math.prod(shape[:in_dims]) // group
     init = nn.with_logical_partitioning(nn.initializers.ones, (None, *out_axes))
-    scale = module.param(f"{name}_scale", init, (groups, *out_shape), scale_dtype).astype(jnp.float32)
-    w = q.astype(jnp.float32).reshape(groups, INT4_GROUP, -1) * scale.reshape(groups, 1, -1)
+    scale = module.param(f"{name}_scale", init, (groups, *out_shape), SCALE_DTYPES[cfg.quant]).astype(jnp.float32)
+    if cfg.quant == "nvfp4":
+        scale = scale * param(module, f"{name}_tensor_scale", (), (), None)
+    w = q.astype(jnp.float32).reshape(groups, group, -1) * scale.reshape(groups, 1, -1)
     return matmul(x, w.reshape(shape), in_dims, dt)
 
 
 def quantize(params: dict, mode: str) -> dict:
     """f32 params -> the tree of model.quant=mode: each layer weight [L, *in, *out] -> the mode's values of
-    the same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, fp4; K = the inputs)."""
+    the same shape and `<name>_scale` [L, *out] (int8) or [L, K / group, *out] (int4, fp4, nvfp4; K = the
+    inputs), and for nvfp4 `<name>_tensor_scale` [L]."""
     layers = dict(params["layers"])
     for name, in_dims in IN_DIMS.items():
         w = jnp.asarray(layers.pop(name), jnp.float32)
         lead, out = w.shape[: 1 + in_dims], w.shape[1 + in_dims :]
-        group = math.prod(lead[1:]) if mode == "int8" else INT4_GROUP
+        group = math.prod(lead[1:]) if mode == "int8" else GROUPS[mode]
         grouped = w.reshape(w.shape[0], -1, group, math.prod(out))  # [L, groups, group, N]
         top = jnp.max(jnp.abs(grouped), axis=2, keepdims=True)
         if mode == "fp4":  # a power of two putting the largest weight in [4, 8)
             scale = jnp.where(top > 0, jnp.exp2(jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))) - 2), 1.0)
             q = jnp.clip(grouped / scale, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn)
             scale = scale.astype(jnp.float8_e8m0fnu)  # exact: a power of two
+        elif mode == "nvfp4":  # the group's largest weight at ~6 by an e4m3 scale, times the layer's scale
+            tensor = jnp.max(top, axis=(1, 3), keepdims=True) / (FP4_MAX * E4M3_MAX)
+            tensor = jnp.where(tensor > 0, tensor, 1.0)
+            scale = jnp.where(top > 0, top / FP4_MAX / tensor, 1.0).astype(jnp.float8_e4m3fn)
+            q = jnp.clip(grouped / (scale.astype(jnp.float32) * tensor), -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn)
+            layers[f"{name}_tensor_scale"] = tensor.reshape(w.shape[0])
         else:
             levels = 127 if mode == "int8" else 7
             scale = jnp.where(top > 0, top / levels, 1.0)
@@ -145,7 +159,7 @@ def quantize(params: dict, mode: str) -> dict:
 
 
 def param_bytes(params) -> int:
-    half = (jnp.int4, jnp.float4_e2m1fn)
+    half = (jnp.int4, jnp.float4_e2m1fn)  # half a byte each
     return sum(x.size * (0.5 if x.dtype in half else x.dtype.itemsize) for x in jax.tree_util.tree_leaves(params))
 
 

@@ -15,7 +15,7 @@ import jax
 from llm_jax import run as runs
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.model.dense import INT4_GROUP, param_bytes, quantize
+from llm_jax.model.dense import GROUPS, param_bytes, quantize
 from llm_jax.model.device import compute_dtype
 from llm_jax.parallel.sharding import Layout, abstract_params, inference_layout, single_device_layout
 from llm_jax.train.loop import evaluate
@@ -27,8 +27,8 @@ from llm_jax.train.step import make_steps
 def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, mesh: str = "1,1,1", log=print) -> Path:
     """The float32 parameters are read split over --mesh and quantized where they lie: no device holds the
     whole float32 tree (the quantized tree comes out split by the same rules)."""
-    if mode not in ("int8", "int4", "fp4"):
-        raise UserError(f"--mode {mode!r} must be int8, int4 or fp4")
+    if mode not in ("int8", *GROUPS):
+        raise UserError(f"--mode {mode!r} must be int8, int4, fp4 or nvfp4")
     if runs.load_config_of(run_dir).model.moe.experts:
         raise UserError(f"{run_dir} is a mixture of experts: quantize does not take MoE weights yet")
     layout = inference_layout(runs.load_config_of(run_dir), mesh) or single_device_layout()
@@ -46,10 +46,11 @@ def quantize_run(run_dir: str, mode: str, out_dir: str | None = None, mesh: str 
     if out.exists():
         raise UserError(f"{out} exists; remove it or give --out")
     m = cfg.model
-    if mode in ("int4", "fp4") and (m.d_model % INT4_GROUP or m.mlp_dim % INT4_GROUP):
+    group = GROUPS.get(mode, 1)
+    if m.d_model % group or m.mlp_dim % group:
         raise UserError(
-            f"{mode} scales groups of {INT4_GROUP} inputs: this model's d_model={m.d_model} and "
-            f"mlp_dim={m.mlp_dim} must be multiples of {INT4_GROUP}; use --mode int8"
+            f"{mode} scales groups of {group} inputs: this model's d_model={m.d_model} and "
+            f"mlp_dim={m.mlp_dim} must be multiples of {group}; use --mode int8"
         )
     qcfg = dataclasses.replace(cfg, run_dir=str(out), model=dataclasses.replace(m, quant=mode))
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params(qcfg.model, layout))

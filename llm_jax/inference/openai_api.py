@@ -22,27 +22,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-from llm_jax.data.chat_template import ROLES, check_messages, prompt_ids
+from llm_jax.data.chat_template import check_messages, prompt_ids
 from llm_jax.data.tokenizer import CHAT_TOKENS
 from llm_jax.errors import UserError
+from llm_jax.inference.api_fields import ApiError, flag, integer, is_ids, number, plain_message
 from llm_jax.inference.engine import PREFILL_ROWS, Engine, QueueFull, Request
 from llm_jax.inference.generate import text_pieces
 from llm_jax.inference.paged import TOP_LOGPROBS, PagedModel
 
 MAX_CHOICES = 16  # n x prompts per request
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclasses.dataclass
@@ -128,7 +116,7 @@ class Service:
 
     def detokenize(self, body) -> dict:
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not (_is_ids(tokens) or tokens == []) or any(t >= self.cfg.model.vocab_size or t < 0 for t in tokens):
+        if not (is_ids(tokens) or tokens == []) or any(t >= self.cfg.model.vocab_size or t < 0 for t in tokens):
             raise ApiError(400, "'tokens' must be a list of token ids", "tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
 
@@ -148,14 +136,14 @@ class Service:
                 "model_not_found",
             )
         prompts = [self._chat_prompt(body)] if chat else self._text_prompts(body)
-        n = _integer(body, "n", 1, 1, MAX_CHOICES // len(prompts), f"at most {MAX_CHOICES} choices x prompts")
-        echo = not chat and _flag(body, "echo")
+        n = integer(body, "n", 1, 1, MAX_CHOICES // len(prompts), f"at most {MAX_CHOICES} choices x prompts")
+        echo = not chat and flag(body, "echo")
         top = self._top_asked(body, chat)
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         longest = max(map(len, prompts))
         default = min(self.max_tokens, self.seq_len - longest) if chat else min(16, self.max_tokens)
         hint = f"at most {self.max_tokens} new tokens per request on this server"
-        max_new = _integer(body, key, default, 0 if echo else 1, self.max_tokens, hint)
+        max_new = integer(body, key, default, 0 if echo else 1, self.max_tokens, hint)
         if longest + max_new > self.seq_len:
             raise ApiError(
                 400,
@@ -169,12 +157,12 @@ class Service:
         stop = [stop] if isinstance(stop, str) else stop or []
         if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4", "stop")
-        seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
+        seed = integer(body, "seed", None, -(2**63), 2**64 - 1)
         seed = secrets.randbits(32) if seed is None else seed % 2**32
         sampling = (
-            _number(body, "temperature", 1.0, 0.0, 2.0),
-            _integer(body, "top_k", 0, 0, None),
-            _number(body, "top_p", 1.0, 1e-9, 1.0),
+            number(body, "temperature", 1.0, 0.0, 2.0),
+            integer(body, "top_k", 0, 0, None),
+            number(body, "top_p", 1.0, 1e-9, 1.0),
         )
         scored = top is not None
         requests = [
@@ -187,23 +175,23 @@ class Service:
 
     def _top_asked(self, body, chat: bool) -> int | None:
         if chat:
-            if not _flag(body, "logprobs"):
+            if not flag(body, "logprobs"):
                 if body.get("top_logprobs") is not None:
                     raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
                 return None
-            return _integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
-        return _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+            return integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+        return integer(body, "logprobs", None, 0, TOP_LOGPROBS)
 
     def _text_prompts(self, body) -> list[list[int]]:
         """'prompt': a string, token ids, or a list of either -> one id list per prompt, each after
         the tokenizer's BOS (<|endoftext|> in runs trained here: a fresh document, as in pretraining)."""
         prompt = body.get("prompt")
-        prompts = prompt if isinstance(prompt, list) and prompt and not _is_ids(prompt) else [prompt]
+        prompts = prompt if isinstance(prompt, list) and prompt and not is_ids(prompt) else [prompt]
         out = []
         for p in prompts:
             if isinstance(p, str):
                 out.append([self.tokenizer.bos_id] + self.tokenizer.encode(p))
-            elif _is_ids(p) and all(0 <= t < self.cfg.model.vocab_size for t in p):
+            elif is_ids(p) and all(0 <= t < self.cfg.model.vocab_size for t in p):
                 out.append([self.tokenizer.bos_id] + list(p))
             else:
                 raise ApiError(
@@ -226,7 +214,7 @@ class Service:
             )
         messages = body.get("messages")
         if isinstance(messages, list):  # OpenAI's newer shapes: "developer" role, content as a list of text parts
-            messages = [_plain_message(m) for m in messages]
+            messages = [plain_message(m) for m in messages]
         try:
             check_messages(messages, "messages")
         except UserError as e:
@@ -372,44 +360,3 @@ def _chat_logprob(tokenizer, token: int, logprob: float, alternatives: list) -> 
         return {"token": tokenizer.token_text(t), "logprob": lp, "bytes": tokenizer.token_utf8(t)}
 
     return entry(token, logprob) | {"top_logprobs": [entry(a, v) for a, v in alternatives]}
-
-
-def _is_ids(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-
-def _flag(body: dict, key: str) -> bool:
-    value = body.get(key, False)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"'{key}' must be true or false, got {value!r}", key)
-    return bool(value)
-
-
-def _plain_message(m):
-    if not isinstance(m, dict):
-        return m
-    m = dict(m, role="system" if m.get("role") == "developer" else m.get("role"))
-    if isinstance(m.get("content"), list):
-        parts = m["content"]
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-            raise ApiError(400, 'only text content parts ({"type": "text", "text": ...}) are supported', "messages")
-        m["content"] = "".join(p["text"] for p in parts)
-    if m.get("role") not in ROLES:
-        raise ApiError(400, f"unsupported role {m.get('role')!r}: use system, user or assistant", "messages")
-    return m
-
-
-def _number(body: dict, key: str, default, lo: float, hi: float | None, integer: bool = False, hint: str = ""):
-    value = body.get(key)
-    if value is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < lo or (hi is not None and value > hi):
-        want = "an integer" if integer else "a number"
-        bounds = f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
-        raise ApiError(400, f"'{key}' must be {want}{bounds}, got {value!r}" + (f" ({hint})" if hint else ""), key)
-    return value
-
-
-def _integer(body: dict, key: str, default, lo: int, hi: int | None, hint: str = ""):
-    return _number(body, key, default, lo, hi, integer=True, hint=hint)

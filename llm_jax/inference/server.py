@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from llm_jax.config import Config
 from llm_jax.errors import UserError
-from llm_jax.inference.openai_api import ApiError, Service
+from llm_jax.inference.api_fields import ApiError
+from llm_jax.inference.openai_api import Service
 from llm_jax.parallel.sharding import inference_layout
 from llm_jax.run import load_config_of, load_run
 

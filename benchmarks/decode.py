@@ -1,9 +1,9 @@
 """Decode speed of a trained run: time to first token (prefill of the prompt and its first new token)
 and decode tokens/s at batch 1 and batch 16 (16 rows decoded together), for the run in float32, in
-bfloat16 compute, with int8 and int4 weights (llm_jax/model/dense.py; computing in model.dtype=auto,
-the fast dtype of this machine); with --hf, also Hugging Face transformers' PyTorch `generate` on the
-same weights (exported by llm_jax/tools/hf.py), prompts and token counts, in float32 and bfloat16,
-and ours / the best transformers figure per batch size.
+bfloat16 compute, with int8, int4, fp4 (MXFP4) and nvfp4 weights (llm_jax/model/dense.py; computing
+in model.dtype=auto, the fast dtype of this machine); with --hf, also Hugging Face transformers'
+PyTorch `generate` on the same weights (exported by llm_jax/tools/hf.py), prompts and token counts,
+in float32 and bfloat16, and ours / the best transformers figure per batch size.
 
     python benchmarks/decode.py [--run runs/shakespeare] [--new-tokens 100] [--repeats 3] [--hf]
 
@@ -46,7 +46,7 @@ def main() -> None:
         ("llm_jax float32", model(dtype="float32"), params),
         ("llm_jax bfloat16", model(dtype="bfloat16"), params),
         (f"llm_jax int8 ({fast})", model(dtype=fast, quant="int8"), quantize(params, "int8")),
-        (f"llm_jax int4 ({fast})", model(dtype=fast, quant="int4"), quantize(params, "int4")),
+        *((f"llm_jax {q} ({fast})", model(dtype=fast, quant=q), quantize(params, q)) for q in ("int4", "fp4", "nvfp4")),
     ]
     cpu = cpu_info()
     print(f"{cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); model.dtype=auto -> {fast}")

@@ -11,9 +11,12 @@ p50 and p99. Transformers runs the same requests in batches of C (left-padded), 
 until its longest request's max_tokens: static batching without a server, counted at the tokens asked for.
 
     python benchmarks/serve.py [--run runs/shakespeare] [--clients 1,16,64] [--no-hf]
+                               [--preamble N] [--modes continuous,static,unshared]
 
-The server is started once per batching mode on a free port (compilation happens before the first
-timed level: one warm-up round at the highest concurrency).
+With --preamble N every prompt begins with the same N tokens (a system prompt: the corpus's first
+tokens), and --modes continuous,unshared compares prefix sharing on and off (`--prefix-sharing`).
+The server is started once per mode on a free port (compilation happens before the first timed
+level: one warm-up round at the highest concurrency).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MIN_NEW, MAX_NEW = 8, 96
+MODES = {  # the servers a run compares: their serve flags
+    "continuous": ["--batching", "continuous"],
+    "static": ["--batching", "static"],
+    "unshared": ["--batching", "continuous", "--prefix-sharing", "off"],
+}
 
 
 def main() -> None:
@@ -40,8 +48,13 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's decode rows")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (needs torch and transformers)")
+    parser.add_argument("--preamble", type=int, default=0, help="tokens every prompt begins with (a system prompt)")
+    parser.add_argument("--modes", default="continuous,static", help=f"servers to compare, of {', '.join(MODES)}")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
 
     from llm_jax.model.device import auto_dtype, cpu_info
     from llm_jax.run import load_run
@@ -50,14 +63,15 @@ def main() -> None:
     cpu = cpu_info()
     print(f"{cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); model.dtype=auto -> {auto_dtype()[0]}")
     print(
-        f"{args.run}: context {run.cfg.model.seq_len}; server --max-batch {args.max_batch}; {time.strftime('%Y-%m-%d')}"
+        f"{args.run}: context {run.cfg.model.seq_len}; server --max-batch {args.max_batch}; "
+        f"preamble {args.preamble} tokens; {time.strftime('%Y-%m-%d')}"
     )
-    workloads = {c: workload(run.tokenizer, c, run.cfg.model.seq_len) for c in levels}
+    workloads = {c: workload(run.tokenizer, c, run.cfg.model.seq_len, args.preamble) for c in levels}
     print(
         row("batching", "clients", "requests", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms")
     )
     results = {}
-    for mode in ("continuous", "static"):
+    for mode in modes:
         with server(args.run, mode, args.max_batch) as port:
             drive(port, workloads[max(levels)], max(levels))  # compile every shape first
             for c in levels:
@@ -71,12 +85,16 @@ def main() -> None:
             )
             results["hf", c] = {"rate": rate}
     for c in levels:
-        cont, stat = results["continuous", c], results["static", c]
-        print(
-            f"{c} clients: continuous / static output tokens/s = {cont['rate'] / stat['rate']:.2f}x; "
-            f"TTFT p99 {cont['ttft99']:.0f} vs {stat['ttft99']:.0f} ms ({cont['ttft99'] / stat['ttft99']:.2f}x)"
-            + (f"; / transformers {cont['rate'] / results['hf', c]['rate']:.2f}x" if ("hf", c) in results else "")
-        )
+        first, *others = modes
+        for other in others:
+            a, b = results[first, c], results[other, c]
+            print(
+                f"{c} clients: {first} / {other} output tokens/s = {a['rate'] / b['rate']:.2f}x; "
+                f"TTFT p99 {a['ttft99']:.0f} vs {b['ttft99']:.0f} ms ({a['ttft99'] / b['ttft99']:.2f}x)"
+            )
+        if ("hf", c) in results:
+            ratio = results[first, c]["rate"] / results["hf", c]["rate"]
+            print(f"{c} clients: {first} / transformers output tokens/s = {ratio:.2f}x")
 
 
 def row(*cells) -> str:
@@ -87,8 +105,9 @@ def fmt(r: dict) -> list[str]:
     return [f"{r['rate']:,.0f}", f"{r['ttft50']:.0f}", f"{r['ttft99']:.0f}", f"{r['itl50']:.1f}", f"{r['itl99']:.1f}"]
 
 
-def workload(tokenizer, clients: int, seq_len: int) -> list[tuple[str, int]]:
-    """(prompt text, max_tokens) per request, the same for every mode."""
+def workload(tokenizer, clients: int, seq_len: int, preamble: int) -> list[tuple[str, int]]:
+    """(prompt text, max_tokens) per request, the same for every mode; each prompt the corpus's first
+    `preamble` tokens and then its own."""
     from llm_jax.data.corpus import shakespeare_dir
 
     text = " ".join(p.read_text() for p in sorted(shakespeare_dir("~/.cache/llm_jax").glob("*.txt"))[:3])
@@ -96,9 +115,9 @@ def workload(tokenizer, clients: int, seq_len: int) -> list[tuple[str, int]]:
     rng = random.Random(clients)
     out = []
     for _ in range(max(16, 4 * clients)):
-        n, start = rng.randint(6, 40), rng.randrange(len(ids) - 64)
-        new = min(rng.randint(MIN_NEW, MAX_NEW), seq_len - n - 2)
-        out.append((tokenizer.decode(ids[start : start + n]), new))
+        n, start = rng.randint(6, 40), rng.randrange(preamble, len(ids) - 64)
+        new = min(rng.randint(MIN_NEW, MAX_NEW), seq_len - preamble - n - 2)
+        out.append((tokenizer.decode(ids[:preamble] + ids[start : start + n]), new))
     return out
 
 
@@ -107,7 +126,7 @@ class server:
 
     def __init__(self, run: str, mode: str, rows: int):
         self.args = [sys.executable, "-m", "llm_jax", "serve", "--run", run, "--port", "0", "--model-name", "m"]
-        self.args += ["--batching", mode, "--max-batch", str(rows), "--max-queue", "1024"]
+        self.args += ["--max-batch", str(rows), "--max-queue", "1024", *MODES[mode]]
 
     def __enter__(self) -> int:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

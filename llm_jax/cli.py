@@ -151,8 +151,10 @@ def _quantize(args) -> None:
 def _serve(args) -> None:
     if min(args.max_tokens, args.max_batch, args.max_queue, args.kv_block_size) < 1 or not 0 <= args.port < 65536:
         raise UserError("need --max-tokens, --max-batch, --max-queue, --kv-block-size >= 1 and 0 <= --port < 65536")
-    if args.kv_blocks < 0 or args.prefill_chunk < 16 or args.ride_tokens < 0:
-        raise UserError("need --kv-blocks >= 0 (0: automatic), --prefill-chunk >= 16 and --ride-tokens >= 0")
+    if args.kv_blocks < 0 or args.prefill_chunk < 16 or not 0 <= args.ride_tokens <= args.prefill_chunk:
+        raise UserError(
+            "need --kv-blocks >= 0 (0: automatic), --prefill-chunk >= 16 and 0 <= --ride-tokens <= --prefill-chunk"
+        )
     from llm_jax.inference.server import serve
 
     engine = {
@@ -163,6 +165,7 @@ def _serve(args) -> None:
         "chunk": args.prefill_chunk,
         "rides": args.ride_tokens,
         "static": args.batching == "static",
+        "share_prefixes": args.prefix_sharing == "on",
     }
     serve(args.run, args.host, args.port, args.model_name, args.max_tokens, args.api_key, args.mesh, engine)
 

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens a decode step carries as rows of its own (0: every prompt prefilled apart)",
     )
     p.add_argument(
+        "--prefix-sharing",
+        choices=["on", "off"],
+        default="on",
+        help="a prompt that begins as an earlier one did reads that one's KV blocks instead of prefilling them",
+    )
+    p.add_argument(
         "--batching",
         choices=["continuous", "static"],
         default="continuous",

@@ -17,10 +17,10 @@ from llm_jax.model.transformer import Transformer
 ENGINES = []
 
 
-def _engine(cfg, params, rows=4, blocks=None, block=8, chunk=16, layout=None, static=False, rides=0):
+def _engine(cfg, params, rows=4, blocks=None, block=8, chunk=16, layout=None, static=False, rides=0, share=True):
     blocks = blocks or rows * cfg.seq_len // block
     model = PagedModel(cfg, params, layout, rows, blocks + 1, block, chunk, rides)
-    ENGINES.append(Engine(model, (), static=static))
+    ENGINES.append(Engine(model, (), 64, static, share))
     return ENGINES[-1]
 
 
@@ -138,6 +138,7 @@ def test_log_probs_equal_the_model_scoring_the_text_directly(model):
     echo_only = engine.submit(Request(prompt, 0, 0.0, 0, 1.0, 0, logprobs=True, prompt_logprobs=True))
     assert list(echo_only.tokens()) == [] and echo_only.finish_reason == "length"
     np.testing.assert_allclose([lp for lp, _ in echo_only.prompt_scores], want_prompt, atol=1e-4)
+    assert engine.stats["shared_tokens"] == 0  # a prompt scored for echo is prefilled whole
 
 
 @pytest.mark.slow
@@ -214,13 +215,13 @@ def test_the_pallas_paged_kernel_decodes_what_the_gathered_cache_does(model):
 def test_each_batch_shard_hands_out_its_own_blocks_to_the_slots_it_holds():
     """Two batch shards, 4 usable blocks each (block ids 1-4 and 6-9; 0 and 5 scratch): slot s is held
     by shard s % 2; a request takes the lowest free slot whose shard has its blocks."""
-    from llm_jax.inference.paged import BlockPool
+    from llm_jax.inference.blocks import BlockPool
 
     pool = BlockPool(5, 2)
     assert (pool.total, pool.capacity, pool.free) == (8, 4, 8)
-    assert pool.take(3, 1) == [6, 7, 8] and pool.take(2, 1) is None and pool.take(4, 0) == [1, 2, 3, 4]
+    assert pool.take(3, 1) == ([6, 7, 8], 0) and pool.take(2, 1) is None and pool.take(4, 0) == ([1, 2, 3, 4], 0)
     pool.give([6, 7, 8])
-    assert pool.free == 4 and pool.take(4, 1) == [6, 7, 8, 9]
+    assert pool.free == 4 and pool.take(4, 1) == ([6, 7, 8, 9], 0)
 
     class Sharded:  # PagedModel's placement without a model: admit is all it needs
         admit, blocks_for = PagedModel.admit, PagedModel.blocks_for
@@ -229,6 +230,64 @@ def test_each_batch_shard_hands_out_its_own_blocks_to_the_slots_it_holds():
             self.shards, self.block, self.pool = 2, 8, BlockPool(5, 2)
 
     m = Sharded()
-    assert m.admit([0, 1, 2, 3], 30) == (0, [1, 2, 3, 4])  # shard 0's four blocks
-    assert m.admit([1, 2, 3], 30) == (1, [6, 7, 8, 9])  # slot 2 (shard 0) has none left: slot 1
+    assert m.admit([0, 1, 2, 3], 30) == (0, [1, 2, 3, 4], 0)  # shard 0's four blocks
+    assert m.admit([1, 2, 3], 30) == (1, [6, 7, 8, 9], 0)  # slot 2 (shard 0) has none left: slot 1
     assert m.admit([2, 3], 8) is None
+
+
+def test_a_prompt_that_begins_as_an_earlier_one_prefills_only_the_rest(model):
+    """Prefix sharing, blocks of 8: prompts of a 19-token preamble and different endings, one after
+    another. Each later one takes the two full blocks (16 tokens) that the first one wrote and prefills
+    (or, with rides, carries in the decode step) only the rest, and gets exactly the tokens it gets
+    alone; with sharing off every token is prefilled."""
+    cfg, params = model
+    preamble = list(range(40, 59))
+    rows = [(preamble + end, 6, t, 0, 1.0, s) for end, t, s in (([3], 0.0, 0), ([7, 9, 2], 0.0, 0), ([5, 1], 0.8, 3))]
+    gen = Generator(cfg, params)
+    alone = [list(gen.stream(*row)) for row in rows]
+    for share, rides in ((True, 0), (True, 24), (False, 0)):
+        engine = _engine(cfg, params, rides=rides, share=share)
+        assert [list(engine.submit(_request(row)).tokens()) for row in rows] == alone, (share, rides)
+        assert engine.stats["shared_tokens"] == (32 if share else 0)
+        assert engine.stats["prompt_tokens"] == sum(len(row[0]) for row in rows) - engine.stats["shared_tokens"]
+        assert engine.load()["kv_blocks_used"] == 0 and engine.load()["kv_blocks_shared_idle"] == (2 if share else 0)
+
+
+def test_shared_prompt_blocks_stay_readable_until_their_space_is_needed():
+    """A pool of 5 blocks: blocks shared under a prompt's keys are taken by a prompt that begins alike,
+    counted per holder; unheld, they stay readable, and are handed out fresh only once the never-shared
+    blocks are gone, a prompt's last block first."""
+    from llm_jax.inference.blocks import BlockPool, prefix_keys
+
+    keys = prefix_keys(list(range(24)), 8)
+    other = prefix_keys(list(range(16)) + [99] * 8, 8)
+    assert len(keys) == 3 and other[:2] == keys[:2] and other[2] != keys[2] and prefix_keys([1] * 7, 8) == []
+    pool = BlockPool(6)
+    a = pool.take(4, 0, keys[:2])
+    assert a == ([1, 2, 3, 4], 0)
+    pool.share(a[0], keys)  # the prompt's three full blocks
+    b = pool.take(3, 0, other)
+    assert b == ([1, 2, 5], 2) and pool.take(1, 0) is None
+    pool.give(a[0])  # 1 and 2 are still held by b, 3 idle, 4 free
+    assert (pool.free, pool.idle) == (2, 1)
+    pool.give(b[0])
+    assert (pool.free, pool.idle) == (5, 3)
+    whole = pool.take(3, 0, keys)
+    assert whole == ([1, 2, 3], 3) and (pool.free, pool.idle) == (2, 0)
+    pool.give(whole[0])
+    assert pool.take(5, 0) == ([5, 4, 3, 2, 1], 0)  # the free ones, then the idle: last block first
+    pool.give([5, 4, 3, 2, 1])
+    assert pool.take(1, 0, keys) == ([5], 0) and pool.idle == 0  # their keys went with them
+
+
+def test_a_request_for_log_probs_that_joins_beside_a_riding_prompt_gets_its_scores(model):
+    """Two requests admitted in one round, the first short enough to ride, the second wanting
+    log-probs (prefilled apart): the round's step must not be a riding one (it scores nothing), so
+    every token of the second has its log-prob."""
+    cfg, params = model
+    engine = _engine(cfg, params, rides=24)
+    with engine.wake:  # both wait before the engine's next round
+        short = engine.submit(Request([5, 9, 7], 4, 0.0, 0, 1.0, 0))
+        scored = engine.submit(Request([8, 8, 1], 4, 0.0, 0, 1.0, 0, logprobs=True))
+    assert len(list(short.tokens())) == 4 and len(list(scored.tokens())) == 4
+    assert len(scored.scores) == 4 and all(s is not None for s in scored.scores)

@@ -126,7 +126,7 @@ def test_a_quantized_run_keeps_the_held_out_loss_and_generates(float_run, mode, 
     prompt = tokenizer.encode("Romeo.\n")
     greedy = list(Generator(cfg.model, params).stream(prompt, 8))
     assert len(greedy) == 8 and list(Generator(cfg.model, params).stream(prompt, 8)) == greedy
-    engine = Engine(PagedModel(cfg.model, params, None, 2, 9, 16, 16, 64), ())  # what serve runs
+    engine = Engine(PagedModel(cfg.model, params, None, 2, 9, 16, 16, 64), (), 64, False, True)  # what serve runs
     try:
         assert list(engine.submit(Request(prompt, 8, 0.0, 0, 1.0, 0)).tokens()) == greedy
     finally:

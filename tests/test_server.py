@@ -3,6 +3,7 @@
 import http.client
 import json
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -205,6 +206,25 @@ def test_after_every_kind_of_4xx_the_same_keep_alive_connection_serves_the_next_
     text = _get_text(port, "/metrics")
     assert "llm_jax_kv_blocks_total 64" in text and 'llm_jax_time_to_first_token_seconds{quantile="0.5"}' in text
     assert _get(port, "/openapi.json")[1]["paths"]["/v1/completions"]["post"]
+
+
+def test_a_prompt_sent_again_reads_its_shared_blocks_and_gets_the_same_answer(run, server):
+    """Prefix sharing through the server (blocks of 16, the pool split over 2 batch shards): the second
+    of two equal greedy completions reads the first one's full prompt blocks (all but the block of its
+    last token) instead of prefilling them, and answers the same."""
+    _, port = server
+    tok = load_run(str(run)).tokenizer
+    text = "Enter KING LEAR, with his daughters, and the Duke of Gloucester and attendants.\n"
+    full = 1 + len(tok.encode(text))  # with the leading <|endoftext|>; the context is 64
+
+    def shared() -> int:
+        return int(re.search(r"^llm_jax_prompt_tokens_shared_total (\d+)$", _get_text(port, "/metrics"), re.M)[1])
+
+    before = shared()
+    client = _client(port)
+    outs = [client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0) for _ in range(2)]
+    assert outs[0].choices[0].text == outs[1].choices[0].text and outs[1].usage.prompt_tokens == full
+    assert shared() - before == (full - 1) // 16 * 16 > 0
 
 
 def test_logprobs_echo_and_n_through_the_openai_client_equal_the_model(run, server):

@@ -9,6 +9,10 @@ is prefilled and leaves the step it ends, freeing its slot and blocks. While not
 a round decodes up to 16 steps in one dispatch (DECODE_STEPS; no row past its budget), over the fewest
 slots that hold every running row.
 
+With `share_prefixes`, a prompt that begins as an earlier one did (a system prompt, a few-shot
+preamble) takes that earlier prompt's full KV blocks and prefills only the rest (blocks.py); requests
+that want their prompt's log-probs (echo) are prefilled whole.
+
 Memory is bounded: at most `max_queue` requests wait, and the KV cache is the fixed pool of blocks;
 when blocks run out, new requests wait for running ones to end. `static=True` admits a new batch only
 when every row has ended (static batching, for comparison: benchmarks/serve.py).
@@ -23,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from llm_jax.inference.blocks import prefix_keys
 from llm_jax.inference.paged import DECODE_STEPS, RIDERS, TOP_LOGPROBS, PagedModel, Scores
 
 PREFILL_ROWS = 8  # prompts prefilled together in one round, at most
@@ -51,8 +56,10 @@ class Request:
     scores: list = dataclasses.field(default_factory=list)  # per new token: (log-prob, [(id, log-prob)] * 20)
     prompt_scores: list = dataclasses.field(default_factory=list)  # per prompt token from the second on
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
-    # the scheduler's: KV blocks held, prompt tokens prefilled, decode slot, next sample index
+    # the scheduler's: KV blocks held and the prompt's block keys, prompt tokens prefilled, decode slot,
+    # the newest token
     blocks: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)
     prefilled: int = 0
     slot: int | None = None
     last: int = 0  # the newest token, which the next decode step reads
@@ -70,13 +77,16 @@ def _entry(scores: Scores, *index) -> tuple[float, list[tuple[int, float]]]:
 
 
 class Engine:
-    def __init__(self, model: PagedModel, stop_ids: tuple[int, ...], max_queue: int = 64, static: bool = False):
+    def __init__(
+        self, model: PagedModel, stop_ids: tuple[int, ...], max_queue: int, static: bool, share_prefixes: bool
+    ):
         self.model, self.stop_ids, self.max_queue, self.static = model, stop_ids, max_queue, static
+        self.share_prefixes = share_prefixes
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
         self.slots: list[Request | None] = [None] * model.rows
         self.wake = threading.Condition()
-        self.stats = collections.Counter()  # requests, generated_tokens, prompt_tokens, failed
+        self.stats = collections.Counter()  # requests, generated_tokens, prompt_tokens, shared_tokens, failed
         self.first_token_s: collections.deque[float] = collections.deque(maxlen=1000)
         self.closed = False
         self.thread = threading.Thread(target=self._serve_forever, name="llm_jax-engine", daemon=True)
@@ -119,6 +129,7 @@ class Engine:
             "prefilling": len(self.prefilling),
             "running": len(self._running()),
             "kv_blocks_used": self.model.pool.total - self.model.pool.free,
+            "kv_blocks_shared_idle": self.model.pool.idle,
             "kv_blocks": self.model.pool.total,
         }
 
@@ -145,7 +156,7 @@ class Engine:
         riders = self._riders()
         if apart := [r for r in self.prefilling if r not in riders]:
             self._prefill(apart[:PREFILL_ROWS])
-        if riders:
+        if riders and not any(r.logprobs for r in self._running()):  # one that just joined may want them
             self._ride(riders)
         elif self._running():
             self._decode()
@@ -179,11 +190,17 @@ class Engine:
                     self.waiting.popleft()
                     continue
                 free = [s for s, held in enumerate(self.slots) if held is None]
-                placed = self.model.admit(free, len(r.ids) + r.max_new)
+                if self.share_prefixes and not r.keys:
+                    r.keys = prefix_keys(r.ids, self.model.block)
+                # at least the prompt's last token is prefilled (it samples the first new one); echo: all
+                reusable = 0 if r.prompt_logprobs else (len(r.ids) - 1) // self.model.block
+                placed = self.model.admit(free, len(r.ids) + r.max_new, r.keys[:reusable])
                 if placed is None:  # the oldest waits for blocks; nobody overtakes it
                     return
                 self.waiting.popleft()
-                r.slot, r.blocks = placed
+                r.slot, r.blocks, shared = placed
+                r.prefilled = shared * self.model.block
+                self.stats["shared_tokens"] += r.prefilled
                 self.slots[r.slot] = r
                 self.prefilling.append(r)
                 self.stats["requests"] += 1
@@ -219,6 +236,7 @@ class Engine:
 
     def _prefilled(self, r: Request, first: int, scores) -> None:
         self.prefilling.remove(r)
+        self.model.pool.share(r.blocks, r.keys)
         if r.max_new == 0:
             self._finish(r, "length")
         else:

@@ -59,7 +59,8 @@ class Service:
     """Turns OpenAI request bodies into engine requests and engine tokens into response objects."""
 
     def __init__(self, cfg, params, tokenizer, model_name: str, max_tokens: int, engine: dict, layout=None):
-        """engine: PagedModel's rows, blocks, block and chunk, and Engine's max_queue and static."""
+        """engine: PagedModel's rows, blocks, block, chunk and rides, and Engine's max_queue, static and
+        share_prefixes (server.engine_options)."""
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.seq_len, self.max_tokens = cfg.model.seq_len, min(max_tokens, cfg.model.seq_len - 1)
         self.created = int(time.time())
@@ -76,7 +77,7 @@ class Service:
             engine["chunk"],
             engine["rides"],
         )
-        self.engine = Engine(model, stop_ids, engine["max_queue"], engine["static"])
+        self.engine = Engine(model, stop_ids, engine["max_queue"], engine["static"], engine["share_prefixes"])
         self.cancelled, self.lock = 0, threading.Lock()  # streams whose client went away
         self.draining = False  # set on shutdown: new requests get 503
 

@@ -1,5 +1,5 @@
-"""Continuous batching's device side: a pool of KV-cache blocks (llm_jax/model/kv_pages.py), the
-allocator that hands them out, and the two jitted steps a scheduler (llm_jax/inference/engine.py) runs:
+"""Continuous batching's device side: a pool of KV-cache blocks (llm_jax/model/kv_pages.py; who holds
+which: llm_jax/inference/blocks.py) and the jitted steps a scheduler (llm_jax/inference/engine.py) runs:
 
 - prefill: the next chunk of up to `chunk` prompt tokens of a few requests, written into their blocks;
   a request whose prompt ends in the chunk gets its first new token (and, asked for, the log-probs of
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
+from llm_jax.inference.blocks import BlockPool, blocks_per_shard
 from llm_jax.inference.generate import DECODE_CHUNK, sample_rows, serving_params
 from llm_jax.model.kv_pages import init_pages, paged_kernel, with_table, without_table
 from llm_jax.model.transformer import Transformer
@@ -38,36 +39,6 @@ DECODE_STEPS = (1, 4, DECODE_CHUNK)
 # contexts up to MAX_RIDE_CONTEXT ride, and not where the pool is split over batch shards or read by the
 # TPU kernel.
 RIDERS, RIDE_ROWS, MAX_RIDE_CONTEXT = 8, 8, 2048
-
-
-def blocks_per_shard(blocks: int, shards: int) -> int:
-    """A pool of `blocks` (one of them scratch) split over `shards`: each shard's share, and its scratch."""
-    return -(-(blocks - 1) // shards) + 1
-
-
-class BlockPool:
-    """The free blocks of the pool, per batch shard: shard j holds blocks [j P, (j + 1) P) (P =
-    per_shard), its first the scratch block, never handed out; a request's blocks all come from the
-    shard that holds its row (model/kv_pages.py)."""
-
-    def __init__(self, per_shard: int, shards: int = 1):
-        self.per_shard, self.capacity = per_shard, per_shard - 1  # capacity: the most one request can hold
-        self.total = shards * self.capacity
-        self._free = [list(range((j + 1) * per_shard - 1, j * per_shard, -1)) for j in range(shards)]
-
-    @property
-    def free(self) -> int:
-        return sum(map(len, self._free))
-
-    def take(self, n: int, shard: int = 0) -> list[int] | None:
-        free = self._free[shard]
-        if n > len(free):
-            return None
-        return [free.pop() for _ in range(n)]
-
-    def give(self, blocks: list[int]) -> None:
-        for b in reversed(blocks):
-            self._free[b // self.per_shard].append(b)
 
 
 @dataclasses.dataclass
@@ -122,8 +93,8 @@ class PagedModel:
         pool_blocks = self.shards * self.pool.per_shard
         with mesh_scope(self.layout):
             self.pages = jax.jit(lambda: init_pages(cfg, pool_blocks, block, per_layer=unstacked))()
-        ride = self.shards == 1 and not paged_kernel(cfg) and cfg.seq_len <= MAX_RIDE_CONTEXT
-        self.rides = rides if ride else 0  # prompt tokens a decode step may carry (serve --ride-tokens)
+        can_ride = self.shards == 1 and not paged_kernel(cfg) and cfg.seq_len <= MAX_RIDE_CONTEXT
+        self.rides = rides if can_ride else 0  # prompt tokens a decode step may carry (serve --ride-tokens)
         prefill, decode, ride = paged_steps(cfg)
         self._prefill = jax.jit(prefill, static_argnums=PREFILL_STATIC, donate_argnums=1)
         self._decode = jax.jit(decode, static_argnums=DECODE_STATIC, donate_argnums=1)
@@ -165,15 +136,16 @@ class PagedModel:
         """The rows of a decode step carrying prompt tokens, `used` of them taken."""
         return -(-used // RIDE_ROWS) * RIDE_ROWS
 
-    def admit(self, free_slots: list[int], tokens: int) -> tuple[int, list[int]] | None:
-        """The lowest free slot whose shard has blocks for `tokens`, and those blocks (None: none has)."""
+    def admit(self, free_slots: list[int], tokens: int, keys: list[bytes] = ()) -> tuple[int, list[int], int] | None:
+        """The lowest free slot whose shard has blocks for `tokens`, those blocks and how many of them hold
+        the prompt's leading blocks already (shared under `keys`: BlockPool.take) (None: no shard has)."""
         tried = set()
         for slot in sorted(free_slots):
             if slot % self.shards not in tried:
                 tried.add(slot % self.shards)
-                blocks = self.pool.take(self.blocks_for(tokens), slot % self.shards)
-                if blocks is not None:
-                    return slot, blocks
+                taken = self.pool.take(self.blocks_for(tokens), slot % self.shards, keys)
+                if taken is not None:
+                    return slot, *taken
         return None
 
     def blocks_for(self, tokens: int) -> int:

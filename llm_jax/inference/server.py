@@ -157,10 +157,12 @@ def prometheus(service: Service) -> str:
     metric("requests_running", "gauge", "rows decoding", load["running"])
     metric("kv_blocks_used", "gauge", "KV-cache blocks held by requests", load["kv_blocks_used"])
     metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool", load["kv_blocks"])
+    metric("kv_blocks_shared_idle", "gauge", "free blocks kept for prompts alike", load["kv_blocks_shared_idle"])
     metric("requests_total", "counter", "requests admitted", stats["requests"])
     metric("requests_failed_total", "counter", "requests ended by a generation error", stats["failed"])
     metric("requests_cancelled_total", "counter", "streams whose client went away", service.cancelled)
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats["prompt_tokens"])
+    metric("prompt_tokens_shared_total", "counter", "prompt tokens read from shared blocks", stats["shared_tokens"])
     metric("generation_tokens_total", "counter", "tokens generated", stats["generated_tokens"])
     lines += [
         "# HELP llm_jax_time_to_first_token_seconds time from submission to the first new token (last 1000)",
@@ -213,6 +215,7 @@ def engine_options(
     chunk: int,
     static: bool,
     rides: int,
+    share_prefixes: bool,
     shards: int = 1,
 ) -> dict:
     """The serve command's engine flags, checked against the run and the mesh's batch shards (each holds
@@ -236,6 +239,7 @@ def engine_options(
         "rides": rides,
         "max_queue": max_queue,
         "static": static,
+        "share_prefixes": share_prefixes,
     }
 
 

@@ -2,11 +2,11 @@
 
 The quantized formats (model.quant) are written by `quantize` and read by `dense`:
 - int8: a scale per layer and output channel, max |w| over the inputs / 127;
-- int4: a scale per layer, group of INT4_GROUP inputs and output channel, max |w| over the group / 7
+- int4: a scale per layer, group of 32 inputs (GROUPS) and output channel, max |w| over the group / 7
   (symmetric, [-7, 7]; stored as jnp.int4, half a byte each);
 - fp4: MXFP4 (the OCP microscaling format): e2m1 values (jnp.float4_e2m1fn: 0, 0.5, 1, 1.5, 2, 3, 4, 6
   and their negatives) sharing a power-of-two scale (jnp.float8_e8m0fnu, one byte) per group of
-  INT4_GROUP inputs and output channel: 2^(floor(log2 max|w|) - 2), so the largest weight lands in
+  32 inputs and output channel: 2^(floor(log2 max|w|) - 2), so the largest weight lands in
   [4, 8) and saturates at 6; rounding to nearest, ties to even. 4.25 bits a weight.
 - nvfp4: NVIDIA's NVFP4: e2m1 values with a scale per group of 16 inputs and output channel in
   jnp.float8_e4m3fn (3 mantissa bits, so the largest weight of a group lands near 6 rather than
@@ -105,8 +105,8 @@ def dense(
     """x times the weight `name` [*in, *out], contracting x's last `in_dims` axes. Quantized weights
     (quantize below) are stored as `name` plus a float32 `name_scale`:
     - int8: a scale per output channel [*out], applied to the matmul's output (no dequantized weight);
-    - int4: a scale per group of INT4_GROUP inputs and output channel [K / group, *out]; the weight
-      is dequantized to float for the matmul."""
+    - int4, fp4, nvfp4: a scale per group of GROUPS[quant] inputs and output channel [K / group, *out]
+      (nvfp4: times the layer's `name_tensor_scale`); the weight is dequantized to float for the matmul."""
     cfg, dt = module.cfg, compute_dtype(module.cfg.dtype)
     if cfg.quant == "none":
         return matmul(x, param(module, name, shape, axes, std), in_dims, dt)
@@ -146,7 +146,9 @@ def quantize(params: dict, mode: str) -> dict:
             tensor = jnp.max(top, axis=(1, 3), keepdims=True) / (FP4_MAX * E4M3_MAX)
             tensor = jnp.where(tensor > 0, tensor, 1.0)
             scale = jnp.where(top > 0, top / FP4_MAX / tensor, 1.0).astype(jnp.float8_e4m3fn)
-            q = jnp.clip(grouped / (scale.astype(jnp.float32) * tensor), -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn)
+            step = scale.astype(jnp.float32) * tensor  # 0 for a group below e4m3's least (~2e-6 x the layer's max)
+            q = jnp.where(step > 0, jnp.clip(grouped / jnp.where(step > 0, step, 1.0), -FP4_MAX, FP4_MAX), 0.0)
+            q = q.astype(jnp.float4_e2m1fn)
             layers[f"{name}_tensor_scale"] = tensor.reshape(w.shape[0])
         else:
             levels = 127 if mode == "int8" else 7

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from llm_jax.config import Config, load_config
 from llm_jax.config.rules import MESH_AXES
 from llm_jax.errors import UserError
+from llm_jax.inference.blocks import blocks_per_shard
 from llm_jax.inference.generate import serving_steps
-from llm_jax.inference.paged import DECODE_STATIC, PREFILL_STATIC, blocks_per_shard, paged_steps
+from llm_jax.inference.paged import DECODE_STATIC, PREFILL_STATIC, paged_steps
 from llm_jax.model.attention import prebuild_splash
 from llm_jax.model.dense import inference_params
 from llm_jax.model.device import compute_dtype

@@ -274,9 +274,9 @@ class Engine:
         for at, (r, i) in enumerate(prompt, start=used):
             self._place(rows, at, r, r.ids[i], i, 0)
         rows["table"] = [self.model.table(t) for t in rows["table"]]
-        lasts = [used + k for k, (r, i) in enumerate(prompt) if i == len(r.ids) - 1]
-        tokens = self.model.ride(rows, [r.slot for r in running] + lasts)
-        for r, token in zip(riders, tokens[len(running) :]):
+        lasts = [(r, used + k) for k, (r, i) in enumerate(prompt) if i == len(r.ids) - 1]  # rider, its last row
+        tokens = self.model.ride(rows, [r.slot for r in running] + [row for _, row in lasts])
+        for (r, _), token in zip(lasts, tokens[len(running) :]):
             self.stats["prompt_tokens"] += len(r.ids) - r.prefilled
             r.prefilled = len(r.ids)
             self._prefilled(r, int(token), None)

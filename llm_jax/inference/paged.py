@@ -221,8 +221,9 @@ class PagedModel:
     def ride(self, rows: dict, emit: list[int]) -> np.ndarray:
         """One decode step whose rows (arrays as in `decode`, ride_rows wide, no batch shards) hold decoding
         slots and prompt tokens -> the token sampled at each row of `emit` (step 0 of a prompt's last row:
-        its first new token); the LM head and sampling run on those rows only (self.rows + RIDERS, padded)."""
-        width = self.rows + RIDERS
+        its first new token); the LM head and sampling run on those rows only (padded to `rows`: every
+        decoding row and riding prompt holds a slot, so at most that many are sampled)."""
+        width = self.rows
         assert len(emit) <= width, (len(emit), width)
         arrays = [np.asarray(rows[k], np.int32) for k in ("token", "position", "table", "step")]
         seeds, settings = np.asarray(rows["seed"], np.uint32), tuple(np.asarray(rows["settings"], np.float32))

@@ -239,7 +239,8 @@ def test_a_prompt_that_begins_as_an_earlier_one_prefills_only_the_rest(model):
     """Prefix sharing, blocks of 8: prompts of a 19-token preamble and different endings, one after
     another. Each later one takes the two full blocks (16 tokens) that the first one wrote and prefills
     (or, with rides, carries in the decode step) only the rest, and gets exactly the tokens it gets
-    alone; with sharing off every token is prefilled."""
+    alone; with sharing off every token is prefilled. A prompt that continues the first request's
+    prompt and output (a chat's next turn) takes the blocks its output filled too."""
     cfg, params = model
     preamble = list(range(40, 59))
     rows = [(preamble + end, 6, t, 0, 1.0, s) for end, t, s in (([3], 0.0, 0), ([7, 9, 2], 0.0, 0), ([5, 1], 0.8, 3))]
@@ -250,7 +251,11 @@ def test_a_prompt_that_begins_as_an_earlier_one_prefills_only_the_rest(model):
         assert [list(engine.submit(_request(row)).tokens()) for row in rows] == alone, (share, rides)
         assert engine.stats["shared_tokens"] == (32 if share else 0)
         assert engine.stats["prompt_tokens"] == sum(len(row[0]) for row in rows) - engine.stats["shared_tokens"]
-        assert engine.load()["kv_blocks_used"] == 0 and engine.load()["kv_blocks_shared_idle"] == (2 if share else 0)
+        assert engine.load()["kv_blocks_used"] == 0
+        if share:  # the next turn: the first prompt, its output and more; 3 blocks of it written, shared
+            turn = (rows[0][0] + alone[0] + [3], 4, 0.0, 0, 1.0, 0)
+            assert list(engine.submit(_request(turn)).tokens()) == list(gen.stream(*turn))
+            assert engine.stats["shared_tokens"] == 32 + 24
 
 
 def test_shared_prompt_blocks_stay_readable_until_their_space_is_needed():

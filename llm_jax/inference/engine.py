@@ -9,9 +9,9 @@ is prefilled and leaves the step it ends, freeing its slot and blocks. While not
 a round decodes up to 16 steps in one dispatch (DECODE_STEPS; no row past its budget), over the fewest
 slots that hold every running row.
 
-With `share_prefixes`, a prompt that begins as an earlier one did (a system prompt, a few-shot
-preamble) takes that earlier prompt's full KV blocks and prefills only the rest (blocks.py); requests
-that want their prompt's log-probs (echo) are prefilled whole.
+With `share_prefixes`, a prompt that begins as an earlier request's prompt and output did (a system
+prompt, a few-shot preamble, a chat's earlier turns) takes those full KV blocks and prefills only the
+rest (blocks.py); requests that want their prompt's log-probs (echo) are prefilled whole.
 
 Memory is bounded: at most `max_queue` requests wait, and the KV cache is the fixed pool of blocks;
 when blocks run out, new requests wait for running ones to end. `static=True` admits a new batch only
@@ -314,6 +314,9 @@ class Engine:
     def _finish(self, r: Request, reason: str) -> None:
         if r.finish_reason is not None:
             return
+        if self.share_prefixes and reason != "error" and r.prefilled == len(r.ids):
+            # every position but the last new token's is written: the next turn of a chat begins alike
+            self.model.pool.share(r.blocks, prefix_keys(r.ids + r.new_ids[:-1], self.model.block))
         if r in self.prefilling:
             self.prefilling.remove(r)
         if r.slot is not None:

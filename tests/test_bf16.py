@@ -107,11 +107,12 @@ def test_serving_casts_the_weight_matrices_once_and_keeps_the_norm_scales_float3
         ("tpu", [], "bfloat16"),
         ("gpu", [], "bfloat16"),
         ("cpu", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], "bfloat16"),  # Sapphire Rapids and later
-        ("cpu", ["avx2", "avx512f", "avx512_bf16"], "float32"),  # AMD Zen 4: bf16 dot products, no matrix units
+        ("cpu", ["avx2", "avx512f", "avx512_bf16"], "bfloat16"),  # AMD Zen 4: bf16 dot products, no matrix units
+        ("cpu", ["avx2", "avx512f"], "float32"),  # Skylake-X, Ice Lake
         ("cpu", ["avx2"], "float32"),
     ],
 )
-def test_auto_picks_bf16_where_the_hardware_has_bf16_matrix_units(platform, flags, want):
+def test_auto_picks_bf16_where_the_hardware_has_fast_bf16_matmuls(platform, flags, want):
     dtype, why = auto_dtype(platform, flags)
     assert dtype == want and why
     assert compute_dtype("float32", platform) == jnp.float32 and compute_dtype("bfloat16", platform) == jnp.bfloat16
@@ -120,7 +121,7 @@ def test_auto_picks_bf16_where_the_hardware_has_bf16_matrix_units(platform, flag
 def test_auto_on_this_machine_and_the_run_log_says_so(prepared_run, corpus_slice):
     from llm_jax.train.loop import train
 
-    want = "bfloat16" if "amx_bf16" in cpu_info()["flags"] else "float32"
+    want = "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(cpu_info()["flags"]) else "float32"
     assert compute_dtype("auto") == jnp.dtype(want)
     lines = []
     cfg = tiny_config(prepared_run, "model.dtype=auto", "train.steps=2", "train.eval_every=2", sources=corpus_slice)

@@ -109,6 +109,33 @@ def test_cached_generation_equals_greedy_decoding_without_a_cache():
     assert got == ids[len(prompt) :] and len(set(got)) > 3
 
 
+def test_a_prefill_from_a_known_position_attends_to_its_chunk_only_with_the_same_result():
+    """cache_index an int (generate's prefill): the attention reads the first cache_index + T slots, not
+    the whole context (kv_cache.write_and_attend); a traced index reads them all. The same outputs and
+    cache (to rounding: a layer's sums run over fewer masked zeros)."""
+    from llm_jax.model.kv_cache import init_cache
+
+    cfg = load_config("tiny", ["model.seq_len=64"]).model
+    model = Transformer(cfg, serving=True)  # layers unrolled on CPU: the index reaches them as it was given
+    assert model.unstacked
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])()
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+    cache = init_cache(cfg, 2, per_layer=True)
+
+    def prefill(index):
+        first, cache1 = model.apply({"params": params}, tokens[:, :8], cache=cache, cache_index=index)
+        second, cache2 = model.apply({"params": params}, tokens[:, 8:], cache=cache1, cache_index=index + 8)
+        return jnp.concatenate([first, second], axis=1), cache2
+
+    sliced, traced = jax.jit(lambda: prefill(0))(), jax.jit(prefill)(jnp.asarray(0))
+    whole, _ = jax.jit(lambda: model.apply({"params": params}, tokens))()
+    np.testing.assert_allclose(np.asarray(sliced[0]), np.asarray(traced[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sliced[0]), np.asarray(whole), atol=2e-5)
+    for mine, theirs in zip(sliced[1], traced[1]):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(mine[name]), np.asarray(theirs[name]), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_generation_stops_at_a_stop_id():
     cfg = load_config("tiny", ["model.seq_len=32"]).model

@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 from llm_jax.config import load_config
 from llm_jax.model.dense import matmul
-from llm_jax.model.device import auto_dtype, compute_dtype, cpu_info
+from llm_jax.model.device import auto_dtype, compute_dtype, cpu_info, transposed
 from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.sharding import make_layout
 from llm_jax.train.optimizer import make_optimizer
@@ -44,10 +44,23 @@ def test_every_matmul_of_a_bf16_train_step_takes_bf16_and_accumulates_in_f32():
     with layout.activate():
         jaxpr = jax.make_jaxpr(steps.jit_train)(steps.abstract_state, steps.abstract_batch)
     dots = collections.Counter(_dot_generals(jaxpr.jaxpr, []))
-    # the layer scan's body: 7 projections x 3 matmuls (and the transposed inputs they save), the attention's,
-    # and the tiled LM head's 4
+    # the layer scan's body: 7 projections x 3 matmuls, the attention's, and the tiled LM head's 4
     assert sum(dots.values()) >= 7 * 3 + 4 + 4
     assert set(dots) == {(("bfloat16", "bfloat16"), "float32")}
+
+
+def test_a_transposed_bf16_operand_is_copied_and_its_matmul_contracts_the_last_axis():
+    """XLA:CPU folds a plain x.T into the matmul that reads it (contracting both operands' leading axes, a
+    layout its bf16 kernels run at half speed); device.transposed keeps the transpose a copy."""
+    x, g = jnp.arange(64 * 48, dtype=jnp.bfloat16).reshape(64, 48), jnp.ones((64, 32), jnp.bfloat16)
+
+    def contracted(f):
+        hlo = jax.jit(f).lower(x, g).compile().as_text()
+        return {line.split("lhs_contracting_dims=")[1][:3] for line in hlo.splitlines() if " dot(" in line}
+
+    assert contracted(lambda x, g: jnp.dot(x.T, g, preferred_element_type=jnp.float32)) == {"{0}"}
+    assert contracted(lambda x, g: jnp.dot(transposed(x), g, preferred_element_type=jnp.float32)) == {"{1}"}
+    assert jnp.array_equal(transposed(x), x.T)
 
 
 def test_matmul_gradients_in_bf16_follow_float32():

@@ -181,8 +181,8 @@ def test_splash_attention_under_a_mesh_runs_per_device_and_matches():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-# rows (accelerators) and vocab tiles (CPU; vocab 1000 takes a padded last tile), in float32 (the
-# tiles keep their exps) and bfloat16 (the tiles recompute the logits)
+# rows (accelerators) and vocab tiles (CPU; vocab 1000 takes a padded last tile), in float32 and
+# bfloat16 (the tiles keep their exps in the compute dtype)
 @pytest.mark.parametrize(
     "schedule, chunk, dtype",
     [("rows", None, "float32"), ("rows", 64, "float32"), ("tiles", None, "float32"), ("tiles", 128, "float32")]
@@ -212,7 +212,7 @@ def test_chunked_cross_entropy_matches_full_logits(schedule, chunk, dtype):
     for a, b in zip(jax.grad(ref, argnums=(0, 1))(h, table), jax.jit(jax.grad(ours, argnums=(0, 1)))(h, table)):
         if dtype == "float32":
             np.testing.assert_allclose(a, b, atol=1e-5)
-        else:  # d logits rounded to 8 significant bits (2^-9 relative) before the matmuls
+        else:  # exps and d logits rounded to 8 significant bits (2^-9 relative) before the matmuls
             assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 5e-3
 
 

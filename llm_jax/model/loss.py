@@ -12,12 +12,11 @@ Two schedules of the same function, picked by the platform the step is traced fo
 - vocab tiles (CPU): the vocabulary is cut into tiles of a few thousand entries; a first pass over the
   tiles finds each row's log-sum-exp (a running max and sum), a second recomputes each tile's logits
   and turns them into that tile's gradients: d(hidden) accumulates in a [rows, D] carry and the
-  table's gradient of a tile is written once. In bfloat16 that is one more logits matmul than `rows`
-  (4 instead of 3; float32 keeps the exps instead: STORED_BYTES), and still the faster schedule on a
-  CPU: no [vocab, D] float32 gradient is read and written again per chunk, every [rows, tile] block
-  stays in the cache, and every matmul has the operand layout the CPU's bf16 kernels take (measured,
-  2048 rows x 50304 x 384, fwd + bwd on 2 Xeon cores with AMX: bfloat16 358 ms against 1,251 ms for
-  `rows`; float32 929 against 1,434).
+  table's gradient of a tile is written once. The first pass keeps each tile's exps (in the compute
+  dtype) for the second, so there are 3 logits-sized matmuls as in `rows`; still the faster schedule
+  on a CPU: no [vocab, D] float32 gradient is read and written again per chunk, and every matmul has
+  the operand layout the CPU's bf16 kernels take (measured, 2048 rows x 50304 x 384, fwd + bwd on 2
+  Xeon cores with AMX: bfloat16 358 ms against 1,251 ms for `rows`; float32 929 against 1,434).
 """
 
 from __future__ import annotations
@@ -38,10 +37,11 @@ CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
 # TILE_MAX_ROWS rows per pass. Measured at 2048 rows x 50304 (bfloat16, Xeon with AMX): 16 tiles of
 # 3144 (25 MB) 385 ms, 32 of 1572 (13 MB) 385, 8 of 6288 421, 64 of 786 408.
 TILE_BYTES, TILE_MAX_ROWS = 16 << 20, 4096
-# In float32 the first pass keeps each tile's exps for the second instead of recomputing the logits:
-# 3 matmuls instead of 4 (float32 matmuls run at a quarter of bfloat16's on AMX, and are all there is
-# elsewhere): 929 against 1,037 ms at the benchmark shape; in bfloat16 recomputing wins (358 vs 389).
-# The kept exps of one pass, [rows, vocab] float32 per device, stay under STORED_BYTES.
+# The first pass keeps each tile's exps for the second instead of recomputing the logits there: 3
+# matmuls instead of 4. At the benchmark shape: float32 929 against 1,037 ms (Xeon with AMX); bfloat16
+# (exps kept in bfloat16: the gradient they make is rounded to bfloat16 anyway) 842 against 1,025 ms
+# on an AMD Zen 4 (AVX-512 bf16), even with recomputing on AMX (358 vs 389 ms, within that host's
+# noise). The kept exps of one pass, [rows, vocab] per device, stay under STORED_BYTES.
 STORED_BYTES = 512 << 20
 
 
@@ -129,7 +129,7 @@ def cross_entropy_sum(
         schedule = "tiles" if target_device().platform == "cpu" and not _vocab_split() else "rows"
     n, vocab = hidden.shape[0], table.shape[0]
     if schedule == "tiles":
-        max_rows = TILE_MAX_ROWS if jnp.dtype(dtype) != jnp.float32 else STORED_BYTES // (4 * vocab)
+        max_rows = min(TILE_MAX_ROWS, STORED_BYTES // (jnp.dtype(dtype).itemsize * vocab))
         rows = chunk or tile_rows(n, max_rows)
         tile = vocab_tile(rows // _shards_of(n), vocab)
         loss, z_sum = _ce_tiles(dtype, rows, tile, z_loss, hidden, table, targets, weights)
@@ -225,7 +225,6 @@ _ce.defvjp(_ce_fwd, _ce_bwd)
 def _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights):
     """(nll sum, sum of lse^2, d hidden, d table) by vocab tiles, `rows` rows per pass (see the module
     docstring); the gradients are those of nll + z_loss * lse^2."""
-    store = jnp.dtype(dtype) == jnp.float32  # see STORED_BYTES
     vocab, d = table.shape
     tiles = math.ceil(vocab / tile)
     padded = table.astype(dtype)
@@ -249,7 +248,7 @@ def _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights):
             exps = jnp.exp(logits - tile_high[:, None])
             new_high = jnp.maximum(high, tile_high)
             total = total * jnp.exp(high - new_high) + jnp.sum(exps, axis=1) * jnp.exp(tile_high - new_high)
-            return (new_high, total), (exps, tile_high) if store else None
+            return (new_high, total), (to_bits(exps.astype(dtype)), tile_high)  # kept: see STORED_BYTES
 
         start = (jnp.full(t.shape, -jnp.inf, jnp.float32), jnp.zeros(t.shape, jnp.float32))
         (high, total), stored = jax.lax.scan(lse_of_tile, start, (blocks, offsets))
@@ -259,19 +258,14 @@ def _ce_tiles_sums(dtype, rows, tile, z_loss, hidden, table, targets, weights):
         h_t = transposed(h)  # [D, R]: d table^T = h^T @ d logits is then a plain [D, R] x [R, tile] matmul
 
         def grads_of_tile(d_h, xs):
-            block, offset, *kept = xs
-            if store:  # softmax = the tile's exps x exp(tile max - lse)
-                exps, tile_high = kept
-                p = exps * (jnp.exp(tile_high - lse) * scale)[:, None]
-            else:
-                p = jnp.exp(tile_logits(h, block, offset) - lse[:, None]) * scale[:, None]
+            block, offset, exps, tile_high = xs  # softmax = the tile's exps x exp(tile max - lse)
+            p = from_bits(exps).astype(jnp.float32) * (jnp.exp(tile_high - lse) * scale)[:, None]
             hit = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1) + offset == t[:, None]
             d_logits = jnp.where(hit, p - w[:, None], p).astype(dtype)
             d_h = d_h + jnp.dot(d_logits, from_bits(block), preferred_element_type=jnp.float32)
             return d_h, jnp.dot(h_t, d_logits, preferred_element_type=jnp.float32)
 
-        xs = (blocks, offsets, *(stored if store else ()))
-        d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), xs)
+        d_h, d_table_t = jax.lax.scan(grads_of_tile, jnp.zeros(h.shape, jnp.float32), (blocks, offsets, *stored))
         return jnp.stack([jnp.sum((lse - target_logit) * w), jnp.sum(lse**2 * w)]), d_h, d_table_t
 
     h = hidden.astype(dtype)

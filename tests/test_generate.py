@@ -109,31 +109,47 @@ def test_cached_generation_equals_greedy_decoding_without_a_cache():
     assert got == ids[len(prompt) :] and len(set(got)) > 3
 
 
-def test_a_prefill_from_a_known_position_attends_to_its_chunk_only_with_the_same_result():
+def _dot_operand_dims(jaxpr, out):
+    """Every axis length of every dot_general operand in a jaxpr and its sub-jaxprs (scans, remat)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.update(d for v in eqn.invars for d in v.aval.shape)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dot_operand_dims(inner, out)
+    return out
+
+
+@pytest.mark.parametrize("serving", [True, False])
+def test_a_prefill_from_a_known_position_attends_to_its_chunk_only_with_the_same_result(serving):
     """cache_index an int (generate's prefill): the attention reads the first cache_index + T slots, not
-    the whole context (kv_cache.write_and_attend); a traced index reads them all. The same outputs and
+    the whole context (kv_cache.write_and_attend), in unrolled layers (serving on CPU) and in the layer
+    scan (remat: the accelerators' serving path); a traced index reads them all. The same outputs and
     cache (to rounding: a layer's sums run over fewer masked zeros)."""
     from llm_jax.model.kv_cache import init_cache
 
-    cfg = load_config("tiny", ["model.seq_len=64"]).model
-    model = Transformer(cfg, serving=True)  # layers unrolled on CPU: the index reaches them as it was given
-    assert model.unstacked
+    cfg = load_config("tiny", ["model.seq_len=256", "model.remat=dots"]).model  # 256: no other axis
+    model = Transformer(cfg, serving=serving)
+    assert model.unstacked == serving
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
-    cache = init_cache(cfg, 2, per_layer=True)
+    cache = init_cache(cfg, 2, per_layer=serving)
 
     def prefill(index):
         first, cache1 = model.apply({"params": params}, tokens[:, :8], cache=cache, cache_index=index)
         second, cache2 = model.apply({"params": params}, tokens[:, 8:], cache=cache1, cache_index=index + 8)
         return jnp.concatenate([first, second], axis=1), cache2
 
+    assert cfg.seq_len not in _dot_operand_dims(jax.make_jaxpr(lambda: prefill(0))().jaxpr, set())
+    assert cfg.seq_len in _dot_operand_dims(jax.make_jaxpr(prefill)(jnp.asarray(0)).jaxpr, set())
     sliced, traced = jax.jit(lambda: prefill(0))(), jax.jit(prefill)(jnp.asarray(0))
     whole, _ = jax.jit(lambda: model.apply({"params": params}, tokens))()
     np.testing.assert_allclose(np.asarray(sliced[0]), np.asarray(traced[0]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sliced[0]), np.asarray(whole), atol=2e-5)
-    for mine, theirs in zip(sliced[1], traced[1]):
-        for name in ("k", "v"):
-            np.testing.assert_allclose(np.asarray(mine[name]), np.asarray(theirs[name]), atol=1e-5)
+    for mine, theirs in zip(*(jax.tree_util.tree_leaves(c) for c in (sliced[1], traced[1]))):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -71,11 +71,14 @@ class Block(nn.Module):
     moe: bool = False  # the MLP is routed over experts (model/moe.py)
 
     @nn.compact
-    def __call__(self, carry, rope, positions, cache_index, segments):
+    def __call__(self, carry, rope, positions, cache_index, segments, end=None):
         """carry: (x [B, T, D], cache, layer) -> (the next carry, the MoE router's statistics or None).
         The cache is None (training), the whole stacked cache with this layer's index (scanned layers: the
         cache travels in the carry and is written in place; as the scan's per-layer output it was copied
-        whole at every decode step), or this layer's own cache with layer None (unstacked serving layers)."""
+        whole at every decode step), or this layer's own cache with layer None (unstacked serving layers).
+        end: how many cache slots are written once this chunk is, where known when tracing (a Python int:
+        a prefill from a fixed position, e.g. generate's from 0), else None; a static argument of the
+        remat below, so it stays an int inside the layer scan as well."""
         x, cache, layer = carry
         cfg, dt = self.cfg, compute_dtype(self.cfg.dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -104,7 +107,7 @@ class Block(nn.Module):
             if "table" in cache:  # a paged pool (continuous batching)
                 attn, cache = paged_write_and_attend(cache, layer, q, kk, v, positions, paged_kernel(cfg))
             else:
-                attn, cache = write_and_attend(cache, layer, q, kk, v, positions, cache_index)
+                attn, cache = write_and_attend(cache, layer, q, kk, v, positions, cache_index, end)
             attn = attn.astype(dt)
         x = x + self._dropout(dense(self, "wo", attn, (n, h, d), ("heads", "head_dim", "embed"), out_std, 2))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -177,7 +180,10 @@ def units(cfg: ModelConfig) -> int:
 
 
 def remat_block(cfg: ModelConfig) -> type[nn.Module]:
-    return Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if cfg.remat == "none":
+        return Block
+    # static_argnums counts self: Block's `end` is its 6th argument
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False, static_argnums=(6,))
 
 
 def scanned_blocks(cfg: ModelConfig, train: bool, **kwargs) -> nn.Module:
@@ -188,6 +194,6 @@ def scanned_blocks(cfg: ModelConfig, train: bool, **kwargs) -> nn.Module:
         length=units(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * 4,
+        in_axes=(nn.broadcast,) * 5,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, train, **fields, **kwargs)

@@ -53,10 +53,11 @@ def _zeros(shapes: dict, axes: dict, dtype, n_layers: int, per_layer: bool) -> C
 
 
 def write_and_attend(
-    cache: dict, layer, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache_index
+    cache: dict, layer, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache_index, end=None
 ) -> tuple[jax.Array, dict]:
     """Writes this layer's new keys and values at cache_index (a scalar or [B]) + 0..T-1 and attends the
-    queries to every cached position <= their own.
+    queries to every cached position <= their own; `end` (an int, where known when tracing: Block)
+    bounds the slots read.
 
     q [B, T, N, H], k / v [B, T, K, H] at positions [B, T]; cache: the whole stacked cache with this
     layer's index `layer`, or one layer's own (layer None). -> (attention output [B, T, N, H] in q's
@@ -76,11 +77,10 @@ def write_and_attend(
         ),
     )
     keys, values = (cache[name] if layer is None else cache[name][layer] for name in ("k", "v"))
-    # A prefill from a position known when tracing (generate's from 0, where the layers are unrolled: on
-    # CPU; a layer scan traces the index) sees no slot past its chunk's end, so it attends to those only,
-    # not the whole context: the demo's prefill of 16 prompts of 16, bf16, Zen 4: 19.9 -> 14.8 ms.
-    if isinstance(cache_index, int):
-        end = cache_index + q.shape[1]
+    # A prefill from a position known when tracing (generate's and the static server's from 0) sees no
+    # slot past its chunk's end, so it attends to those only, not the whole context: the demo's prefill of
+    # 16 prompts of 16, bf16, Zen 4: 19.9 -> 14.8 ms.
+    if end is not None:
         keys, values = keys[:, :, :end], values[..., :end]
     ct = keys.dtype  # the attention over the cache computes in its dtype (float32 on CPU: cache_dtype)
     return cached_attention(q.astype(ct), keys, values, positions).astype(q.dtype), cache

@@ -101,15 +101,16 @@ class Transformer(nn.Module):
                 self.sow("intermediates", "moe", stats)
         else:
             rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            end = cache_index + tokens.shape[1] if cache is not None and isinstance(cache_index, int) else None
             if self.unstacked:  # each layer with its own cache (init_cache per_layer)
                 caches = []
                 for i, block in enumerate(self.blocks):
-                    (x, mine, _), _ = block((x, cache and cache[i], None), rope, positions, cache_index, segments)
+                    (x, mine, _), _ = block((x, cache and cache[i], None), rope, positions, cache_index, segments, end)
                     caches.append(mine)
                 cache = cache and caches
             else:
                 carry = (x, cache, jnp.zeros((), jnp.int32))
-                (x, cache, _), stats = self.layers(carry, rope, positions, cache_index, segments)
+                (x, cache, _), stats = self.layers(carry, rope, positions, cache_index, segments, end)
                 if stats is not None:  # [units, ...] per MoE layer: lm_sums collects them (mutable intermediates)
                     self.sow("intermediates", "moe", stats)
         if context > 1:

@@ -10,13 +10,13 @@ Two schedules of the same function, picked by the platform the step is traced fo
   rules say (tensor parallelism: no device holds a full-vocab row), with the table's gradient
   accumulated in the table's own sharding.
 - vocab tiles (CPU): the vocabulary is cut into tiles of a few thousand entries; a first pass over the
-  tiles finds each row's log-sum-exp (a running max and sum), a second recomputes each tile's logits
-  and turns them into that tile's gradients: d(hidden) accumulates in a [rows, D] carry and the
-  table's gradient of a tile is written once. The first pass keeps each tile's exps (in the compute
-  dtype) for the second, so there are 3 logits-sized matmuls as in `rows`; still the faster schedule
-  on a CPU: no [vocab, D] float32 gradient is read and written again per chunk, and every matmul has
-  the operand layout the CPU's bf16 kernels take (measured, 2048 rows x 50304 x 384, fwd + bwd on 2
-  Xeon cores with AMX: bfloat16 358 ms against 1,251 ms for `rows`; float32 929 against 1,434).
+  tiles finds each row's log-sum-exp (a running max and sum) and keeps each tile's exps (in the
+  compute dtype), a second turns a tile's exps into its gradients: d(hidden) accumulates in a
+  [rows, D] carry and the table's gradient of a tile is written once. That is 3 logits-sized matmuls,
+  as in `rows`, and the faster schedule on a CPU: no [vocab, D] float32 gradient is read and written
+  again per chunk, and every matmul has the operand layout the CPU's bf16 kernels take (measured,
+  2048 rows x 50304 x 384, fwd + bwd on 2 Xeon cores with AMX: bfloat16 358 ms against 1,251 ms for
+  `rows`; float32 929 against 1,434).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = 32 << 20, 512 << 20
 # TILE_MAX_ROWS rows per pass. Measured at 2048 rows x 50304 (bfloat16, Xeon with AMX): 16 tiles of
 # 3144 (25 MB) 385 ms, 32 of 1572 (13 MB) 385, 8 of 6288 421, 64 of 786 408.
 TILE_BYTES, TILE_MAX_ROWS = 16 << 20, 4096
-# The first pass keeps each tile's exps for the second instead of recomputing the logits there: 3
-# matmuls instead of 4. At the benchmark shape: float32 929 against 1,037 ms (Xeon with AMX); bfloat16
-# (exps kept in bfloat16: the gradient they make is rounded to bfloat16 anyway) 842 against 1,025 ms
-# on an AMD Zen 4 (AVX-512 bf16), even with recomputing on AMX (358 vs 389 ms, within that host's
+# The first pass keeps each tile's exps for the second instead of the second recomputing the logits:
+# 3 matmuls instead of 4. At the benchmark shape: float32 929 against 1,037 ms (Xeon with AMX); bfloat16
+# (exps kept in bfloat16: the gradient they make is rounded to bfloat16 anyway) 842 against 1,025 ms on
+# an AMD Zen 4 (AVX-512 bf16), and level with recomputing on AMX (389 against 358 ms, within that host's
 # noise). The kept exps of one pass, [rows, vocab] per device, stay under STORED_BYTES.
 STORED_BYTES = 512 << 20
 

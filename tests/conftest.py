@@ -75,3 +75,15 @@ def lm_eval_samples(module: str, model: str, model_args: str, tasks: Path, out: 
     assert done.returncode == 0, done.stderr[-3000:]
     samples = [json.loads(line) for line in next(out.rglob("samples_*.jsonl")).open()]
     return sorted(samples, key=lambda s: s["doc_id"])
+
+
+def dot_generals(jaxpr):
+    """Every dot_general equation of a jaxpr and of its sub-jaxprs (scans, remat, custom VJPs)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from dot_generals(inner)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import dot_generals, tiny_config
 
 from llm_jax.config import load_config
 from llm_jax.model.dense import matmul
@@ -19,19 +19,6 @@ from llm_jax.model.transformer import Transformer
 from llm_jax.parallel.sharding import make_layout
 from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.step import make_steps
-
-
-def _dot_generals(jaxpr, out):
-    """(input dtypes, preferred_element_type) of every dot_general in a jaxpr and its sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.params["preferred_element_type"])))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _dot_generals(inner, out)
-    return out
 
 
 def test_every_matmul_of_a_bf16_train_step_takes_bf16_and_accumulates_in_f32():
@@ -43,7 +30,10 @@ def test_every_matmul_of_a_bf16_train_step_takes_bf16_and_accumulates_in_f32():
     steps = make_steps(cfg, layout, make_optimizer(cfg.optim, 10), example={"tokens": tokens, "segments": tokens})
     with layout.activate():
         jaxpr = jax.make_jaxpr(steps.jit_train)(steps.abstract_state, steps.abstract_batch)
-    dots = collections.Counter(_dot_generals(jaxpr.jaxpr, []))
+    dots = collections.Counter(
+        (tuple(str(v.aval.dtype) for v in e.invars), str(e.params["preferred_element_type"]))
+        for e in dot_generals(jaxpr.jaxpr)
+    )
     # the layer scan's body: 7 projections x 3 matmuls, the attention's, and the tiled LM head's 4
     assert sum(dots.values()) >= 7 * 3 + 4 + 4
     assert set(dots) == {(("bfloat16", "bfloat16"), "float32")}

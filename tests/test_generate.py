@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dot_generals
 
 from llm_jax.config import load_config
 from llm_jax.data.tokenizer import train_tokenizer
@@ -109,17 +110,9 @@ def test_cached_generation_equals_greedy_decoding_without_a_cache():
     assert got == ids[len(prompt) :] and len(set(got)) > 3
 
 
-def _dot_operand_dims(jaxpr, out):
+def _dot_operand_dims(jaxpr) -> set[int]:
     """Every axis length of every dot_general operand in a jaxpr and its sub-jaxprs (scans, remat)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.update(d for v in eqn.invars for d in v.aval.shape)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _dot_operand_dims(inner, out)
-    return out
+    return {d for eqn in dot_generals(jaxpr) for v in eqn.invars for d in v.aval.shape}
 
 
 @pytest.mark.parametrize("serving", [True, False])
@@ -142,8 +135,8 @@ def test_a_prefill_from_a_known_position_attends_to_its_chunk_only_with_the_same
         second, cache2 = model.apply({"params": params}, tokens[:, 8:], cache=cache1, cache_index=index + 8)
         return jnp.concatenate([first, second], axis=1), cache2
 
-    assert cfg.seq_len not in _dot_operand_dims(jax.make_jaxpr(lambda: prefill(0))().jaxpr, set())
-    assert cfg.seq_len in _dot_operand_dims(jax.make_jaxpr(prefill)(jnp.asarray(0)).jaxpr, set())
+    assert cfg.seq_len not in _dot_operand_dims(jax.make_jaxpr(lambda: prefill(0))().jaxpr)
+    assert cfg.seq_len in _dot_operand_dims(jax.make_jaxpr(prefill)(jnp.asarray(0)).jaxpr)
     sliced, traced = jax.jit(lambda: prefill(0))(), jax.jit(prefill)(jnp.asarray(0))
     whole, _ = jax.jit(lambda: model.apply({"params": params}, tokens))()
     np.testing.assert_allclose(np.asarray(sliced[0]), np.asarray(traced[0]), atol=1e-6)

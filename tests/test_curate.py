@@ -85,6 +85,24 @@ def test_compressed_jsonl_and_parquet_are_streamed_row_by_row(tmp_path):
         list(read_documents([str(tmp_path / "c.parquet")], "body", "unused", "skip", None, ReadStats()))
 
 
+def test_split_groups_do_not_depend_on_where_the_corpus_lies(tmp_path, monkeypatch):
+    def groups(source):
+        return [d.group for d in read_documents([source], "text", "unused", "skip", None, ReadStats())]
+
+    for place in ("here", "elsewhere/deeper"):
+        (tmp_path / place / "books").mkdir(parents=True)
+        (tmp_path / place / "books" / "one.txt").write_text("a book")
+        (tmp_path / place / "rows.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+        pq.write_table(pa.table({"text": ["c", "d"]}), tmp_path / place / "rows.parquet")
+    expected = ["books/one.txt", "rows.jsonl:1", "rows.jsonl:3", "rows.parquet:0", "rows.parquet:1"]
+    for place in ("here", "elsewhere/deeper"):
+        root = tmp_path / place
+        assert groups(str(root)) == groups(f"{root}/") == groups(f"{root}/**/*.*") == expected
+        assert groups(str(root / "rows.jsonl")) == expected[1:3] and groups(f"{root}/b*/*.txt") == expected[:1]
+    monkeypatch.chdir(tmp_path / "here")
+    assert groups(".") == groups("./") == expected and groups("rows.*") == expected[1:]
+
+
 def test_binary_files_are_skipped_and_counted_broken_rows_listed(tmp_path):
     (tmp_path / "ok.txt").write_text("fine text")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")

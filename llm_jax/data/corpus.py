@@ -303,10 +303,10 @@ def _read_parquet(path: epath.Path, group: str, text_field: str, bad_rows: str, 
     row = 0
     for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
-            where = f"{path}:{row}"
+            where, key = f"{path}:{row}", f"{group}:{row}"
             row += 1
             if isinstance(text, str):
-                yield Document(text, where, f"{group}:{row - 1}")
+                yield Document(text, where, key)
             else:
                 _bad_row(where, f"column {text_field!r} holds {type(text).__name__}, not text", bad_rows, stats)
 

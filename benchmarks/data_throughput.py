@@ -1,6 +1,6 @@
 """Data pipeline throughput on this machine: curation MB/s (clean + quality rules + exact and near
 dedup + shard writing, default curate settings) and tokenize+pack tokens/s, by engine (local, and
-Apache Beam's DirectRunner in multi-process mode: data.engine) and number of worker processes, with
+Apache Beam's FnApiRunner in multi-process mode: data.engine) and number of worker processes, with
 the two engines' files compared; the grain loader's tokens/s (plain, and a 2-part data.mixture)
 against what the training step consumes (the loader must never be the bottleneck).
 
@@ -123,7 +123,7 @@ def main() -> None:
             name = "" if engine == "local" else "_beam"
             out[f"curation{name}_mb_s_{workers}w"] = t["curation_mb_per_s"]
             out[f"tokenize_pack{name}_tokens_s_{workers}w"] = t["tokenize_pack_tokens_per_s"]
-            what = f"{workers} process{'es' if workers > 1 else ''}" + (", Beam DirectRunner" if name else "")
+            what = f"{workers} process{'es' if workers > 1 else ''}" + (", Beam FnApiRunner" if name else "")
             rows.append((f"curation, {what}", f"{t['curation_mb_per_s']:.2f} MB/s", f"{t['curation_seconds']:.1f} s"))
             rows.append(
                 (

@@ -1,6 +1,6 @@
 """data.engine=beam (llm_jax/data/beam/) against the local engine on the same planted corpus: the
 same files byte for byte (document and token shards, tokenizer, meta), the same report but its timings,
-the same training batches; a strict bad row is one line. Beam runs its DirectRunner in multi-process
+the same training batches; a strict bad row is one line. Beam runs its FnApiRunner in multi-process
 mode with 2 worker processes, as the README's command does."""
 
 import json
@@ -155,3 +155,27 @@ def test_pipelines_run_in_the_main_thread(tmp_path):
     cfg = tiny_config(tmp_path / "run", "data.workers=1")
     runner.run(cfg.data, runner.scratch_dir(tmp_path / "scratch"), build, "a test", "testing", lambda line: None)
     assert threads == [True]
+
+
+def test_the_default_runner_is_the_same_on_every_machine(tmp_path, monkeypatch):
+    """The default options name Beam's FnApiRunner. Its DirectRunner first tries Prism, a binary it downloads
+    from GitHub: on a machine online the pipeline would then run on another runner than here, offline it
+    waits for the download to fail, and either way it leaves a beam-temp directory in the temp directory."""
+    import tempfile
+
+    import apache_beam as beam
+
+    from llm_jax.data.beam import runner
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    cfg = tiny_config(tmp_path / "run", "data.workers=2")
+    scratch = runner.scratch_dir(tmp_path / "scratch")
+
+    def build(p):
+        runner.saved(p | beam.Create([3]) | beam.Map(lambda x: x * 2), scratch, "x")
+
+    runner.run(cfg.data, scratch, build, "a test", "testing", lambda line: None)
+    assert runner.load(scratch, "x") == 6
+    assert list(temp.iterdir()) == []

@@ -21,7 +21,7 @@ sizes in kept order, as DocumentWriter rotates them.
 
 What one task holds: `decide` the passing documents' order, score and sizes (824 bytes a document at its
 peak, benchmarks/data_throughput.py; the local engine's index holds ~2.2 KB a kept one), a band bucket its
-members' signatures. Everything else is spread. Runners: the DirectRunner in multi-process mode by default
+members' signatures. Everything else is spread. Runners: Beam's FnApiRunner in multi-process mode by default
 (data.workers processes); a cluster runner (Flink, Spark) through data.beam_options, with the dataset
 directory and the sources on storage every worker reads and writes (the workers write the shards).
 """

@@ -1,4 +1,4 @@
-"""Running one of this package's pipelines: its options (data.beam_options, else the DirectRunner in
+"""Running one of this package's pipelines: its options (data.beam_options, else Beam's FnApiRunner in
 multi-process mode with data.workers processes), its workers' log kept in a file instead of the
 terminal, a failure as one line naming that file, and the small results it leaves for the driver."""
 
@@ -27,8 +27,10 @@ from llm_jax.errors import UserError
 
 
 def options(d: DataConfig) -> list[str]:
+    """The FnApiRunner by name: Beam's DirectRunner (2.78) first tries Prism, a binary it downloads from GitHub,
+    so online a pipeline would run on another runner than offline (where it falls back to this one)."""
     return list(d.beam_options) or [
-        "--runner=DirectRunner",
+        "--runner=FnApiRunner",
         "--direct_running_mode=multi_processing",
         f"--direct_num_workers={d.workers or os.cpu_count() or 1}",
     ]

@@ -1,19 +1,8 @@
-"""Shared fixtures. Eight simulated CPU devices and a compilation cache, set before JAX is imported anywhere."""
+"""Shared fixtures. Eight simulated CPU devices, set before JAX is imported anywhere."""
 
 import os
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-
-# One persistent compilation cache per test session, made by the process that starts it and shared with the
-# pytest-xdist workers and the processes tests start (the environment is inherited): a test compiling a program
-# another test compiled loads it. test_train.py + test_posttrain.py in one process: 196 s without it, 145 s
-# with it starting empty (2 AMD Zen 4 cores). A size limit makes JAX take a file lock, so no process reads an
-# entry another is writing. The session's cache is removed when it ends; it never outlives a run.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="llm_jax-tests-jit-")
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny configs compile in well under a second
 
 import shutil
 from pathlib import Path
@@ -98,8 +87,3 @@ def dot_generals(jaxpr):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from dot_generals(inner)
-
-
-def pytest_sessionfinish(session):
-    if "_SESSION_CACHE" in globals():  # this process made it (not a worker, which inherits it)
-        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

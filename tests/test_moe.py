@@ -269,7 +269,6 @@ def one_device():
 
 MESHES = {
     "ep2_data4": ["mesh.expert=2", "mesh.data=4"],
-    "ep4_data2": ["mesh.expert=4", "mesh.data=2"],
     "ep8": ["mesh.expert=8", "mesh.data=1"],
     "ep4_fsdp2": ["mesh.expert=4", "mesh.fsdp=2", "mesh.data=1", "mesh.rules=fsdp"],
     "ep2_tp2_data2": ["mesh.expert=2", "mesh.tensor=2", "mesh.data=2", "mesh.rules=fsdp_tp"],

@@ -3,6 +3,9 @@
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The command line's compilation cache (llm_jax/cli.py) stays off, in the processes tests start too: a test's time
+# and output never depend on what an earlier run left in ~/.cache. test_pipeline.py turns it on where it tests it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import shutil
 from pathlib import Path

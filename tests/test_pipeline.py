@@ -17,8 +17,8 @@ def _generate(run, prompt: str, new_tokens: int) -> list[str]:
     return ["-m", "llm_jax", "generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", str(new_tokens)]
 
 
-def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+def _run(*args, timeout=600, env=ENV):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +93,18 @@ def test_rerunning_a_finished_run_changes_nothing(trained_run):
 
 
 @pytest.mark.slow
-def test_generate_streams_a_deterministic_continuation(trained_run):
+def test_generate_streams_a_deterministic_continuation(trained_run, tmp_path):
+    """Run twice with the command line's compilation cache: the second run compiles nothing new."""
     run, _, _ = trained_run
     args = [*_generate(run, "Ham.\n", 30), "--temperature", "0"]
-    first, second = _run(*args), _run(*args)
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"LLM_JAX_CACHE": str(tmp_path)}
+    first = _run(*args, env=env)
+    cached = sorted(p.name for p in (tmp_path / "jit").glob("*-cache"))
+    second = _run(*args, env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("[40 steps] Ham.\n") and len(first.stdout) > len("[40 steps] Ham.\n") + 10
-    assert first.stdout == second.stdout
+    assert first.stdout == second.stdout and "Warning" not in first.stderr + second.stderr
+    assert len(cached) >= 3 and sorted(p.name for p in (tmp_path / "jit").glob("*-cache")) == cached
     sampled = _run(*args[:-2], "--temperature", "1.0", "--seed", "1")
     assert sampled.returncode == 0 and sampled.stdout != first.stdout
 

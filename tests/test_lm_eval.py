@@ -63,12 +63,10 @@ def test_the_model_class_matches_our_log_likelihoods_greedy_flags_and_generation
     pairs = [(r["context"], c) for r in rows for c in r["choices"]]
     got = lm.loglikelihood([request("loglikelihood", p) for p in pairs])
     np.testing.assert_allclose([g[0] for g in got], [s for row in scores for s in row], atol=1e-4)
-    tok = loaded.tokenizer
+    tok, generator = loaded.tokenizer, Generator(loaded.cfg.model, loaded.params)  # one: its steps compile once
     for (context, choice), (_, greedy) in zip(pairs, got):  # greedy: each choice token is the argmax
         ids = [tok.bos_id] + tok.encode(context) + tok.encode(choice)
-        hidden_best = Generator(loaded.cfg.model, loaded.params).stream(
-            ids[: -len(tok.encode(choice))], len(tok.encode(choice))
-        )
+        hidden_best = generator.stream(ids[: -len(tok.encode(choice))], len(tok.encode(choice)))
         assert greedy == (list(hidden_best) == tok.encode(choice))
 
     text = "To be, or not to be, that is the question."
@@ -89,7 +87,7 @@ def test_the_model_class_matches_our_log_likelihoods_greedy_flags_and_generation
             }
             for c, k in asks
         ],
-        Generator(loaded.cfg.model, loaded.params),
+        generator,
     )
     assert lm.generate_until([request("generate_until", a) for a in asks]) == expected and any(expected)
 

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 def _keep_compiled_programs(command: str) -> None:
     """JAX's persistent compilation cache in <LLM_JAX_CACHE or ~/.cache/llm_jax>/jit, before JAX starts: a command
     run again (a server restarted, a run resumed, generate in a loop) loads its programs instead of compiling
-    them. `llm-jax serve --run runs/shakespeare` is ready in 21 s instead of 62 s with every program cached
-    (2 AMD Zen 4 cores); with JAX's default of caching only programs that took a second to compile, 37 s. The
+    them: `llm-jax serve --run runs/shakespeare` is ready in 27 s instead of 65 s (benchmarks/compile_cache.py,
+    2 AMD Zen 4 cores); caching only programs that took a second to compile (JAX's default): 37 s by hand. The
     cache keeps its newest 4 GiB. JAX_COMPILATION_CACHE_DIR moves it; set empty, there is none. compile and
     plan build for chips this machine lacks, programs JAX cannot load back here, and sweep reports how long
     each layout takes to compile: they keep none."""
